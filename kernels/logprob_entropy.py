@@ -1,0 +1,327 @@
+"""Fused LM-head + log-prob + entropy over vocabulary tiles (Triton), forward and backward.
+
+    z       = (hidden @ weight.T).float() / temperature                     # never materialised
+    logp    = z.log_softmax(-1).gather(-1, targets[:, None])[:, 0]          # (N,) fp32
+    entropy = -(z.softmax(-1) * z.log_softmax(-1)).sum(-1)                  # (N,) fp32
+
+Forward: grid (N / BLOCK_N, SPLITS). Each program sweeps its share of the vocabulary in BLOCK_V tiles,
+computes the (BLOCK_N, BLOCK_V) logit tile on chip and keeps three fp32 online statistics per row:
+m = running max, s = sum exp(z - m), t = sum exp(z - m) * (z - m), plus the target logit. The host
+merges the SPLITS partials (O(SPLITS * N) work): lse = m + log s, E[z] = m + t / s,
+entropy = log s - t / s. Tracking (z - m) instead of z keeps peaky rows (entropy ~ 0) exact in fp32.
+FLOPs 2NHV; memory traffic ~ (N/BLOCK_N) * V * H reads of W plus N * H reads of X.
+
+Backward: grid (N / BLOCK_N, V_slab / BLOCK_V) per vocabulary slab. Each program recomputes its logit
+tile (2NHV), forms
+    dz = g_logp * (onehot(t) - p) - g_ent * p * (z - E[z])            # p = exp(z - lse), never log p
+on chip, then adds dz @ W into dX (2NHV) and dz^T @ X into dW (2NHV) with fp32 atomics. Total
+8 N*H*V FLOPs: 6 would need the whole row's logits on chip when the loss gradient is known (it depends
+on lse, which is only known after the full-vocabulary sweep), so the tile is recomputed instead.
+
+Workspace (documented bound, no [N, V] tensor ever): fp32 dX accumulator [N, H] when hidden is not fp32,
+one fp32 dW slab [V_slab, H] with V_slab * H <= 2**25 when weight is not fp32, and [SPLITS, N] stats.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _triton as _t
+from ._triton import jit, tl, triton
+from .reference import chunked_logprob_entropy, naive_logprob_entropy
+
+POISON_OUTPUTS = False  # tests set this: work buffers start as NaN so an unwritten element shows up
+DW_SLAB_ELEMENTS = 1 << 25  # fp32 dW slab bound: 128 MiB
+
+
+def _fwd_configs():
+    if not _t.autotune_enabled():
+        block = (32, 128, 64) if _t.INTERPRET else (64, 128, 64)
+        return [_t.config(BLOCK_N=block[0], BLOCK_V=block[1], BLOCK_H=block[2], num_warps=8, num_stages=3)]
+    return [_t.config(BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=64, num_warps=w, num_stages=s)
+            for bn, bv, w, s in [(64, 128, 8, 3), (128, 128, 8, 3), (64, 256, 8, 3), (128, 64, 4, 4)]]
+
+
+_bwd_configs = _fwd_configs
+
+
+@_t.autotune(configs=_fwd_configs, key=["H", "V", "N_BUCKET"])
+@jit
+def _fwd_kernel(
+    # pointers
+    X, W, TARGETS, STATS,  # STATS: (4, SPLITS, N) fp32 = m, s, t, target logit
+    # sizes
+    N, V, H, V_PER_SPLIT, N_BUCKET,
+    # strides
+    stride_xn, stride_xh, stride_wv, stride_wh,
+    # runtime scalars
+    inv_temp,
+    # meta-parameters
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    n_mask = offs_n < N
+    tgt = tl.load(TARGETS + offs_n, mask=n_mask, other=-1).to(tl.int64)
+
+    m = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK_N], tl.float32)
+    t = tl.zeros([BLOCK_N], tl.float32)
+    zt = tl.zeros([BLOCK_N], tl.float32)
+    v_lo = pid_s * V_PER_SPLIT
+    v_hi = tl.minimum(v_lo + V_PER_SPLIT, V)
+    for v0 in range(v_lo, v_hi, BLOCK_V):
+        offs_v = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
+        v_mask = offs_v < v_hi
+        acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+        for h0 in range(0, H, BLOCK_H):
+            offs_h = h0 + tl.arange(0, BLOCK_H)
+            h_mask = offs_h < H
+            x = tl.load(X + offs_n[:, None] * stride_xn + offs_h[None, :] * stride_xh,
+                        mask=n_mask[:, None] & h_mask[None, :], other=0.0)  # (BLOCK_N, BLOCK_H)
+            w = tl.load(W + offs_v[:, None] * stride_wv + offs_h[None, :] * stride_wh,
+                        mask=v_mask[:, None] & h_mask[None, :], other=0.0)  # (BLOCK_V, BLOCK_H)
+            if UPCAST:
+                x = x.to(tl.float32)
+                w = w.to(tl.float32)
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+        z = tl.where(v_mask[None, :], acc * inv_temp, float("-inf"))  # padded columns: -inf, never 0
+        m_new = tl.maximum(m, tl.max(z, 1))
+        shift = tl.where(m == float("-inf"), 0.0, m - m_new)  # first tile: nothing to rescale
+        alpha = tl.exp(shift)
+        zc = tl.where(v_mask[None, :], z - m_new[:, None], 0.0)
+        e = tl.where(v_mask[None, :], tl.exp(zc), 0.0)
+        t = alpha * (t + shift * s) + tl.sum(e * zc, 1)
+        s = alpha * s + tl.sum(e, 1)
+        m = m_new
+        zt += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], z, 0.0), 1)
+
+    row = pid_s * N + offs_n
+    plane = n_splits * N
+    tl.store(STATS + row, m, mask=n_mask)
+    tl.store(STATS + plane + row, s, mask=n_mask)
+    tl.store(STATS + 2 * plane + row, t, mask=n_mask)
+    tl.store(STATS + 3 * plane + row, zt, mask=n_mask)
+
+
+@_t.autotune(configs=_bwd_configs, key=["H", "V", "N_BUCKET"], reset_to_zero=["DX", "DW"])
+@jit
+def _bwd_kernel(
+    # pointers
+    X, W, TARGETS, LSE, MEAN_Z, G_LOGP, G_ENT, DX, DW,  # DX (N, H) fp32, DW (v_hi - v_lo, H) fp32
+    # sizes
+    N, V, H, v_lo, v_hi, N_BUCKET,
+    # strides
+    stride_xn, stride_xh, stride_wv, stride_wh,
+    # runtime scalars
+    inv_temp,
+    # meta-parameters
+    HAS_DX: tl.constexpr, HAS_DW: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    offs_v = (v_lo + pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+    n_mask = offs_n < N
+    v_mask = offs_v < v_hi
+    tgt = tl.load(TARGETS + offs_n, mask=n_mask, other=-1).to(tl.int64)
+    lse = tl.load(LSE + offs_n, mask=n_mask, other=0.0)
+    mean_z = tl.load(MEAN_Z + offs_n, mask=n_mask, other=0.0)
+    g_logp = tl.load(G_LOGP + offs_n, mask=n_mask, other=0.0)  # 0 on ignored rows (host)
+    g_ent = tl.load(G_ENT + offs_n, mask=n_mask, other=0.0)
+
+    acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+    for h0 in range(0, H, BLOCK_H):  # recompute the logit tile
+        offs_h = h0 + tl.arange(0, BLOCK_H)
+        h_mask = offs_h < H
+        x = tl.load(X + offs_n[:, None] * stride_xn + offs_h[None, :] * stride_xh,
+                    mask=n_mask[:, None] & h_mask[None, :], other=0.0)
+        w = tl.load(W + offs_v[:, None] * stride_wv + offs_h[None, :] * stride_wh,
+                    mask=v_mask[:, None] & h_mask[None, :], other=0.0)
+        if UPCAST:
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    z = acc * inv_temp
+    p = tl.where(v_mask[None, :], tl.exp(z - lse[:, None]), 0.0)  # (BLOCK_N, BLOCK_V)
+    dz = -p * (g_logp[:, None] + g_ent[:, None] * (z - mean_z[:, None]))
+    dz += tl.where(offs_v[None, :] == tgt[:, None], g_logp[:, None], 0.0)
+    dz = dz * inv_temp  # d loss / d (hidden @ weight.T)
+    if UPCAST:
+        dz_op = dz
+    else:
+        dz_op = dz.to(X.dtype.element_ty)  # tensor-core operand in the input dtype, fp32 accumulation
+
+    for h0 in range(0, H, BLOCK_H):
+        offs_h = h0 + tl.arange(0, BLOCK_H)
+        h_mask = offs_h < H
+        if HAS_DX:
+            w = tl.load(W + offs_v[:, None] * stride_wv + offs_h[None, :] * stride_wh,
+                        mask=v_mask[:, None] & h_mask[None, :], other=0.0)
+            if UPCAST:
+                w = w.to(tl.float32)
+            dx = tl.dot(dz_op, w, input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_H)
+            tl.atomic_add(DX + offs_n[:, None] * H + offs_h[None, :], dx,
+                          mask=n_mask[:, None] & h_mask[None, :])
+        if HAS_DW:
+            x = tl.load(X + offs_n[:, None] * stride_xn + offs_h[None, :] * stride_xh,
+                        mask=n_mask[:, None] & h_mask[None, :], other=0.0)
+            if UPCAST:
+                x = x.to(tl.float32)
+            dw = tl.dot(tl.trans(dz_op), x, input_precision=DOT_PRECISION)  # (BLOCK_V, BLOCK_H)
+            tl.atomic_add(DW + (offs_v - v_lo)[:, None] * H + offs_h[None, :], dw,
+                          mask=v_mask[:, None] & h_mask[None, :])
+
+
+# ---------------------------------------------------------------------------- host launchers
+
+def _dot_precision(dtype):
+    return "ieee" if dtype == torch.float32 else "tf32"  # fp32 inputs: exact like torch's default
+
+
+def _num_splits(n: int, v: int) -> int:
+    """Split the vocabulary across programs when there are too few row blocks to fill the GPU."""
+    if _t.INTERPRET or not torch.cuda.is_available():
+        return 1
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    row_blocks = max(1, triton.cdiv(n, 64))
+    return max(1, min(triton.cdiv(2 * sms, row_blocks), triton.cdiv(v, 2048)))
+
+
+def _forward(hidden, weight, targets, temperature, ignore_index):
+    # check constraints -> allocate -> grid -> launch
+    _t.check_device(hidden, weight, targets)
+    n, h = hidden.shape
+    v = weight.shape[0]
+    splits = _num_splits(n, v)
+    v_per_split = triton.cdiv(v, splits)
+    splits = triton.cdiv(v, v_per_split)
+    alloc = torch.full if POISON_OUTPUTS else (lambda shape, _, **kw: torch.empty(shape, **kw))
+    stats = alloc((4, splits, n), float("nan"), dtype=torch.float32, device=hidden.device)
+    if n > 0:
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits)  # noqa: E731
+        _fwd_kernel[grid](
+            hidden, weight, targets, stats,
+            n, v, h, v_per_split, _t.n_bucket(n),
+            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+            1.0 / temperature,
+            DOT_PRECISION=_dot_precision(hidden.dtype), UPCAST=_t.INTERPRET,
+        )
+    m, s, t, zt = stats.unbind(0)  # each (splits, n)
+    m_all = m.max(0).values  # merge the vocabulary splits
+    scale = torch.exp(m - m_all)
+    s_all = (scale * s).sum(0)
+    t_all = (scale * (t + s * (m - m_all))).sum(0)
+    log_s = torch.log(s_all)
+    lse = m_all + log_s
+    mean_z = m_all + t_all / s_all
+    valid = targets != ignore_index
+    logp = torch.where(valid, zt.sum(0) - lse, 0.0)
+    entropy = torch.where(valid, log_s - t_all / s_all, 0.0)
+    return logp, entropy, lse, mean_z
+
+
+def _backward(hidden, weight, targets, lse, mean_z, g_logp, g_ent, temperature, need_x, need_w):
+    n, h = hidden.shape
+    v = weight.shape[0]
+    dx = torch.zeros((n, h), dtype=torch.float32, device=hidden.device) if need_x else None
+    dw = torch.empty_like(weight) if need_w else None
+    slab = max(128, min(v, DW_SLAB_ELEMENTS // max(h, 1)))
+    for v_lo in range(0, v, slab):
+        v_hi = min(v, v_lo + slab)
+        dw_slab = None
+        if need_w:
+            dw_slab = dw[v_lo:v_hi] if dw.dtype == torch.float32 else \
+                torch.zeros((v_hi - v_lo, h), dtype=torch.float32, device=hidden.device)
+            dw_slab.zero_()
+        if n > 0:
+            grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(v_hi - v_lo, meta["BLOCK_V"]))  # noqa: E731
+            _bwd_kernel[grid](
+                hidden, weight, targets, lse, mean_z, g_logp, g_ent,
+                dx if need_x else lse, dw_slab if need_w else lse,  # unused pointers when HAS_* is off
+                n, v, h, v_lo, v_hi, _t.n_bucket(n),
+                hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+                1.0 / temperature,
+                HAS_DX=need_x, HAS_DW=need_w,
+                DOT_PRECISION=_dot_precision(hidden.dtype), UPCAST=_t.INTERPRET,
+            )
+        if need_w and dw_slab.data_ptr() != dw[v_lo:v_hi].data_ptr():
+            dw[v_lo:v_hi] = dw_slab
+    return (dx.to(hidden.dtype) if need_x else None), dw
+
+
+class _LogprobEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, ignore_index):
+        logp, entropy, lse, mean_z = _forward(hidden, weight, targets, temperature, ignore_index)
+        ctx.save_for_backward(hidden, weight, targets, lse, mean_z)
+        ctx.args = (temperature, ignore_index)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, targets, lse, mean_z = ctx.saved_tensors
+        temperature, ignore_index = ctx.args
+        valid = targets != ignore_index
+        zeros = torch.zeros_like(lse)
+        g_logp = torch.where(valid, grad_logp.float(), 0.0).contiguous() if grad_logp is not None else zeros
+        g_ent = torch.where(valid, grad_entropy.float(), 0.0).contiguous() if grad_entropy is not None else zeros
+        dx, dw = _backward(hidden, weight, targets, lse, mean_z, g_logp, g_ent, temperature,
+                           ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        return dx, dw, None, None, None
+
+
+def _check_inputs(hidden, weight, targets, temperature):
+    if hidden.dim() != 2 or weight.dim() != 2:
+        raise ValueError(f"hidden must be [N, H] and weight [V, H]; got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+    if hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden size mismatch: hidden has H={hidden.shape[1]}, weight has H={weight.shape[1]}")
+    if targets.shape != hidden.shape[:1]:
+        raise ValueError(f"targets must be [N]={hidden.shape[0]}; got {tuple(targets.shape)}")
+    if targets.dtype.is_floating_point:
+        raise TypeError(f"targets must be an integer tensor; got {targets.dtype}")
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"hidden and weight must share a dtype; got {hidden.dtype} and {weight.dtype}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0; got {temperature}")
+
+
+def _check_targets(targets, vocab, ignore_index):
+    # One host-device sync per call: an out-of-range target would silently read garbage otherwise.
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
+    if targets.numel() and bool(bad.any()):
+        raise IndexError(f"targets out of range [0, {vocab}) (and not ignore_index={ignore_index}): "
+                         f"{targets[bad][:5].tolist()}")
+
+
+def fused_linear_logprob_entropy(hidden, weight, targets, temperature=1.0, ignore_index=-100, impl="auto"):
+    """Per-token log p(target) and entropy straight from hidden states, without [N, V] logits.
+
+    Specification (runnable PyTorch; `kernels.reference.naive_logprob_entropy`):
+
+        z = (hidden @ weight.T).float() / temperature       # hidden (N, H), weight (V, H): same dtype
+        logp = z.log_softmax(-1).gather(-1, targets[:, None])[:, 0]               # (N,) fp32
+        entropy = -(z.softmax(-1) * z.log_softmax(-1)).sum(-1)                    # (N,) fp32
+        logp[targets == ignore_index] = entropy[targets == ignore_index] = 0      # and no gradient
+
+    Differentiable w.r.t. hidden and weight through both outputs. dtypes: bf16, fp16, fp32.
+    impl: "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "torch" (token-chunked, bounded memory),
+    "naive" (full logits), or "auto" = triton on CUDA, torch elsewhere.
+    """
+    _check_inputs(hidden, weight, targets, temperature)
+    _check_targets(targets, weight.shape[0], ignore_index)
+    targets = targets.contiguous()
+    if impl == "auto":
+        impl = "triton" if (hidden.is_cuda and _t.HAVE_TRITON) else "torch"
+    if impl == "triton":
+        if not _t.HAVE_TRITON:
+            raise RuntimeError("impl='triton' needs the triton package; use impl='torch'")
+        return _LogprobEntropy.apply(hidden, weight, targets, float(temperature), int(ignore_index))
+    if impl == "torch":
+        return chunked_logprob_entropy(hidden, weight, targets, temperature, ignore_index)
+    if impl == "naive":
+        return naive_logprob_entropy(hidden, weight, targets, temperature, ignore_index)
+    raise ValueError(f"impl must be 'auto', 'triton', 'torch' or 'naive'; got {impl!r}")

