@@ -49,13 +49,18 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
         for start in range(0, n, rows):
             sl = slice(start, start + rows)
             z = (hidden[sl] @ weight.T).float().div_(temperature)  # (rows, V) fp32
-            row_lse = torch.logsumexp(z, -1)
-            p = torch.exp(z - row_lse[:, None])
-            row_mean_z = (p * z).sum(-1)
+            # Shifted statistics: entropy = log s - t / s with s = sum e^(z-m), t = sum e^(z-m) (z-m);
+            # lse - E[z] on raw logits would cancel catastrophically on peaky rows.
+            row_max = z.max(-1).values
+            zc = z - row_max[:, None]
+            e = torch.exp(zc)
+            s = e.sum(-1)
+            t_over_s = (e * zc).sum(-1) / s
+            log_s = torch.log(s)
             t = torch.where(valid[sl], targets[sl], 0).long()
-            logp[sl] = z.gather(-1, t[:, None])[:, 0] - row_lse
-            entropy[sl] = row_lse - row_mean_z
-            lse[sl], mean_z[sl] = row_lse, row_mean_z
+            logp[sl] = zc.gather(-1, t[:, None])[:, 0] - log_s
+            entropy[sl] = log_s - t_over_s
+            lse[sl], mean_z[sl] = row_max + log_s, row_max + t_over_s
         logp = torch.where(valid, logp, 0.0)
         entropy = torch.where(valid, entropy, 0.0)
         ctx.save_for_backward(hidden, weight, targets, lse, mean_z)

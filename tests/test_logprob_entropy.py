@@ -1,0 +1,114 @@
+"""fused_linear_logprob_entropy (Triton under the interpreter, chunked torch) vs a float64 reference."""
+import pytest
+import torch
+
+import kernels
+from kernels import logprob_entropy as le
+from kernels.reference import naive_logprob_entropy
+from tests.kernel_utils import DEVICE, assert_verbose_close, make_inputs, within_budget
+
+CPU_SHAPES = [(1, 32, 123), (37, 48, 123), (65, 80, 300), (3, 16, 1000), (0, 32, 64)]
+CUDA_SHAPES = [(1, 128, 1000), (1000, 576, 49152), (2049, 1024, 50257), (4096, 2048, 151936)]
+SHAPES = CUDA_SHAPES if DEVICE == "cuda" else CPU_SHAPES
+IMPLS = ["triton", "torch"]
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    monkeypatch.setattr(le, "POISON_OUTPUTS", True)  # an unwritten work element becomes NaN and fails
+
+
+def run(impl, hidden, weight, targets, temperature, g_logp, g_ent):
+    x = hidden.detach().clone().requires_grad_()
+    w = weight.detach().clone().requires_grad_()
+    logp, ent = kernels.fused_linear_logprob_entropy(x, w, targets, temperature=temperature, impl=impl)
+    assert logp.dtype == ent.dtype == torch.float32 and logp.shape == ent.shape == targets.shape
+    (logp * g_logp + ent * g_ent).sum().backward()
+    return logp.detach(), ent.detach(), x.grad, w.grad
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("seed,temperature,peaky", [(0, 1.0, False), (1, 0.7, True)])
+def test_matches_float64_reference(impl, dtype, shape, seed, temperature, peaky):
+    n, h, v = shape
+    hidden, weight, targets = make_inputs(n, h, v, dtype, seed, peaky=peaky)
+    g = torch.Generator().manual_seed(seed + 100)
+    g_logp = torch.randn(n, generator=g).to(DEVICE)
+    g_ent = torch.randn(n, generator=g).to(DEVICE)
+
+    got = run(impl, hidden, weight, targets, temperature, g_logp, g_ent)
+    want = run("naive", hidden.double(), weight.double(), targets, temperature, g_logp.double(), g_ent.double())
+    same = run("naive", hidden, weight, targets, temperature, g_logp, g_ent)  # same-dtype torch error
+    for name, a, b, c in zip(["logp", "entropy", "grad_hidden", "grad_weight"], got, want, same):
+        within_budget(a, c, b, dtype, f"{impl} {dtype} {shape} {name}")
+    ignored = targets == -100
+    assert (got[0][ignored] == 0).all() and (got[1][ignored] == 0).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_ignored_rows_get_no_gradient(impl):
+    hidden, weight, targets = make_inputs(9, 32, 130, torch.float32, 3)
+    targets[::2] = -100
+    x = hidden.clone().requires_grad_()
+    logp, ent = kernels.fused_linear_logprob_entropy(x, weight, targets, impl=impl)
+    (logp + ent).sum().backward()
+    assert (x.grad[::2] == 0).all() and (x.grad[1::2] != 0).any()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("v", [49152, 50257] if DEVICE == "cpu" else [151936])
+def test_large_vocab_not_multiple_of_tile(impl, v):
+    hidden, weight, targets = make_inputs(2, 16, v, torch.float32, 4, ignore_frac=0.0)
+    targets[-1] = v - 1  # the last (partial) tile holds a target
+    got = run(impl, hidden, weight, targets, 1.0, torch.ones(2), torch.ones(2))
+    want = run("naive", hidden.double(), weight.double(), targets, 1.0, torch.ones(2).double(), torch.ones(2).double())
+    for name, a, b in zip(["logp", "entropy", "grad_hidden", "grad_weight"], got, want):
+        assert_verbose_close(a, b, atol=5e-5, rtol=1e-4, name=name)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_non_contiguous_inputs_and_tied_embeddings(impl):
+    torch.manual_seed(5)
+    v, h, b, t = 211, 48, 3, 7
+    emb = torch.nn.Embedding(v, h).to(DEVICE)
+    tokens = torch.randint(0, v, (b, t), device=DEVICE)
+    # hidden: a non-contiguous (transposed) view; weight: the embedding table itself (tied LM head)
+    hidden = (emb(tokens) * 1.5).transpose(0, 1).reshape(t * b, h)[::2]
+    targets = torch.randint(0, v, (hidden.shape[0],), device=DEVICE)
+    logp, ent = kernels.fused_linear_logprob_entropy(hidden, emb.weight, targets, impl=impl)
+    (logp.sum() + 0.5 * ent.sum()).backward()
+    got_grad = emb.weight.grad.clone()
+    emb.weight.grad = None
+    hidden_again = (emb(tokens) * 1.5).transpose(0, 1).reshape(t * b, h)[::2]
+    ref_logp, ref_ent = naive_logprob_entropy(hidden_again, emb.weight, targets)
+    (ref_logp.sum() + 0.5 * ref_ent.sum()).backward()
+    assert_verbose_close(logp, ref_logp, 1e-5, 1e-4, "logp")
+    assert_verbose_close(got_grad, emb.weight.grad, 1e-5, 1e-4, "tied grad (embedding + lm head)")
+
+
+def test_auto_dispatch_and_errors():
+    hidden, weight, targets = make_inputs(4, 16, 50, torch.float32, 6)
+    a = kernels.fused_linear_logprob_entropy(hidden, weight, targets)  # auto: torch here, triton on CUDA
+    b = kernels.fused_linear_logprob_entropy(hidden, weight, targets, impl="naive")
+    assert_verbose_close(a[0], b[0], 1e-5, 1e-5, "auto")
+    with pytest.raises(ValueError, match="impl"):
+        kernels.fused_linear_logprob_entropy(hidden, weight, targets, impl="cuda")
+    with pytest.raises(ValueError, match="hidden size"):
+        kernels.fused_linear_logprob_entropy(hidden, weight[:, :8], targets)
+    with pytest.raises(IndexError, match="out of range"):
+        kernels.fused_linear_logprob_entropy(hidden, weight, torch.full_like(targets, 50))
+    with pytest.raises(TypeError, match="dtype"):
+        kernels.fused_linear_logprob_entropy(hidden, weight.double(), targets)
+    with pytest.raises(ValueError, match="temperature"):
+        kernels.fused_linear_logprob_entropy(hidden, weight, targets, temperature=0.0)
+
+
+def test_fp16_torch_path():
+    hidden, weight, targets = make_inputs(11, 32, 97, torch.float16, 7)
+    got = run("torch", hidden, weight, targets, 1.0, torch.ones(11), torch.ones(11))
+    want = run("naive", hidden.double(), weight.double(), targets, 1.0, torch.ones(11).double(), torch.ones(11).double())
+    same = run("naive", hidden, weight, targets, 1.0, torch.ones(11), torch.ones(11))
+    for name, a, b, c in zip(["logp", "entropy", "grad_hidden", "grad_weight"], got, want, same):
+        within_budget(a, c, b, torch.float16, name)
