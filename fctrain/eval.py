@@ -1,0 +1,628 @@
+"""BFCL evaluation of any model or checkpoint: greedy generation, BFCL-compatible scoring, a leaderboard-style
+table, BFCL-format result files and a before/after comparison.
+
+    python -m fctrain.eval --model M [--categories ...] [--format python|hermes|bfcl] [--limit K]
+                           [--engine vllm|hf|auto] [--max-tokens N] [--out DIR]
+    python -m fctrain.eval --compare runs/eval/before runs/eval/after      # two summaries (files or run dirs)
+    python -m fctrain.eval --rescore runs/eval/before                       # recount its result files
+
+What it does, in order:
+1. Loads the BFCL v4 single-turn categories (fctrain.data.load_bfcl; `--limit K` keeps the first K of each)
+   and renders each prompt in the chosen format: `python` (the paper's <think>/<answer> python-call list),
+   `hermes` (<tool_call> JSON blocks) or `bfcl` (BFCL's own default prompting format).
+2. Generates greedily (temperature 0, one completion per prompt) with the rollout engine.
+3. Scores each completion with fctrain.reward in BFCL-compatible mode, per category exactly as BFCL's
+   `bfcl evaluate` does: AST categories with the AST checker (first-fit parallel matching, bfcl_compat=True);
+   irrelevance and live_irrelevance are right iff no function call decodes from the output; live_relevance
+   is right iff at least one call decodes (BFCL does not check it against its ground truth).
+   A malformed output therefore counts as "no call": right for irrelevance, wrong everywhere else.
+4. Writes `summary.json`, `table.txt` and BFCL result files `result/<name>/{non_live,live}/
+   BFCL_v4_<category>_result.json` (one `{"id", "result"}` object per line, BFCL's layout).
+
+Aggregates (BFCL v4's eval_runner_helper.generate_leaderboard_csv, restricted to Python):
+- Non-Live AST = UNWEIGHTED mean of simple_python, multiple, parallel, parallel_multiple accuracies.
+  (BFCL's "simple" is itself the unweighted mean of simple_python, simple_java and simple_javascript; we
+  evaluate Python only, so our simple is simple_python.)
+- Live AST = mean of live_simple, live_multiple, live_parallel, live_parallel_multiple WEIGHTED by their
+  example counts (BFCL's calculate_weighted_accuracy), i.e. correct / total over the four.
+- Overall = mean of Non-Live AST and Live AST (the paper's definition; not BFCL v4's weighted total, which
+  also needs multi-turn and agentic categories).
+- Irrelevance = unweighted mean of irrelevance and live_irrelevance (BFCL's "total_irrelevance");
+  Relevance = live_relevance.
+A group whose categories were only partly evaluated is the same mean over the categories present, listed
+under "missing" in the summary and marked with * in the table (BFCL's leaderboard would count a missing
+category as 0). With `--limit K` the Live AST weights are the subset counts.
+
+Result files and BFCL: the "result" field is what BFCL's default prompting decoder
+(`default_decode_ast_prompting`) reads. For `--format bfcl` it is the raw model text, exactly what BFCL's
+own generation writes. For `python` and `hermes`, BFCL's decoder cannot read <answer>/<tool_call> text, so
+"result" is our decoded calls rendered as a BFCL python-call list (`[f(a=1), g(b='x')]`), or "" when the
+output did not parse (BFCL decodes "" as no call); the raw text is kept under "fctrain"."raw". Every entry
+also carries our verdict under "fctrain" (BFCL ignores extra keys). To rescore with BFCL itself:
+copy/rename `result/<name>` to a BFCL-registered prompting model whose handler uses the default decoder
+(for example `result/Qwen_Qwen3-0.6B`), then `bfcl evaluate --model Qwen/Qwen3-0.6B --result-dir ...`
+(add `--partial-eval` after `--limit`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import keyword
+import math
+import os
+import platform
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+# ----------------------------------------------------------------------------------------------------------
+# categories and aggregation rules
+
+NON_LIVE_AST = ("simple_python", "multiple", "parallel", "parallel_multiple")
+LIVE_AST = ("live_simple", "live_multiple", "live_parallel", "live_parallel_multiple")
+IRRELEVANCE = ("irrelevance", "live_irrelevance")
+RELEVANCE = ("live_relevance",)
+SINGLE_TURN = NON_LIVE_AST + ("irrelevance",) + LIVE_AST + ("live_irrelevance", "live_relevance")
+NON_LIVE = ("simple_python", "multiple", "parallel", "parallel_multiple", "irrelevance")
+FORMATS = ("python", "hermes", "bfcl")
+VERSION_PREFIX = "BFCL_v4"  # BFCL's file-name prefix (bfcl_eval.constants.category_mapping)
+
+# name -> (categories, how they are averaged, label)
+GROUPS = {
+    "non_live_ast": (NON_LIVE_AST, "unweighted", "Non-Live AST"),
+    "live_ast": (LIVE_AST, "weighted", "Live AST"),
+    "irrelevance": (IRRELEVANCE, "unweighted", "Irrelevance"),
+    "relevance": (RELEVANCE, "unweighted", "Relevance"),
+}
+
+
+def bfcl_group_dir(category: str) -> str:
+    """BFCL's result sub-folder for a single-turn category (bfcl_eval.utils.get_general_grouping)."""
+    if category in NON_LIVE:
+        return "non_live"
+    if category.startswith("live_"):
+        return "live"
+    raise ValueError(f"{category!r} is not a BFCL single-turn category; choose from {', '.join(SINGLE_TURN)}")
+
+
+def _normalize_format(fmt: str) -> str:
+    fmt = {"bfcl-default": "bfcl", "paper": "python"}.get(fmt, fmt)
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+    return fmt
+
+
+# ----------------------------------------------------------------------------------------------------------
+# scoring one completion
+
+
+@dataclass
+class Record:
+    """One evaluated example: what the model wrote, what goes into BFCL's result file, and our verdict."""
+    id: str
+    category: str
+    text: str                 # the raw completion
+    result: str               # the BFCL result-file "result" field (see the module docstring)
+    valid: bool               # our verdict, BFCL-compatible
+    format_ok: bool           # the output parsed in the prompted format
+    error_type: str = ""
+    error: list = field(default_factory=list)
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    finish_reason: str = ""
+
+
+def _renderable_name(name: str) -> bool:
+    return bool(name) and all(p.isidentifier() and not keyword.iskeyword(p) for p in name.split("."))
+
+
+def _render_value(value) -> str:
+    """A python literal that BFCL's AST decoder (resolve_ast_by_type) reads back as `value`."""
+    if isinstance(value, float) and not math.isfinite(value):
+        if math.isnan(value):
+            return "(1e999 - 1e999)"  # no literal exists for nan; compares unequal to everything anyway
+        return "1e999" if value > 0 else "-1e999"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_render_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_render_value(k)}: {_render_value(v)}" for k, v in value.items()) + "}"
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return repr(value)
+    raise TypeError(f"cannot render a {type(value).__name__} as a BFCL python literal")
+
+
+def render_calls(calls: list[dict]) -> str:
+    """Calls `[{name: {param: value}}]` as BFCL's python-call list text, e.g. `[f(a=1), m.g(b='x')]`.
+
+    BFCL's decoder can only read dotted identifiers as names and identifiers as keywords; every BFCL v4
+    single-turn function and parameter name is one. A model-made name that is not (say "get-weather" from a
+    Hermes call) can match no BFCL function, so it is written as a placeholder that is still a call and
+    still matches nothing: the verdict (wrong call / a call was made) stays the same for BFCL and for us.
+    """
+    rendered = []
+    for i, call in enumerate(calls):
+        (name, args), = call.items()
+        if not _renderable_name(name):
+            name = f"fctrain_unrenderable_name_{i}"
+        parts = []
+        for j, (param, value) in enumerate(args.items()):
+            if not (isinstance(param, str) and param.isidentifier() and not keyword.iskeyword(param)):
+                param = f"fctrain_unrenderable_param_{j}"
+            parts.append(f"{param}={_render_value(value)}")
+        rendered.append(f"{name}({', '.join(parts)})")
+    return "[" + ", ".join(rendered) + "]"
+
+
+def judge(text: str, example, fmt: str) -> Record:
+    """Score one completion of `example` prompted in `fmt`, exactly as `bfcl evaluate` scores its result."""
+    from fctrain import reward
+
+    fmt = _normalize_format(fmt)
+    parsed = reward.parse(text, fmt)
+    calls = parsed.calls if parsed.ok else None
+    if fmt == "bfcl":
+        result = text
+    else:
+        result = render_calls(calls) if calls is not None else ""
+    category = example.category
+    rec = Record(id=example.id, category=category, text=text, result=result, valid=False,
+                 format_ok=bool(parsed.ok))
+    if calls is None:
+        # BFCL: an output that does not decode holds no call - right for irrelevance, wrong otherwise.
+        rec.valid = category in IRRELEVANCE
+        if not rec.valid:
+            rec.error_type = ("relevance_error:decoder_failed" if category in RELEVANCE
+                              else "ast_decoder:decoder_failed")
+            rec.error = [f"Invalid syntax. Failed to decode AST. {parsed.error}"]
+        return rec
+    verdict = reward.check(calls, example.tools, example.ground_truth, category, bfcl_compat=True)
+    rec.valid = bool(verdict["valid"])
+    if not rec.valid:
+        rec.error_type = verdict.get("error_type") or "checker:invalid"
+        error = verdict.get("error") or []
+        rec.error = list(error) if isinstance(error, (list, tuple)) else [str(error)]
+    return rec
+
+
+# ----------------------------------------------------------------------------------------------------------
+# generation
+
+
+def engine_context_length(engine) -> int | None:
+    """The longest sequence (prompt + completion) `engine` accepts, when it can tell."""
+    for get in (lambda e: e.max_model_len,
+                lambda e: e.llm.llm_engine.model_config.max_model_len,   # VLLMEngine
+                lambda e: e.model.config.max_position_embeddings):       # HFEngine
+        try:
+            value = get(engine)
+        except AttributeError:
+            continue
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def generate_records(engine, tokenizer, examples, fmt: str = "python", max_tokens: int = 256,
+                     batch_size: int = 64, max_prompt_tokens: int | None = None, progress: bool = False,
+                     prompts: list[list[int]] | None = None) -> list[Record]:
+    """Greedy completions for `examples` (one per prompt) scored with `judge`, in the order given.
+
+    A prompt longer than `max_prompt_tokens` (default: the engine's context length minus one) is not sent:
+    it scores as an empty output (finish_reason "prompt_too_long"), as an inference error does in BFCL.
+    `prompts` are the examples' prompt token ids when already built.
+    """
+    from fctrain import data
+
+    fmt = _normalize_format(fmt)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if max_prompt_tokens is None:
+        context = engine_context_length(engine)
+        max_prompt_tokens = context - 1 if context else None
+    if prompts is not None and len(prompts) != len(examples):
+        raise ValueError(f"{len(prompts)} prompts for {len(examples)} examples")
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(examples), desc=f"eval {fmt}", unit="ex", file=sys.stderr)
+    records: list[Record] = []
+    for start in range(0, len(examples), batch_size):
+        batch = examples[start:start + batch_size]
+        batch_prompts = (prompts[start:start + batch_size] if prompts is not None
+                         else [data.build_prompt_ids(ex, tokenizer, fmt=fmt) for ex in batch])
+        fits = [max_prompt_tokens is None or len(p) <= max_prompt_tokens for p in batch_prompts]
+        sent = [p for p, ok in zip(batch_prompts, fits) if ok]
+        outputs = iter(engine.generate(sent, n=1, temperature=0.0, top_p=1.0, max_tokens=max_tokens,
+                                       stop=None, seed=0) if sent else [])
+        for ex, prompt, ok in zip(batch, batch_prompts, fits):
+            if ok:
+                completion = next(outputs)[0]
+                rec = judge(completion.text, ex, fmt)
+                rec.output_tokens = len(completion.token_ids)
+                rec.finish_reason = str(completion.finish_reason or "")
+            else:
+                rec = judge("", ex, fmt)
+                rec.finish_reason = "prompt_too_long"
+            rec.prompt_tokens = len(prompt)
+            records.append(rec)
+        if bar is not None:
+            bar.update(len(batch))
+            bar.set_postfix_str(f"acc {sum(r.valid for r in records) / len(records):.3f}")
+    if bar is not None:
+        bar.close()
+    return records
+
+
+# ----------------------------------------------------------------------------------------------------------
+# summary
+
+
+def _group_accuracy(per_category: dict, categories, rule: str) -> dict | None:
+    present = [c for c in categories if c in per_category and per_category[c]["total"] > 0]
+    if not present:
+        return None
+    if rule == "weighted":
+        correct = sum(per_category[c]["correct"] for c in present)
+        total = sum(per_category[c]["total"] for c in present)
+        accuracy = correct / total
+    else:
+        accuracy = sum(per_category[c]["accuracy"] for c in present) / len(present)
+    return {"accuracy": accuracy, "rule": rule, "categories": present,
+            "missing": [c for c in categories if c not in present],
+            "total": sum(per_category[c]["total"] for c in present)}
+
+
+def aggregate(per_category: dict) -> dict:
+    """The table's aggregates from {category: {"correct", "total"}} (rules in the module docstring)."""
+    per_category = {c: {"correct": int(v["correct"]), "total": int(v["total"]),
+                        "accuracy": v["correct"] / v["total"] if v["total"] else 0.0}
+                    | {k: v[k] for k in v if k not in ("correct", "total", "accuracy")}
+                    for c, v in per_category.items()}
+    groups = {name: _group_accuracy(per_category, cats, rule) for name, (cats, rule, _) in GROUPS.items()}
+    ast = [groups[g]["accuracy"] for g in ("non_live_ast", "live_ast") if groups[g] is not None]
+    correct = sum(v["correct"] for v in per_category.values())
+    total = sum(v["total"] for v in per_category.values())
+    return {
+        "categories": per_category,
+        "groups": groups,
+        "non_live_ast": groups["non_live_ast"]["accuracy"] if groups["non_live_ast"] else None,
+        "live_ast": groups["live_ast"]["accuracy"] if groups["live_ast"] else None,
+        # The paper's Overall: the mean of Non-Live AST and Live AST (of the one present, if only one is).
+        "overall": sum(ast) / len(ast) if ast else None,
+        "irrelevance": groups["irrelevance"]["accuracy"] if groups["irrelevance"] else None,
+        "relevance": groups["relevance"]["accuracy"] if groups["relevance"] else None,
+        "micro_accuracy": correct / total if total else None,
+        "correct": correct,
+        "total": total,
+    }
+
+
+def summarize(records: list[Record]) -> dict:
+    """Per-category counts, error types, format rate and the aggregates of `records`."""
+    order = [c for c in SINGLE_TURN if any(r.category == c for r in records)]
+    order += sorted({r.category for r in records} - set(order))
+    per_category = {}
+    for cat in order:
+        recs = [r for r in records if r.category == cat]
+        per_category[cat] = {
+            "correct": sum(r.valid for r in recs),
+            "total": len(recs),
+            "format_ok": sum(r.format_ok for r in recs),
+            "error_types": dict(Counter(r.error_type for r in recs if not r.valid).most_common()),
+        }
+    summary = aggregate(per_category)
+    summary["finish_reasons"] = dict(Counter(r.finish_reason for r in records).most_common())
+    summary["tokens"] = {"prompt": sum(r.prompt_tokens for r in records),
+                         "generated": sum(r.output_tokens for r in records)}
+    return summary
+
+
+def evaluate(engine, tokenizer, examples, fmt: str = "python", max_tokens: int = 256,
+             batch_size: int = 64, max_prompt_tokens: int | None = None, progress: bool = False) -> dict:
+    """Greedy BFCL-compatible evaluation of `examples` (fctrain.data.Example) with a rollout engine.
+
+    The trainer's periodic evaluation on a held-out subset. Returns the same summary the CLI writes:
+    {"categories": {cat: {"correct", "total", "accuracy", "format_ok", "error_types"}}, "non_live_ast",
+    "live_ast", "overall", "irrelevance", "relevance" (None when no category of the group was given),
+    "micro_accuracy", "correct", "total", "groups", "finish_reasons", "tokens", "elapsed_s"}.
+    """
+    t0 = time.perf_counter()
+    records = generate_records(engine, tokenizer, examples, fmt=fmt, max_tokens=max_tokens,
+                               batch_size=batch_size, max_prompt_tokens=max_prompt_tokens,
+                               progress=progress)
+    summary = summarize(records)
+    summary["elapsed_s"] = time.perf_counter() - t0
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------------
+# tables
+
+
+def _pct(x) -> str:
+    return "   n/a" if x is None else f"{100 * x:6.2f}"
+
+
+def _group_rows(summary: dict):
+    for name, (cats, rule, label) in GROUPS.items():
+        group = summary["groups"].get(name)
+        how = {"unweighted": "mean of categories", "weighted": "weighted by count"}[rule]
+        mark = "*" if group and group["missing"] else ""
+        yield name, f"{label}{mark} ({how})", group["accuracy"] if group else None
+    yield "overall", "Overall (mean of Non-Live AST, Live AST)", summary.get("overall")
+
+
+def format_table(summary: dict) -> str:
+    """The leaderboard-style table of one summary."""
+    lines = [f"{'category':<44}{'correct':>8}{'total':>7}{'acc %':>8}{'format %':>10}"]
+    lines.append("-" * len(lines[0]))
+    for cat, v in summary["categories"].items():
+        fmt_ok = f"{100 * v['format_ok'] / v['total']:10.1f}" if "format_ok" in v and v["total"] else " " * 10
+        lines.append(f"{cat:<44}{v['correct']:>8}{v['total']:>7}{_pct(v['accuracy']):>8}{fmt_ok}")
+    lines.append("-" * len(lines[0]))
+    for _, label, acc in _group_rows(summary):
+        lines.append(f"{label:<59}{_pct(acc):>8}")
+    if any(g and g["missing"] for g in summary["groups"].values()):
+        lines.append("* some categories of this group were not evaluated; the mean is over those present")
+    return "\n".join(lines)
+
+
+def load_summary(path: str | os.PathLike) -> dict:
+    """A summary from a summary.json file or from a run directory that holds one."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "summary.json"
+    if not path.exists():
+        raise FileNotFoundError(f"no evaluation summary at {path} (pass a summary.json or an eval run dir)")
+    summary = json.loads(path.read_text())
+    if "categories" not in summary or "groups" not in summary:
+        raise ValueError(f"{path} is not an fctrain.eval summary (no 'categories'/'groups')")
+    return summary
+
+
+def compare_table(a: dict, b: dict, label_a: str = "A", label_b: str = "B") -> str:
+    """A before/after table: per category and aggregate accuracy of `a` and `b` and the difference."""
+    width = 44
+    lines = [f"{'':<{width}}{label_a[:18]:>20}{label_b[:18]:>20}{'delta pp':>10}"]
+    lines.append("-" * len(lines[0]))
+    cats = list(a["categories"]) + [c for c in b["categories"] if c not in a["categories"]]
+    mismatched = []
+
+    def cell(v):
+        return f"{_pct(v['accuracy'])} ({v['total']:>4})" if v else f"{'n/a':>13}"
+
+    for cat in cats:
+        va, vb = a["categories"].get(cat), b["categories"].get(cat)
+        delta = f"{100 * (vb['accuracy'] - va['accuracy']):+10.2f}" if va and vb else f"{'':>10}"
+        if va and vb and va["total"] != vb["total"]:
+            mismatched.append(cat)
+        lines.append(f"{cat:<{width}}{cell(va):>20}{cell(vb):>20}{delta}")
+    lines.append("-" * len(lines[0]))
+    for (name, label, acc_a), (_, _, acc_b) in zip(_group_rows(a), _group_rows(b)):
+        delta = f"{100 * (acc_b - acc_a):+10.2f}" if acc_a is not None and acc_b is not None else ""
+        lines.append(f"{label:<{width}}{_pct(acc_a):>20}{_pct(acc_b):>20}{delta}")
+    for key in ("format", "max_tokens", "model"):
+        if a.get(key) != b.get(key):
+            lines.append(f"note: {key} differs: {a.get(key)!r} vs {b.get(key)!r}")
+    if mismatched:
+        lines.append(f"note: different example counts in {', '.join(mismatched)} (different --limit?)")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# BFCL result files
+
+
+def result_file(out_dir: str | os.PathLike, name: str, category: str) -> Path:
+    """BFCL's path for a category's result file: <out>/result/<name>/<group>/BFCL_v4_<cat>_result.json."""
+    return Path(out_dir) / "result" / name / bfcl_group_dir(category) / f"{VERSION_PREFIX}_{category}_result.json"
+
+
+def write_result_files(records: list[Record], out_dir: str | os.PathLike, name: str) -> list[Path]:
+    """Write `records` as BFCL result files (one per category, entries in the order given)."""
+    by_category: dict[str, list[Record]] = {}
+    for r in records:
+        by_category.setdefault(r.category, []).append(r)
+    paths = []
+    for cat, recs in by_category.items():
+        path = result_file(out_dir, name, cat)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        with open(tmp, "w") as f:
+            for r in recs:
+                ours = {"valid": r.valid, "error_type": r.error_type, "error": r.error,
+                        "format_ok": r.format_ok, "finish_reason": r.finish_reason}
+                if r.result != r.text:
+                    ours["raw"] = r.text
+                entry = {"id": r.id, "result": r.result, "input_token_count": r.prompt_tokens,
+                         "output_token_count": r.output_tokens, "fctrain": ours}
+                f.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+        paths.append(path)
+    return paths
+
+
+def read_result_files(out_dir: str | os.PathLike) -> dict[str, list[dict]]:
+    """{category: [entries]} from every BFCL result file under `out_dir` (a run dir or its result/<name>)."""
+    found: dict[str, list[dict]] = {}
+    for path in sorted(Path(out_dir).rglob(f"{VERSION_PREFIX}_*_result.json")):
+        category = path.name[len(VERSION_PREFIX) + 1:-len("_result.json")]
+        with open(path) as f:
+            found.setdefault(category, []).extend(json.loads(line) for line in f if line.strip())
+    if not found:
+        raise FileNotFoundError(f"no {VERSION_PREFIX}_*_result.json files under {out_dir}")
+    return found
+
+
+def rescore(out_dir: str | os.PathLike) -> dict:
+    """Recount a run's result files from their "result" fields alone, with BFCL's decoder semantics.
+
+    Every "result" is BFCL-decodable text (module docstring), so this re-decodes it as `bfcl` format and
+    re-checks it; it must reproduce the run's own summary.
+    """
+    from fctrain import data
+
+    entries = read_result_files(out_dir)
+    examples = {ex.id: ex for ex in data.load_bfcl(list(entries))}
+    records = []
+    for cat, items in entries.items():
+        for item in items:
+            if item["id"] not in examples:
+                raise ValueError(f"result id {item['id']!r} is not in BFCL's {cat} data")
+            records.append(judge(item["result"], examples[item["id"]], "bfcl"))
+    return summarize(records)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def _machine() -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        import torch
+        info["torch"] = torch.__version__
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return info
+
+
+def _default_name(model: str | None) -> str:
+    if model is None:
+        from fctrain.models import DEFAULT_MODEL
+        return DEFAULT_MODEL
+    return Path(str(model).rstrip("/")).name.replace("/", "_") or "model"
+
+
+def _model_context_length(model_path: Path) -> int | None:
+    try:
+        config = json.loads((Path(model_path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    value = config.get("max_position_embeddings")
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def _make_engine(kind: str, model_path: Path, dtype: str | None, max_model_len: int):
+    from fctrain import rollout
+
+    hf_kw = {"dtype": dtype} if dtype else {}
+    vllm_kw = hf_kw | {"max_model_len": max_model_len}
+    if kind == "hf":
+        return rollout.make_engine("hf", model_path, **hf_kw)
+    if kind == "vllm":
+        return rollout.make_engine("vllm", model_path, **vllm_kw)
+    try:
+        return rollout.make_engine("vllm", model_path, **vllm_kw)
+    except rollout.EngineUnavailableError as exc:
+        print(f"[fctrain.eval] vLLM unavailable, using the transformers engine: {exc}", file=sys.stderr)
+        return rollout.make_engine("hf", model_path, **hf_kw)
+
+
+def run_cli(args) -> dict:
+    from fctrain import data, models
+
+    fmt = _normalize_format(args.format)
+    categories = args.categories or list(SINGLE_TURN)
+    for cat in categories:
+        bfcl_group_dir(cat)  # a clear error for a non-single-turn category
+    name = args.name or _default_name(args.model)
+    out = Path(args.out or Path("runs") / "eval" / f"{name}-{fmt}")
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"[fctrain.eval] {name} | format {fmt} | engine {args.engine} | max_tokens {args.max_tokens} | "
+          f"categories {','.join(categories)} | limit {args.limit} | out {out}", file=sys.stderr, flush=True)
+
+    t0 = time.perf_counter()
+    model_path = models.resolve_model(args.model)
+    tokenizer = models.load_tokenizer(model_path)
+    examples = data.load_bfcl(categories, limit=args.limit)
+    if not examples:
+        raise ValueError(f"no BFCL examples for categories {categories}")
+    prompts = [data.build_prompt_ids(ex, tokenizer, fmt=fmt) for ex in examples]
+    # Context: room for the longest prompt plus max_tokens, within the model's own limit. Prompts that do
+    # not fit the model at all are scored as empty outputs (generate_records).
+    context = _model_context_length(model_path) or 2048
+    max_model_len = args.max_model_len or min(context, max(map(len, prompts)) + args.max_tokens)
+    engine = _make_engine(args.engine, model_path, args.dtype, max_model_len)
+    t_load = time.perf_counter() - t0
+    meta = {"model": str(args.model) if args.model else name, "model_path": str(model_path), "name": name,
+            "format": fmt, "engine": args.engine, "engine_class": type(engine).__name__,
+            "dtype": args.dtype, "max_tokens": args.max_tokens, "max_model_len": max_model_len,
+            "limit": args.limit, "command": " ".join(["python -m fctrain.eval"] + sys.argv[1:]),
+            "machine": _machine()}
+    records: list[Record] = []
+    try:
+        t1 = time.perf_counter()
+        for cat in categories:  # one category at a time, so a crash keeps the finished ones on disk
+            index = [i for i, ex in enumerate(examples) if ex.category == cat]
+            if not index:
+                continue
+            recs = generate_records(engine, tokenizer, [examples[i] for i in index], fmt=fmt,
+                                    max_tokens=args.max_tokens, batch_size=args.batch_size,
+                                    max_prompt_tokens=max_model_len - 1, progress=True,
+                                    prompts=[prompts[i] for i in index])
+            write_result_files(recs, out, name)
+            records.extend(recs)
+            print(f"[fctrain.eval] {cat}: {sum(r.valid for r in recs)}/{len(recs)} "
+                  f"({time.perf_counter() - t1:.0f} s so far)", file=sys.stderr, flush=True)
+        t_gen = time.perf_counter() - t1
+    finally:
+        engine.close()
+    summary = meta | summarize(records)
+    summary["timing"] = {"load_s": t_load, "generate_and_score_s": t_gen,
+                         "total_s": time.perf_counter() - t0,
+                         "generated_tokens_per_s": summary["tokens"]["generated"] / t_gen if t_gen else None}
+    table = format_table(summary)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "table.txt").write_text(table + "\n")
+    print(table)
+    print(f"\n{summary['total']} examples in {summary['timing']['total_s']:.0f} s "
+          f"({summary['tokens']['generated']} generated tokens); wrote {out}/summary.json, table.txt, "
+          f"result/{name}/", file=sys.stderr)
+    return summary
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fctrain.eval", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="model dir, checkpoint or hub id (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--categories", nargs="+", default=None, metavar="CAT",
+                   help=f"BFCL v4 single-turn categories (default: all {len(SINGLE_TURN)})")
+    p.add_argument("--format", default="python", help="python (paper <think>/<answer>) | hermes | bfcl")
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first K examples of each category")
+    p.add_argument("--engine", default="auto", choices=("vllm", "hf", "auto"))
+    p.add_argument("--max-tokens", type=int, default=256, help="generation cap per completion")
+    p.add_argument("--batch-size", type=int, default=64, help="prompts per engine.generate call")
+    p.add_argument("--dtype", default=None, help="engine dtype (default: the engine's)")
+    p.add_argument("--max-model-len", type=int, default=None, help="vLLM context length (default: the engine's)")
+    p.add_argument("--name", default=None, help="model name in the result folder (default: the model dir name)")
+    p.add_argument("--out", default=None, help="output dir (default runs/eval/<name>-<format>)")
+    p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="print a before/after table of two summaries")
+    p.add_argument("--rescore", metavar="DIR", help="recount a run's result files and print its table")
+    args = p.parse_args(argv)
+    if args.limit is not None and args.limit < 1:
+        p.error("--limit must be >= 1")
+    if args.compare:
+        a, b = (load_summary(x) for x in args.compare)
+        print(compare_table(a, b, Path(args.compare[0]).name, Path(args.compare[1]).name))
+        return 0
+    if args.rescore:
+        print(format_table(rescore(args.rescore)))
+        return 0
+    run_cli(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
