@@ -107,3 +107,37 @@ def chunked_logprob_entropy(hidden, weight, targets, temperature=1.0, ignore_ind
     [N, H] and weight [V, H]; `chunk_size=None` picks chunk * V ~= 2**24.
     """
     return _ChunkedLogprobEntropy.apply(hidden, weight, targets, float(temperature), ignore_index, chunk_size)
+
+
+def naive_grpo_loss(hidden, weight, targets, advantages, mask, old_logp=None, ref_logp=None, rollout_logp=None,
+                    *, eps_low=0.2, eps_high=0.2, beta=0.0, entropy_coef=0.0, temperature=1.0,
+                    rollout_is_cap=None, loss_agg="token-mean", max_len=None):
+    """Full-logits GRPO loss on the padded [B, T] layout (the reference for `fused_linear_grpo_loss`).
+
+    hidden [B, T, H]; targets, mask, old/ref/rollout log-probs [B, T]; advantages [B] or [B, T].
+    Returns (loss, per-token logp [B, T], per-token entropy [B, T]).
+    """
+    b, t, h = hidden.shape
+    logp, ent = naive_logprob_entropy(hidden.reshape(b * t, h), weight, targets.reshape(-1), temperature)
+    logp, ent = logp.reshape(b, t), ent.reshape(b, t)
+    m = mask.to(logp.dtype)
+    adv = advantages[:, None].expand(b, t) if advantages.dim() == 1 else advantages
+    adv = adv.to(logp.dtype)
+    old = logp.detach() if old_logp is None else old_logp.to(logp.dtype)
+    ratio = torch.exp(logp - old)
+    per_token = -torch.minimum(ratio * adv, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv)
+    if rollout_logp is not None and rollout_is_cap is not None:
+        per_token = per_token * torch.clamp(torch.exp(old - rollout_logp.to(logp.dtype)), max=rollout_is_cap).detach()
+    if beta > 0:
+        d = ref_logp.to(logp.dtype) - logp
+        per_token = per_token + beta * (torch.exp(d) - d - 1)
+    per_token = per_token - entropy_coef * ent
+    if loss_agg == "token-mean":
+        loss = (per_token * m).sum() / m.sum().clamp(min=1)
+    elif loss_agg == "seq-mean-token-mean":
+        loss = ((per_token * m).sum(1) / m.sum(1).clamp(min=1)).sum() / b
+    elif loss_agg == "seq-mean-token-sum-norm":
+        loss = (per_token * m).sum() / (b * (t if max_len is None else max_len))
+    else:
+        raise ValueError(loss_agg)
+    return loss, logp * m, ent * m
