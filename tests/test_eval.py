@@ -1,0 +1,166 @@
+"""Tests for fctrain.eval: BFCL aggregation rules, the table, result files, and end-to-end runs whose verdicts
+are re-checked by BFCL's own checker (tests/bfcl_ref.py) from the written result files."""
+from __future__ import annotations
+
+import ast
+import json
+import random
+import zipfile
+
+import pytest
+
+from fctrain import eval as ev
+from fctrain.assets import fetch_wheel
+
+BFCL_WHEEL = "bfcl-eval==2026.3.23"
+
+
+def _bfcl_functions(member: str, names: set[str]) -> dict:
+    """Compile the named top-level functions of a bfcl-eval wheel module (without importing the module,
+    whose imports pull pandas and every API client) and return them by name."""
+    with zipfile.ZipFile(fetch_wheel(BFCL_WHEEL)) as zf:
+        tree = ast.parse(zf.read(member).decode())
+    nodes = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in names]
+    assert {n.name for n in nodes} == names, f"{member} no longer defines {names}"
+    namespace: dict = {}
+    exec(compile(ast.Module(nodes, type_ignores=[]), member, "exec"), namespace)
+    return {name: namespace[name] for name in names}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# aggregation
+
+
+def test_aggregates_match_bfcl_leaderboard_code():
+    """Non-Live AST, Live AST and irrelevance computed by BFCL's own calculate_*_accuracy functions
+    (eval_runner_helper.generate_leaderboard_csv's recipe, with simple = simple_python) on random counts."""
+    bfcl = _bfcl_functions("bfcl_eval/eval_checker/eval_runner_helper.py",
+                           {"calculate_weighted_accuracy", "calculate_unweighted_accuracy"})
+    weighted, unweighted = bfcl["calculate_weighted_accuracy"], bfcl["calculate_unweighted_accuracy"]
+    rng = random.Random(0)
+    for _ in range(50):
+        counts = {}
+        for cat in ev.SINGLE_TURN:
+            total = rng.randint(1, 1000)
+            counts[cat] = {"correct": rng.randint(0, total), "total": total}
+        ours = ev.aggregate(counts)
+
+        def score(cat):
+            acc = counts[cat]["correct"] / counts[cat]["total"]
+            return {"accuracy": acc, "total_count": counts[cat]["total"], "display_accuracy": acc}
+
+        non_live = unweighted([score(c) for c in ev.NON_LIVE_AST])["accuracy"]
+        live = weighted([score(c) for c in ev.LIVE_AST])["accuracy"]
+        irrelevance = unweighted([score("irrelevance"), score("live_irrelevance")])["accuracy"]
+        assert ours["non_live_ast"] == pytest.approx(non_live, abs=1e-12)
+        assert ours["live_ast"] == pytest.approx(live, abs=1e-12)
+        assert ours["overall"] == pytest.approx((non_live + live) / 2, abs=1e-12)
+        assert ours["irrelevance"] == pytest.approx(irrelevance, abs=1e-12)
+        assert ours["relevance"] == pytest.approx(score("live_relevance")["accuracy"], abs=1e-12)
+        for cat, v in counts.items():
+            assert ours["categories"][cat]["accuracy"] == v["correct"] / v["total"]
+
+
+def test_aggregate_weighting_by_hand():
+    counts = {"simple_python": (1, 1), "multiple": (0, 3), "parallel": (1, 2), "parallel_multiple": (2, 2),
+              "live_simple": (1, 1), "live_multiple": (0, 3), "irrelevance": (1, 4), "live_irrelevance": (3, 4)}
+    s = ev.aggregate({c: {"correct": k, "total": n} for c, (k, n) in counts.items()})
+    assert s["non_live_ast"] == pytest.approx((1 + 0 + 0.5 + 1) / 4)      # unweighted
+    assert s["live_ast"] == pytest.approx(1 / 4)                          # weighted: 1 of 4
+    assert s["overall"] == pytest.approx(((1 + 0 + 0.5 + 1) / 4 + 0.25) / 2)
+    assert s["irrelevance"] == pytest.approx((0.25 + 0.75) / 2)
+    assert s["relevance"] is None
+    assert s["groups"]["live_ast"]["missing"] == ["live_parallel", "live_parallel_multiple"]
+    assert s["groups"]["non_live_ast"]["missing"] == []
+    assert (s["correct"], s["total"]) == (9, 20)
+    table = ev.format_table(s)
+    assert "Live AST* (weighted by count)" in table and " 25.00" in table
+    assert "Non-Live AST (mean of categories)" in table and " 62.50" in table
+
+
+def test_compare_table():
+    a = ev.aggregate({"simple_python": {"correct": 1, "total": 4}, "live_simple": {"correct": 0, "total": 2}})
+    b = ev.aggregate({"simple_python": {"correct": 3, "total": 4}, "live_simple": {"correct": 1, "total": 4}})
+    a["format"], b["format"] = "python", "python"
+    table = ev.compare_table(a, b, "before", "after")
+    line = next(l for l in table.splitlines() if l.startswith("simple_python"))
+    assert "25.00" in line and "75.00" in line and "+50.00" in line
+    overall = next(l for l in table.splitlines() if l.startswith("Overall"))
+    assert overall.split()[-1] == f"{100 * ((0.75 + 0.25) / 2 - (0.25 + 0.0) / 2):+.2f}"
+    assert "different example counts in live_simple" in table
+
+
+def test_load_summary_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no evaluation summary"):
+        ev.load_summary(tmp_path)
+    (tmp_path / "summary.json").write_text(json.dumps({"x": 1}))
+    with pytest.raises(ValueError, match="not an fctrain.eval summary"):
+        ev.load_summary(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# rendering calls for BFCL's decoder
+
+
+def _bfcl_decode():
+    """BFCL's default prompting decoder (default_decode_ast_prompting + ast_parse for Python)."""
+    import enum
+
+    class ReturnFormat(enum.Enum):  # the one enum value the decoder's defaults need
+        PYTHON = "python"
+        JAVA = "java"
+        JAVASCRIPT = "javascript"
+
+    member = "bfcl_eval/model_handler/utils.py"
+    with zipfile.ZipFile(fetch_wheel(BFCL_WHEEL)) as zf:
+        tree = ast.parse(zf.read(member).decode())
+    names = {"default_decode_ast_prompting", "ast_parse", "resolve_ast_call", "resolve_ast_by_type"}
+    nodes = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in names]
+    namespace: dict = {"ReturnFormat": ReturnFormat, "ast": ast}
+    exec(compile(ast.Module(nodes, type_ignores=[]), member, "exec"), namespace)
+    return lambda text: namespace["default_decode_ast_prompting"](text, ReturnFormat.PYTHON, False)
+
+
+def test_render_calls_round_trips_through_bfcl_decoder():
+    decode = _bfcl_decode()
+    calls = [
+        {"math.factorial": {"n": 5}},
+        {"f": {}},
+        {"g": {"s": "it's \"quoted\"\n\\ unicode é 日本", "neg": -3, "x": -2.5e-7, "big": 10**30,
+               "b": True, "n": None, "l": [1, [2, {"k": "v"}], -1.0], "d": {"a": {"b": [False]}, "1": 2}}},
+        {"a.b.c": {"inf": float("inf"), "ninf": float("-inf")}},
+    ]
+    text = ev.render_calls(calls)
+    assert decode(text) == calls
+    assert decode(ev.render_calls([])) == []
+    # Names BFCL cannot express stay calls that match nothing.
+    odd = decode(ev.render_calls([{"get-weather": {"city": "x"}}, {"f": {"from": 1, "a b": 2}}]))
+    assert [next(iter(c)) for c in odd] == ["fctrain_unrenderable_name_0", "f"]
+    assert odd[1]["f"] == {"fctrain_unrenderable_param_0": 1, "fctrain_unrenderable_param_1": 2}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# result files
+
+
+def test_result_file_layout_and_round_trip(tmp_path):
+    recs = [ev.Record(id="simple_python_0", category="simple_python", text="<answer>[f()]</answer>",
+                      result="[f()]", valid=True, format_ok=True, prompt_tokens=10, output_tokens=3),
+            ev.Record(id="live_simple_0-0-0", category="live_simple", text="[g(a=1)]", result="[g(a=1)]",
+                      valid=False, format_ok=True, error_type="x:y", error=["bad"]),
+            ev.Record(id="simple_python_1", category="simple_python", text="junk", result="",
+                      valid=False, format_ok=False, error_type="ast_decoder:decoder_failed")]
+    paths = ev.write_result_files(recs, tmp_path, "my-model")
+    rel = sorted(str(p.relative_to(tmp_path)) for p in paths)
+    assert rel == ["result/my-model/live/BFCL_v4_live_simple_result.json",
+                   "result/my-model/non_live/BFCL_v4_simple_python_result.json"]
+    back = ev.read_result_files(tmp_path)
+    assert [e["id"] for e in back["simple_python"]] == ["simple_python_0", "simple_python_1"]
+    assert back["simple_python"][0]["result"] == "[f()]"
+    assert back["simple_python"][0]["fctrain"]["raw"] == "<answer>[f()]</answer>"
+    assert "raw" not in back["live_simple"][0]["fctrain"]  # result is the raw text already
+    assert back["live_simple"][0]["fctrain"]["error_type"] == "x:y"
+    with pytest.raises(ValueError, match="not a BFCL single-turn category"):
+        ev.result_file(tmp_path, "m", "multi_turn_base")
+    with pytest.raises(FileNotFoundError):
+        ev.read_result_files(tmp_path / "nothing")
