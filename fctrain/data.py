@@ -787,10 +787,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "validate":
         kept, report = validate(examples)
     else:
-        from fctrain import rollout  # heavy (torch, vLLM): only the judge needs it
-        model_path = rollout.resolve_model(args.model)
-        from transformers import AutoTokenizer
-        tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+        from fctrain import models, rollout  # heavy (torch, transformers, vLLM): only the judge needs them
+        resolve = getattr(rollout, "resolve_model", None) or models.resolve_model
+        model_path = resolve(args.model)
+        tokenizer = models.load_tokenizer(model_path)
         engine = rollout.make_engine(args.engine, model_path)
         try:
             kept, report = judge(examples[:args.limit] if args.limit else examples, engine, tokenizer,
