@@ -4,6 +4,7 @@
     bfcl_ast_check(functions, decoded_calls, possible_answer, "parallel")  # {"valid", "error", "error_type"}
     bfcl_decode_python("[f(a=1)]")          # BFCL's default_decode_ast_prompting (raises like BFCL does)
     bfcl_verdict(text, functions, possible_answer, category)  # the full BFCL pipeline for one model output
+    bfcl_system_prompt(functions)           # BFCL's default system prompt, with its Python-3 hint added
 
 Importing `bfcl_eval.eval_checker.ast_eval.ast_checker` normally pulls every API client through
 `bfcl_eval.constants.model_config`; a stub module registered under that name first (its
@@ -101,3 +102,36 @@ def bfcl_verdict(text: str, functions: list[dict], possible_answer: list[dict], 
     if not utils.is_function_calling_format_output(decoded):
         return False
     return bfcl_ast_check(functions, decoded, possible_answer, category)["valid"]
+
+
+@lru_cache(maxsize=None)
+def _prompt_functions():
+    root = bfcl_root()
+    _bfcl()  # puts the wheel on sys.path
+    import copy
+    import json
+    import re
+    from typing import Optional
+
+    from bfcl_eval.constants import default_prompts
+
+    ns = {k: getattr(default_prompts, k) for k in dir(default_prompts) if not k.startswith("__")}
+    ns.update(json=json, re=re, Optional=Optional, copy=copy, __builtins__=__builtins__,
+              is_java=lambda category: False, is_js=lambda category: False)
+    for path, names in ((root / "model_handler" / "utils.py",
+                         {"formulate_system_prompt", "format_function_doc", "parse_prompt_variation_params"}),
+                        (root / "utils.py", {"_get_language_specific_hint", "_func_doc_language_specific_pre_processing"})):
+        tree = ast.parse(path.read_text())
+        funcs = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in names]
+        assert {f.name for f in funcs} == names, f"bfcl-eval's prompt functions moved in {path}"
+        exec(compile(ast.Module(body=funcs, type_ignores=[]), str(path), "exec"), ns)
+    return ns
+
+
+def bfcl_system_prompt(functions: list[dict], category: str = "simple_python") -> str:
+    """BFCL's default system prompt for a prompting model, built by BFCL's own functions."""
+    import copy
+
+    ns = _prompt_functions()
+    hinted = ns["_func_doc_language_specific_pre_processing"](copy.deepcopy(functions), category)
+    return ns["formulate_system_prompt"](ns["DEFAULT_SYSTEM_PROMPT_FORMAT"], hinted)

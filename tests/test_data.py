@@ -1,0 +1,257 @@
+"""fctrain.data: loaders (BFCL wheel, xLAM, JSONL), prompts (BFCL's own system prompt), targets, validation
+stage and the judge stage through the real rollout engine on a tiny model."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+
+from fctrain import reward
+from fctrain.data import (BFCL_CATEGORIES, Example, build_messages, build_prompt_ids, calls_to_ground_truth,
+                          filter_by_length, load_bfcl, load_jsonl, load_xlam, main, parse_verdict, render_target,
+                          save_jsonl, shuffle, split, validate)
+from tests.bfcl_ref import bfcl_system_prompt, bfcl_verdict
+
+EXPECTED_COUNTS = {"simple_python": 400, "multiple": 200, "parallel": 200, "parallel_multiple": 200,
+                   "irrelevance": 240, "live_simple": 258, "live_multiple": 1053, "live_parallel": 16,
+                   "live_parallel_multiple": 24, "live_irrelevance": 884, "live_relevance": 16}
+
+
+@pytest.fixture(scope="module")
+def bfcl():
+    return load_bfcl(BFCL_CATEGORIES)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from fctrain.models import load_tokenizer, resolve_model
+
+    return load_tokenizer(resolve_model())
+
+
+def test_load_bfcl(bfcl):
+    assert Counter(e.category for e in bfcl) == EXPECTED_COUNTS
+    assert len({e.id for e in bfcl}) == len(bfcl)
+    for e in bfcl:
+        assert e.messages and all(m["role"] in ("system", "user", "assistant") for m in e.messages)
+        assert bool(e.ground_truth) == (e.category not in ("irrelevance", "live_irrelevance", "live_relevance"))
+    assert [e.id for e in load_bfcl("parallel, multiple", limit=2)] == ["parallel_0", "parallel_1",
+                                                                       "multiple_0", "multiple_1"]
+    with pytest.raises(ValueError, match="multi_turn_base"):
+        load_bfcl(["multi_turn_base"])
+
+
+def test_example_json_round_trip(bfcl, tmp_path):
+    sample = bfcl[::50]
+    for e in sample:
+        assert Example.from_json(e.to_json()) == e == Example.from_json(json.loads(e.to_json()))
+    path = tmp_path / "x.jsonl"
+    save_jsonl(sample, path)
+    assert load_jsonl(path) == sample
+    for bad, msg in [({"id": 1}, "lacks"), ({**sample[0].to_dict(), "extra": 1}, "unknown"),
+                     ({**sample[0].to_dict(), "messages": [{"role": "bot", "content": "x"}]}, "messages"),
+                     ({**sample[0].to_dict(), "ground_truth": [{"f": [1]}]}, "ground_truth"), ([1], "object")]:
+        with pytest.raises(ValueError, match=msg):
+            Example.from_json(bad)
+
+
+def test_load_jsonl_broken_lines(bfcl, tmp_path):
+    path = tmp_path / "broken.jsonl"
+    lines = [bfcl[0].to_json(), "{not json", bfcl[1].to_json(), json.dumps({"id": "x"}), "", bfcl[2].to_json()]
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"broken.jsonl: line 2: JSONDecodeError"):
+        load_jsonl(path)
+    skipped = Counter()
+    assert [e.id for e in load_jsonl(path, on_error="skip", skipped=skipped)] == [e.id for e in bfcl[:3]]
+    assert sum(skipped.values()) == 2 and any("lacks" in k for k in skipped)
+
+
+XLAM_ROWS = [
+    {"id": 1, "query": "What is the weather in Paris in celsius?",
+     "tools": json.dumps([{"name": "get_weather", "description": "Weather now.",
+                           "parameters": {"city": {"type": "str", "description": "City"},
+                                          "unit": {"type": "str, optional", "description": "Unit", "default": "F"}}}]),
+     "answers": json.dumps([{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}])},
+    {"id": 2, "query": "Sum [1,2] and [3,4].",
+     "tools": json.dumps([{"name": "add", "description": "Sum a list.",
+                           "parameters": {"nums": {"type": "List[int]", "description": "Numbers"},
+                                          "scale": {"type": "float, optional", "description": "", "default": 1.0}}},
+                          {"name": "noop", "description": "", "parameters": {}}]),
+     "answers": json.dumps([{"name": "add", "arguments": {"nums": [1, 2]}},
+                            {"name": "add", "arguments": {"nums": [3, 4], "scale": "2"}}])},
+    {"id": 3, "query": "Tell me a joke.", "tools": json.dumps([{"name": "add", "description": "",
+                                                                 "parameters": {"n": {"type": "int"}}}]),
+     "answers": "[]"},
+]
+
+
+def test_load_xlam(tmp_path):
+    path = tmp_path / "xlam_sample.json"
+    path.write_text(json.dumps(XLAM_ROWS))
+    exs = load_xlam(path)
+    assert [e.category for e in exs] == ["simple", "parallel_multiple", "irrelevance"]
+    weather = exs[0]
+    props = weather.tools[0]["parameters"]
+    assert props["required"] == ["city"] and props["properties"]["unit"]["type"] == "string"
+    assert weather.ground_truth == [{"get_weather": {"city": ["Paris"], "unit": ["C"]}}]
+    add = exs[1]
+    assert add.tools[0]["parameters"]["properties"]["nums"] == {"type": "array", "items": {"type": "integer"},
+                                                                "description": "Numbers"}
+    assert add.ground_truth[0] == {"add": {"nums": [[1, 2]], "scale": ["", 1.0]}}
+    # The stringly-typed "2" for a float is repaired by the validation stage, and every target then checks.
+    kept, report = validate(exs)
+    assert report["n_out"] == 3 and report["repaired_examples"].get("value_type_repaired") == 1
+    assert kept[1].ground_truth[1]["add"]["scale"] == [2.0]
+    for e in kept:
+        for fmt in reward.FORMATS:
+            assert reward.score(render_target(e, fmt), e, fmt=fmt).correct, (e.id, fmt)
+    # JSONL form, with a broken row
+    jsonl = tmp_path / "xlam_rows.jsonl"
+    jsonl.write_text("\n".join([json.dumps(XLAM_ROWS[0]), json.dumps({"id": 9, "query": "q"})]) + "\n")
+    with pytest.raises(ValueError, match="line 2: KeyError"):
+        load_xlam(jsonl)
+    assert len(load_xlam(jsonl, on_error="skip")) == 1
+
+
+def test_split_and_shuffle(bfcl):
+    train, evals = split(bfcl, 0.1, seed=3)
+    assert len(evals) == round(0.1 * len(bfcl)) and len(train) + len(evals) == len(bfcl)
+    assert not {e.id for e in train} & {e.id for e in evals}
+    assert split(bfcl, 0.1, seed=3) == (train, evals) and split(bfcl, 0.1, seed=4)[1] != evals
+    assert shuffle(bfcl, 0) == shuffle(bfcl, 0) != bfcl and sorted(e.id for e in shuffle(bfcl, 0)) == sorted(e.id for e in bfcl)
+    with pytest.raises(ValueError):
+        split(bfcl, 1.5, 0)
+
+
+def test_bfcl_prompt_is_bfcls_own(bfcl):
+    """fmt="bfcl" reproduces BFCL's default system prompt exactly (built here by BFCL's own functions)."""
+    with_system = [e for e in bfcl if e.messages[0]["role"] == "system"]
+    assert with_system
+    for e in bfcl[::25] + with_system[:5]:
+        msgs = build_messages(e, "bfcl")
+        expected = bfcl_system_prompt(e.tools)
+        if e.messages[0]["role"] == "system":  # BFCL appends the example's own system message
+            expected += "\n\n" + e.messages[0]["content"]
+        assert msgs[0] == {"role": "system", "content": expected}
+        assert msgs[1:] == [m for m in e.messages if m["role"] != "system" or m is not e.messages[0]]
+
+
+def test_prompts_state_format_and_tools(bfcl):
+    e = bfcl[0]
+    for fmt, marker in (("python", "<answer>"), ("hermes", "<tool_call>"), ("bfcl", "[func_name1(")):
+        msgs = build_messages(e, fmt)
+        assert msgs[0]["role"] == "system" and marker in msgs[0]["content"]
+        assert e.tools[0]["name"] in msgs[0]["content"] and msgs[-1] == e.messages[-1]
+    with pytest.raises(ValueError):
+        build_messages(e, "xml")
+
+
+def test_prompt_ids_and_length_filter(bfcl, tokenizer):
+    e = bfcl[0]
+    ids = build_prompt_ids(e, tokenizer, "python")
+    assert all(isinstance(i, int) for i in ids)
+    text = tokenizer.decode(ids)
+    assert text.endswith("<|im_start|>assistant\n") and e.messages[0]["content"] in text
+    assert "<answer>" in text
+    sample = bfcl[:40]
+    lengths = [len(build_prompt_ids(x, tokenizer)) for x in sample]
+    cut = sorted(lengths)[len(lengths) // 2]
+    kept = filter_by_length(sample, tokenizer, cut)
+    assert [x.id for x in kept] == [x.id for x, n in zip(sample, lengths) if n <= cut]
+
+
+def test_render_target_matches_bfcl(bfcl):
+    """A rendered target is right by our checker and by BFCL's pipeline (bfcl format), for every example
+    whose answer is consistent with its schema."""
+    kept, _ = validate(bfcl)
+    for e in kept[::4]:
+        assert bfcl_verdict(render_target(e, "bfcl"), e.tools, e.ground_truth, e.category), e.id
+    e = next(x for x in bfcl if x.category == "irrelevance")
+    assert render_target(e, "python").endswith("<answer>[]</answer>")
+    assert reward.parse(render_target(e, "hermes"), "hermes").calls == []
+
+
+def test_validate_bfcl_report(bfcl):
+    kept, report = validate(bfcl)
+    assert report["n_in"] == len(bfcl) and report["n_out"] == len(kept)
+    assert sum(report["dropped"].values()) == len(bfcl) - len(kept) < 30
+    # The known contradictions between BFCL answers and their schemas are caught:
+    dropped_ids = {i for ids in report["sample_ids"].values() for i in ids}
+    assert {"live_multiple_964-207-0", "live_multiple_862-181-3"} <= dropped_ids
+    assert report["dropped"]["missing_required_param"] >= 1
+
+
+def _tool(name="f", props=None, required=("a",)):
+    return {"name": name, "description": "", "parameters": {
+        "type": "dict", "required": list(required), "properties": props or {"a": {"type": "integer"}}}}
+
+
+def test_validate_repairs_and_drops(tmp_path):
+    user = [{"role": "user", "content": "do it"}]
+    cases = {
+        "ok": (Example("ok", "simple", user, [_tool()], [{"f": {"a": [1]}}]), None),
+        "str_int": (Example("str_int", "simple", user, [_tool()], [{"f": {"a": ["3"]}}]), "repaired"),
+        "bare": (Example("bare", "simple", user, [_tool()], [{"f": {"a": 3}}]), "repaired"),
+        "alias": (Example("alias", "simple", user, [_tool(props={"a": {"type": "number"}})], [{"f": {"a": [1.5]}}]),
+                  "repaired"),
+        "unknown_fn": (Example("unknown_fn", "simple", user, [_tool()], [{"g": {"a": [1]}}]), "unknown_function"),
+        "unknown_p": (Example("unknown_p", "simple", user, [_tool()], [{"f": {"a": [1], "b": [2]}}]), "unknown_param"),
+        "missing": (Example("missing", "simple", user, [_tool()], [{"f": {}}]), "missing_required_param"),
+        "bad_type": (Example("bad_type", "simple", user, [_tool()], [{"f": {"a": [[1]]}}]), "value_type_mismatch"),
+        "two_calls": (Example("two_calls", "simple", user, [_tool()], [{"f": {"a": [1]}}, {"f": {"a": [2]}}]),
+                      "call_count_does_not_match_category"),
+        "irr_gt": (Example("irr_gt", "irrelevance", user, [_tool()], [{"f": {"a": [1]}}]),
+                   "irrelevance_with_ground_truth"),
+        "no_user": (Example("no_user", "simple", [], [_tool()], [{"f": {"a": [1]}}]), "no_user_message"),
+        "dup": (Example("dup", "simple", user, [_tool(), _tool()], [{"f": {"a": [1]}}]), "duplicate_function_name"),
+        "bad_schema": (Example("bad_schema", "simple", user, [_tool(props={"a": {"type": "complex"}})],
+                               [{"f": {"a": [1]}}]), "schema_unsupported_type"),
+    }
+    src = tmp_path / "in.jsonl"
+    save_jsonl([c[0] for c in cases.values()], src)
+    out, rep = tmp_path / "out.jsonl", tmp_path / "report.json"
+    assert main(["validate", "--input", str(src), "--output", str(out), "--report", str(rep)]) == 0
+    report = json.loads(rep.read_text())
+    kept = {e.id: e for e in load_jsonl(out)}
+    assert set(kept) == {k for k, (_, why) in cases.items() if why in (None, "repaired")}
+    assert kept["str_int"].ground_truth == [{"f": {"a": [3]}}] == kept["bare"].ground_truth
+    assert kept["alias"].tools[0]["parameters"]["properties"]["a"]["type"] == "float"
+    expected_drops = Counter(why for _, why in cases.values() if why not in (None, "repaired"))
+    assert report["dropped"] == dict(expected_drops)
+    assert report["repaired_examples"] == {"value_type_repaired": 1, "allowed_values_not_a_list": 1,
+                                           "schema_type_alias": 1}
+
+
+def test_validate_cli_on_bfcl(tmp_path):
+    out, rep = tmp_path / "o.jsonl", tmp_path / "r.json"
+    assert main(["validate", "--input", "bfcl:simple_python,live_multiple", "--output", str(out),
+                 "--report", str(rep)]) == 0
+    report = json.loads(rep.read_text())
+    assert report["n_in"] == 1453 and report["n_out"] == len(load_jsonl(out)) > 1400
+
+
+def test_judge_helpers():
+    assert parse_verdict("looks fine\nVERDICT: CORRECT") is True
+    assert parse_verdict("VERDICT: CORRECT ... on reflection VERDICT: incorrect") is False
+    assert parse_verdict("no idea") is None
+    tools = [_tool(props={"a": {"type": "integer"}, "b": {"type": "string"}})]
+    assert calls_to_ground_truth([{"f": {"a": 1}}], tools) == [{"f": {"a": [1], "b": [""]}}]
+
+
+def test_judge_stage_with_real_engine(tmp_path, bfcl):
+    """The judge command end to end through fctrain.rollout's transformers engine on a tiny random model.
+    A random model gives no verdicts, so nothing survives; the point is the plumbing and the report."""
+    from fctrain.models import build_tiny_model
+
+    model_dir = build_tiny_model(tmp_path / "tiny", hidden_size=64, num_heads=2, num_layers=1)
+    src, out, rep = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "judge.json"
+    save_jsonl(bfcl[:3], src)
+    assert main(["judge", "--input", str(src), "--output", str(out), "--report", str(rep), "--model",
+                 str(model_dir), "--engine", "hf", "--max-tokens", "4"]) == 0
+    report = json.loads(rep.read_text())
+    counts = report["counts"]
+    assert report["n_in"] == 3 and report["n_out"] == len(load_jsonl(out))
+    assert sum(v for k, v in counts.items() if k.startswith("evaluate:")) == 3
+    n_rejected = 3 - counts.get("evaluate:correct", 0)
+    assert sum(v for k, v in counts.items() if k.startswith("correct:") or k.startswith("final:")) == n_rejected
