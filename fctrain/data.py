@@ -604,16 +604,14 @@ def validate(examples: Iterable[Example]) -> tuple[list[Example], dict]:
         n_in += 1
         try:
             fixed, repairs = validate_example(ex)
-        except _Drop as d:
-            dropped[str(d)] += 1
-            samples.setdefault(str(d), []).append(ex.id) if len(samples.get(str(d), [])) < 5 else None
-            continue
-        except (KeyError, TypeError, AttributeError, ValueError) as e:
-            reason = f"malformed:{type(e).__name__}"
+        except (_Drop, KeyError, TypeError, AttributeError, ValueError) as e:
+            reason = str(e) if isinstance(e, _Drop) else f"malformed:{type(e).__name__}"
             dropped[reason] += 1
-            samples.setdefault(reason, []).append(ex.id) if len(samples.get(reason, [])) < 5 else None
+            ids = samples.setdefault(reason, [])
+            if len(ids) < 5:
+                ids.append(ex.id)
             continue
-        repaired.update(set(repairs))
+        repaired.update(set(repairs))  # counted once per example
         kept.append(fixed)
     report = {"stage": "validate", "n_in": n_in, "n_out": len(kept), "dropped": dict(dropped),
               "repaired_examples": dict(repaired), "sample_ids": samples}

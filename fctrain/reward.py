@@ -452,10 +452,11 @@ def _check_one(function: dict, call: dict, answer: dict) -> dict:
         if p not in args and "" not in allowed:
             return _invalid("simple_function_checker:missing_optional",
                             f"Optional parameter {p!r} not provided and not marked as optional.")
-    return _VALID
+    return _valid()
 
 
-_VALID = {"valid": True, "error_type": "", "error": []}
+def _valid() -> dict:
+    return {"valid": True, "error_type": "", "error": []}  # fresh each time: callers may annotate it
 
 
 def _invalid(error_type: str, error) -> dict:
@@ -486,6 +487,28 @@ def _max_matching(ok: list[list[bool]]) -> bool:
     return all(augment(i, [False] * n) for i in range(n))
 
 
+def _first_fit(calls: list[dict], descs: list[dict], ground_truth: list[dict]) -> dict:
+    """BFCL parallel_function_checker_no_order: each truth call takes the first unmatched call it accepts."""
+    matched: set[int] = set()
+    for i, answer in enumerate(ground_truth):
+        errors, result = [], None
+        for j, call in enumerate(calls):
+            if j in matched:
+                continue
+            result = _check_one(descs[i], call, answer)
+            if result["valid"]:
+                matched.add(j)
+                break
+            errors.append({f"Model Result Index {j}": {"sub_error": result["error"],
+                                                      "sub_error_type": result["error_type"]}})
+        if result is None or not result["valid"]:
+            left = [j for j in range(len(calls)) if j not in matched]
+            return _invalid("parallel_function_checker_no_order:cannot_find_match",
+                            [f"Could not find a matching function among index {left} of model output "
+                             f"for index {i} of possible answers."] + errors)
+    return _valid()
+
+
 def is_irrelevance(category: str) -> bool:
     return "irrelevance" in category
 
@@ -506,11 +529,11 @@ def check(calls: list[dict], functions: list[dict], ground_truth: list[dict], ca
         if calls:
             return _invalid("irrelevance_error:decoder_success",
                             "Valid syntax. Successfully decode AST when it should not.")
-        return _VALID
+        return _valid()
     if is_relevance(category):
         if not calls:
             return _invalid("relevance_error:decoder_failed", "No function call when one was expected.")
-        return _VALID
+        return _valid()
     if "parallel" in category:
         if len(calls) != len(ground_truth):
             return _invalid("parallel_function_checker_no_order:wrong_count", "Wrong number of functions.")
@@ -521,31 +544,14 @@ def check(calls: list[dict], functions: list[dict], ground_truth: list[dict], ca
             if desc is None:
                 return _invalid("checker:unknown_function", f"Ground truth names {name!r}, not in functions.")
             descs.append(desc)
-        if bfcl_compat:
-            matched: set[int] = set()
-            for i, answer in enumerate(ground_truth):
-                errors, result = [], None
-                for j, call in enumerate(calls):
-                    if j in matched:
-                        continue
-                    result = _check_one(descs[i], call, answer)
-                    if result["valid"]:
-                        matched.add(j)
-                        break
-                    errors.append({f"Model Result Index {j}": {"sub_error": result["error"],
-                                                              "sub_error_type": result["error_type"]}})
-                if result is None or not result["valid"]:
-                    left = [j for j in range(len(calls)) if j not in matched]
-                    return _invalid("parallel_function_checker_no_order:cannot_find_match",
-                                    [f"Could not find a matching function among index {left} of model output "
-                                     f"for index {i} of possible answers."] + errors)
-            return _VALID
+        first_fit = _first_fit(calls, descs, ground_truth)
+        if bfcl_compat or first_fit["valid"]:  # a first-fit match is a perfect matching
+            return first_fit
         ok = [[_check_one(descs[i], call, answer)["valid"] for call in calls]
               for i, answer in enumerate(ground_truth)]
         if _max_matching(ok):
-            return _VALID
-        return _invalid("parallel_function_checker_no_order:cannot_find_match",
-                        "No assignment of model calls to ground-truth calls satisfies all of them.")
+            return _valid()
+        return first_fit
     if "multiple" in category:
         if len(calls) != len(ground_truth):
             return _invalid("multiple_function_checker:wrong_count", "Wrong number of functions.")
@@ -620,16 +626,16 @@ def score(text: str, example: "Example", kind: str = "binary", fmt: str = "pytho
         raise ValueError(f"unknown reward kind {kind!r}; expected one of {KINDS}")
     parsed = parse(text, fmt)
     if not parsed.ok:
+        # BFCL counts an undecodable output as "no call", which is the right answer for irrelevance.
         bfcl_no_call = fmt == "bfcl" and is_irrelevance(example.category)
-        if kind == "binary" and bfcl_no_call:
-            return RewardResult(1.0, False, True, None)
-        return RewardResult(0.0, False, bfcl_no_call, parsed.error)
-    if kind == "format":
-        return RewardResult(1.0, True, False, None)
+        reward = 1.0 if bfcl_no_call and kind != "format" else 0.0
+        return RewardResult(reward, False, bfcl_no_call, None if bfcl_no_call else parsed.error)
     verdict = check(parsed.calls, example.tools, example.ground_truth, example.category,
                     bfcl_compat=(fmt == "bfcl"))
     correct = verdict["valid"]
     error = None if correct else f"{verdict['error_type']}: {str(verdict['error'])[:300]}"
+    if kind == "format":
+        return RewardResult(1.0, True, correct, error)
     if kind == "binary" or correct:
         return RewardResult(1.0 if correct else 0.0, True, correct, error)
     credit = 0.0 if (is_irrelevance(example.category) or is_relevance(example.category)) \
@@ -678,7 +684,10 @@ class RewardScorer:
     """Scores batches of completions in a process pool (forkserver: no torch/vLLM state is inherited).
 
     Batches smaller than `min_parallel` are scored in-process, where pickling would cost more than it saves.
-    Examples repeated in a batch (GRPO groups) are sent to the workers once per chunk.
+    Identical (text, example) pairs are scored once; each example goes to a worker once per chunk, slimmed
+    to what scoring reads. Any exception while scoring one item gives that item a `failed` result (reward
+    0); a dead worker makes its chunk be scored in-process. As with any multiprocessing pool, a script
+    that creates one needs the `if __name__ == "__main__":` guard. Workers start on the first large batch.
     """
 
     def __init__(self, kind: str = "binary", fmt: str = "python", processes: int = 2, min_parallel: int = 512):
@@ -694,6 +703,8 @@ class RewardScorer:
         if self._pool is None:
             methods = mp.get_all_start_methods()
             ctx = mp.get_context("forkserver" if "forkserver" in methods else "spawn")
+            if ctx.get_start_method() == "forkserver":
+                ctx.set_forkserver_preload(["fctrain.reward"])
             self._pool = ProcessPoolExecutor(self.processes, mp_context=ctx)
         return self._pool
 
