@@ -31,7 +31,7 @@ import os
 import sys
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -180,6 +180,8 @@ class VLLMEngine:
         _check_request(prompt_token_ids, n, temperature, top_p, max_tokens)
         if self._asleep:
             raise RuntimeError("the engine is asleep: call wake_up() (and update_weights) before generate")
+        # vLLM refuses n > 1 with greedy decoding: the n samples are identical, so decode once and copy.
+        copies, n = (n, 1) if temperature == 0 else (1, n)
         # One SamplingParams per prompt so that a seed gives every prompt its own stream; vLLM then
         # seeds the n samples of a prompt with seed + j, hence the stride n.
         params = [self._vllm.SamplingParams(
@@ -196,7 +198,8 @@ class VLLMEngine:
                 logprobs = [position[tok].logprob for tok, position in zip(token_ids, out.logprobs)]
                 completions.append(Completion(token_ids, logprobs, out.text,
                                               "stop" if out.finish_reason == "stop" else "length"))
-            results.append(completions)
+            results.append([replace(c, token_ids=list(c.token_ids), logprobs=list(c.logprobs))
+                            for c in completions for _ in range(copies)])
         return results
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> float:
@@ -322,7 +325,8 @@ class HFEngine:
         # not apply. top_k=0, not None: None falls back to transformers' default top-k of 50.
         config = GenerationConfig(
             do_sample=not greedy, temperature=None if greedy else temperature, top_p=None if greedy else top_p,
-            top_k=None if greedy else 0, max_new_tokens=max_tokens, eos_token_id=self.eos_ids, pad_token_id=self.pad_id,
+            top_k=None if greedy else 0, max_new_tokens=max_tokens, eos_token_id=self.eos_ids,
+            pad_token_id=self.pad_id,
             stop_strings=list(stop) if stop else None, output_scores=True, return_dict_in_generate=True)
         seeded = torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []) \
             if seed is not None else contextlib.nullcontext()
