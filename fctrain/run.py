@@ -1,0 +1,650 @@
+"""EGPO/GRPO training for function calling: one file, read top to bottom.
+
+    python -m fctrain.run                                   # SmolLM2-135M-Instruct on BFCL, this CPU
+    python -m fctrain.run --preset paper-7b --model Qwen/Qwen2.5-Coder-7B-Instruct   # the paper, GPU
+    python -m fctrain.run --steps 50 --lr 2e-6 --config my.toml --resume runs/default
+
+Algorithm (arXiv 2508.05118, FunRL/EGPO), per step:
+ 1. Sample `prompts_per_step` prompts; the rollout engine (vLLM, or transformers) samples `group_size`
+    completions each at `temperature`, returning each sampled token's log-prob.
+ 2. Reward r_i (fctrain.reward, CPU process pool): `binary` = 1 iff the format is right and every call
+    is correct (the paper); `partial` / `format` give a small model denser signal.
+ 3. Advantage A_i = (r_i - mean(r)) / std(r) within the group; groups with zero variance are counted
+    and left out of the loss. EGPO: A_i' = A_i + lambda * clip(H_i, -|A_i|/alpha, |A_i|/alpha), H_i the
+    mean (detached) entropy of completion i's <think> tokens. `algo=grpo` keeps A_i.
+ 4. Loss: kernels.fused_linear_grpo_loss (clipped ratio, k3 KL to a frozen reference when beta > 0,
+    truncated importance weight for the engine/trainer mismatch), micro-batched by a token budget,
+    never materialising [tokens x vocab] logits. AdamW, gradient clipping, warm-up + cosine LR.
+ 5. Push the new weights into the engine (no files), log, evaluate, checkpoint.
+An optional SFT warm start (`sft_steps`) teaches the output format first: SmolLM2-135M answers BFCL in
+prose (0% with BFCL's own prompt), so without it a binary reward is all zero and GRPO gets no signal.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import kernels
+from fctrain import data as fdata
+from fctrain import reward as freward
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+@dataclass(frozen=True)
+class Config:
+    # model and data
+    model: str = ""                        # local HF dir or hub id; "" = offline SmolLM2-135M-Instruct
+    train_data: str = "bfcl:live_simple,simple_python"  # bfcl:<categories>, an xLAM file or our JSONL
+    eval_data: str = "bfcl:multiple"      # held out: never trained on
+    eval_limit: int = 48                   # eval examples (0 = all)
+    fmt: str = "python"                    # output format: python (<think><answer>[calls]) | hermes
+    max_prompt_tokens: int = 512           # longer prompts are dropped
+    max_new_tokens: int = 96               # completion budget per sample
+    # algorithm
+    algo: str = "egpo"                     # egpo | grpo
+    reward: str = "binary"                 # binary (paper) | partial | format
+    egpo_lambda: float = 0.4               # EGPO entropy weight
+    egpo_alpha: float = 2.0                # EGPO clip: |H term| <= |A| / alpha
+    group_size: int = 8                    # completions per prompt (G)
+    prompts_per_step: int = 8
+    steps: int = 30                        # RL steps (after the SFT warm start)
+    temperature: float = 0.7               # sampling temperature (also used for trainer log-probs)
+    top_p: float = 1.0
+    beta: float = 0.001                    # k3 KL weight to the frozen reference (0 = no reference model)
+    eps_low: float = 0.2                   # ratio clip range
+    eps_high: float = 0.2
+    entropy_coef: float = 0.0              # entropy bonus
+    rollout_is_cap: float = 2.0            # truncated importance weight cap (0 = off)
+    loss_agg: str = "token-mean"           # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
+    updates_per_batch: int = 1             # optimizer passes over each rollout batch
+    # optimisation
+    lr: float = 1e-5                       # RL learning rate (the paper's 7B run: 1e-6)
+    warmup_steps: int = 3
+    min_lr_ratio: float = 0.1              # cosine decay floor
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    micro_batch_tokens: int = 4096         # padded tokens per forward/backward
+    sft_steps: int = 25                    # cold-start SFT steps before RL (0 = none)
+    sft_batch_size: int = 8
+    sft_lr: float = 5e-5
+    # system
+    engine: str = "auto"                   # vllm | hf | auto (vllm if installed)
+    engine_dtype: str = "bfloat16"         # vLLM weights/compute dtype
+    train_dtype: str = "float32"           # trainer master weights: float32 | bfloat16
+    impl: str = "auto"                     # fused loss implementation: auto | triton | torch | naive
+    reward_processes: int = 2
+    seed: int = 0
+    out_dir: str = "runs/default"
+    eval_every: int = 10                   # RL steps between evaluations (0 = only before/after)
+    save_every: int = 10                   # steps between checkpoints
+    keep_last: int = 2                     # checkpoints kept
+    tensorboard: bool = False
+    wandb: bool = False
+
+    def __post_init__(self):
+        checks = [
+            (self.algo in ("egpo", "grpo"), f"algo must be egpo or grpo, got {self.algo!r}"),
+            (self.reward in freward.KINDS, f"reward must be one of {freward.KINDS}, got {self.reward!r}"),
+            (self.fmt in ("python", "hermes"), f"fmt must be python or hermes, got {self.fmt!r}"),
+            (self.loss_agg in kernels.LOSS_AGGREGATIONS, f"loss_agg must be one of {kernels.LOSS_AGGREGATIONS}"),
+            (self.engine in ("vllm", "hf", "auto"), f"engine must be vllm, hf or auto, got {self.engine!r}"),
+            (self.train_dtype in ("float32", "bfloat16"), "train_dtype must be float32 or bfloat16"),
+            (self.group_size >= 2, "group_size must be >= 2 (advantages are relative within a group)"),
+            (self.prompts_per_step >= 1 and self.steps >= 0 and self.sft_steps >= 0, "steps must be >= 0"),
+            (self.temperature > 0, "temperature must be > 0 (sampling)"),
+            (self.lr > 0 and self.sft_lr > 0, "learning rates must be > 0"),
+            (self.beta >= 0 and self.egpo_alpha > 0, "beta must be >= 0 and egpo_alpha > 0"),
+            (self.updates_per_batch >= 1, "updates_per_batch must be >= 1"),
+            (self.micro_batch_tokens >= self.max_prompt_tokens + self.max_new_tokens,
+             "micro_batch_tokens must hold at least one full sequence (max_prompt_tokens + max_new_tokens)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"bad config: {message}")
+
+
+PRESETS = {
+    # The paper's run: Qwen2.5-Coder-7B-Instruct, lr 1e-6, beta 0.001, T 0.7, binary reward, EGPO.
+    "paper-7b": dict(model="Qwen/Qwen2.5-Coder-7B-Instruct", lr=1e-6, sft_steps=0, group_size=8,
+                     prompts_per_step=32, steps=500, max_prompt_tokens=2048, max_new_tokens=1024,
+                     micro_batch_tokens=32768, train_dtype="bfloat16", engine="vllm",
+                     train_data="bfcl:live_simple,live_multiple,live_parallel,live_parallel_multiple",
+                     eval_data="bfcl:simple_python,multiple,parallel,parallel_multiple", eval_limit=0),
+}
+
+
+def parse_config(argv: list[str]) -> tuple[Config, bool]:
+    """`--key value` overrides generated from Config's fields (type-checked), plus --config FILE (.json or
+    .toml), --preset NAME and --resume OUT_DIR; precedence: defaults < preset < file < command line.
+    Returns (config, resume)."""
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    values, args = {}, list(argv)
+    if "--help" in args or "-h" in args:
+        print(__doc__ + "\nOptions:\n" + "\n".join(f"  --{n} ({f.type}, default {f.default!r})"
+                                                  for n, f in fields.items()))
+        sys.exit(0)
+    pairs = {}
+    while args:
+        key = args.pop(0)
+        if not key.startswith("--") or not args:
+            raise SystemExit(f"error: expected `--key value`, got {key!r}")
+        pairs[key[2:].replace("-", "_")] = args.pop(0)
+    if "preset" in pairs:
+        name = pairs.pop("preset")
+        if name not in PRESETS:
+            raise SystemExit(f"error: unknown preset {name!r}; known: {sorted(PRESETS)}")
+        values.update(PRESETS[name])
+    if "config" in pairs:
+        path = Path(pairs.pop("config"))
+        if path.suffix == ".toml":
+            import tomllib
+            values.update(tomllib.loads(path.read_text()))
+        else:
+            values.update(json.loads(path.read_text()))
+    resume = pairs.pop("resume", None)
+    for key, raw in pairs.items():
+        if key not in fields:
+            raise SystemExit(f"error: unknown option --{key}; see --help")
+        kind = fields[key].type
+        try:
+            if kind == "bool":
+                if raw.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(raw)
+                values[key] = raw.lower() in ("true", "1")
+            else:
+                values[key] = {"int": int, "float": float, "str": str}[kind](raw)
+        except ValueError:
+            raise SystemExit(f"error: --{key} expects {kind}, got {raw!r}") from None
+    unknown = set(values) - set(fields)
+    if unknown:
+        raise SystemExit(f"error: unknown config keys {sorted(unknown)}")
+    try:
+        cfg = Config(**values)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    if resume:
+        saved = latest_checkpoint(Path(resume))
+        if saved is not None and not pairs and "preset" not in values:  # resume the run as it was configured
+            cfg = Config(**json.loads((saved / "fctrain_config.json").read_text()))
+        cfg = dataclasses.replace(cfg, out_dir=resume)
+    return cfg, resume is not None
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+def lr_at(cfg: Config, step: int) -> float:
+    """SFT steps use sft_lr; RL steps warm up linearly then decay by cosine to min_lr_ratio * lr."""
+    if step < cfg.sft_steps:
+        return cfg.sft_lr
+    s = step - cfg.sft_steps
+    if s < cfg.warmup_steps:
+        return cfg.lr * (s + 1) / cfg.warmup_steps
+    progress = (s - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def group_advantages(rewards: torch.Tensor):
+    """rewards (P, G) -> (A (P, G), zero-variance mask (P,)): A = (r - mean) / std within each group
+    (population std); zero-variance groups get A = 0 and are left out of the loss by the caller."""
+    mean = rewards.mean(1, keepdim=True)
+    std = rewards.std(1, unbiased=False, keepdim=True)
+    zero_var = std[:, 0] < 1e-6
+    return torch.where(zero_var[:, None], 0.0, (rewards - mean) / std.clamp(min=1e-6)), zero_var
+
+
+def egpo_advantages(adv: torch.Tensor, think_entropy: torch.Tensor, lam: float = 0.4, alpha: float = 2.0):
+    """EGPO: A' = A + lam * clip(H, -|A|/alpha, |A|/alpha), H the detached mean <think> entropy."""
+    bound = adv.abs() / alpha
+    return adv + lam * torch.maximum(torch.minimum(think_entropy, bound), -bound)
+
+
+def think_token_mask(tokenizer, token_ids: list[int], text: str, fmt: str) -> list[bool]:
+    """Which completion tokens lie inside the <think>...</think> span of `text` (by character offsets
+    accumulated over single-token decodes; exact for text that decodes token by token)."""
+    parsed = freward.parse(text, fmt)
+    if parsed.think_span is None:
+        return [False] * len(token_ids)
+    lo, hi = parsed.think_span
+    mask, pos = [], 0
+    for tok in token_ids:
+        piece = len(tokenizer.decode([tok]))
+        mask.append(pos < hi and pos + piece > lo)
+        pos += piece
+    return mask
+
+
+def micro_batches(lengths: list[int], budget: int) -> list[list[int]]:
+    """Indices grouped so that (count * longest) <= budget, longest first to waste little padding."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches, cur = [], []
+    for i in order:
+        if cur and (len(cur) + 1) * lengths[cur[0]] > budget:
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    return batches + ([cur] if cur else [])
+
+
+def pad_batch(seqs: list[list[int]], completion_starts: list[int], device):
+    """Right-padded input_ids (B, T), attention mask (B, T), targets (B, T-1) and the completion mask
+    (B, T-1) that marks positions predicting completion tokens."""
+    t = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), t, dtype=torch.long)
+    attn = torch.zeros(len(seqs), t, dtype=torch.long)
+    comp = torch.zeros(len(seqs), t - 1, dtype=torch.bool)
+    for b, (s, start) in enumerate(zip(seqs, completion_starts)):
+        ids[b, :len(s)] = torch.tensor(s)
+        attn[b, :len(s)] = 1
+        comp[b, start - 1:len(s) - 1] = True
+    return ids.to(device), attn.to(device), ids[:, 1:].to(device), comp.to(device)
+
+
+def hidden_states(model, ids, attn):
+    """Last hidden states (B, T-1, H) of the positions that predict a next token; the LM head is never
+    called: the fused kernels take hidden states and lm_head.weight instead."""
+    return model.get_decoder()(input_ids=ids, attention_mask=attn).last_hidden_state[:, :-1]
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def save_checkpoint(cfg, out: Path, step, model, tokenizer, optimizer, data_state, history):
+    """Atomic: write into a temporary directory, then rename; keep the last cfg.keep_last."""
+    final = out / f"ckpt-{step:06d}"
+    tmp = out / f".tmp-ckpt-{step:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "fctrain_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "data": data_state, "history": history,
+                "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
+                        "torch": torch.get_rng_state()}}, tmp / "trainer_state.pt")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in sorted(out.glob("ckpt-*"))[:-cfg.keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    found = sorted(p for p in out.glob("ckpt-*") if (p / "trainer_state.pt").exists())
+    return found[-1] if found else None
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, resume = parse_config(sys.argv[1:] if argv is None else argv)  # bad config fails before any load
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    print("config:", json.dumps(dataclasses.asdict(cfg)))
+
+    # -------------------------------------------------------------------------------------------- setup
+    from fctrain import models, rollout
+    from fctrain.eval import evaluate
+
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.train_dtype]
+    base_path = models.resolve_model(cfg.model or None)
+    ckpt = latest_checkpoint(out) if resume else None
+    if resume and ckpt is None:
+        raise SystemExit(f"error: --resume {out}: no checkpoint found there")
+    model_path = ckpt or base_path
+    tokenizer = models.load_tokenizer(model_path)
+    model = models.load_model(model_path, dtype=dtype, device=device)
+    model.config.use_cache = False
+    ref_model = None
+    if cfg.beta > 0:  # frozen reference: the starting policy, or the warm-started one saved after SFT
+        ref_path = out / "reference" if (out / "reference" / "config.json").exists() else base_path
+        ref_model = models.load_model(ref_path, dtype=dtype, device=device).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99),
+                                  weight_decay=cfg.weight_decay, foreach=True)
+
+    examples = fdata.filter_by_length(fdata.load_any(cfg.train_data), tokenizer, cfg.max_prompt_tokens, cfg.fmt)
+    eval_examples = fdata.filter_by_length(fdata.load_any(cfg.eval_data), tokenizer, cfg.max_prompt_tokens, cfg.fmt)
+    eval_examples = fdata.shuffle(eval_examples, cfg.seed)[:cfg.eval_limit or None]
+    train_ids = {e.id for e in examples}
+    if any(e.id in train_ids for e in eval_examples):
+        raise SystemExit("error: eval_data overlaps train_data; evaluation must be held out")
+    if not examples:
+        raise SystemExit(f"error: no training examples in {cfg.train_data!r} within {cfg.max_prompt_tokens} tokens")
+    prompt_ids = {e.id: fdata.build_prompt_ids(e, tokenizer, cfg.fmt) for e in examples}
+    print(f"data: {len(examples)} train examples ({cfg.train_data}), {len(eval_examples)} eval ({cfg.eval_data})")
+
+    step, history = 0, []
+    data_state = {"epoch": 0, "pos": 0}
+    if ckpt is not None:
+        state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        step, data_state, history = state["step"], state["data"], state["history"]
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])
+        torch.set_rng_state(state["rng"]["torch"])
+        print(f"resumed from {ckpt} at step {step}")
+
+    def next_examples(k):  # seeded per-epoch permutation; the position is checkpointed
+        batch = []
+        while len(batch) < k:
+            order = fdata.shuffle(examples, cfg.seed + data_state["epoch"])
+            if data_state["pos"] >= len(order):
+                data_state.update(epoch=data_state["epoch"] + 1, pos=0)
+                continue
+            batch.append(order[data_state["pos"]])
+            data_state["pos"] += 1
+        return batch
+
+    import importlib.util
+    if cfg.engine == "hf" or (cfg.engine == "auto" and importlib.util.find_spec("vllm") is None):
+        engine = rollout.HFEngine(model, tokenizer=tokenizer)  # shares the policy: nothing to sync
+    else:
+        engine = rollout.VLLMEngine(model_path, dtype=cfg.engine_dtype, seed=cfg.seed,
+                                    max_model_len=cfg.max_prompt_tokens + cfg.max_new_tokens)
+    scorer = freward.RewardScorer(cfg.reward, cfg.fmt, processes=cfg.reward_processes)
+    weight = model.get_output_embeddings().weight  # (V, H), tied to the embeddings for SmolLM2
+    writer = None
+    if cfg.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            writer = SummaryWriter(str(out / "tb"))
+        except ImportError:
+            print("tensorboard requested but not installed (pip install tensorboard); continuing without")
+    if cfg.wandb:
+        try:
+            import wandb
+            wandb.init(project="fctrain", config=dataclasses.asdict(cfg))
+        except ImportError:
+            print("wandb requested but not installed; continuing without")
+    metrics_file = open(out / "metrics.jsonl", "a")
+    total_steps = cfg.sft_steps + cfg.steps
+
+    def log(record):
+        history.append(record)
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
+        if writer is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)):
+                    writer.add_scalar(k, v, record["step"])
+        if cfg.wandb and "wandb" in sys.modules:
+            sys.modules["wandb"].log(record, step=record["step"])
+
+    def run_eval(tag):
+        summary = evaluate(engine, tokenizer, eval_examples, fmt=cfg.fmt, max_tokens=cfg.max_new_tokens)
+        record = {"step": step, "phase": "eval", "tag": tag, "eval_accuracy": summary["micro_accuracy"],
+                  "eval_correct": summary["correct"], "eval_total": summary["total"],
+                  "eval_format_ok": sum(c["format_ok"] for c in summary["categories"].values())
+                  / max(1, summary["total"]), "eval_s": summary["elapsed_s"]}
+        log(record)
+        print(f"eval {tag} step {step} | accuracy {record['eval_accuracy']:.3f} "
+              f"({record['eval_correct']}/{record['eval_total']}) | format {record['eval_format_ok']:.2f}")
+        return record
+
+    def sync_engine():
+        t0 = time.perf_counter()
+        engine.update_weights(model.named_parameters())  # no files; a no-op for the HF engine on our model
+        return time.perf_counter() - t0
+
+    def clip_and_step(lr):
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if not torch.isfinite(grad_norm):  # host sync: a NaN/inf gradient must not reach the weights
+            optimizer.zero_grad(set_to_none=True)
+            return float("nan")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return grad_norm.item()
+
+    interrupted = False
+
+    def on_sigint(signum, frame):
+        nonlocal interrupted
+        interrupted = True
+        print("\ninterrupt: finishing this step, then checkpointing and exiting (Ctrl-C again to abort)")
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    signal.signal(signal.SIGINT, on_sigint)
+    try:
+        from tqdm import tqdm
+        bar = tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True)
+    except ImportError:
+        bar = None
+    if step == 0 and eval_examples:
+        run_eval("before")
+
+    # -------------------------------------------------------------------------------------------- loop
+    while step < total_steps and not interrupted:
+        t_step = time.perf_counter()
+        lr = lr_at(cfg, step)
+        model.train()
+        if step < cfg.sft_steps:
+            # ---- cold-start SFT: mean -log p of the reference completion, through the same fused kernel
+            batch = next_examples(cfg.sft_batch_size)
+            seqs, starts = [], []
+            for ex in batch:
+                target = tokenizer.encode(fdata.render_target(ex, cfg.fmt), add_special_tokens=False)
+                seqs.append(prompt_ids[ex.id] + target + [tokenizer.eos_token_id])
+                starts.append(len(prompt_ids[ex.id]))
+            n_tokens = sum(len(s) - st for s, st in zip(seqs, starts))
+            loss_sum = 0.0
+            for mb in micro_batches([len(s) for s in seqs], cfg.micro_batch_tokens):
+                ids, attn, targets, comp = pad_batch([seqs[i] for i in mb], [starts[i] for i in mb], device)
+                h = hidden_states(model, ids, attn)[comp]
+                logp, _ = kernels.fused_linear_logprob_entropy(h, weight, targets[comp], impl=cfg.impl)
+                loss = -logp.sum() / n_tokens
+                loss.backward()
+                loss_sum += loss.item()  # host sync, once per micro-batch
+            grad_norm = clip_and_step(lr)
+            step += 1
+            record = {"step": step, "phase": "sft", "loss": loss_sum, "lr": lr, "grad_norm": grad_norm,
+                      "step_s": time.perf_counter() - t_step, "peak_mem_mb": peak_memory_mb()}
+            log(record)
+            if step == cfg.sft_steps:
+                record["sync_s"] = sync_engine()
+                if ref_model is not None:  # the KL anchor is the warm-started policy (saved for --resume)
+                    ref_model.load_state_dict(model.state_dict())
+                    model.save_pretrained(out / "reference", safe_serialization=True)
+                if eval_examples:
+                    run_eval("after-sft")
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(phase="sft", loss=f"{loss_sum:.3f}")
+            (bar.write if bar is not None else print)(
+                f"step {step}/{total_steps} | sft | loss {loss_sum:.4f} | lr {lr:.2e} | "
+                f"grad {grad_norm:.2f} | {record['step_s']:.1f}s")
+        else:
+            # ---- rollout
+            batch = next_examples(cfg.prompts_per_step)
+            t0 = time.perf_counter()
+            groups = engine.generate([prompt_ids[ex.id] for ex in batch], n=cfg.group_size,
+                                     temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,
+                                     seed=cfg.seed * 1_000_003 + step)
+            gen_s = time.perf_counter() - t0
+            completions = [c for g in groups for c in g]  # (P * G), prompt-major
+            owners = [ex for ex in batch for _ in range(cfg.group_size)]
+
+            # ---- reward
+            t0 = time.perf_counter()
+            results = scorer([c.text for c in completions], owners)  # a failing scorer gives 0, counted
+            rewards = torch.tensor([r.reward for r in results], dtype=torch.float32).view(-1, cfg.group_size)
+            reward_s = time.perf_counter() - t0
+
+            # ---- advantage (EGPO's entropy term is added per sequence in the first forward below)
+            adv, zero_var = group_advantages(rewards)
+            adv = adv.flatten()
+            keep = [i for i in range(len(completions)) if not zero_var[i // cfg.group_size]
+                    and len(completions[i].token_ids) > 0]
+            seqs = [prompt_ids[owners[i].id] + completions[i].token_ids for i in keep]
+            starts = [len(prompt_ids[owners[i].id]) for i in keep]
+            think = [think_token_mask(tokenizer, completions[i].token_ids, completions[i].text, cfg.fmt)
+                     for i in keep] if cfg.algo == "egpo" else None
+            final_adv = adv.clone()
+            think_entropy = torch.full((len(completions),), float("nan"))
+
+            # ---- loss and step
+            t0 = time.perf_counter()
+            stats = {"loss": 0.0, "kl": 0.0, "clip_low": 0.0, "clip_high": 0.0, "entropy": 0.0,
+                     "is_min": float("inf"), "is_max": 0.0, "is_mean": 0.0, "nan_loss": 0}
+            grad_norm = float("nan")
+            n_tokens_total = sum(len(s) - st for s, st in zip(seqs, starts))
+            mbs = micro_batches([len(s) for s in seqs], cfg.micro_batch_tokens)
+            old_logps = {}
+            for update in range(cfg.updates_per_batch if keep else 0):
+                for mb in mbs:
+                    ids, attn, targets, comp = pad_batch([seqs[j] for j in mb], [starts[j] for j in mb], device)
+                    rollout_lp = torch.zeros(comp.shape, device=device)
+                    for b, j in enumerate(mb):
+                        lp = completions[keep[j]].logprobs
+                        rollout_lp[b, starts[j] - 1:starts[j] - 1 + len(lp)] = torch.tensor(lp)
+                    h = hidden_states(model, ids, attn)
+                    if update == 0:
+                        with torch.no_grad():  # old log-probs and entropy of the policy that sampled
+                            old_lp, ent = kernels.fused_linear_logprob_entropy(
+                                h.detach()[comp], weight, targets[comp], temperature=cfg.temperature, impl=cfg.impl)
+                        old = torch.zeros(comp.shape, device=device)
+                        old[comp] = old_lp
+                        old_logps[tuple(mb)] = old
+                        if think is not None:  # EGPO: mean entropy of each completion's <think> tokens
+                            think_mask = torch.zeros(comp.shape, dtype=torch.bool, device=device)
+                            for b, j in enumerate(mb):
+                                think_mask[b, starts[j] - 1:starts[j] - 1 + len(think[j])] = torch.tensor(think[j])
+                            full_ent = torch.zeros(comp.shape, device=device)
+                            full_ent[comp] = ent
+                            n_think = think_mask.sum(1)
+                            h_seq = ((full_ent * think_mask).sum(1) / n_think.clamp(min=1)).cpu()  # (B,)
+                            idx = [keep[j] for j in mb]
+                            think_entropy[idx] = torch.where(n_think.cpu() > 0, h_seq, float("nan"))
+                            final_adv[idx] = egpo_advantages(adv[idx], h_seq, cfg.egpo_lambda, cfg.egpo_alpha)
+                    ref_lp = None
+                    if ref_model is not None:
+                        with torch.no_grad():
+                            hr = hidden_states(ref_model, ids, attn)[comp]
+                            r, _ = kernels.fused_linear_logprob_entropy(
+                                hr, ref_model.get_output_embeddings().weight, targets[comp],
+                                temperature=cfg.temperature, impl=cfg.impl)
+                        ref_lp = torch.zeros(comp.shape, device=device)
+                        ref_lp[comp] = r
+                    mb_adv = final_adv[[keep[j] for j in mb]].to(device)
+                    loss, m = kernels.fused_linear_grpo_loss(
+                        h, weight, targets, mb_adv, comp, old_logp=old_logps[tuple(mb)], ref_logp=ref_lp,
+                        rollout_logp=rollout_lp if cfg.rollout_is_cap > 0 else None,
+                        eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta, entropy_coef=cfg.entropy_coef,
+                        temperature=cfg.temperature, rollout_is_cap=cfg.rollout_is_cap or None,
+                        loss_agg=cfg.loss_agg, max_len=cfg.max_new_tokens, impl=cfg.impl)
+                    share = int(comp.sum()) / n_tokens_total if cfg.loss_agg == "token-mean" else len(mb) / len(seqs)
+                    loss = loss * share  # global normalisation over the whole batch
+                    if not torch.isfinite(loss):  # host sync: skip the step on a NaN/inf loss, report it
+                        stats["nan_loss"] += 1
+                        continue
+                    loss.backward()
+                    stats["loss"] += loss.item()
+                    for key, mk in [("kl", "kl_mean"), ("clip_low", "clip_low_frac"),
+                                    ("clip_high", "clip_high_frac"), ("entropy", "entropy_mean"),
+                                    ("is_mean", "is_weight_mean")]:
+                        stats[key] += m[mk].item() * int(comp.sum()) / n_tokens_total / cfg.updates_per_batch
+                    stats["is_min"] = min(stats["is_min"], m["is_weight_min"].item())
+                    stats["is_max"] = max(stats["is_max"], m["is_weight_max"].item())
+                if stats["nan_loss"]:
+                    optimizer.zero_grad(set_to_none=True)
+                    print(f"step {step + 1}: non-finite loss in {stats['nan_loss']} micro-batch(es); update skipped")
+                else:
+                    grad_norm = clip_and_step(lr)
+            train_s = time.perf_counter() - t0
+            sync_s = sync_engine() if keep else 0.0
+            step += 1
+
+            # ---- log
+            lengths = [len(c.token_ids) for c in completions]
+            record = {
+                "step": step, "phase": "rl", "reward": rewards.mean().item(), "reward_std": rewards.std().item(),
+                "accuracy": float(np.mean([r.correct for r in results])),
+                "format_rate": float(np.mean([r.format_ok for r in results])),
+                "reward_failures": sum(r.failed for r in results),
+                "zero_var_groups": int(zero_var.sum()), "groups": len(batch), "trained_seqs": len(keep),
+                "think_entropy": float(np.nanmean(think_entropy.numpy())) if keep and think else None,
+                "adv_abs_mean": final_adv.abs().mean().item(), "loss": stats["loss"], "kl": stats["kl"],
+                "entropy": stats["entropy"], "clip_low": stats["clip_low"], "clip_high": stats["clip_high"],
+                "is_min": stats["is_min"] if keep else None, "is_mean": stats["is_mean"] if keep else None,
+                "is_max": stats["is_max"] if keep else None, "grad_norm": grad_norm, "lr": lr,
+                "nan_loss": stats["nan_loss"], "completion_len": float(np.mean(lengths)),
+                "truncated": float(np.mean([c.finish_reason == "length" for c in completions])),
+                "gen_s": gen_s, "reward_s": reward_s, "train_s": train_s, "sync_s": sync_s,
+                "gen_tokens_per_s": sum(lengths) / gen_s, "step_s": time.perf_counter() - t_step,
+                "peak_mem_mb": peak_memory_mb(),
+            }
+            log(record)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.2f}")
+            (bar.write if bar is not None else print)(
+                f"step {step}/{total_steps} | reward {record['reward']:.3f} | acc {record['accuracy']:.2f} | "
+                f"fmt {record['format_rate']:.2f} | ent {record['entropy']:.2f} | kl {record['kl']:.4f} | "
+                f"clip {record['clip_low'] + record['clip_high']:.3f} | zero-var {record['zero_var_groups']}/"
+                f"{len(batch)} | gen {gen_s:.1f}s | train {train_s:.1f}s")
+            if cfg.eval_every and (step - cfg.sft_steps) % cfg.eval_every == 0 and step < total_steps:
+                run_eval(f"step-{step}")
+
+        # ---- checkpoint
+        if interrupted or step == total_steps or (cfg.save_every and step % cfg.save_every == 0):
+            path = save_checkpoint(cfg, out, step, model, tokenizer, optimizer, data_state, history)
+            (bar.write if bar is not None else print)(f"checkpoint: {path}")
+
+    if bar is not None:
+        bar.close()
+    if interrupted:
+        print(f"interrupted at step {step}; resume with: python -m fctrain.run --resume {out}")
+    elif eval_examples and cfg.steps > 0:
+        run_eval("after")
+    metrics_file.close()
+    scorer.close()
+    engine.close()
+    plot_curves(out / "metrics.jsonl", out / "curves.png")
+    return 130 if interrupted else 0
+
+
+def plot_curves(metrics_path: Path, png: Path):
+    """Reward, accuracy, entropy and KL per RL step, plus eval accuracy, as one PNG."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = [json.loads(line) for line in open(metrics_path)]
+    rl = [r for r in rows if r.get("phase") == "rl"]
+    ev = [r for r in rows if r.get("phase") == "eval"]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.5))
+    for ax, key in zip(axes, ["reward", "entropy", "kl"]):
+        ax.plot([r["step"] for r in rl], [r[key] for r in rl], marker=".")
+        ax.set_title(key)
+        ax.set_xlabel("step")
+    axes[3].plot([r["step"] for r in ev], [r["eval_accuracy"] for r in ev], marker="o")
+    axes[3].set_title("held-out eval accuracy")
+    axes[3].set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
