@@ -165,6 +165,7 @@ class VLLMEngine:
         self.tokenizer = self.llm.get_tokenizer()
         self._vllm = vllm
         self._asleep = False
+        self._awake_tags: set[str] = set()  # tags woken since the last sleep()
 
     def _worker(self):
         executor = getattr(self.llm.llm_engine, "model_executor", None)
@@ -205,8 +206,8 @@ class VLLMEngine:
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> float:
         """Load the trainer's full parameter set (HF names, as model.named_parameters()) into the running
         engine without writing files; returns the seconds it took. Resets the prefix cache."""
-        if self._asleep:
-            raise RuntimeError("the engine is asleep: call wake_up() first, then update_weights")
+        if self._asleep and "weights" not in self._awake_tags:
+            raise RuntimeError("the engine is asleep: call wake_up() (or wake_up(['weights'])) first")
         t0 = time.perf_counter()
         tensors = [(name, tensor.detach()) for name, tensor in named_tensors]
         names = {name for name, _ in tensors}
@@ -231,14 +232,19 @@ class VLLMEngine:
         self.llm.reset_prefix_cache()
         self.llm.sleep(level=2)
         self._asleep = True
+        self._awake_tags.clear()
 
-    def wake_up(self) -> None:
-        """Reallocate weights and KV cache after sleep(); the caller must then push the full weights with
-        update_weights (level-2 sleep discarded them). A no-op on CPU."""
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Reallocate memory after sleep(); a no-op on CPU. Level-2 sleep discarded the weights, so the
+        caller must push the full weights with update_weights before generating. Lowest peak memory:
+        wake_up(["weights"]); update_weights(...); wake_up(["kv_cache"]) (vLLM's RLHF recipe)."""
         if not self.enable_sleep_mode:
             return
-        self.llm.wake_up()
-        self._asleep = False
+        self.llm.wake_up(tags=tags)
+        self._awake_tags.update(tags or ("weights", "kv_cache"))
+        self._asleep = not {"weights", "kv_cache"} <= self._awake_tags
+        if not self._asleep:
+            self._awake_tags.clear()
 
     def close(self) -> None:
         llm = getattr(self, "llm", None)
