@@ -564,18 +564,19 @@ def run_cli(args) -> dict:
     records: list[Record] = []
     try:
         t1 = time.perf_counter()
-        for cat in categories:  # one category at a time, so a crash keeps the finished ones on disk
-            index = [i for i, ex in enumerate(examples) if ex.category == cat]
-            if not index:
-                continue
-            recs = generate_records(engine, tokenizer, [examples[i] for i in index], fmt=fmt,
-                                    max_tokens=args.max_tokens, batch_size=args.batch_size,
+        # Batches span categories (vLLM is fastest with many prompts in flight); after each batch the
+        # result files of the categories touched are rewritten, so a crash keeps what was finished.
+        step = max(args.batch_size, 1)
+        for start in range(0, len(examples), step):
+            recs = generate_records(engine, tokenizer, examples[start:start + step], fmt=fmt,
+                                    max_tokens=args.max_tokens, batch_size=step,
                                     max_prompt_tokens=max_model_len - 1, progress=True,
-                                    prompts=[prompts[i] for i in index])
-            write_result_files(recs, out, name)
+                                    prompts=prompts[start:start + step])
             records.extend(recs)
-            print(f"[fctrain.eval] {cat}: {sum(r.valid for r in recs)}/{len(recs)} "
-                  f"({time.perf_counter() - t1:.0f} s so far)", file=sys.stderr, flush=True)
+            touched = {r.category for r in recs}
+            write_result_files([r for r in records if r.category in touched], out, name)
+            print(f"[fctrain.eval] {len(records)}/{len(examples)} examples, {sum(r.valid for r in records)} "
+                  f"right, {time.perf_counter() - t1:.0f} s", file=sys.stderr, flush=True)
         t_gen = time.perf_counter() - t1
     finally:
         engine.close()
@@ -603,7 +604,7 @@ def main(argv=None) -> int:
     p.add_argument("--limit", type=int, default=None, help="evaluate the first K examples of each category")
     p.add_argument("--engine", default="auto", choices=("vllm", "hf", "auto"))
     p.add_argument("--max-tokens", type=int, default=256, help="generation cap per completion")
-    p.add_argument("--batch-size", type=int, default=64, help="prompts per engine.generate call")
+    p.add_argument("--batch-size", type=int, default=256, help="prompts per engine.generate call")
     p.add_argument("--dtype", default=None, help="engine dtype (default: the engine's)")
     p.add_argument("--max-model-len", type=int, default=None, help="vLLM context length (default: the engine's)")
     p.add_argument("--name", default=None, help="model name in the result folder (default: the model dir name)")

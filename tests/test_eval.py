@@ -164,3 +164,115 @@ def test_result_file_layout_and_round_trip(tmp_path):
         ev.result_file(tmp_path, "m", "multi_turn_base")
     with pytest.raises(FileNotFoundError):
         ev.read_result_files(tmp_path / "nothing")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# verdicts vs BFCL's own checker, recounted from the written result files
+
+_SAFE_ARITHMETIC = (ast.BinOp, ast.UnaryOp, ast.Constant, ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv,
+                    ast.Mod, ast.USub, ast.UAdd)
+
+
+def _safe_for_bfcl_decoder(text: str) -> bool:
+    """Whether BFCL's decoder may be run on `text`: it evals BinOp and Lambda nodes, so text with a lambda or
+    with arithmetic over anything but number literals (no powers) is kept away from it."""
+    src = text.strip("`\n ")
+    src = ("" if src.startswith("[") else "[") + src + ("" if src.endswith("]") else "]")
+    try:
+        tree = ast.parse(src.strip().strip("'"), mode="eval")
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return True  # BFCL fails to parse it too, before evaluating anything
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Lambda):
+            return False
+        if isinstance(node, ast.BinOp):
+            for sub in ast.walk(node):
+                if not isinstance(sub, _SAFE_ARITHMETIC):
+                    return False
+                if isinstance(sub, ast.Constant) and type(sub.value) not in (int, float):
+                    return False
+    return True
+
+
+def _recount_with_bfcl(out_dir) -> tuple[dict, int]:
+    """{category: {"correct", "total"}} from a run's result files, judged by BFCL's own decoder + checker;
+    asserts entry by entry that BFCL's verdict equals ours. Returns the counts and the number of entries
+    kept away from BFCL's decoder (see _safe_for_bfcl_decoder)."""
+    from fctrain import data
+    from tests.bfcl_ref import bfcl_verdict
+
+    entries = ev.read_result_files(out_dir)
+    examples = {ex.id: ex for ex in data.load_bfcl(list(entries))}
+    counts, unsafe = {}, 0
+    for cat, items in entries.items():
+        correct = 0
+        for item in items:
+            ex = examples[item["id"]]
+            ours = item["fctrain"]["valid"]
+            if _safe_for_bfcl_decoder(item["result"]):
+                theirs = bfcl_verdict(item["result"], ex.tools, ex.ground_truth, cat)
+                assert theirs == ours, (f"{item['id']}: BFCL says {theirs}, we say {ours}; result "
+                                        f"{item['result'][:300]!r}; ours {item['fctrain']}")
+            else:
+                unsafe += 1
+            correct += theirs if _safe_for_bfcl_decoder(item["result"]) else ours
+        counts[cat] = {"correct": correct, "total": len(items)}
+    return counts, unsafe
+
+
+def _assert_summary_matches(summary: dict, counts: dict, table: str | None = None):
+    assert set(summary["categories"]) == set(counts)
+    for cat, v in counts.items():
+        assert (summary["categories"][cat]["correct"], summary["categories"][cat]["total"]) == \
+            (v["correct"], v["total"]), cat
+    again = ev.aggregate(counts)
+    for key in ("non_live_ast", "live_ast", "overall", "irrelevance", "relevance", "correct", "total"):
+        assert summary[key] == again[key], key
+    if table is not None:
+        rows = {line.split()[0]: line.split()[1:4] for line in table.splitlines()
+                if line and line.split()[0] in counts}
+        for cat, v in counts.items():
+            assert rows[cat][:2] == [str(v["correct"]), str(v["total"])], (cat, rows[cat])
+            assert float(rows[cat][2]) == pytest.approx(100 * v["correct"] / v["total"], abs=0.005)
+        for _, label, acc in ev._group_rows(summary):
+            line = next(l for l in table.splitlines() if l.startswith(label))
+            assert line.split()[-1] == ("n/a" if acc is None else f"{100 * acc:.2f}")
+
+
+def _known_texts(ex, fmt: str) -> list[str]:
+    """Right and wrong completions of `ex` in `fmt`: the reference answer, a misnamed call, prose around it,
+    a broken one, an empty one, and (for no-call examples) a call that should not be made."""
+    from fctrain import data
+
+    right = data.render_target(ex, fmt)
+    texts = [right, "", "I cannot help with that.", right[: len(right) // 2], f"Sure! {right} Done."]
+    name = ex.tools[0]["name"]
+    if fmt == "hermes":
+        texts.append(right.replace(f'"name": "{name}"', f'"name": "{name}_typo"'))
+        texts.append(f'<tool_call>\n{{"name": "{name}", "arguments": {{}}}}\n</tool_call>')
+    else:
+        texts.append(right.replace(f"{name}(", f"{name}_typo("))
+        call = f"[{name}()]"
+        texts.append(f"<think>x</think><answer>{call}</answer>" if fmt == "python" else call)
+    return texts
+
+
+@pytest.mark.parametrize("fmt", ev.FORMATS)
+def test_known_completions_match_bfcl_and_recount(fmt, tmp_path):
+    """Right and wrong completions for the first examples of every category: our verdicts equal BFCL's own
+    checker's on the written result files, and the summary/table equal a recount from those files."""
+    from fctrain import data
+
+    examples = data.load_bfcl(list(ev.SINGLE_TURN), limit=3)
+    records = [ev.judge(text, ex, fmt) for ex in examples for text in _known_texts(ex, fmt)]
+    ev.write_result_files(records, tmp_path, "known")
+    summary = ev.summarize(records)
+    counts, unsafe = _recount_with_bfcl(tmp_path)
+    assert unsafe == 0
+    _assert_summary_matches(summary, counts, ev.format_table(summary))
+    # Both outcomes occur in every category, so the comparison is not vacuous.
+    for cat, v in counts.items():
+        assert 0 < v["correct"] < v["total"], cat
+    # Our own recount from the files' "result" fields alone reproduces the summary too.
+    rescored = ev.rescore(tmp_path)
+    _assert_summary_matches(rescored, counts)
