@@ -256,13 +256,13 @@ def save_jsonl(examples: Iterable[Example], path) -> None:
     tmp.replace(path)
 
 
-def load_any(spec: str) -> list[Example]:
-    """`bfcl:<cat,...>`, an xLAM file (name contains 'xlam'), or our JSONL."""
+def load_any(spec: str, on_error: str = "raise", skipped: Counter | None = None) -> list[Example]:
+    """`bfcl:<cat,...>`, an xLAM file (its name contains "xlam"), or our JSONL."""
     if spec.startswith("bfcl:"):
         return load_bfcl(spec[len("bfcl:"):])
     if "xlam" in Path(spec).name.lower():
-        return load_xlam(spec)
-    return load_jsonl(spec)
+        return load_xlam(spec, on_error=on_error, skipped=skipped)
+    return load_jsonl(spec, on_error=on_error, skipped=skipped)
 
 
 def shuffle(examples: list[Example], seed: int) -> list[Example]:
@@ -775,12 +775,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     skipped = Counter()
-    if args.input.startswith("bfcl:"):
-        examples = load_bfcl(args.input[len("bfcl:"):])
-    elif "xlam" in Path(args.input).name.lower():
-        examples = load_xlam(args.input, on_error=args.on_error, skipped=skipped)
-    else:
-        examples = load_jsonl(args.input, on_error=args.on_error, skipped=skipped)
+    examples = load_any(args.input, on_error=args.on_error, skipped=skipped)
 
     if args.cmd == "validate":
         kept, report = validate(examples)

@@ -55,7 +55,9 @@ MAX_NODES = 20_000           # AST nodes in one answer (bounds the conversion wo
 class Parsed:
     calls: list[dict] | None          # [{name: {param: value}}], [] = well-formed answer with no call
     think: str | None                 # text inside <think>...</think>
-    think_span: tuple[int, int] | None  # (start, end) character offsets of `think` in the original text
+    think_span: tuple[int, int] | None  # (start, end) character offsets of `think` in the original text;
+                                        # set whenever a closed <think>...</think> opens the text, even if
+                                        # the answer after it is broken (then calls is None)
     error: str | None                 # why the text did not parse; None when it did
 
     @property
@@ -232,8 +234,7 @@ def _split_think(text: str, required: bool) -> tuple[str | None, tuple[int, int]
     return think, (m.start(1), m.end(1)), m.end()
 
 
-def _parse_python(text: str) -> tuple[list[dict], str | None, tuple[int, int] | None]:
-    think, span, pos = _split_think(text, required=True)
+def _parse_python(text: str, pos: int) -> list[dict]:
     m = _ANSWER_RE.match(text, pos)
     if m is None:
         raise _ParseError("expected <answer>...</answer> right after </think>")
@@ -243,18 +244,17 @@ def _parse_python(text: str) -> tuple[list[dict], str | None, tuple[int, int] | 
     for tag in _TAGS:
         if tag in body:
             raise _ParseError(f"{tag} inside <answer>")
-    return _parse_call_list(body, lenient=False), think, span
+    return _parse_call_list(body, lenient=False)
 
 
-def _parse_hermes(text: str) -> tuple[list[dict], str | None, tuple[int, int] | None]:
-    think, span, pos = _split_think(text, required=False)
+def _parse_hermes(text: str, pos: int) -> list[dict]:
     rest = text[pos:]
     if "<tool_call>" not in rest:
         # A plain-text reply (no call): how a Hermes model declines. Tags here mean a broken attempt.
         for tag in _TAGS:
             if tag in rest:
                 raise _ParseError(f"stray {tag}")
-        return [], think, span
+        return []
     calls = []
     i = pos
     while i < len(text):
@@ -265,17 +265,17 @@ def _parse_hermes(text: str) -> tuple[list[dict], str | None, tuple[int, int] | 
             raise _ParseError(f"more than {MAX_CALLS} calls")
         calls.append(_parse_tool_call(m.group(1)))
         i = m.end()
-    return calls, think, span
+    return calls
 
 
-def _parse_bfcl(text: str) -> tuple[list[dict], None, None]:
+def _parse_bfcl(text: str, pos: int) -> list[dict]:
     # BFCL default_decode_ast_prompting + ast_parse for python: strip, wrap in [], strip quotes, parse.
     src = text.strip("`\n ")
     if not src.startswith("["):
         src = "[" + src
     if not src.endswith("]"):
         src = src + "]"
-    return _parse_call_list(src.strip().strip("'"), lenient=True), None, None
+    return _parse_call_list(src.strip().strip("'"), lenient=True)
 
 
 _PARSERS = {"python": _parse_python, "hermes": _parse_hermes, "bfcl": _parse_bfcl}
@@ -289,12 +289,17 @@ def parse(text: str, fmt: str = "python") -> Parsed:
         return Parsed(None, None, None, f"completion is {type(text).__name__}, not str")
     if len(text) > MAX_TEXT_CHARS:
         return Parsed(None, None, None, f"completion longer than {MAX_TEXT_CHARS} characters")
+    think, span, pos = None, None, 0
     try:
-        calls, think, span = _PARSERS[fmt](text)
+        if fmt != "bfcl":
+            think, span, pos = _split_think(text, required=(fmt == "python"))
+        calls = _PARSERS[fmt](text, pos)
     except _ParseError as e:
-        return Parsed(None, None, None, str(e))
+        # A closed think block is reported even when the answer is broken: the trainer's EGPO entropy
+        # term needs the think tokens of every completion.
+        return Parsed(None, think, span, str(e))
     except RecursionError:
-        return Parsed(None, None, None, "completion nested too deeply")
+        return Parsed(None, think, span, "completion nested too deeply")
     return Parsed(calls, think, span, None)
 
 
@@ -653,11 +658,11 @@ def _score_safe(text, example, kind, fmt) -> RewardResult:
 def _score_chunk(texts: list[str], examples: list, index: list[int], kind: str, fmt: str) -> tuple[list[tuple], float]:
     """Worker side: results as tuples (they pickle several times faster than dataclasses) and CPU seconds."""
     t0 = time.process_time()
-    results = [astuple_result(_score_safe(t, examples[i], kind, fmt)) for t, i in zip(texts, index)]
+    results = [_result_tuple(_score_safe(t, examples[i], kind, fmt)) for t, i in zip(texts, index)]
     return results, time.process_time() - t0
 
 
-def astuple_result(r: RewardResult) -> tuple:
+def _result_tuple(r: RewardResult) -> tuple:
     return (r.reward, r.format_ok, r.correct, r.error, r.failed)
 
 

@@ -217,6 +217,9 @@ def test_parse_python_format():
     assert p.ok and p.calls == [{"f": {"a": 1, "b": -2.5}}, {"m.g": {"s": "x", "l": [1, (2, 3)], "d": {"k": None}}}]
     assert text[p.think_span[0]:p.think_span[1]] == p.think == "call f, then m.g"
     assert parse("<think></think><answer>[]</answer>").calls == []
+    broken = parse("<think>plan</think><answer>[f(a=</answer>")  # think span kept for the EGPO entropy
+    assert not broken.ok and broken.think == "plan" and broken.think_span == (7, 11)
+    assert parse("<think>truncated by max_tokens").think_span is None
     for bad, why in [("<answer>[f(a=1)]</answer>", "think"), ("<think>x</think>[f(a=1)]", "answer"),
                      ("<think>x</think><answer>[f(a=1)]</answer> done", "after"),
                      ("<think>x</think><answer>[f(1)]</answer>", "positional"),
