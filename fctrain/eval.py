@@ -614,6 +614,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.limit is not None and args.limit < 1:
         p.error("--limit must be >= 1")
+    if args.max_tokens < 1 or args.batch_size < 1:
+        p.error("--max-tokens and --batch-size must be >= 1")
+    try:
+        _normalize_format(args.format)
+        for cat in args.categories or ():
+            bfcl_group_dir(cat)
+    except ValueError as exc:
+        p.error(str(exc))
     if args.compare:
         a, b = (load_summary(x) for x in args.compare)
         print(compare_table(a, b, Path(args.compare[0]).name, Path(args.compare[1]).name))

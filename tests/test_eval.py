@@ -276,3 +276,89 @@ def test_known_completions_match_bfcl_and_recount(fmt, tmp_path):
     # Our own recount from the files' "result" fields alone reproduces the summary too.
     rescored = ev.rescore(tmp_path)
     _assert_summary_matches(rescored, counts)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# end to end with real engines
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from fctrain.models import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny"), hidden_size=64, num_layers=2, num_heads=2)
+
+
+def _run_cli(out, *args) -> dict:
+    assert ev.main([*args, "--out", str(out)]) == 0
+    return json.loads((out / "summary.json").read_text())
+
+
+@pytest.mark.parametrize("fmt", ["bfcl", "python"])
+def test_cli_tiny_model_recount_matches_bfcl(fmt, tiny_dir, tmp_path):
+    """The CLI on a tiny random model (transformers engine), one example per category: BFCL's folder
+    layout, BFCL's checker agrees with every verdict in the files, and the table equals their recount."""
+    out = tmp_path / fmt
+    summary = _run_cli(out, "--model", str(tiny_dir), "--engine", "hf", "--format", fmt, "--limit", "1",
+                       "--max-tokens", "8", "--name", "tiny")
+    assert summary["total"] == len(ev.SINGLE_TURN) and summary["format"] == fmt
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*_result.json"))
+    assert files == sorted(f"result/tiny/{ev.bfcl_group_dir(c)}/BFCL_v4_{c}_result.json" for c in ev.SINGLE_TURN)
+    counts, unsafe = _recount_with_bfcl(out)
+    assert unsafe == 0
+    _assert_summary_matches(summary, counts, (out / "table.txt").read_text())
+    _assert_summary_matches(ev.rescore(out), counts)
+    # The tiny model's context is 2048 tokens: longer BFCL prompts are scored as empty outputs.
+    assert summary["max_model_len"] <= 2048
+    long = [e for items in ev.read_result_files(out).values() for e in items
+            if e["fctrain"]["finish_reason"] == "prompt_too_long"]
+    assert all(e["input_token_count"] > 2047 and e["output_token_count"] == 0 for e in long)
+
+
+def test_evaluate_for_the_trainer(tiny_dir, capsys, tmp_path):
+    from fctrain import data, models, rollout
+
+    tokenizer = models.load_tokenizer(tiny_dir)
+    examples = data.load_bfcl(["simple_python", "irrelevance", "live_relevance"], limit=2)
+    engine = rollout.make_engine("hf", tiny_dir)
+    summary = ev.evaluate(engine, tokenizer, examples, fmt="hermes", max_tokens=6, batch_size=4)
+    assert summary["total"] == 6 and list(summary["categories"]) == ["simple_python", "irrelevance",
+                                                                     "live_relevance"]
+    assert summary["live_ast"] is None and summary["overall"] == summary["non_live_ast"]
+    assert sum(summary["finish_reasons"].values()) == 6 and summary["tokens"]["generated"] > 0
+    # Prompts over the limit are not generated; an empty output holds no call (BFCL's rule).
+    capped = ev.evaluate(engine, tokenizer, examples, fmt="hermes", max_tokens=6, max_prompt_tokens=10)
+    assert capped["finish_reasons"] == {"prompt_too_long": 6} and capped["tokens"]["generated"] == 0
+    assert {c: v["correct"] for c, v in capped["categories"].items()} == \
+        {"simple_python": 0, "irrelevance": 2, "live_relevance": 0}
+    # --compare reads the summaries the CLI writes.
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(capped))
+    b.write_text(json.dumps(summary))
+    assert ev.main(["--compare", str(a), str(b)]) == 0
+    printed = capsys.readouterr().out
+    assert "irrelevance" in printed and "Overall" in printed
+
+
+def test_cli_bad_input(tmp_path, capsys):
+    for argv, message in ((["--limit", "0"], "--limit must be >= 1"),
+                          (["--format", "xml"], "unknown format 'xml'"),
+                          (["--categories", "multi_turn_base"], "not a BFCL single-turn category")):
+        with pytest.raises(SystemExit):
+            ev.main([*argv, "--out", str(tmp_path)])
+        assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_smollm2_vllm_subset_matches_bfcl(tmp_path):
+    """SmolLM2-135M-Instruct through vLLM in BFCL's own prompt format on a small subset: BFCL's checker
+    agrees with every verdict and the table equals the recount from the result files."""
+    pytest.importorskip("vllm")
+    out = tmp_path / "smol"
+    summary = _run_cli(out, "--engine", "vllm", "--format", "bfcl", "--limit", "1", "--max-tokens", "24",
+                       "--categories", "simple_python", "parallel", "irrelevance", "live_simple",
+                       "live_relevance")
+    assert summary["engine_class"] == "VLLMEngine" and summary["total"] == 5
+    counts, unsafe = _recount_with_bfcl(out)
+    assert unsafe == 0
+    _assert_summary_matches(summary, counts, (out / "table.txt").read_text())
