@@ -5,7 +5,9 @@
 Completions are the rendered ground truth of every BFCL v4 single-turn example (think + answer, ~100-600
 characters), a third of them corrupted (a wrong value, or a cut-off answer) so that the error paths are timed
 too. Rows: in-process on one core, and RewardScorer with 1 and 2 worker processes (pool started and warmed
-before timing, as in training where it lives for the whole run). GRPO batches repeat each example
+before timing, as in training where it lives for the whole run). Wall-clock rates are best-of-N and median;
+the CPU microseconds per completion (main process + workers) are the load-independent cost: on a machine
+shared with other jobs the wall rate moves with the load average, which each row records. GRPO batches repeat each example
 `--group` times, which the scorer exploits by sending each example once per chunk.
 """
 from __future__ import annotations
@@ -79,34 +81,38 @@ def main() -> None:
     mean_chars = sum(map(len, texts)) / len(texts)
     rows = []
 
-    def record(mode: str, processes: int, seconds: float, cpu_seconds: float, results) -> None:
+    def record(mode: str, processes: int, timings: list[tuple[float, float]], results) -> None:
+        seconds, cpu_seconds = min(timings)
+        median_seconds = sorted(t for t, _ in timings)[len(timings) // 2]
         rate = len(texts) / seconds
         rows.append({"mode": mode, "processes": processes, "n": len(texts), "group": args.group,
                      "distinct_texts": len(set(zip(texts, map(id, exs)))), "kind": args.kind, "fmt": args.fmt,
                      "mean_chars": round(mean_chars), "seconds": round(seconds, 4), "completions_per_s": round(rate),
+                     "completions_per_s_median": round(len(texts) / median_seconds), "repeats": len(timings),
                      "cpu_us_per_completion": round(cpu_seconds / len(texts) * 1e6, 2),
                      "load_avg_1min": round(os.getloadavg()[0], 2),
                      "correct_fraction": round(sum(r.correct for r in results) / len(results), 4)})
-        print(f"{mode:12s} processes={processes} | {rate:10,.0f} completions/s wall | "
+        print(f"{mode:12s} processes={processes} | {rate:10,.0f} completions/s wall (best of {len(timings)}; "
+              f"median {len(texts) / median_seconds:,.0f}) | "
               f"{cpu_seconds / len(texts) * 1e6:6.1f} us CPU each | load {os.getloadavg()[0]:.1f}")
 
-    best, results = (float("inf"), 0.0), None
+    timings, results = [], None
     for _ in range(args.repeats):
         t0, c0 = time.perf_counter(), time.process_time()
         results = [score(t, e, args.kind, args.fmt) for t, e in zip(texts, exs)]
-        best = min(best, (time.perf_counter() - t0, time.process_time() - c0))
-    record("in_process", 1, *best, results)
+        timings.append((time.perf_counter() - t0, time.process_time() - c0))
+    record("in_process", 1, timings, results)
 
     for processes in (1, 2):
         with RewardScorer(args.kind, args.fmt, processes=processes, min_parallel=0) as scorer:
             scorer(texts[:2000], exs[:2000])  # start and warm the workers
-            best = (float("inf"), 0.0)
+            timings = []
             for _ in range(args.repeats):
                 t0, c0, w0 = time.perf_counter(), time.process_time(), scorer.worker_cpu_s
                 results = scorer(texts, exs)
                 # CPU of the main process (dedupe, slimming, pickling) plus that of the workers
-                best = min(best, (time.perf_counter() - t0, time.process_time() - c0 + scorer.worker_cpu_s - w0))
-        record("pool", processes, *best, results)
+                timings.append((time.perf_counter() - t0, time.process_time() - c0 + scorer.worker_cpu_s - w0))
+        record("pool", processes, timings, results)
 
     meta = {"machine": f"{cpu_name()} ({os.cpu_count()} cores, {platform.machine()})",
             "python": platform.python_version(), "fctrain": _version("fctrain"), "bfcl_data": BFCL_WHEEL,
