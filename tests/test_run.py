@@ -1,0 +1,168 @@
+"""The training loop: unit pieces (advantages, config, batching, think mask) and real end-to-end runs."""
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fctrain import data, run
+from fctrain.run import Config, egpo_advantages, group_advantages, micro_batches, parse_config
+
+
+def test_group_and_egpo_advantages_match_hand_computed_values():
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    adv, zero_var = group_advantages(rewards)
+    a_pos, a_neg = 0.75 / math.sqrt(0.1875), -0.25 / math.sqrt(0.1875)  # population std of [1,0,0,0]
+    assert torch.allclose(adv[0], torch.tensor([a_pos, a_neg, a_neg, a_neg]), atol=1e-6)
+    assert zero_var.tolist() == [False, True] and (adv[1] == 0).all()
+    think_h = torch.tensor([0.5, 2.0, 0.1, 0.0])
+    got = egpo_advantages(adv[0], think_h, lam=0.4, alpha=2.0)
+    # A' = A + 0.4 * clip(H, -|A|/2, |A|/2), by hand:
+    want = [a_pos + 0.4 * 0.5, a_neg + 0.4 * (abs(a_neg) / 2), a_neg + 0.4 * 0.1, a_neg + 0.0]
+    assert torch.allclose(got, torch.tensor(want), atol=1e-6)
+
+
+def test_config_cli_is_generated_and_type_checked(tmp_path):
+    cfg, resume = parse_config(["--lr", "3e-6", "--group_size", "4", "--tensorboard", "true", "--algo", "grpo"])
+    assert (cfg.lr, cfg.group_size, cfg.tensorboard, cfg.algo, resume) == (3e-6, 4, True, "grpo", False)
+    (tmp_path / "c.toml").write_text('lr = 2e-6\nreward = "partial"\n')
+    cfg, _ = parse_config(["--config", str(tmp_path / "c.toml"), "--reward", "format"])
+    assert cfg.lr == 2e-6 and cfg.reward == "format"  # the command line wins over the file
+    cfg, _ = parse_config(["--preset", "paper-7b"])
+    assert (cfg.lr, cfg.beta, cfg.temperature, cfg.algo, cfg.reward) == (1e-6, 0.001, 0.7, "egpo", "binary")
+    for argv, message in [(["--lr", "fast"], "expects float"), (["--nope", "1"], "unknown option"),
+                          (["--group_size", "1"], "group_size"), (["--tensorboard", "maybe"], "expects bool"),
+                          (["--reward", "dense"], "reward must be"), (["--preset", "x"], "unknown preset")]:
+        with pytest.raises(SystemExit, match=message):
+            parse_config(argv)
+    with pytest.raises(Exception):
+        Config().lr = 1.0  # frozen
+
+
+def test_micro_batches_respect_the_budget_and_drop_nothing():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        lengths = torch.randint(1, 300, (int(torch.randint(1, 40, (1,), generator=g)),), generator=g).tolist()
+        budget = 300 + int(torch.randint(0, 2000, (1,), generator=g))
+        batches = micro_batches(lengths, budget)
+        assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+        assert all(len(b) * max(lengths[i] for i in b) <= budget for b in batches)
+
+
+def test_lr_schedule():
+    cfg = Config(sft_steps=2, steps=10, warmup_steps=2, lr=1e-5, sft_lr=5e-5, min_lr_ratio=0.1)
+    lrs = [run.lr_at(cfg, s) for s in range(12)]
+    assert lrs[:2] == [5e-5, 5e-5] and lrs[2] == pytest.approx(0.5e-5) and lrs[3] == pytest.approx(1e-5)
+    assert lrs[-1] < lrs[4] and min(lrs[2:]) >= 0.1e-5 - 1e-12
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from fctrain.models import build_tiny_model
+    root = tmp_path_factory.mktemp("run")
+    model_dir = build_tiny_model(root / "tiny", hidden_size=64, num_layers=2, num_heads=2)
+    examples = data.load_bfcl("simple_python", limit=4)
+    data.save_jsonl(examples[:2], root / "train.jsonl")
+    data.save_jsonl(examples[2:], root / "eval.jsonl")
+    return root, model_dir
+
+
+def test_think_token_mask(tiny):
+    from fctrain.models import load_tokenizer
+    tok = load_tokenizer(tiny[1])
+    text = "<think>call f now</think><answer>[f(a=1)]</answer>"
+    ids = tok.encode(text, add_special_tokens=False)
+    mask = run.think_token_mask(tok, ids, text, "python")
+    inside = tok.decode([t for t, m in zip(ids, mask) if m])
+    assert "call f now" in inside and "answer" not in inside
+
+
+def test_checkpoint_reloads_to_identical_logits(tiny, tmp_path):
+    from transformers import AutoModelForCausalLM
+    from fctrain.models import load_model, load_tokenizer
+    model, tok = load_model(tiny[1]), load_tokenizer(tiny[1])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    opt = torch.optim.AdamW(model.parameters())
+    path = run.save_checkpoint(Config(keep_last=1), tmp_path, 7, model, tok, opt, {"epoch": 0, "pos": 3}, [])
+    ids = torch.randint(0, 1000, (2, 9))
+    again = AutoModelForCausalLM.from_pretrained(path)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, again(ids).logits)
+    assert json.loads((path / "fctrain_config.json").read_text())["keep_last"] == 1
+    assert not list(tmp_path.glob(".tmp-*"))  # atomic: no temporary directory left behind
+
+
+def _args(root, model_dir, out, **over):
+    cfg = dict(model=model_dir, engine="hf", train_data=root / "train.jsonl", eval_data=root / "eval.jsonl",
+               eval_limit=1, sft_steps=30, sft_batch_size=2, sft_lr=5e-3, steps=2, prompts_per_step=2,
+               group_size=4, max_new_tokens=40, reward="partial", lr=1e-3, temperature=1.0, warmup_steps=1,
+               save_every=1, keep_last=4, eval_every=0, reward_processes=1, out_dir=out)
+    cfg.update(over)
+    return [x for k, v in cfg.items() for x in (f"--{k}", str(v))]
+
+
+@pytest.mark.slow
+def test_end_to_end_hf_engine_trains_and_resumes_exactly(tiny):
+    root, model_dir = tiny
+    out_a, out_b = root / "a", root / "b"
+    assert run.main(_args(root, model_dir, out_a)) == 0
+    rows = [json.loads(line) for line in open(out_a / "metrics.jsonl")]
+    rl = [r for r in rows if r["phase"] == "rl"]
+    sft = [r for r in rows if r["phase"] == "sft"]
+    assert len(rl) == 2 and len(sft) == 30 and sft[-1]["loss"] < sft[0]["loss"] / 3
+    assert all(math.isfinite(r["loss"]) and r["nan_loss"] == 0 for r in rl)
+    assert sum(r["trained_seqs"] for r in rl) > 0, "the warm-started tiny model should give reward variance"
+    assert any(r["phase"] == "eval" and r["tag"] == "after" for r in rows)
+    assert (out_a / "curves.png").exists()
+    ckpts = sorted(p.name for p in out_a.glob("ckpt-*"))
+    assert ckpts == ["ckpt-000029", "ckpt-000030", "ckpt-000031", "ckpt-000032"]
+
+    # Resume from step 31 (an RL step) in a copy: the next step must equal the uninterrupted run's.
+    shutil.copytree(out_a, out_b, ignore=shutil.ignore_patterns("ckpt-000032", "curves.png"))
+    assert run.main(["--resume", str(out_b)]) == 0
+    from safetensors.torch import load_file
+    a = load_file(out_a / "ckpt-000032" / "model.safetensors")
+    b = load_file(out_b / "ckpt-000032" / "model.safetensors")
+    base = load_file(Path(model_dir) / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"resumed run differs at {k}"
+    assert any(not torch.equal(a[k], base[k].to(a[k].dtype)) for k in a)  # training changed the weights
+
+
+@pytest.mark.slow
+def test_end_to_end_vllm_engine_and_ctrl_c(tiny):
+    pytest.importorskip("vllm")
+    root, model_dir = tiny
+    out = root / "v"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    args = _args(root, model_dir, out, engine="vllm", engine_dtype="float32", sft_steps=30, steps=50,
+                 eval_limit=0, save_every=0)
+    proc = subprocess.Popen([sys.executable, "-m", "fctrain.run", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 600
+    metrics = out / "metrics.jsonl"
+    while time.time() < deadline and proc.poll() is None:  # wait for two RL steps, then Ctrl-C
+        if metrics.exists() and sum('"phase": "rl"' in line for line in open(metrics)) >= 2:
+            break
+        time.sleep(1)
+    assert proc.poll() is None, proc.stdout.read()[-3000:]
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 130, output[-3000:]
+    rows = [json.loads(line) for line in open(metrics)]
+    rl = [r for r in rows if r["phase"] == "rl"]
+    assert all(math.isfinite(r["loss"]) for r in rl) and sum(r["trained_seqs"] for r in rl) > 0, output[-3000:]
+    assert any(r["sync_s"] > 0 for r in rl)  # weights were pushed into vLLM after the updates
+    saved = sorted(out.glob("ckpt-*"))
+    assert saved and int(saved[-1].name.split("-")[1]) == rows[-1]["step"], output[-3000:]
+    assert "resume with" in output
