@@ -151,7 +151,14 @@ def _xlam_param(spec: dict) -> tuple[dict, bool]:
     raw = str(spec.get("type", "any")).strip()
     optional = raw.endswith(", optional") or "default" in spec
     raw = raw.removesuffix(", optional").strip()
+    if "," in raw and "[" not in raw:  # "int, default=5"
+        head, tail = raw.split(",", 1)
+        optional = optional or "default" in tail or "optional" in tail
+        raw = head.strip()
     m = re.fullmatch(r"(\w+)(?:\[(.*)\])?", raw)
+    if m and m.group(1).lower() == "optional" and m.group(2):  # Optional[X] = X, may be omitted
+        optional, raw = True, m.group(2).strip()
+        m = re.fullmatch(r"(\w+)(?:\[(.*)\])?", raw)
     outer = m.group(1).lower() if m else "any"
     out = {"type": _XLAM_TYPES.get(outer, "any"), "description": spec.get("description", "")}
     if out["type"] in ("array", "tuple"):

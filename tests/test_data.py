@@ -255,3 +255,20 @@ def test_judge_stage_with_real_engine(tmp_path, bfcl):
     assert sum(v for k, v in counts.items() if k.startswith("evaluate:")) == 3
     n_rejected = 3 - counts.get("evaluate:correct", 0)
     assert sum(v for k, v in counts.items() if k.startswith("correct:") or k.startswith("final:")) == n_rejected
+
+
+@pytest.mark.parametrize("xlam_type, schema, optional", [
+    ("str", {"type": "string"}, False),
+    ("str, optional", {"type": "string"}, True),
+    ("int, default=5", {"type": "integer"}, True),
+    ("List[int]", {"type": "array", "items": {"type": "integer"}}, False),
+    ("Optional[List[str]]", {"type": "array", "items": {"type": "string"}}, True),
+    ("Dict[str, Any]", {"type": "dict"}, False),
+    ("Tuple[float, float]", {"type": "tuple", "items": {"type": "float"}}, False),
+    ("Union[int, str]", {"type": "any"}, False),
+])
+def test_xlam_types(xlam_type, schema, optional):
+    from fctrain.data import _xlam_param
+
+    got, got_optional = _xlam_param({"type": xlam_type, "description": "d"})
+    assert got == {**schema, "description": "d"} and got_optional == optional
