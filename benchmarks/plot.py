@@ -1,0 +1,82 @@
+"""PNG plots from the benchmark CSVs in benchmarks/results/.
+
+    python benchmarks/plot.py benchmarks/results/kernels_cpu.csv      # writes kernels_cpu.png beside it
+
+One row of panels per shape: time relative to the LM-head matmul floor (or milliseconds where no floor
+was measured) and peak extra memory, with one bar per provider in each op / mode / entropy group. The
+device, dtype and shape are in every panel's title, so a figure never loses which machine it came from.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+COLORS = {"fctrain-triton": "#1b7837", "fctrain-torch": "#7fbf7b", "naive-eager": "#b2182b",
+          "naive-compile": "#ef8a62", "liger-grpo": "#2166ac", "liger-flce": "#67a9cf", "cce": "#984ea3"}
+
+
+def plot_kernels(csv_path: Path, png_path: Path | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    csv_path = Path(csv_path)
+    png_path = Path(png_path) if png_path else csv_path.with_suffix(".png")
+    rows = [r for r in common.read_csv(csv_path) if r["status"] == "ok"]
+    if not rows:
+        raise ValueError(f"{csv_path}: no measured rows to plot")
+    shapes = list(dict.fromkeys((r["N"], r["H"], r["V"], r["dtype"]) for r in rows))
+    fig, axes = plt.subplots(len(shapes), 2, figsize=(15, 4.2 * len(shapes)), squeeze=False)
+    for (n, h, v, dtype), (ax_t, ax_m) in zip(shapes, axes):
+        at = [r for r in rows if (r["N"], r["H"], r["V"], r["dtype"]) == (n, h, v, dtype)]
+        device = at[0]["device"]
+        floor = [r for r in at if r["provider"] == "lm-head-matmul"]
+        groups = list(dict.fromkeys((r["op"], r["mode"], r["entropy"]) for r in at
+                                    if r["provider"] != "lm-head-matmul"))
+        providers = [p for p in COLORS if any(r["provider"] == p for r in at)]
+        use_ratio = all(r["ratio_floor"] for r in at if r["provider"] != "lm-head-matmul")
+        width = 0.8 / max(len(providers), 1)
+        for j, prov in enumerate(providers):
+            xs, ts, ms = [], [], []
+            for g, (op, mode, ent) in enumerate(groups):
+                hit = [r for r in at if r["provider"] == prov and (r["op"], r["mode"], r["entropy"]) == (op, mode, ent)]
+                if hit:
+                    xs.append(g + (j - (len(providers) - 1) / 2) * width)
+                    ts.append(float(hit[0]["ratio_floor"] if use_ratio else hit[0]["time_ms"]))
+                    ms.append(float(hit[0]["peak_mem_mb"]))
+            ax_t.bar(xs, ts, width, label=prov, color=COLORS[prov])
+            ax_m.bar(xs, ms, width, label=prov, color=COLORS[prov])
+        labels = [f"{op}\n{mode}\nentropy {ent}" for op, mode, ent in groups]
+        for ax in (ax_t, ax_m):
+            ax.set_xticks(range(len(groups)), labels, fontsize=8)
+            ax.grid(axis="y", alpha=0.3)
+        if use_ratio:
+            ax_t.axhline(1.0, color="k", lw=1, ls="--", label="matmul floor = 1")
+            ax_t.set_ylabel("time / LM-head matmul (same mode)")
+        else:
+            ax_t.set_ylabel("median time (ms)")
+        for r in floor:
+            ax_t.annotate(f"floor {r['mode']}: {float(r['time_ms']):.4g} ms", xy=(0.01, 0.93 - 0.07 *
+                          (r["mode"] == "fwd")), xycoords="axes fraction", fontsize=7)
+        ax_m.set_yscale("log")
+        ax_m.set_ylabel("peak extra memory (MiB, log)")
+        title = f"{device} | {dtype} | N={n} H={h} V={v}"
+        ax_t.set_title("time: " + title, fontsize=9)
+        ax_m.set_title("memory: " + title, fontsize=9)
+        ax_t.legend(fontsize=7, ncol=2)
+    sha = rows[0]["git_sha"]
+    fig.suptitle(f"fctrain kernel benchmark ({csv_path.name}, git {sha}, {rows[0]['date']})", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=90)
+    plt.close(fig)
+    return png_path
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        raise SystemExit("usage: python benchmarks/plot.py RESULTS.csv [OUT.png]")
+    print(plot_kernels(Path(sys.argv[1]), Path(sys.argv[2]) if len(sys.argv) > 2 else None))

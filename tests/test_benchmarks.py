@@ -1,0 +1,100 @@
+"""Smoke test of benchmarks/bench_kernels.py in CPU mode at a tiny shape: it runs, and the CSV has the
+agreed schema and self-consistent derived columns. Timings are never asserted (the CPU is shared)."""
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _load(name):
+    sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load("bench_kernels")
+common = _load("common")
+
+
+def _num(row, key):
+    value = float(row[key])
+    assert math.isfinite(value), f"{key}={row[key]!r} in {row}"
+    return value
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "kernels.csv"
+    bench.main(["--device", "cpu", "--shapes", "48,32,123", "--no-isolate", "--min-reps", "2",
+                "--min-time", "0", "--providers", "lm-head-matmul,fctrain-torch,naive-eager,liger-grpo",
+                "--out", str(out)])
+    with open(out) as f:
+        header = f.readline().strip().split(",")
+    assert header == bench.COLUMNS
+    assert out.with_suffix(".png").stat().st_size > 0
+    return common.read_csv(out)
+
+
+def test_schema_and_metadata(rows):
+    expected = {(p, op, mode, ent) for p, op in [("fctrain-torch", "logprob"), ("naive-eager", "logprob"),
+                                                 ("fctrain-torch", "grpo"), ("naive-eager", "grpo")]
+                for mode in ("fwd", "fwd+bwd") for ent in ("on", "off")}
+    expected |= {("lm-head-matmul", "lm-head-matmul", m, "n/a") for m in ("fwd", "fwd+bwd")}
+    expected |= {("liger-grpo", "grpo", "fwd+bwd", "off")}
+    assert {(r["provider"], r["op"], r["mode"], r["entropy"]) for r in rows} == expected
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert (r["N"], r["H"], r["V"], r["dtype"]) == ("48", "32", "123", "bfloat16")
+        assert r["device"].startswith("cpu: ") and r["torch"] and r["date"].endswith("Z")
+        assert r["git_sha"] and r["liger_kernel"]
+        assert int(r["reps"]) >= 2
+        assert 0 < _num(r, "time_p20_ms") <= _num(r, "time_ms") <= _num(r, "time_p80_ms")
+        assert _num(r, "peak_mem_mb") >= 0
+        flops = (6 if r["mode"] == "fwd+bwd" else 2) * 48 * 32 * 123
+        assert _num(r, "tflops") == pytest.approx(flops / (_num(r, "time_ms") * 1e-3) / 1e12, rel=1e-3)
+
+
+def test_derived_ratios(rows):
+    floor = {r["mode"]: _num(r, "time_ms") for r in rows if r["provider"] == "lm-head-matmul"}
+    for r in rows:
+        assert _num(r, "ratio_floor") == pytest.approx(_num(r, "time_ms") / floor[r["mode"]], rel=1e-3)
+        if r["provider"] == "naive-eager" and _num(r, "peak_mem_mb") > 0:
+            assert _num(r, "mem_ratio_naive") == pytest.approx(1.0)
+
+
+def test_isolated_worker_reports_peak_memory():
+    """One configuration in its own process: the CPU peak-RSS path that the real CPU mode uses."""
+    spec = {"provider": "naive-eager", "op": "logprob", "mode": "fwd+bwd", "entropy": "on", "N": 256, "H": 32,
+            "V": 4096, "dtype": "float32", "device": "cpu", "timing": {"min_reps": 1, "min_time_s": 0}}
+    result = common.run_isolated(BENCH / "bench_kernels.py", spec)
+    assert result["status"] == "ok", result
+    # naive fwd+bwd keeps several fp32 [256, 4096] tensors (4 MiB each) alive at once
+    assert result["peak_mem_mb"] >= 8, result
+
+
+def test_plan_covers_issue_targets():
+    cpu = bench.expand(bench.CPU_PLAN, "cpu", "bfloat16", {})
+    at = {(s["provider"], s["op"], s["mode"], s["entropy"]) for s in cpu if (s["N"], s["H"], s["V"]) == bench.SMOLLM2}
+    assert {("fctrain-torch", "grpo", "fwd+bwd", "on"), ("naive-eager", "grpo", "fwd+bwd", "on"),
+            ("lm-head-matmul", "lm-head-matmul", "fwd+bwd", "n/a")} <= at
+    assert not any(s["provider"] in ("fctrain-triton", "cce", "liger-flce") for s in cpu)  # never on CPU
+    gpu = bench.expand(bench.GPU_PLAN, "cuda", "bfloat16", {})
+    target = {(s["provider"], s["op"], s["mode"], s["entropy"]) for s in gpu if (s["N"], s["H"], s["V"]) == bench.TARGET}
+    assert {("fctrain-triton", "grpo", "fwd+bwd", "on"), ("fctrain-triton", "logprob", "fwd+bwd", "on"),
+            ("liger-grpo", "grpo", "fwd+bwd", "off"), ("lm-head-matmul", "lm-head-matmul", "fwd+bwd", "n/a"),
+            ("cce", "logprob", "fwd+bwd", "off"), ("liger-flce", "logprob", "fwd+bwd", "off")} <= target
+
+
+def test_bad_arguments_are_rejected():
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--providers", "nope"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--shapes", "1,2"])
