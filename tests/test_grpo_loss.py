@@ -192,3 +192,12 @@ def test_hf_helper_matches_full_forward_with_tied_embeddings(impl):
     assert_verbose_close(logp, ref_logp, 1e-5, 1e-4, "logp")
     assert_verbose_close(ent, ref_ent, 1e-5, 1e-4, "entropy")
     assert_verbose_close(grad, model.lm_head.weight.grad, 1e-5, 1e-4, "tied weight grad")
+
+
+def test_plain_pytorch_example_runs():
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "examples/plain_pytorch_grpo.py", "--steps", "2"], capture_output=True,
+                         text=True, timeout=300, cwd=__file__.rsplit("/tests/", 1)[0])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.count("| reward") == 2
