@@ -54,7 +54,7 @@ import platform
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 # ----------------------------------------------------------------------------------------------------------
@@ -351,7 +351,9 @@ def _group_rows(summary: dict):
         how = {"unweighted": "mean of categories", "weighted": "weighted by count"}[rule]
         mark = "*" if group and group["missing"] else ""
         yield name, f"{label}{mark} ({how})", group["accuracy"] if group else None
-    yield "overall", "Overall (mean of Non-Live AST, Live AST)", summary.get("overall")
+    ast_groups = [summary["groups"].get(g) for g in ("non_live_ast", "live_ast")]
+    mark = "*" if any(g is None or g["missing"] for g in ast_groups) else ""
+    yield "overall", f"Overall{mark} (mean of Non-Live AST, Live AST)", summary.get("overall")
 
 
 def format_table(summary: dict) -> str:
@@ -364,8 +366,8 @@ def format_table(summary: dict) -> str:
     lines.append("-" * len(lines[0]))
     for _, label, acc in _group_rows(summary):
         lines.append(f"{label:<59}{_pct(acc):>8}")
-    if any(g and g["missing"] for g in summary["groups"].values()):
-        lines.append("* some categories of this group were not evaluated; the mean is over those present")
+    if any("*" in label for _, label, _ in _group_rows(summary)):
+        lines.append("* not all categories of this group were evaluated; the mean is over those present")
     return "\n".join(lines)
 
 
