@@ -458,9 +458,10 @@ def main(argv: list[str] | None = None) -> int:
             step += 1
             record = {"step": step, "phase": "sft", "loss": loss_sum, "lr": lr, "grad_norm": grad_norm,
                       "step_s": time.perf_counter() - t_step, "peak_mem_mb": peak_memory_mb()}
-            log(record)
             if step == cfg.sft_steps:
                 record["sync_s"] = sync_engine()
+            log(record)
+            if step == cfg.sft_steps:
                 if ref_model is not None:  # the KL anchor is the warm-started policy (saved for --resume)
                     ref_model.load_state_dict(model.state_dict())
                     model.save_pretrained(out / "reference", safe_serialization=True)
@@ -581,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
                 "format_rate": float(np.mean([r.format_ok for r in results])),
                 "reward_failures": sum(r.failed for r in results),
                 "zero_var_groups": int(zero_var.sum()), "groups": len(batch), "trained_seqs": len(keep),
-                "think_entropy": float(np.nanmean(think_entropy.numpy())) if keep and think else None,
+                "think_entropy": think_entropy.nanmean().item() if (~think_entropy.isnan()).any() else None,
                 "adv_abs_mean": final_adv.abs().mean().item(), "loss": stats["loss"], "kl": stats["kl"],
                 "entropy": stats["entropy"], "clip_low": stats["clip_low"], "clip_high": stats["clip_high"],
                 "is_min": stats["is_min"] if keep else None, "is_mean": stats["is_mean"] if keep else None,
