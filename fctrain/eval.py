@@ -15,7 +15,10 @@ What it does, in order:
    `bfcl evaluate` does: AST categories with the AST checker (first-fit parallel matching, bfcl_compat=True);
    irrelevance and live_irrelevance are right iff no function call decodes from the output; live_relevance
    is right iff at least one call decodes (BFCL does not check it against its ground truth).
-   A malformed output therefore counts as "no call": right for irrelevance, wrong everywhere else.
+   A malformed output therefore counts as "no call": right for irrelevance, wrong everywhere else (the
+   training reward is stricter: fctrain.reward.score gives a malformed python/hermes answer 0 everywhere).
+   The table's "format %" column is the share of outputs that parsed in the prompted format. A prompt
+   longer than the model's context is not generated and scores as an empty output ("prompt_too_long").
 4. Writes `summary.json`, `table.txt` and BFCL result files `result/<name>/{non_live,live}/
    BFCL_v4_<category>_result.json` (one `{"id", "result"}` object per line, BFCL's layout).
 
@@ -42,6 +45,9 @@ also carries our verdict under "fctrain" (BFCL ignores extra keys). To rescore w
 copy/rename `result/<name>` to a BFCL-registered prompting model whose handler uses the default decoder
 (for example `result/Qwen_Qwen3-0.6B`), then `bfcl evaluate --model Qwen/Qwen3-0.6B --result-dir ...`
 (add `--partial-eval` after `--limit`).
+
+The trainer's periodic evaluation calls `evaluate(engine, tokenizer, examples, fmt, max_tokens)`, the same
+generation, scoring and summary code as the CLI (any categories; groups absent from `examples` are None).
 """
 from __future__ import annotations
 
