@@ -32,7 +32,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# benchmarks/ for `common`, the repository root for `kernels` when the project is not pip-installed
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
 import common  # noqa: E402
 
 PROVIDERS = ["lm-head-matmul", "fctrain-triton", "fctrain-torch", "naive-eager", "naive-compile",
@@ -53,24 +54,38 @@ TARGET = (16384, 4096, 151936)  # issues 2 and 3's H100 target (Qwen-sized vocab
 ALL = {"ops": OPS, "modes": MODES, "entropy": ["on", "off"], "providers": PROVIDERS}
 FWD_BWD = {"modes": ["fwd+bwd"]}
 
-# CPU mode: issue 3's target configurations at SmolLM2's shape first, then the full matrix at a small N.
+# CPU mode, most important first (a run stopped early keeps its rows): issue 3's target configuration at
+# SmolLM2's shape with Liger beside it, the forward+backward matrix at a small N, the forward matrix, then
+# the rest at SmolLM2's shape. "min_reps" 2 at SmolLM2's shape: one call takes tens of seconds on 2 cores.
+SMALL = (512, 576, 49152)
 CPU_PLAN = [
-    {"shape": SMOLLM2, **ALL, **FWD_BWD, "ops": ["grpo"],
-     "providers": ["lm-head-matmul", "fctrain-torch", "naive-eager", "liger-grpo"]},
-    {"shape": SMOLLM2, **ALL, **FWD_BWD, "ops": ["grpo"], "entropy": ["on"], "providers": ["naive-compile"]},
-    {"shape": SMOLLM2, **ALL, **FWD_BWD, "ops": ["logprob"], "entropy": ["on"],
+    {"shape": SMOLLM2, **ALL, **FWD_BWD, "ops": ["grpo"], "entropy": ["on"], "min_reps": 2,
+     "providers": ["lm-head-matmul", "fctrain-torch", "naive-eager"]},
+    {"shape": SMOLLM2, **ALL, **FWD_BWD, "ops": ["grpo"], "entropy": ["off"], "providers": ["liger-grpo"],
+     "min_reps": 2},
+    {"shape": SMALL, **ALL, **FWD_BWD, "providers": [p for p in PROVIDERS if p != "naive-compile"]},
+    {"shape": SMALL, **ALL, **FWD_BWD, "entropy": ["on"], "providers": ["naive-compile"]},
+    {"shape": SMALL, **ALL, "modes": ["fwd"], "providers": [p for p in PROVIDERS if p != "naive-compile"]},
+    {"shape": SMOLLM2, **ALL, **FWD_BWD, "ops": ["grpo"], "entropy": ["off"], "min_reps": 2,
      "providers": ["fctrain-torch", "naive-eager"]},
-    {"shape": (512, 576, 49152), **ALL, "providers": [p for p in PROVIDERS if p != "naive-compile"]},
-    {"shape": (512, 576, 49152), **ALL, **FWD_BWD, "entropy": ["on"], "providers": ["naive-compile"]},
+    {"shape": SMOLLM2, **ALL, **FWD_BWD, "ops": ["logprob"], "entropy": ["on"], "min_reps": 2,
+     "providers": ["fctrain-torch", "naive-eager"]},
+    {"shape": SMOLLM2, **ALL, **FWD_BWD, "ops": ["grpo"], "entropy": ["on"], "min_reps": 2,
+     "providers": ["naive-compile"]},
 ]
-# GPU mode: everything at the target shape; sweeps over N, H and V (one axis at a time from the target)
-# for the fused providers and their peers in forward+backward. A subset of the 3 x 3 x 4 grid, chosen to
-# show each axis; `--shapes` runs any other shape with every configuration.
-_SWEEP_PROVIDERS = ["lm-head-matmul", "fctrain-triton", "naive-eager", "liger-grpo", "liger-flce", "cce"]
+# GPU mode ("--plan target" + "--plan sweep"): everything at the target shape (torch.compile only in
+# fwd+bwd with entropy: each compile takes about a minute there); then sweeps over N, H and V, one axis
+# at a time from the target, for the fused providers and their peers in forward+backward. A subset of the
+# 3 x 3 x 4 grid, chosen to show each axis; `--shapes` runs any other shape with every configuration.
+_SWEEP_PROVIDERS = ["lm-head-matmul", "fctrain-triton", "liger-grpo", "liger-flce", "cce"]
 _SWEEP_SHAPES = [(2048, 4096, 151936), (8192, 4096, 151936), (16384, 576, 151936), (16384, 2048, 151936),
                  (16384, 4096, 32000), (16384, 4096, 49152), (16384, 4096, 128256), (16384, 576, 49152)]
-GPU_PLAN = [{"shape": TARGET, **ALL}] + [
-    {"shape": s, **ALL, **FWD_BWD, "providers": _SWEEP_PROVIDERS} for s in _SWEEP_SHAPES]
+GPU_PLANS = {
+    "target": [{"shape": TARGET, **ALL, "providers": [p for p in PROVIDERS if p != "naive-compile"]},
+               {"shape": TARGET, **ALL, **FWD_BWD, "entropy": ["on"], "providers": ["naive-compile"]}],
+    "sweep": [{"shape": s, **ALL, **FWD_BWD, "providers": _SWEEP_PROVIDERS} for s in _SWEEP_SHAPES],
+}
+GPU_PLAN = GPU_PLANS["target"] + GPU_PLANS["sweep"]
 
 
 # ---------------------------------------------------------------------------- plan
@@ -109,7 +124,7 @@ def expand(plan: list[dict], device: str, dtype: str, filters: dict) -> list[dic
                 if key not in seen:
                     seen.add(key)
                     specs.append({"provider": provider, "op": op, "mode": mode, "entropy": ent, "N": n, "H": h,
-                                  "V": v, "dtype": dtype, "device": device})
+                                  "V": v, "dtype": dtype, "device": device, "min_reps": entry.get("min_reps")})
     return specs
 
 
@@ -218,6 +233,8 @@ def make_call(spec: dict):
 
 def measure(spec: dict, timing: dict) -> dict:
     """Run one configuration in this process and return its metrics (or a status saying why not)."""
+    import gc
+
     import torch
 
     try:
@@ -231,6 +248,13 @@ def measure(spec: dict, timing: dict) -> dict:
         return {"status": "oom"}
     except ImportError as e:
         return {"status": f"skipped: {e}"}
+    except Exception as e:  # one broken peer (e.g. a Triton version it was not written for) must not end the run
+        return {"status": f"error: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
+    finally:
+        call = None
+        gc.collect()
+        if spec["device"].startswith("cuda"):
+            torch.cuda.empty_cache()
 
 
 def note_for(spec: dict) -> str:
@@ -318,6 +342,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    p.add_argument("--plan", choices=["all", "target", "sweep"], default="all",
+                   help="GPU: the target shape, the N/H/V sweeps, or both (CPU has one plan)")
     p.add_argument("--shapes", type=parse_shapes, help="'N,H,V;...': every configuration at these shapes "
                    "instead of the device's default plan")
     p.add_argument("--providers", type=lambda s: s.split(","), help=f"subset of {','.join(PROVIDERS)}")
@@ -362,7 +388,7 @@ def main(argv=None) -> list[dict]:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before kernels/Liger import triton (never timed)
     if args.wheels:
         install_wheels(args.wheels)
-    plan = GPU_PLAN if device == "cuda" else CPU_PLAN
+    plan = CPU_PLAN if device == "cpu" else GPU_PLAN if args.plan == "all" else GPU_PLANS[args.plan]
     if args.shapes:
         plan = [{"shape": s, **ALL} for s in args.shapes]
     filters = {"providers": args.providers, "ops": args.ops, "modes": args.modes, "entropy": args.entropy}
@@ -377,10 +403,11 @@ def main(argv=None) -> list[dict]:
     rows = []
     for i, spec in enumerate(specs):
         load = common.load_avg()
+        spec_timing = {**timing, "min_reps": spec["min_reps"] or args.min_reps}
         if isolate:
-            result = common.run_isolated(Path(__file__), {**spec, "timing": timing})
+            result = common.run_isolated(Path(__file__), {**spec, "timing": spec_timing})
         else:
-            result = measure(spec, timing)
+            result = measure(spec, spec_timing)
         row = {**meta, **{k: spec[k] for k in ("op", "mode", "entropy", "provider", "dtype", "N", "H", "V")},
                **result, "load_avg": load, "note": note_for(spec)}
         rows.append(row)

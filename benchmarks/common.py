@@ -174,8 +174,8 @@ def measure_cuda(call, device: str = "cuda") -> dict:
     torch.cuda.synchronize(device)
     est_ms = start.elapsed_time(end)
     counter = iter(range(3, 1 << 62))
-    # about 20 timed calls, but not fewer than do_bench's defaults nor more than ~3 s per configuration
-    rep_ms = min(max(100.0, 20 * est_ms), 3000.0)
+    # about 10-20 timed calls, but not fewer than do_bench's default nor more than 1.5 s per configuration
+    rep_ms = min(max(100.0, 20 * est_ms), 1500.0)
     p20, p50, p80 = triton.testing.do_bench(lambda: call(next(counter)), warmup=max(25.0, 2 * est_ms),
                                             rep=rep_ms, quantiles=[0.2, 0.5, 0.8])
     return {"time_ms": p50, "time_p20_ms": p20, "time_p80_ms": p80, "reps": max(1, int(rep_ms / max(est_ms, 1e-3))),

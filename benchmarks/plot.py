@@ -56,12 +56,13 @@ def plot_kernels(csv_path: Path, png_path: Path | None = None) -> Path:
             ax.grid(axis="y", alpha=0.3)
         if use_ratio:
             ax_t.axhline(1.0, color="k", lw=1, ls="--", label="matmul floor = 1")
-            ax_t.set_ylabel("time / LM-head matmul (same mode)")
+            ax_t.set_ylabel("time / LM-head matmul, same mode (log)")
         else:
-            ax_t.set_ylabel("median time (ms)")
+            ax_t.set_ylabel("median time (ms, log)")
         for r in floor:
             ax_t.annotate(f"floor {r['mode']}: {float(r['time_ms']):.4g} ms", xy=(0.01, 0.93 - 0.07 *
                           (r["mode"] == "fwd")), xycoords="axes fraction", fontsize=7)
+        ax_t.set_yscale("log")
         ax_m.set_yscale("log")
         ax_m.set_ylabel("peak extra memory (MiB, log)")
         title = f"{device} | {dtype} | N={n} H={h} V={v}"
