@@ -77,7 +77,41 @@ def plot_kernels(csv_path: Path, png_path: Path | None = None) -> Path:
     return png_path
 
 
+def markdown_table(csv_path: Path, shape: tuple[int, int, int] | None = None) -> str:
+    """A Markdown table of the measured kernel rows (optionally one N, H, V), for the README's
+    Performance section; the device, dtype and date head it so the figures keep their provenance."""
+    rows = [r for r in common.read_csv(csv_path) if r["status"] == "ok"]
+    if shape is not None:
+        rows = [r for r in rows if (int(r["N"]), int(r["H"]), int(r["V"])) == tuple(shape)]
+    if not rows:
+        raise ValueError(f"{csv_path}: no measured rows" + (f" at N, H, V = {shape}" if shape else ""))
+
+    def cell(r, key, fmt):
+        if not r[key]:
+            return "-"
+        x = float(r[key])
+        return f"{x:.0f}" if fmt == "ms" and x >= 100 else format(x, ".3g" if fmt == "ms" else fmt)
+
+    lines = [f"Device: {rows[0]['device']} | git {rows[0]['git_sha']} | {rows[0]['date']} | "
+             f"torch {rows[0]['torch']}, liger-kernel {rows[0]['liger_kernel'] or '-'}",
+             "",
+             "| N, H, V | dtype | op | mode | entropy | provider | median ms (p20-p80) | x matmul | peak MiB | x naive |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['N']}, {r['H']}, {r['V']} | {r['dtype']} | {r['op']} | {r['mode']} | {r['entropy']} | "
+                     f"{r['provider']} | {cell(r, 'time_ms', 'ms')} ({cell(r, 'time_p20_ms', 'ms')}-"
+                     f"{cell(r, 'time_p80_ms', 'ms')}) | {cell(r, 'ratio_floor', '.2f')} | "
+                     f"{cell(r, 'peak_mem_mb', '.1f')} | {cell(r, 'mem_ratio_naive', '.3f')} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    if len(sys.argv) < 2:
-        raise SystemExit("usage: python benchmarks/plot.py RESULTS.csv [OUT.png]")
-    print(plot_kernels(Path(sys.argv[1]), Path(sys.argv[2]) if len(sys.argv) > 2 else None))
+    args = sys.argv[1:]
+    if not args or args[0] in ("-h", "--help"):
+        raise SystemExit("usage: python benchmarks/plot.py RESULTS.csv [OUT.png]\n"
+                         "       python benchmarks/plot.py --markdown RESULTS.csv [N,H,V]")
+    if args[0] == "--markdown":
+        shape = tuple(int(x) for x in args[2].split(",")) if len(args) > 2 else None
+        print(markdown_table(Path(args[1]), shape))
+    else:
+        print(plot_kernels(Path(args[0]), Path(args[1]) if len(args) > 1 else None))

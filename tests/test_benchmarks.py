@@ -22,6 +22,7 @@ def _load(name):
 
 bench = _load("bench_kernels")
 common = _load("common")
+plot = _load("plot")
 
 
 def _num(row, key):
@@ -40,7 +41,10 @@ def rows(tmp_path_factory):
         header = f.readline().strip().split(",")
     assert header == bench.COLUMNS
     assert out.with_suffix(".png").stat().st_size > 0
-    return common.read_csv(out)
+    table = plot.markdown_table(out).splitlines()
+    rows = common.read_csv(out)
+    assert table[0].startswith("Device: cpu: ") and len(table) == 4 + len(rows)
+    return rows
 
 
 def test_schema_and_metadata(rows):
