@@ -60,8 +60,8 @@ class Config:
     egpo_lambda: float = 0.4               # EGPO entropy weight
     egpo_alpha: float = 2.0                # EGPO clip: |H term| <= |A| / alpha
     group_size: int = 8                    # completions per prompt (G)
-    prompts_per_step: int = 8
-    steps: int = 30                        # RL steps (after the SFT warm start)
+    prompts_per_step: int = 4
+    steps: int = 15                        # RL steps (after the SFT warm start)
     temperature: float = 0.7               # sampling temperature (also used for trainer log-probs)
     top_p: float = 1.0
     beta: float = 0.001                    # k3 KL weight to the frozen reference (0 = no reference model)
@@ -78,7 +78,7 @@ class Config:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     micro_batch_tokens: int = 4096         # padded tokens per forward/backward
-    sft_steps: int = 25                    # cold-start SFT steps before RL (0 = none)
+    sft_steps: int = 10                    # cold-start SFT steps before RL (0 = none)
     sft_batch_size: int = 8
     sft_lr: float = 5e-5
     # system
@@ -89,7 +89,8 @@ class Config:
     reward_processes: int = 2
     seed: int = 0
     out_dir: str = "runs/default"
-    eval_every: int = 10                   # RL steps between evaluations (0 = only before/after)
+    eval_every: int = 0                    # RL steps between evaluations (0 = after SFT and at the end)
+    eval_at_start: bool = False            # also evaluate the untrained model (SmolLM2: 0%, measured)
     save_every: int = 10                   # steps between checkpoints
     keep_last: int = 2                     # checkpoints kept
     tensorboard: bool = False
@@ -429,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         bar = tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True)
     except ImportError:
         bar = None
-    if step == 0 and eval_examples:
+    if step == 0 and eval_examples and (cfg.eval_at_start or cfg.sft_steps == 0):
         run_eval("before")
 
     # -------------------------------------------------------------------------------------------- loop
