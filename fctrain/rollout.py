@@ -265,6 +265,29 @@ class VLLMEngine:
 
 # ------------------------------------------------------------------------------------------- transformers
 
+class _SampledLogprobRecorder:
+    """Last logits processor: records log p(sampled token) per step while keeping one (B, V) step alive.
+
+    Step t's sampled token is only known at step t + 1 (it is then input_ids[:, -1]), so the recorder
+    keeps the previous step's log-softmax and gathers from it; `finish` handles the final step. Memory
+    O(B * V), where generate(output_scores=True) would keep all T steps (B * T * V floats).
+    """
+
+    def __init__(self):
+        self.previous = None  # (B, V) log-probs of the last step
+        self.logprobs = []  # T tensors of shape (B,)
+
+    def __call__(self, input_ids, scores):
+        if self.previous is not None:
+            self.logprobs.append(self.previous.gather(-1, input_ids[:, -1:]).squeeze(-1))
+        self.previous = scores.float().log_softmax(-1)
+        return scores
+
+    def finish(self, last_tokens):
+        self.logprobs.append(self.previous.gather(-1, last_tokens[:, None]).squeeze(-1))
+        return torch.stack(self.logprobs, dim=1)
+
+
 class HFEngine:
     """Batched `transformers` generation with the same outputs as VLLMEngine."""
 
@@ -330,24 +353,31 @@ class HFEngine:
         input_ids = torch.tensor([[self.pad_id] * (width - len(r)) + r for r in rows], device=self.device)
         attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
         greedy = temperature == 0
-        # A fresh config: the model's own generation_config may carry repetition penalties that vLLM would
-        # not apply. top_k=0, not None: None falls back to transformers' default top-k of 50.
+        # Temperature and top-p are applied by our own processors (transformers' warpers would be added
+        # after any custom processor), then the recorder sees exactly the scores that sampling uses.
+        # A fresh config: the model's own generation_config may carry top-k or repetition penalties
+        # that vLLM would not apply (top_k=0 disables; None would mean transformers' default of 50).
+        from transformers import LogitsProcessorList
+        from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+        processors = [] if greedy else [TemperatureLogitsWarper(temperature)]
+        if not greedy and top_p < 1.0:
+            processors.append(TopPLogitsWarper(top_p))
+        recorder = _SampledLogprobRecorder()
         config = GenerationConfig(
-            do_sample=not greedy, temperature=None if greedy else temperature, top_p=None if greedy else top_p,
+            do_sample=not greedy, temperature=None if greedy else 1.0, top_p=None if greedy else 1.0,
             top_k=None if greedy else 0, max_new_tokens=max_tokens, eos_token_id=self.eos_ids,
-            pad_token_id=self.pad_id,
-            stop_strings=list(stop) if stop else None, output_scores=True, return_dict_in_generate=True)
+            pad_token_id=self.pad_id, stop_strings=list(stop) if stop else None, return_dict_in_generate=True)
         seeded = torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []) \
             if seed is not None else contextlib.nullcontext()
         with seeded:
             if seed is not None:
                 torch.manual_seed(seed)
             out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                      generation_config=config, tokenizer=self.tokenizer if stop else None)
+                                      generation_config=config, tokenizer=self.tokenizer if stop else None,
+                                      logits_processor=LogitsProcessorList([*processors, recorder]))
         generated = out.sequences[:, width:]  # (B, T)
-        # scores: per step (B, V) logits after the warpers (temperature, top-p) that sampling used.
-        scores = torch.stack(out.scores, dim=1).float()  # (B, T, V)
-        logprobs = scores.log_softmax(-1).gather(-1, generated[..., None]).squeeze(-1)  # (B, T)
+        logprobs = recorder.finish(generated[:, -1])  # (B, T)
         generated, logprobs = generated.tolist(), logprobs.tolist()
         results = []
         for tokens, lps in zip(generated, logprobs):

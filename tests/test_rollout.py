@@ -255,6 +255,7 @@ def test_vllm_absent_gives_clear_error(tiny_dir):
 
 # ------------------------------------------------------------------------- SmolLM2-135M-Instruct, bf16
 
+@pytest.mark.slow
 @needs_vllm
 def test_smollm2_greedy_answer_ends_with_eos(smol_vllm, smol_model, smol_dir, smol_prompts):
     hf = HFEngine(smol_model, tokenizer=load_tokenizer(smol_dir))
@@ -267,6 +268,7 @@ def test_smollm2_greedy_answer_ends_with_eos(smol_vllm, smol_model, smol_dir, sm
         assert c.finish_reason == "stop" and c.text == "The capital of France is"
 
 
+@pytest.mark.slow
 @needs_vllm
 def test_smollm2_bf16_logprobs_and_weight_sync(smol_vllm, smol_model, smol_prompts):
     out = smol_vllm.generate(smol_prompts, n=2, temperature=1.0, max_tokens=12, seed=0)
