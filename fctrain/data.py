@@ -93,12 +93,7 @@ def bfcl_root() -> Path:
     """The extracted `bfcl_eval/` package of the pinned wheel (data/ and eval_checker/), fetched once."""
     wheel = fetch_wheel(BFCL_WHEEL)
     dest = cache_dir("bfcl")
-    root = extract_from_wheel(wheel, "bfcl_eval/", dest)
-    if not (root / "eval_checker" / "ast_eval" / "ast_checker.py").exists() or not (root / "data").is_dir():
-        # An earlier partial extraction (e.g. of data/ only) left the marker; extract the whole package.
-        (dest / f".extracted-{wheel.name}").unlink(missing_ok=True)
-        root = extract_from_wheel(wheel, "bfcl_eval/", dest)
-    return root
+    return extract_from_wheel(wheel, "bfcl_eval/", dest)  # the marker is per prefix: data/ alone won't hide it
 
 
 def _read_json_lines(path: Path) -> list[dict]:
