@@ -69,7 +69,7 @@ def _flatten(hidden, targets, mask, advantages, per_token, seq_ids):
 def fused_linear_grpo_loss(hidden, weight, targets, advantages, mask, old_logp=None, ref_logp=None,
                            rollout_logp=None, *, eps_low=0.2, eps_high=0.2, beta=0.0, entropy_coef=0.0,
                            temperature=1.0, rollout_is_cap=None, loss_agg="token-mean", seq_ids=None,
-                           max_len=None, is_weight=None, impl="auto"):
+                           max_len=None, is_weight=None, impl="auto", process_group=None, vocab_start=None):
     """Clipped GRPO loss straight from hidden states. Returns (loss: fp32 scalar, metrics: dict).
 
     Specification (runnable PyTorch on packed inputs; `kernels.reference.naive_grpo_loss`):
@@ -90,6 +90,8 @@ def fused_linear_grpo_loss(hidden, weight, targets, advantages, mask, old_logp=N
     `is_weight`: a precomputed per-token importance weight (e.g. TRL's vllm_is_ratio) used instead of w.
     `max_len` (Dr. GRPO): defaults to T for [B, T] input and is required for packed input.
     Only rows with mask=1 are computed. Gradients flow to hidden and weight.
+    `process_group` / `vocab_start`: `weight` is this rank's vocabulary shard (tensor-parallel LM head);
+    every other input is the same on all ranks, as are loss and metrics; see fused_linear_logprob_entropy.
 
     metrics (all detached): logp, entropy (per token, input layout, 0 where masked), entropy_mean,
     kl_mean, clip_low_frac, clip_high_frac, ratio_mean, is_weight_min/mean/max, num_tokens.
@@ -115,7 +117,8 @@ def fused_linear_grpo_loss(hidden, weight, targets, advantages, mask, old_logp=N
     rows = mask.nonzero().squeeze(1)  # compute only valid rows (padding costs nothing)
     pick = lambda x: None if x is None else x.index_select(0, rows).float()  # noqa: E731
     logp, ent = fused_linear_logprob_entropy(hidden.index_select(0, rows), weight, targets.index_select(0, rows),
-                                             temperature=temperature, impl=impl)
+                                             temperature=temperature, impl=impl, process_group=process_group,
+                                             vocab_start=vocab_start)
     adv, old, ref, rollout, isw = pick(adv), pick(old_logp), pick(ref_logp), pick(rollout_logp), pick(is_weight)
     seq = seq_ids.index_select(0, rows)
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from . import _triton as _t
+from . import _vocab_parallel as vp
 from ._triton import jit, tl, triton
 from .reference import chunked_logprob_entropy, naive_logprob_entropy
 
@@ -191,9 +192,11 @@ def _num_splits(n: int, v: int) -> int:
     return max(1, min(triton.cdiv(2 * sms, row_blocks), triton.cdiv(v, 2048)))
 
 
-def _forward(hidden, weight, targets, temperature, ignore_index):
+def _forward(hidden, weight, targets, temperature, ignore_index, group=None, kernel_targets=None, owned=None):
     # check constraints -> allocate -> grid -> launch
+    # group: `weight` is a vocabulary shard; kernel_targets are then local ids (-1 = not owned)
     _t.check_device(hidden, weight, targets)
+    kernel_targets = targets if kernel_targets is None else kernel_targets
     n, h = hidden.shape
     v = weight.shape[0]
     splits = _num_splits(n, v)
@@ -204,7 +207,7 @@ def _forward(hidden, weight, targets, temperature, ignore_index):
     if n > 0:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits)  # noqa: E731
         _fwd_kernel[grid](
-            hidden, weight, targets, stats,
+            hidden, weight, kernel_targets, stats,
             n, v, h, v_per_split, _t.n_bucket(n),
             hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
             1.0 / temperature,
@@ -215,11 +218,14 @@ def _forward(hidden, weight, targets, temperature, ignore_index):
     scale = torch.exp(m - m_all)
     s_all = (scale * s).sum(0)
     t_all = (scale * (t + s * (m - m_all))).sum(0)
+    zt = zt.sum(0)
+    valid = targets != ignore_index
+    if group is not None:  # then merge the ranks' shards the same way (kernels._vocab_parallel)
+        m_all, s_all, t_all, zt = vp.merge_row_stats(m_all, s_all, t_all, zt, owned, valid, group)
     log_s = torch.log(s_all)
     lse = m_all + log_s
     mean_z = m_all + t_all / s_all
-    valid = targets != ignore_index
-    logp = torch.where(valid, zt.sum(0) - lse, 0.0)
+    logp = torch.where(valid, zt - lse, 0.0)
     entropy = torch.where(valid, log_s - t_all / s_all, 0.0)
     return logp, entropy, lse, mean_z
 
@@ -250,28 +256,34 @@ def _backward(hidden, weight, targets, lse, mean_z, g_logp, g_ent, temperature, 
             )
         if need_w and dw_slab.data_ptr() != dw[v_lo:v_hi].data_ptr():
             dw[v_lo:v_hi] = dw_slab
-    return (dx.to(hidden.dtype) if need_x else None), dw
+    return dx, dw  # dx in fp32
 
 
 class _LogprobEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, ignore_index):
-        logp, entropy, lse, mean_z = _forward(hidden, weight, targets, temperature, ignore_index)
-        ctx.save_for_backward(hidden, weight, targets, lse, mean_z)
-        ctx.args = (temperature, ignore_index)
+    def forward(ctx, hidden, weight, targets, temperature, ignore_index, group, vocab_start):
+        kernel_targets, owned = targets, None
+        if group is not None:
+            kernel_targets, owned = vp.local_targets(targets, ignore_index, vocab_start, weight.shape[0])
+        logp, entropy, lse, mean_z = _forward(hidden, weight, targets, temperature, ignore_index,
+                                              group, kernel_targets, owned)
+        ctx.save_for_backward(hidden, weight, targets, kernel_targets, lse, mean_z)
+        ctx.args = (temperature, ignore_index, group)
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
-        hidden, weight, targets, lse, mean_z = ctx.saved_tensors
-        temperature, ignore_index = ctx.args
+        hidden, weight, targets, kernel_targets, lse, mean_z = ctx.saved_tensors
+        temperature, ignore_index, group = ctx.args
         valid = targets != ignore_index
         zeros = torch.zeros_like(lse)
         g_logp = torch.where(valid, grad_logp.float(), 0.0).contiguous() if grad_logp is not None else zeros
         g_ent = torch.where(valid, grad_entropy.float(), 0.0).contiguous() if grad_entropy is not None else zeros
-        dx, dw = _backward(hidden, weight, targets, lse, mean_z, g_logp, g_ent, temperature,
+        dx, dw = _backward(hidden, weight, kernel_targets, lse, mean_z, g_logp, g_ent, temperature,
                            ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        return dx, dw, None, None, None
+        if dx is not None:
+            dx = (dx if group is None else vp.all_reduce_sum_(dx, group)).to(hidden.dtype)
+        return dx, dw, None, None, None, None, None
 
 
 def _check_inputs(hidden, weight, targets, temperature):
@@ -297,7 +309,8 @@ def _check_targets(targets, vocab, ignore_index):
                          f"{targets[bad][:5].tolist()}")
 
 
-def fused_linear_logprob_entropy(hidden, weight, targets, temperature=1.0, ignore_index=-100, impl="auto"):
+def fused_linear_logprob_entropy(hidden, weight, targets, temperature=1.0, ignore_index=-100, impl="auto",
+                                 process_group=None, vocab_start=None):
     """Per-token log p(target) and entropy straight from hidden states, without [N, V] logits.
 
     Specification (runnable PyTorch; `kernels.reference.naive_logprob_entropy`):
@@ -310,18 +323,34 @@ def fused_linear_logprob_entropy(hidden, weight, targets, temperature=1.0, ignor
     Differentiable w.r.t. hidden and weight through both outputs. dtypes: bf16, fp16, fp32.
     impl: "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "torch" (token-chunked, bounded memory),
     "naive" (full logits), or "auto" = triton on CUDA, torch elsewhere.
+
+    Vocabulary parallel (tensor-parallel LM head): with `process_group`, `weight` is this rank's
+    contiguous shard [V_local, H] = full_weight[vocab_start : vocab_start + V_local] (default
+    vocab_start = rank * V_local, i.e. even shards in rank order); hidden, targets (GLOBAL ids) and the
+    upstream gradients must be identical on every rank. Outputs equal the unsharded spec on every rank;
+    grad hidden is the full gradient (all-reduced), grad weight is this shard's rows. Collective: every
+    rank of the group must call it with the same N (see kernels._vocab_parallel). impl "triton"/"torch".
     """
     _check_inputs(hidden, weight, targets, temperature)
-    _check_targets(targets, weight.shape[0], ignore_index)
+    if process_group is None:
+        _check_targets(targets, weight.shape[0], ignore_index)
+    else:  # target range is checked after the merge (no rank knows the full vocabulary size)
+        vocab_start = vp.resolve_vocab_start(weight, process_group, vocab_start)
+        if weight.shape[0] == 0:
+            raise ValueError("a vocabulary shard must hold at least one row")
     targets = targets.contiguous()
     if impl == "auto":
         impl = "triton" if (hidden.is_cuda and _t.HAVE_TRITON) else "torch"
     if impl == "triton":
         if not _t.HAVE_TRITON:
             raise RuntimeError("impl='triton' needs the triton package; use impl='torch'")
-        return _LogprobEntropy.apply(hidden, weight, targets, float(temperature), int(ignore_index))
+        return _LogprobEntropy.apply(hidden, weight, targets, float(temperature), int(ignore_index),
+                                     process_group, vocab_start)
     if impl == "torch":
-        return chunked_logprob_entropy(hidden, weight, targets, temperature, ignore_index)
+        return chunked_logprob_entropy(hidden, weight, targets, temperature, ignore_index,
+                                       process_group=process_group, vocab_start=vocab_start)
+    if process_group is not None:
+        raise ValueError(f"process_group (vocabulary parallel) needs impl 'triton' or 'torch'; got {impl!r}")
     if impl == "naive":
         return naive_logprob_entropy(hidden, weight, targets, temperature, ignore_index)
     raise ValueError(f"impl must be 'auto', 'triton', 'torch' or 'naive'; got {impl!r}")
