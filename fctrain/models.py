@@ -145,11 +145,14 @@ def _dequantise_gguf(gguf_path: Path):
     return fresh.to(torch.bfloat16).eval(), tokenizer
 
 
-def load_model(path: str | os.PathLike, dtype=torch.float32, device: str = "cpu"):
-    """A transformers causal LM from a resolved model directory (SDPA attention, eval mode)."""
+def load_model(path: str | os.PathLike, dtype=torch.float32, device: str = "cpu", attn_implementation: str = "sdpa"):
+    """A transformers causal LM from a resolved model directory (eval mode). `dtype` "amp-bf16" loads fp32
+    master weights (the trainer autocasts); attention is SDPA unless asked for flash_attention_2."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa")
+    if dtype == "amp-bf16":
+        dtype = torch.float32
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation=attn_implementation)
     return model.to(device).eval()
 
 

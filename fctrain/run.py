@@ -21,6 +21,7 @@ prose (0% with BFCL's own prompt), so without it a binary reward is all zero and
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -39,6 +40,7 @@ import torch
 
 import kernels
 from fctrain import data as fdata
+from fctrain import packing
 from fctrain import reward as freward
 
 
@@ -77,14 +79,19 @@ class Config:
     min_lr_ratio: float = 0.1              # cosine decay floor
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    micro_batch_tokens: int = 4096         # padded tokens per forward/backward
+    micro_batch_tokens: int = 4096         # tokens computed per forward/backward (padding included)
+    packing: str = "auto"                  # shared | packed | padded; auto = shared (SDPA) or packed (flash-attn)
     sft_steps: int = 10                    # cold-start SFT steps before RL (0 = none)
     sft_batch_size: int = 8
     sft_lr: float = 5e-5
     # system
     engine: str = "auto"                   # vllm | hf | auto (vllm if installed)
     engine_dtype: str = "bfloat16"         # vLLM weights/compute dtype
-    train_dtype: str = "float32"           # trainer master weights: float32 | bfloat16
+    train_dtype: str = "float32"           # float32 | bfloat16 (pure: half the memory, bf16 rounding in
+                                           # AdamW) | amp-bf16 (fp32 master weights, bf16 autocast compute)
+    attn_impl: str = "auto"                # sdpa | flash_attention_2 | auto (flash-attn on CUDA if installed)
+    liger: str = "auto"                    # Liger-Kernel RMSNorm/RoPE/SwiGLU: on | off | auto (CUDA + installed)
+    grad_checkpointing: bool = False       # recompute decoder layers in the backward (less activation memory)
     impl: str = "auto"                     # fused loss implementation: auto | triton | torch | naive
     reward_processes: int = 2
     seed: int = 0
@@ -103,7 +110,12 @@ class Config:
             (self.fmt in ("python", "hermes"), f"fmt must be python or hermes, got {self.fmt!r}"),
             (self.loss_agg in kernels.LOSS_AGGREGATIONS, f"loss_agg must be one of {kernels.LOSS_AGGREGATIONS}"),
             (self.engine in ("vllm", "hf", "auto"), f"engine must be vllm, hf or auto, got {self.engine!r}"),
-            (self.train_dtype in ("float32", "bfloat16"), "train_dtype must be float32 or bfloat16"),
+            (self.train_dtype in ("float32", "bfloat16", "amp-bf16"), "train_dtype must be float32, bfloat16 or amp-bf16"),
+            (self.packing in ("auto",) + packing.LAYOUTS, f"packing must be auto or one of {packing.LAYOUTS}"),
+            (self.attn_impl in ("auto", "sdpa", "flash_attention_2"), "attn_impl must be auto, sdpa or flash_attention_2"),
+            (not (self.attn_impl == "flash_attention_2" and self.packing == "shared"),
+             "packing=shared needs an attention mask; flash_attention_2 cannot share prompts (use packed)"),
+            (self.liger in ("auto", "on", "off"), "liger must be auto, on or off"),
             (self.group_size >= 2, "group_size must be >= 2 (advantages are relative within a group)"),
             (self.prompts_per_step >= 1 and self.steps >= 0 and self.sft_steps >= 0, "steps must be >= 0"),
             (self.temperature > 0, "temperature must be > 0 (sampling)"),
@@ -228,36 +240,144 @@ def think_token_mask(tokenizer, token_ids: list[int], text: str, fmt: str) -> li
     return mask
 
 
-def micro_batches(lengths: list[int], budget: int) -> list[list[int]]:
-    """Indices grouped so that (count * longest) <= budget, longest first to waste little padding."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches, cur = [], []
-    for i in order:
-        if cur and (len(cur) + 1) * lengths[cur[0]] > budget:
-            batches.append(cur)
-            cur = []
-        cur.append(i)
-    return batches + ([cur] if cur else [])
+def setup_model_kernels(cfg: Config, model, device: str) -> dict:
+    """Apply the optional model-level switches (Liger kernels, activation checkpointing); return what is
+    on, for the start-up summary."""
+    import importlib.util
+    liger = cfg.liger == "on" or (cfg.liger == "auto" and device == "cuda"
+                                  and importlib.util.find_spec("liger_kernel") is not None)
+    if liger:
+        if device != "cuda":
+            raise SystemExit("error: liger=on needs CUDA (Liger-Kernel's Triton kernels do not run on CPU)")
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+        _apply_liger_kernel_to_instance(model=model, cross_entropy=False, fused_linear_cross_entropy=False)
+    if cfg.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return {"liger": liger, "grad_checkpointing": cfg.grad_checkpointing}
 
 
-def pad_batch(seqs: list[list[int]], completion_starts: list[int], device):
-    """Right-padded input_ids (B, T), attention mask (B, T), targets (B, T-1) and the completion mask
-    (B, T-1) that marks positions predicting completion tokens."""
-    t = max(len(s) for s in seqs)
-    ids = torch.zeros(len(seqs), t, dtype=torch.long)
-    attn = torch.zeros(len(seqs), t, dtype=torch.long)
-    comp = torch.zeros(len(seqs), t - 1, dtype=torch.bool)
-    for b, (s, start) in enumerate(zip(seqs, completion_starts)):
-        ids[b, :len(s)] = torch.tensor(s)
-        attn[b, :len(s)] = 1
-        comp[b, start - 1:len(s) - 1] = True
-    return ids.to(device), attn.to(device), ids[:, 1:].to(device), comp.to(device)
+def attention_choice(cfg: Config, device: str) -> tuple[str, str]:
+    """(attn_implementation, packing layout) for this machine."""
+    import importlib.util
+    attn = cfg.attn_impl
+    if attn == "auto":
+        attn = "flash_attention_2" if device == "cuda" and importlib.util.find_spec("flash_attn") else "sdpa"
+    layout = cfg.packing if cfg.packing != "auto" else ("packed" if attn == "flash_attention_2" else "shared")
+    if attn == "flash_attention_2" and layout == "shared":
+        raise SystemExit("error: packing=shared needs SDPA; flash_attention_2 cannot share prompts")
+    return attn, layout
 
 
-def hidden_states(model, ids, attn):
-    """Last hidden states (B, T-1, H) of the positions that predict a next token; the LM head is never
-    called: the fused kernels take hidden states and lm_head.weight instead."""
-    return model.get_decoder()(input_ids=ids, attention_mask=attn).last_hidden_state[:, :-1]
+def autocast(cfg: Config, device: str):
+    if cfg.train_dtype == "amp-bf16":
+        return torch.autocast(device_type=device, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def lm_head(cfg: Config, model):
+    """The LM-head weight as the fused kernel should see it (bf16 under amp; gradients reach the fp32 master)."""
+    w = model.get_output_embeddings().weight
+    return w.to(torch.bfloat16) if cfg.train_dtype == "amp-bf16" else w
+
+
+def sft_loss_backward(cfg: Config, model, seqs: list[packing.Seq], layout: str, varlen: bool, device) -> float:
+    """Accumulate d(mean -log p of the completion tokens)/dθ over token-budget micro-batches; returns the loss."""
+    n_tokens = sum(len(s.completion) for s in seqs)
+    total = 0.0
+    for units in packing.plan(seqs, cfg.micro_batch_tokens, layout):
+        mb = packing.build(seqs, units, layout, device, varlen)
+        with autocast(cfg, device):
+            h = packing.hidden_rows(model, mb)
+        logp, _ = kernels.fused_linear_logprob_entropy(h.to(lm_head(cfg, model).dtype), lm_head(cfg, model),
+                                                       mb.targets, impl=cfg.impl)
+        loss = -logp.sum() / n_tokens
+        loss.backward()
+        total += loss.item()  # host sync, once per micro-batch
+    return total
+
+
+def train_on_rollouts(cfg: Config, model, ref_model, optimizer, lr: float, seqs: list[packing.Seq],
+                      adv: torch.Tensor, rollout_logps: list[list[float]], thinks: list[list[bool]] | None,
+                      layout: str, varlen: bool, device) -> dict:
+    """The RL training phase on one rollout batch: old log-probs and <think> entropy (EGPO), reference
+    log-probs, the fused clipped loss with global normalisation, backward, clipping and the AdamW step,
+    `updates_per_batch` times. `adv` (S,) is per sequence; `thinks` marks each completion's <think> tokens
+    (None for plain GRPO). Returns metrics, the final (EGPO) advantages and the think entropies."""
+    stats = {"loss": 0.0, "kl": 0.0, "clip_low": 0.0, "clip_high": 0.0, "entropy": 0.0,
+             "is_min": float("inf"), "is_max": 0.0, "is_mean": 0.0, "nan_loss": 0, "grad_norm": float("nan"),
+             "computed_tokens": 0}
+    final_adv = adv.clone()
+    think_entropy = torch.full((len(seqs),), float("nan"))
+    n_total = sum(len(s.completion) for s in seqs)
+    plan = packing.plan(seqs, cfg.micro_batch_tokens, layout)
+    batches = [packing.build(seqs, units, layout, device, varlen) for units in plan]
+    old_logps = {}
+    for update in range(cfg.updates_per_batch):
+        for k, mb in enumerate(batches):
+            w = lm_head(cfg, model)
+            with autocast(cfg, device):
+                h = packing.hidden_rows(model, mb)
+            h = h.to(w.dtype)
+            stats["computed_tokens"] += mb.num_tokens
+            if update == 0:
+                with torch.no_grad():  # old log-probs and entropy of the policy that sampled
+                    old_lp, ent = kernels.fused_linear_logprob_entropy(
+                        h.detach(), w, mb.targets, temperature=cfg.temperature, impl=cfg.impl)
+                old_logps[k] = old_lp
+                if thinks is not None:  # EGPO: mean entropy of each completion's <think> tokens
+                    think = packing.per_token(thinks, mb, torch.bool)
+                    n = len(mb.seqs)
+                    ent_sum = torch.zeros(n, device=device).index_add_(0, mb.seq_ids, ent * think)
+                    n_think = torch.zeros(n, device=device).index_add_(0, mb.seq_ids, think.float())
+                    h_seq = (ent_sum / n_think.clamp(min=1)).cpu()
+                    think_entropy[mb.seqs] = torch.where(n_think.cpu() > 0, h_seq, float("nan"))
+                    final_adv[mb.seqs] = egpo_advantages(adv[mb.seqs], h_seq, cfg.egpo_lambda, cfg.egpo_alpha)
+            ref_lp = None
+            if ref_model is not None:
+                with torch.no_grad(), autocast(cfg, device):
+                    hr = packing.hidden_rows(ref_model, mb)
+                    rw = lm_head(cfg, ref_model)
+                    ref_lp, _ = kernels.fused_linear_logprob_entropy(
+                        hr.to(rw.dtype), rw, mb.targets, temperature=cfg.temperature, impl=cfg.impl)
+            loss, m = kernels.fused_linear_grpo_loss(
+                h, w, mb.targets, final_adv[mb.seqs].to(device), torch.ones_like(mb.targets, dtype=torch.bool),
+                old_logp=old_logps[k], ref_logp=ref_lp,
+                rollout_logp=packing.per_token(rollout_logps, mb) if cfg.rollout_is_cap > 0 else None,
+                eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta, entropy_coef=cfg.entropy_coef,
+                temperature=cfg.temperature, rollout_is_cap=cfg.rollout_is_cap or None,
+                loss_agg=cfg.loss_agg, seq_ids=mb.seq_ids, max_len=cfg.max_new_tokens, impl=cfg.impl)
+            n_mb = len(mb.targets)
+            share = n_mb / n_total if cfg.loss_agg == "token-mean" else len(mb.seqs) / len(seqs)
+            loss = loss * share  # global normalisation over the whole batch
+            if not torch.isfinite(loss):  # host sync: skip the step on a NaN/inf loss, report it
+                stats["nan_loss"] += 1
+                continue
+            loss.backward()
+            stats["loss"] += loss.item()
+            for key, mk in [("kl", "kl_mean"), ("clip_low", "clip_low_frac"), ("clip_high", "clip_high_frac"),
+                            ("entropy", "entropy_mean"), ("is_mean", "is_weight_mean")]:
+                stats[key] += m[mk].item() * n_mb / n_total / cfg.updates_per_batch
+            stats["is_min"] = min(stats["is_min"], m["is_weight_min"].item())
+            stats["is_max"] = max(stats["is_max"], m["is_weight_max"].item())
+        if stats["nan_loss"]:
+            optimizer.zero_grad(set_to_none=True)
+            print(f"non-finite loss in {stats['nan_loss']} micro-batch(es); update skipped")
+        else:
+            stats["grad_norm"] = clip_and_step(cfg, model, optimizer, lr)
+    return {"stats": stats, "adv": final_adv, "think_entropy": think_entropy}
+
+
+def clip_and_step(cfg: Config, model, optimizer, lr: float) -> float:
+    """Clip the global gradient norm and step; a NaN/inf gradient skips the update (returns nan)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    if not torch.isfinite(grad_norm):  # host sync: a NaN/inf gradient must not reach the weights
+        optimizer.zero_grad(set_to_none=True)
+        return float("nan")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm.item()
 
 
 def peak_memory_mb() -> float:
@@ -305,19 +425,29 @@ def main(argv: list[str] | None = None) -> int:
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.train_dtype]
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "amp-bf16": torch.float32}[cfg.train_dtype]
     base_path = models.resolve_model(cfg.model or None)
     ckpt = latest_checkpoint(out) if resume else None
     if resume and ckpt is None:
         raise SystemExit(f"error: --resume {out}: no checkpoint found there")
     model_path = ckpt or base_path
     tokenizer = models.load_tokenizer(model_path)
-    model = models.load_model(model_path, dtype=dtype, device=device)
+    attn, layout = attention_choice(cfg, device)
+    varlen = attn == "flash_attention_2"
+    model = models.load_model(model_path, dtype=dtype, device=device, attn_implementation=attn)
     model.config.use_cache = False
+    switches = setup_model_kernels(cfg, model, device)
     ref_model = None
     if cfg.beta > 0:  # frozen reference: the starting policy, or the warm-started one saved after SFT
         ref_path = out / "reference" if (out / "reference" / "config.json").exists() else base_path
-        ref_model = models.load_model(ref_path, dtype=dtype, device=device).eval().requires_grad_(False)
+        ref_model = models.load_model(ref_path, dtype=dtype, device=device, attn_implementation=attn)
+        ref_model.eval().requires_grad_(False)
+        if switches["liger"]:
+            setup_model_kernels(dataclasses.replace(cfg, grad_checkpointing=False), ref_model, device)
+    print(f"trainer: {device} | weights {cfg.train_dtype} | attention {attn} | layout {layout} | "
+          f"liger {'on' if switches['liger'] else 'off'} | activation checkpointing "
+          f"{'on' if cfg.grad_checkpointing else 'off'} | loss kernel impl={cfg.impl} | "
+          f"micro-batch {cfg.micro_batch_tokens} tokens")
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99),
                                   weight_decay=cfg.weight_decay, foreach=True)
 
@@ -361,7 +491,6 @@ def main(argv: list[str] | None = None) -> int:
         engine = rollout.VLLMEngine(model_path, dtype=cfg.engine_dtype, seed=cfg.seed,
                                     max_model_len=cfg.max_prompt_tokens + cfg.max_new_tokens)
     scorer = freward.RewardScorer(cfg.reward, cfg.fmt, processes=cfg.reward_processes)
-    weight = model.get_output_embeddings().weight  # (V, H), tied to the embeddings for SmolLM2
     writer = None
     if cfg.tensorboard:
         try:
@@ -405,17 +534,6 @@ def main(argv: list[str] | None = None) -> int:
         engine.update_weights(model.named_parameters())  # no files; a no-op for the HF engine on our model
         return time.perf_counter() - t0
 
-    def clip_and_step(lr):
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        if not torch.isfinite(grad_norm):  # host sync: a NaN/inf gradient must not reach the weights
-            optimizer.zero_grad(set_to_none=True)
-            return float("nan")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return grad_norm.item()
-
     interrupted = False
 
     def on_sigint(signum, frame):
@@ -441,21 +559,10 @@ def main(argv: list[str] | None = None) -> int:
         if step < cfg.sft_steps:
             # ---- cold-start SFT: mean -log p of the reference completion, through the same fused kernel
             batch = next_examples(cfg.sft_batch_size)
-            seqs, starts = [], []
-            for ex in batch:
-                target = tokenizer.encode(fdata.render_target(ex, cfg.fmt), add_special_tokens=False)
-                seqs.append(prompt_ids[ex.id] + target + [tokenizer.eos_token_id])
-                starts.append(len(prompt_ids[ex.id]))
-            n_tokens = sum(len(s) - st for s, st in zip(seqs, starts))
-            loss_sum = 0.0
-            for mb in micro_batches([len(s) for s in seqs], cfg.micro_batch_tokens):
-                ids, attn, targets, comp = pad_batch([seqs[i] for i in mb], [starts[i] for i in mb], device)
-                h = hidden_states(model, ids, attn)[comp]
-                logp, _ = kernels.fused_linear_logprob_entropy(h, weight, targets[comp], impl=cfg.impl)
-                loss = -logp.sum() / n_tokens
-                loss.backward()
-                loss_sum += loss.item()  # host sync, once per micro-batch
-            grad_norm = clip_and_step(lr)
+            seqs = [packing.Seq(prompt_ids[ex.id], tokenizer.encode(fdata.render_target(ex, cfg.fmt),
+                                add_special_tokens=False) + [tokenizer.eos_token_id]) for ex in batch]
+            loss_sum = sft_loss_backward(cfg, model, seqs, layout, varlen, device)
+            grad_norm = clip_and_step(cfg, model, optimizer, lr)
             step += 1
             record = {"step": step, "phase": "sft", "loss": loss_sum, "lr": lr, "grad_norm": grad_norm,
                       "step_s": time.perf_counter() - t_step, "peak_mem_mb": peak_memory_mb()}
@@ -496,8 +603,8 @@ def main(argv: list[str] | None = None) -> int:
             adv = adv.flatten()
             keep = [i for i in range(len(completions)) if not zero_var[i // cfg.group_size]
                     and len(completions[i].token_ids) > 0]
-            seqs = [prompt_ids[owners[i].id] + completions[i].token_ids for i in keep]
-            starts = [len(prompt_ids[owners[i].id]) for i in keep]
+            seqs = [packing.Seq(prompt_ids[owners[i].id], completions[i].token_ids, i // cfg.group_size)
+                    for i in keep]
             think = [think_token_mask(tokenizer, completions[i].token_ids, completions[i].text, cfg.fmt)
                      for i in keep] if cfg.algo == "egpo" else None
             final_adv = adv.clone()
@@ -505,72 +612,13 @@ def main(argv: list[str] | None = None) -> int:
 
             # ---- loss and step
             t0 = time.perf_counter()
-            stats = {"loss": 0.0, "kl": 0.0, "clip_low": 0.0, "clip_high": 0.0, "entropy": 0.0,
-                     "is_min": float("inf"), "is_max": 0.0, "is_mean": 0.0, "nan_loss": 0}
-            grad_norm = float("nan")
-            n_tokens_total = sum(len(s) - st for s, st in zip(seqs, starts))
-            mbs = micro_batches([len(s) for s in seqs], cfg.micro_batch_tokens)
-            old_logps = {}
-            for update in range(cfg.updates_per_batch if keep else 0):
-                for mb in mbs:
-                    ids, attn, targets, comp = pad_batch([seqs[j] for j in mb], [starts[j] for j in mb], device)
-                    rollout_lp = torch.zeros(comp.shape, device=device)
-                    for b, j in enumerate(mb):
-                        lp = completions[keep[j]].logprobs
-                        rollout_lp[b, starts[j] - 1:starts[j] - 1 + len(lp)] = torch.tensor(lp)
-                    h = hidden_states(model, ids, attn)
-                    if update == 0:
-                        with torch.no_grad():  # old log-probs and entropy of the policy that sampled
-                            old_lp, ent = kernels.fused_linear_logprob_entropy(
-                                h.detach()[comp], weight, targets[comp], temperature=cfg.temperature, impl=cfg.impl)
-                        old = torch.zeros(comp.shape, device=device)
-                        old[comp] = old_lp
-                        old_logps[tuple(mb)] = old
-                        if think is not None:  # EGPO: mean entropy of each completion's <think> tokens
-                            think_mask = torch.zeros(comp.shape, dtype=torch.bool, device=device)
-                            for b, j in enumerate(mb):
-                                think_mask[b, starts[j] - 1:starts[j] - 1 + len(think[j])] = torch.tensor(think[j])
-                            full_ent = torch.zeros(comp.shape, device=device)
-                            full_ent[comp] = ent
-                            n_think = think_mask.sum(1)
-                            h_seq = ((full_ent * think_mask).sum(1) / n_think.clamp(min=1)).cpu()  # (B,)
-                            idx = [keep[j] for j in mb]
-                            think_entropy[idx] = torch.where(n_think.cpu() > 0, h_seq, float("nan"))
-                            final_adv[idx] = egpo_advantages(adv[idx], h_seq, cfg.egpo_lambda, cfg.egpo_alpha)
-                    ref_lp = None
-                    if ref_model is not None:
-                        with torch.no_grad():
-                            hr = hidden_states(ref_model, ids, attn)[comp]
-                            r, _ = kernels.fused_linear_logprob_entropy(
-                                hr, ref_model.get_output_embeddings().weight, targets[comp],
-                                temperature=cfg.temperature, impl=cfg.impl)
-                        ref_lp = torch.zeros(comp.shape, device=device)
-                        ref_lp[comp] = r
-                    mb_adv = final_adv[[keep[j] for j in mb]].to(device)
-                    loss, m = kernels.fused_linear_grpo_loss(
-                        h, weight, targets, mb_adv, comp, old_logp=old_logps[tuple(mb)], ref_logp=ref_lp,
-                        rollout_logp=rollout_lp if cfg.rollout_is_cap > 0 else None,
-                        eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta, entropy_coef=cfg.entropy_coef,
-                        temperature=cfg.temperature, rollout_is_cap=cfg.rollout_is_cap or None,
-                        loss_agg=cfg.loss_agg, max_len=cfg.max_new_tokens, impl=cfg.impl)
-                    share = int(comp.sum()) / n_tokens_total if cfg.loss_agg == "token-mean" else len(mb) / len(seqs)
-                    loss = loss * share  # global normalisation over the whole batch
-                    if not torch.isfinite(loss):  # host sync: skip the step on a NaN/inf loss, report it
-                        stats["nan_loss"] += 1
-                        continue
-                    loss.backward()
-                    stats["loss"] += loss.item()
-                    for key, mk in [("kl", "kl_mean"), ("clip_low", "clip_low_frac"),
-                                    ("clip_high", "clip_high_frac"), ("entropy", "entropy_mean"),
-                                    ("is_mean", "is_weight_mean")]:
-                        stats[key] += m[mk].item() * int(comp.sum()) / n_tokens_total / cfg.updates_per_batch
-                    stats["is_min"] = min(stats["is_min"], m["is_weight_min"].item())
-                    stats["is_max"] = max(stats["is_max"], m["is_weight_max"].item())
-                if stats["nan_loss"]:
-                    optimizer.zero_grad(set_to_none=True)
-                    print(f"step {step + 1}: non-finite loss in {stats['nan_loss']} micro-batch(es); update skipped")
-                else:
-                    grad_norm = clip_and_step(lr)
+            stats = {}
+            if keep:
+                res = train_on_rollouts(cfg, model, ref_model, optimizer, lr, seqs, adv[keep],
+                                        [completions[i].logprobs for i in keep], think, layout, varlen, device)
+                stats = res["stats"]
+                final_adv[keep] = res["adv"]
+                think_entropy[keep] = res["think_entropy"]
             train_s = time.perf_counter() - t0
             sync_s = sync_engine() if keep else 0.0
             step += 1
@@ -584,11 +632,11 @@ def main(argv: list[str] | None = None) -> int:
                 "reward_failures": sum(r.failed for r in results),
                 "zero_var_groups": int(zero_var.sum()), "groups": len(batch), "trained_seqs": len(keep),
                 "think_entropy": think_entropy.nanmean().item() if (~think_entropy.isnan()).any() else None,
-                "adv_abs_mean": final_adv.abs().mean().item(), "loss": stats["loss"], "kl": stats["kl"],
-                "entropy": stats["entropy"], "clip_low": stats["clip_low"], "clip_high": stats["clip_high"],
-                "is_min": stats["is_min"] if keep else None, "is_mean": stats["is_mean"] if keep else None,
-                "is_max": stats["is_max"] if keep else None, "grad_norm": grad_norm, "lr": lr,
-                "nan_loss": stats["nan_loss"], "completion_len": float(np.mean(lengths)),
+                "adv_abs_mean": final_adv.abs().mean().item(),
+                **{k: stats.get(k) for k in ("loss", "kl", "entropy", "clip_low", "clip_high", "is_min", "is_mean",
+                                             "is_max", "grad_norm", "computed_tokens")},  # None: nothing trained
+                "trained_tokens": sum(len(s.completion) for s in seqs), "lr": lr,
+                "nan_loss": stats.get("nan_loss", 0), "completion_len": float(np.mean(lengths)),
                 "truncated": float(np.mean([c.finish_reason == "length" for c in completions])),
                 "gen_s": gen_s, "reward_s": reward_s, "train_s": train_s, "sync_s": sync_s,
                 "gen_tokens_per_s": sum(lengths) / gen_s, "step_s": time.perf_counter() - t_step,
@@ -598,10 +646,11 @@ def main(argv: list[str] | None = None) -> int:
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.2f}")
+            trained = (f"ent {stats['entropy']:.2f} | kl {stats['kl']:.4f} | clip "
+                       f"{stats['clip_low'] + stats['clip_high']:.3f}") if stats else "nothing trained"
             (bar.write if bar is not None else print)(
                 f"step {step}/{total_steps} | reward {record['reward']:.3f} | acc {record['accuracy']:.2f} | "
-                f"fmt {record['format_rate']:.2f} | ent {record['entropy']:.2f} | kl {record['kl']:.4f} | "
-                f"clip {record['clip_low'] + record['clip_high']:.3f} | zero-var {record['zero_var_groups']}/"
+                f"fmt {record['format_rate']:.2f} | {trained} | zero-var {record['zero_var_groups']}/"
                 f"{len(batch)} | gen {gen_s:.1f}s | train {train_s:.1f}s")
             if cfg.eval_every and (step - cfg.sft_steps) % cfg.eval_every == 0 and step < total_steps:
                 run_eval(f"step-{step}")
@@ -637,7 +686,8 @@ def plot_curves(metrics_path: Path, png: Path):
     ev = [r for r in rows if r.get("phase") == "eval"]
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.5))
     for ax, key in zip(axes, ["reward", "entropy", "kl"]):
-        ax.plot([r["step"] for r in rl], [r[key] for r in rl], marker=".")
+        pts = [(r["step"], r[key]) for r in rl if r.get(key) is not None]
+        ax.plot([s for s, _ in pts], [v for _, v in pts], marker=".")
         ax.set_title(key)
         ax.set_xlabel("step")
     axes[3].plot([r["step"] for r in ev], [r["eval_accuracy"] for r in ev], marker="o")

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fctrain import data, run
-from fctrain.run import Config, egpo_advantages, group_advantages, micro_batches, parse_config
+from fctrain.run import Config, egpo_advantages, group_advantages, parse_config
 
 
 def test_group_and_egpo_advantages_match_hand_computed_values():
@@ -44,16 +44,6 @@ def test_config_cli_is_generated_and_type_checked(tmp_path):
             parse_config(argv)
     with pytest.raises(Exception):
         Config().lr = 1.0  # frozen
-
-
-def test_micro_batches_respect_the_budget_and_drop_nothing():
-    g = torch.Generator().manual_seed(0)
-    for _ in range(50):
-        lengths = torch.randint(1, 300, (int(torch.randint(1, 40, (1,), generator=g)),), generator=g).tolist()
-        budget = 300 + int(torch.randint(0, 2000, (1,), generator=g))
-        batches = micro_batches(lengths, budget)
-        assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
-        assert all(len(b) * max(lengths[i] for i in b) <= budget for b in batches)
 
 
 def test_lr_schedule():
@@ -119,7 +109,7 @@ def test_end_to_end_hf_engine_trains_and_resumes_exactly(tiny):
     rl = [r for r in rows if r["phase"] == "rl"]
     sft = [r for r in rows if r["phase"] == "sft"]
     assert len(rl) == 2 and len(sft) == 30 and sft[-1]["loss"] < sft[0]["loss"] / 3
-    assert all(math.isfinite(r["loss"]) and r["nan_loss"] == 0 for r in rl)
+    assert all(r["loss"] is None or math.isfinite(r["loss"]) for r in rl) and all(r["nan_loss"] == 0 for r in rl)
     assert sum(r["trained_seqs"] for r in rl) > 0, "the warm-started tiny model should give reward variance"
     assert any(r["phase"] == "eval" and r["tag"] == "after" for r in rows)
     assert (out_a / "curves.png").exists()
@@ -161,7 +151,8 @@ def test_end_to_end_vllm_engine_and_ctrl_c(tiny):
     assert proc.returncode == 130, output[-3000:]
     rows = [json.loads(line) for line in open(metrics)]
     rl = [r for r in rows if r["phase"] == "rl"]
-    assert all(math.isfinite(r["loss"]) for r in rl) and sum(r["trained_seqs"] for r in rl) > 0, output[-3000:]
+    assert all(r["loss"] is None or math.isfinite(r["loss"]) for r in rl), output[-3000:]
+    assert sum(r["trained_seqs"] for r in rl) > 0, output[-3000:]
     assert any(r["sync_s"] > 0 for r in rl)  # weights were pushed into vLLM after the updates
     saved = sorted(out.glob("ckpt-*"))
     assert saved and int(saved[-1].name.split("-")[1]) == rows[-1]["step"], output[-3000:]

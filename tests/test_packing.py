@@ -1,0 +1,160 @@
+"""Packed and shared-prompt micro-batches give the log-probs, loss and gradients of one sequence per row."""
+import copy
+
+import pytest
+import torch
+
+import kernels
+from fctrain import packing, run
+from fctrain.packing import Seq
+
+
+def _random_seqs(g, n_groups, vocab=300, group_size=3, max_prompt=40, max_comp=25):
+    seqs = []
+    for grp in range(n_groups):
+        prompt = torch.randint(0, vocab, (int(torch.randint(1, max_prompt, (1,), generator=g)),), generator=g).tolist()
+        for _ in range(group_size):
+            n = int(torch.randint(1, max_comp, (1,), generator=g))
+            seqs.append(Seq(prompt, torch.randint(0, vocab, (n,), generator=g).tolist(), grp))
+    return seqs
+
+
+@pytest.mark.parametrize("layout", packing.LAYOUTS)
+def test_plan_respects_the_budget_and_places_every_sequence_once(layout):
+    g = torch.Generator().manual_seed(1)
+    for trial in range(60):
+        seqs = _random_seqs(g, int(torch.randint(1, 12, (1,), generator=g)), group_size=int(
+            torch.randint(1, 6, (1,), generator=g)), max_prompt=200, max_comp=120)
+        budget = 320 + int(torch.randint(0, 1500, (1,), generator=g))
+        plan = packing.plan(seqs, budget, layout)
+        placed = sorted(i for mb in plan for unit in mb for i in unit)
+        assert placed == list(range(len(seqs))), f"trial {trial}: a sequence was dropped or duplicated"
+        for mb_units in plan:
+            mb = packing.build(seqs, mb_units, layout)
+            assert mb.num_tokens <= budget, (trial, layout, mb.num_tokens, budget)
+            assert len(mb.targets) == sum(len(seqs[i].completion) for i in mb.seqs)
+            if layout != "shared":
+                assert all(len(u) == 1 for u in mb_units)
+
+
+def test_shared_layout_stores_each_prompt_once():
+    p = list(range(10))
+    seqs = [Seq(p, [1, 2, 3], 0), Seq(p, [4, 5], 0), Seq(p, [6], 0), Seq([7, 8], [9], 1)]
+    mb = packing.build(seqs, packing.plan(seqs, 64, "shared")[0], "shared")
+    assert mb.num_tokens == 10 + 3 + 2 + 1 + 2 + 1
+    assert packing.build(seqs, packing.plan(seqs, 64, "packed")[0], "packed").num_tokens == 13 + 12 + 11 + 3
+
+
+def test_bad_batches_fail_clearly():
+    with pytest.raises(ValueError, match="over the micro-batch budget"):
+        packing.plan([Seq([1] * 50, [2] * 20)], 64, "packed")
+    with pytest.raises(ValueError, match="empty completion"):
+        packing.plan([Seq([1, 2], [])], 64, "packed")
+    with pytest.raises(ValueError, match="identical prompts"):
+        packing.plan([Seq([1, 2], [3], 0), Seq([1, 5], [3], 0)], 64, "shared")
+    seqs = [Seq([1, 2], [3], 0), Seq([1, 2], [4], 0)]
+    with pytest.raises(ValueError, match="varlen"):
+        packing.build(seqs, packing.plan(seqs, 64, "shared")[0], "shared", varlen=True)
+    with pytest.raises(ValueError, match="layout must be"):
+        packing.plan(seqs, 64, "ragged")
+    with pytest.raises(ValueError, match="flash_attention_2 cannot share"):
+        run.Config(attn_impl="flash_attention_2", packing="shared")
+
+
+@pytest.fixture(scope="module")
+def llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
+                      attn_implementation="sdpa")
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _reference_logps(model, seqs, temperature):
+    """float64 per-token log-probs of each completion, each sequence alone through the full model."""
+    out = []
+    for s in seqs:
+        ids = torch.tensor([s.prompt + s.completion])
+        with torch.no_grad():
+            logits = model(ids).logits[0, len(s.prompt) - 1:-1].double() / temperature
+        out.append(torch.log_softmax(logits, -1).gather(1, torch.tensor(s.completion)[:, None])[:, 0])
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("layout", packing.LAYOUTS)
+def test_layouts_give_the_log_probs_of_one_sequence_per_row(llama, layout):
+    g = torch.Generator().manual_seed(2)
+    seqs = _random_seqs(g, 5)
+    ref = _reference_logps(llama, seqs, 0.7)
+    got = torch.zeros_like(ref)
+    offsets = torch.tensor([0] + [len(s.completion) for s in seqs]).cumsum(0)
+    w = llama.get_output_embeddings().weight
+    plan = packing.plan(seqs, 140, layout)
+    assert len(plan) > 1  # several micro-batches
+    for units in plan:
+        mb = packing.build(seqs, units, layout)
+        with torch.no_grad():
+            lp, _ = kernels.fused_linear_logprob_entropy(packing.hidden_rows(llama, mb), w, mb.targets, 0.7)
+        at = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in mb.seqs])
+        got[at] = lp.double()
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=0)
+
+
+def test_train_on_rollouts_is_layout_independent(llama):
+    """One full RL update (EGPO, KL to a reference, rollout IS weight) per layout: same loss, metrics,
+    advantages and updated weights as the padded one-sequence-per-row layout."""
+    g = torch.Generator().manual_seed(3)
+    seqs = _random_seqs(g, 4)
+    adv = torch.randn(len(seqs), generator=g)
+    rollout = [(-torch.rand(len(s.completion), generator=g) * 3).tolist() for s in seqs]
+    thinks = [(torch.rand(len(s.completion), generator=g) < 0.6).tolist() for s in seqs]
+    cfg = run.Config(micro_batch_tokens=150, max_prompt_tokens=40, max_new_tokens=30, beta=0.04,
+                     temperature=0.7, lr=1e-3, grad_clip=1e9)
+    ref_model = copy.deepcopy(llama)
+    with torch.no_grad():
+        for p in ref_model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    results = {}
+    for layout in packing.LAYOUTS:
+        model = copy.deepcopy(llama).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        res = run.train_on_rollouts(cfg, model, ref_model, opt, 1e-3, seqs, adv, rollout, thinks, layout, False, "cpu")
+        results[layout] = (res, {k: v.detach().clone() for k, v in model.state_dict().items()})
+    base_res, base_w = results["padded"]
+    assert base_res["stats"]["nan_loss"] == 0 and base_res["stats"]["kl"] > 0
+    assert not torch.isnan(base_res["think_entropy"]).any()
+    for layout in ("packed", "shared"):
+        res, w = results[layout]
+        for key in ("loss", "kl", "entropy", "clip_low", "clip_high", "is_mean", "grad_norm"):
+            assert res["stats"][key] == pytest.approx(base_res["stats"][key], rel=1e-4, abs=1e-6), (layout, key)
+        torch.testing.assert_close(res["adv"], base_res["adv"], atol=1e-5, rtol=0)
+        torch.testing.assert_close(res["think_entropy"], base_res["think_entropy"], atol=1e-5, rtol=0)
+        for k in base_w:
+            torch.testing.assert_close(w[k], base_w[k], atol=2e-5, rtol=0, msg=f"{layout}: {k}")
+    # The shared layout computes fewer tokens than packing, which computes fewer than padding.
+    tokens = {layout: results[layout][0]["stats"]["computed_tokens"] for layout in packing.LAYOUTS}
+    assert tokens["shared"] < tokens["packed"] < tokens["padded"], tokens
+
+
+def test_gradients_match_float64_reference(llama):
+    """Packed-shared gradients of a simple objective vs the same objective in float64, one row per sequence."""
+    g = torch.Generator().manual_seed(4)
+    seqs = _random_seqs(g, 3)
+    coef = torch.randn(sum(len(s.completion) for s in seqs), generator=g, dtype=torch.float64)
+    m64 = copy.deepcopy(llama).double()
+    lp = []
+    for s in seqs:
+        logits = m64(torch.tensor([s.prompt + s.completion])).logits[0, len(s.prompt) - 1:-1]
+        lp.append(torch.log_softmax(logits, -1).gather(1, torch.tensor(s.completion)[:, None])[:, 0])
+    (torch.cat(lp) * coef).sum().backward()
+    m32 = copy.deepcopy(llama)
+    mb = packing.build(seqs, packing.plan(seqs, 4096, "shared")[0], "shared")
+    logp, _ = kernels.fused_linear_logprob_entropy(packing.hidden_rows(m32, mb), m32.get_output_embeddings().weight,
+                                                   mb.targets)
+    offsets = torch.tensor([0] + [len(s.completion) for s in seqs]).cumsum(0)
+    order = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in mb.seqs])
+    (logp * coef[order].float()).sum().backward()
+    for (name, p64), p32 in zip(m64.named_parameters(), m32.parameters()):
+        scale = p64.grad.abs().max().item() + 1e-12
+        assert (p32.grad.double() - p64.grad).abs().max().item() / scale < 1e-4, name
