@@ -132,12 +132,18 @@ def forward_hidden(model, ids, attn):
     """(hidden states (B, T-1, H) of the positions that predict a next token, LM-head weight (V, H)).
 
     Calls the ROOT module (sharded or not), so FSDP's root hooks gather the embeddings/norm/LM head and
-    reduce their gradients; `logits_to_keep` selects no position, so no logits are computed. The weight is
-    read after the forward: under FSDP it is the gathered (bf16 under mixed precision) parameter then.
+    reduce their gradients; `logits_to_keep` selects no position, so no logits are computed. The final
+    hidden state is taken from the decoder's output by a forward hook (output_hidden_states would keep every
+    layer's states alive, ~L times the memory under no_grad). The weight is read after the forward: under
+    FSDP it is the gathered (bf16 under mixed precision) parameter then.
     """
-    out = model(input_ids=ids, attention_mask=attn, logits_to_keep=_NO_POSITIONS.to(ids.device),
-                output_hidden_states=True, use_cache=False)
-    return out.hidden_states[-1][:, :-1], model.get_output_embeddings().weight
+    captured = []
+    hook = model.get_decoder().register_forward_hook(lambda module, args, out: captured.append(out[0]))
+    try:
+        model(input_ids=ids, attention_mask=attn, logits_to_keep=_NO_POSITIONS.to(ids.device), use_cache=False)
+    finally:
+        hook.remove()
+    return captured[0][:, :-1], model.get_output_embeddings().weight
 
 
 def dummy_backward(model, device):

@@ -201,6 +201,16 @@ def test_two_ranks_equal_one_process_and_checkpoints_cross_world_sizes(tmp_path)
     assert_weights_close(ranks[0]["weights"], full_weights(loaded), 1e-6, "weights after the round trip")
 
 
+def test_forward_hidden_is_the_decoder_output_and_computes_no_logits():
+    model = tiny_llama(seed=0)
+    ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))
+    attn = torch.ones_like(ids)
+    attn[1, 5:] = 0
+    h, weight = fdist.forward_hidden(model, ids, attn)
+    want = model.get_decoder()(input_ids=ids, attention_mask=attn).last_hidden_state[:, :-1]
+    assert torch.equal(h, want) and weight is model.lm_head.weight
+
+
 def test_split_for_rank_and_single_process_context():
     items = list(range(7))
     shares = [fdist.split_for_rank(items, r, 3) for r in range(3)]
