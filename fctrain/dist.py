@@ -175,6 +175,16 @@ def _all_reduce(x, op):
     return type(x)(y.item())  # host sync
 
 
+def all_gather_list(items: list) -> list:
+    """Every rank's `items` (picklable, e.g. reward results for logging) concatenated in rank order, on every
+    rank; `items` itself in a single process. Host objects through the CPU: for small per-step records."""
+    if not is_distributed():
+        return list(items)
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, list(items))
+    return [x for part in gathered for x in part]
+
+
 def split_for_rank(items: list, rank: int, world_size: int) -> list:
     """Contiguous share of `items` for `rank` (sizes differ by at most one). Split whole prompt groups,
     so that group advantages need no communication."""

@@ -113,6 +113,7 @@ def _worker(rank, port, out, phase):
             optimizer = make_optimizer(model)
             result["loss"], result["grad_norm"] = train_step(model, optimizer, make_batch(1), RANK_MBS[rank])
             result["weights"] = full_weights(model)
+            result["gathered"] = fdist.all_gather_list(fdist.split_for_rank(list("abcde"), rank, WORLD))
             fdist.save_pretrained(model, os.path.join(out, "ckpt-a"))
             optim_state = fdist.optimizer_state_dict(model, optimizer)
             if rank == 0:
@@ -169,6 +170,7 @@ def test_two_ranks_equal_one_process_and_checkpoints_cross_world_sizes(tmp_path)
         assert_verbose_close(r["grad_norm"], norm1, 1e-6, 1e-5, "grad norm (pre-clip, global)")
     assert_weights_close(ranks[0]["weights"], full_weights(single), 1e-6, "weights after the 2-rank step")
     assert_weights_close(ranks[1]["weights"], ranks[0]["weights"], 0, "ranks' gathered weights")
+    assert ranks[0]["gathered"] == ranks[1]["gathered"] == list("abcde")
     assert ranks[0]["bf16_dtypes"] == (torch.bfloat16, torch.bfloat16)
     assert ranks[0]["bf16_master_dtypes"] == {torch.float32}
     assert_verbose_close(ranks[0]["bf16_loss"], loss1, 2e-3, 5e-2, "bf16 mixed-precision loss vs fp32")
