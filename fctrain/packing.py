@@ -1,12 +1,14 @@
 """Token-budget micro-batches for the trainer, in three layouts that give the same per-token log-probs.
 
     padded   one sequence per row, right-padded; costs rows x longest tokens (the classic layout)
-    packed   all sequences of a micro-batch concatenated in one row, positions restarting per sequence;
-             attention is block-diagonal causal (an explicit [1, 1, T, T] mask for SDPA, or position ids
-             alone for flash-attn's varlen path, which splits the row where positions restart)
-    shared   packed, and the G completions of one prompt follow a single copy of that prompt: each
-             completion attends to the prompt and to itself, never to its siblings (SDPA mask only).
-             With ~85% of an RL sequence being prompt (SmolLM2 on BFCL), this computes ~3x fewer tokens.
+    packed   all sequences of a micro-batch concatenated in one row, positions restarting per sequence.
+             Meant for flash-attn's varlen path (position ids alone split the row; linear cost). Under
+             SDPA it needs an explicit [1, 1, T, T] block-diagonal mask, and SDPA's cost then grows with
+             T^2 for the whole row: on CPU prefer `shared`.
+    shared   one row per prompt: the prompt once, then its G completions, each attending to the prompt
+             and to itself, never to its siblings (a [B, 1, T, T] mask; SDPA only). Rows are padded to the
+             longest in the micro-batch. With ~85% of an RL sequence being prompt (SmolLM2 on BFCL), this
+             computes ~3x fewer tokens than `padded`.
 
 Only hidden states that predict a completion token are handed to the loss (`MicroBatch.rows`), so the
 fused loss runs on the packed [M, H] form with per-sequence `seq_ids`, whatever the layout.
@@ -72,7 +74,7 @@ def _unit_tokens(seqs: list[Seq], unit: list[int]) -> int:
 
 def plan(seqs: list[Seq], budget: int, layout: str) -> list[list[list[int]]]:
     """Micro-batches (each a list of units, each unit a list of sequence indices) whose computed tokens
-    stay within `budget`: rows x longest for `padded`, the laid-out length otherwise. Every sequence is
+    stay within `budget`: rows x longest row for `padded` and `shared`, the row length for `packed`. Every sequence is
     placed exactly once; a single sequence longer than the budget is an error, not a silent drop."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}; got {layout!r}")
@@ -89,7 +91,7 @@ def plan(seqs: list[Seq], budget: int, layout: str) -> list[list[list[int]]]:
     loads: list[int] = []
     for u in order:
         for b, batch in enumerate(batches):
-            if layout == "padded":  # rows x longest; the first unit of a batch is its longest
+            if layout != "packed":  # rows x longest; the first unit of a batch is its longest
                 fits = (len(batch) + 1) * cost[batch[0]] <= budget
             else:
                 fits = loads[b] + cost[u] <= budget
@@ -125,34 +127,46 @@ def build(seqs: list[Seq], units: list[list[int]], layout: str, device="cpu", va
                           targets.to(device), seq_ids.to(device))
     if varlen and layout == "shared":
         raise ValueError("the shared-prompt layout needs an attention mask; flash-attn varlen cannot express it")
-    tokens, pos, unit_of, branch_of, rows = [], [], [], [], []
-    for u_idx, unit in enumerate(units):
-        prompt = seqs[unit[0]].prompt
-        start = len(tokens)
-        tokens += prompt
-        pos += range(len(prompt))
-        unit_of += [u_idx] * len(prompt)
-        branch_of += [0] * len(prompt)
-        for k, i in enumerate(unit):
-            comp = seqs[i].completion
-            if k > 0 and layout != "shared":
-                raise AssertionError("only the shared layout puts several completions in one unit")
-            at = len(tokens)
-            rows += [start + len(prompt) - 1] + list(range(at, at + len(comp) - 1))
-            tokens += comp
-            pos += range(len(prompt), len(prompt) + len(comp))
-            unit_of += [u_idx] * len(comp)
-            branch_of += [k + 1] * len(comp)
-    ids = torch.tensor(tokens, dtype=torch.long)[None]
-    position_ids = torch.tensor(pos, dtype=torch.long)[None]
+    # packed: every unit in one row; shared: one row per unit. Each token gets its unit and branch
+    # (0 = the prompt, k + 1 = completion k); q sees k iff same unit, k <= q, and k is prompt or on q's branch.
+    lines = [units] if layout == "packed" else [[u] for u in units]
+    laid = []
+    for line in lines:
+        tokens, pos, unit_of, branch_of, rows = [], [], [], [], []
+        for u_idx, unit in enumerate(line):
+            prompt = seqs[unit[0]].prompt
+            start = len(tokens)
+            tokens += prompt
+            pos += range(len(prompt))
+            unit_of += [u_idx] * len(prompt)
+            branch_of += [0] * len(prompt)
+            for k, i in enumerate(unit):
+                comp = seqs[i].completion
+                at = len(tokens)
+                rows += [start + len(prompt) - 1] + list(range(at, at + len(comp) - 1))
+                tokens += comp
+                pos += range(len(prompt), len(prompt) + len(comp))
+                unit_of += [u_idx] * len(comp)
+                branch_of += [k + 1] * len(comp)
+        laid.append((tokens, pos, unit_of, branch_of, rows))
+    width = max(len(t) for t, *_ in laid)
+    ids = torch.zeros(len(laid), width, dtype=torch.long)
+    position_ids = torch.zeros(len(laid), width, dtype=torch.long)
+    unit_t = torch.full((len(laid), width), -1)  # padding: its own unit, attending only to padding
+    branch_t = torch.zeros(len(laid), width, dtype=torch.long)
+    flat_rows = []
+    for b, (tokens, pos, unit_of, branch_of, rows) in enumerate(laid):
+        n = len(tokens)
+        ids[b, :n], position_ids[b, :n] = torch.tensor(tokens), torch.tensor(pos)
+        unit_t[b, :n], branch_t[b, :n] = torch.tensor(unit_of), torch.tensor(branch_of)
+        flat_rows.append(b * width + torch.tensor(rows))
     mask = None
-    if not varlen:  # token q sees k iff same unit, k <= q, and k is prompt or on q's own completion
-        unit_t, branch_t = torch.tensor(unit_of), torch.tensor(branch_of)
-        q = torch.arange(len(tokens))
-        mask = ((unit_t[None, :] == unit_t[:, None]) & (q[None, :] <= q[:, None])
-                & ((branch_t[None, :] == 0) | (branch_t[None, :] == branch_t[:, None])))[None, None]
+    if not varlen:
+        q = torch.arange(width)
+        mask = ((unit_t[:, None, :] == unit_t[:, :, None]) & (q[None, None, :] <= q[None, :, None])
+                & ((branch_t[:, None, :] == 0) | (branch_t[:, None, :] == branch_t[:, :, None])))[:, None]
         mask = mask.to(device)
-    return MicroBatch(order, ids.to(device), position_ids.to(device), mask, torch.tensor(rows).to(device),
+    return MicroBatch(order, ids.to(device), position_ids.to(device), mask, torch.cat(flat_rows).to(device),
                       targets.to(device), seq_ids.to(device))
 
 
