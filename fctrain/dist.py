@@ -4,7 +4,7 @@ Every rank runs the same loop on its share of the prompts; these helpers are the
 
     ctx = fdist.init()                                   # torchrun's env; world_size 1 without torchrun
     model = fdist.shard_model(model, bf16=True)          # fully_shard per decoder layer + root; grads SUMMED
-    h, weight = fdist.forward_hidden(model, ids, attn)   # root forward (FSDP hooks run), no [B, T, V] logits
+    h, weight = fdist.forward_hidden(model, input_ids=ids, attention_mask=attn)  # root forward, no logits
     n_global = fdist.all_reduce_sum(n_local_tokens)      # loss = sum over my tokens / n_global -> same
     ...                                                  #   update as one process on the whole batch
     grad_norm = fdist.clip_grad_norm_(model, 1.0)        # global norm over every rank's shards
@@ -128,28 +128,30 @@ def _unwrapped_class(model):
 _NO_POSITIONS = torch.empty(0, dtype=torch.long)
 
 
-def forward_hidden(model, ids, attn):
-    """(hidden states (B, T-1, H) of the positions that predict a next token, LM-head weight (V, H)).
+def forward_hidden(model, **inputs):
+    """(last hidden states (B, T, H), LM-head weight (V, H)) for `inputs` (input_ids, attention_mask,
+    position_ids, ... as the decoder takes them).
 
     Calls the ROOT module (sharded or not), so FSDP's root hooks gather the embeddings/norm/LM head and
-    reduce their gradients; `logits_to_keep` selects no position, so no logits are computed. The final
-    hidden state is taken from the decoder's output by a forward hook (output_hidden_states would keep every
-    layer's states alive, ~L times the memory under no_grad). The weight is read after the forward: under
-    FSDP it is the gathered (bf16 under mixed precision) parameter then.
+    reduce their gradients (calling `model.get_decoder()` directly would skip them); `logits_to_keep`
+    selects no position, so no logits are computed. The hidden state is the decoder's output, taken by a
+    forward hook (output_hidden_states would keep every layer's states alive: ~L times the memory under
+    no_grad). Read the weight AFTER the forward, as returned here: under FSDP it is the gathered parameter
+    (bf16 under mixed precision) only then.
     """
     captured = []
     hook = model.get_decoder().register_forward_hook(lambda module, args, out: captured.append(out[0]))
     try:
-        model(input_ids=ids, attention_mask=attn, logits_to_keep=_NO_POSITIONS.to(ids.device), use_cache=False)
+        model(**inputs, logits_to_keep=_NO_POSITIONS.to(inputs["input_ids"].device), use_cache=False)
     finally:
         hook.remove()
-    return captured[0][:, :-1], model.get_output_embeddings().weight
+    return captured[0], model.get_output_embeddings().weight
 
 
 def dummy_backward(model, device):
     """A zero-loss forward/backward: keeps FSDP's collectives in step on a rank with fewer micro-batches."""
     ids = torch.zeros(1, 2, dtype=torch.long, device=device)
-    h, weight = forward_hidden(model, ids, torch.ones_like(ids))
+    h, weight = forward_hidden(model, input_ids=ids, attention_mask=torch.ones_like(ids))
     (h.sum() * 0.0 + weight.sum() * 0.0).backward()
 
 

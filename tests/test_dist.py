@@ -77,7 +77,8 @@ def train_step(model, optimizer, batch, micro_batches):
     loss_sum = torch.zeros(())
     for mb in micro_batches:
         ids, attn, targets, comp, adv, noise = pad([batch[i] for i in mb])
-        h, weight = fdist.forward_hidden(model, ids, attn)
+        h, weight = fdist.forward_hidden(model, input_ids=ids, attention_mask=attn)
+        h = h[:, :-1]  # positions that predict a next token
         with torch.no_grad():  # "old" policy log-probs: this forward's, perturbed so that ratios clip
             old_lp, _ = kernels.fused_linear_logprob_entropy(h.detach()[comp], weight.detach(), targets[comp],
                                                              temperature=TEMPERATURE, impl="torch")
@@ -121,7 +122,7 @@ def _worker(rank, port, out, phase):
             # bf16 mixed precision: bf16 compute on gathered copies, fp32 master shards and reductions
             model = fdist.shard_model(tiny_llama(seed=0), bf16=True)
             ids = torch.tensor([[1, 2, 3]])
-            h, weight = fdist.forward_hidden(model, ids, torch.ones_like(ids))
+            h, weight = fdist.forward_hidden(model, input_ids=ids, attention_mask=torch.ones_like(ids))
             result["bf16_dtypes"] = (h.dtype, weight.dtype)
             (h.float().sum() * 0).backward()  # completes FSDP's backward before the next forward
             optimizer = make_optimizer(model)
@@ -208,8 +209,9 @@ def test_forward_hidden_is_the_decoder_output_and_computes_no_logits():
     ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))
     attn = torch.ones_like(ids)
     attn[1, 5:] = 0
-    h, weight = fdist.forward_hidden(model, ids, attn)
-    want = model.get_decoder()(input_ids=ids, attention_mask=attn).last_hidden_state[:, :-1]
+    position_ids = torch.arange(7).expand(2, 7)
+    h, weight = fdist.forward_hidden(model, input_ids=ids, attention_mask=attn, position_ids=position_ids)
+    want = model.get_decoder()(input_ids=ids, attention_mask=attn, position_ids=position_ids).last_hidden_state
     assert torch.equal(h, want) and weight is model.lm_head.weight
 
 
