@@ -68,6 +68,14 @@ def _worker(rank, init_file, out_dir):
             (logp * g_logp + ent * g_ent).sum().backward()
             results[(impl, dtype, split)] = (logp.detach(), ent.detach(), x.grad, w.grad)
 
+            if split == "even":  # no rows at all (a fully masked batch): the collectives still match
+                x = hidden[:0].clone().requires_grad_()
+                w = weight[lo:hi].clone().requires_grad_()
+                logp, ent = kernels.fused_linear_logprob_entropy(x, w, targets[:0], impl=impl,
+                                                                 process_group=dist.group.WORLD)
+                (logp.sum() + ent.sum()).backward()
+                results[(impl, dtype, "empty")] = (logp.shape, x.grad.shape, float(w.grad.abs().sum()))
+
         hidden, weight, targets, adv, mask, old, ref, rollout = grpo_inputs()
         lo, hi = shard_bounds("even", rank)
         for impl in ("triton", "torch"):
@@ -148,6 +156,12 @@ def test_sharded_grpo_loss_with_kl_matches_unsharded(ranks, impl):
     got_full = got[0][:4] + (torch.cat([got[0][4], got[1][4]]),)  # weight shards in rank order
     for name, a, b, c in zip(["loss", "logp", "kl_mean", "grad_hidden", "grad_weight"], got_full, want, same):
         within_budget(a, c, b, torch.float32, f"{impl} grpo {name}")
+
+
+def test_empty_input(ranks):
+    for key in [(impl, dtype, "empty") for impl in ("triton", "torch") for dtype in ("float32", "bfloat16")]:
+        for r in ranks:
+            assert r[key] == ((0,), (0, H), 0.0), key
 
 
 def test_bad_targets_and_gaps_raise_on_every_rank(ranks):
