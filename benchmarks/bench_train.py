@@ -12,8 +12,9 @@ training phase = what both trainers do between rollout and weight sync:
   old log-probs (no grad) + reference log-probs (no grad, beta=0.001) + clipped loss forward/backward over
   micro-batches + gradient clipping + AdamW step.
 TRL is driven through its own code: `GRPOTrainer._get_per_token_logps_and_entropies` for the old and
-reference passes (as GRPOTrainer does with vLLM rollouts) and `GRPOTrainer.training_step` (compute_loss +
-backward; DAPO loss = fctrain's token-mean, TRL's chunked fused LM head) per micro-batch of
+reference passes (as GRPOTrainer does with vLLM rollouts) and `GRPOTrainer.compute_loss` + the accelerator's
+backward (what its training_step does after rollout; DAPO loss = fctrain's token-mean; TRL's own chunked
+fused LM head, so TRL never materialises full logits either) per micro-batch of
 `per_device_train_batch_size` sequences, padded the way TRL pads (prompts left, completions right, across
 the generation batch), the largest divisor of the batch whose padded tokens fit fctrain's 4096-token
 micro-batch budget. TRL's per-token vLLM importance ratio (one multiply) is not applied.
@@ -158,6 +159,7 @@ def worker_trl(spec: dict, work: dict) -> dict:
     opt, model = trainer.optimizer, trainer.model
     for g in opt.param_groups:  # same AdamW as fctrain's (betas, constant lr)
         g["betas"], g["lr"] = (0.9, 0.99), cfg.lr
+    trainer.current_gradient_accumulation_steps = n // per_device  # set by Trainer's own loop otherwise
     model.train()
     pad = trainer.processing_class.pad_token_id or 0
     prompt_ids = torch.full((n, p_len), pad)
@@ -184,7 +186,9 @@ def worker_trl(spec: dict, work: dict) -> dict:
             inputs = {"prompt_ids": prompt_ids[sl], "prompt_mask": prompt_mask[sl], "completion_ids": comp_ids[sl],
                       "completion_mask": comp_mask[sl], "advantages": adv[sl], "num_items_in_batch": num_items,
                       "old_per_token_logps": old[sl], "ref_per_token_logps": ref[sl]}
-            total += trainer.training_step(model, inputs, num_items).item()
+            loss = trainer.compute_loss(model, inputs)  # GRPOTrainer.training_step minus its rollout
+            trainer.accelerator.backward(loss)
+            total += loss.item()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -105,12 +105,72 @@ def markdown_table(csv_path: Path, shape: tuple[int, int, int] | None = None) ->
     return "\n".join(lines)
 
 
+def plot_train(csv_path: Path, png_path: Path | None = None) -> Path:
+    """bench_train.py results: step time and memory per provider, TRL's bar first, ratios on the bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    csv_path = Path(csv_path)
+    png_path = Path(png_path) if png_path else csv_path.with_suffix(".png")
+    rows = [r for r in common.read_csv(csv_path) if r["status"] == "ok"]
+    if not rows:
+        raise ValueError(f"{csv_path}: no measured rows to plot")
+    names = [r["provider"] for r in rows]
+    colors = ["#b2182b" if n == "trl" else "#1b7837" if n == "fctrain" else "#7fbf7b" for n in names]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    panels = [("step_s", "time_vs_trl", "training-phase step (s)"),
+              ("peak_rss_mb", "peak_rss_vs_trl", "process peak RSS (MiB)"),
+              ("train_peak_extra_mb", "train_mem_vs_trl", "peak above loaded models (MiB)")]
+    for ax, (key, ratio, title) in zip(axes, panels):
+        vals = [float(r[key]) for r in rows]
+        bars = ax.bar(names, vals, color=colors)
+        for bar, r in zip(bars, rows):
+            if r.get(ratio):
+                ax.annotate(f"{float(r[ratio]):.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                            ha="center", va="bottom", fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+    r0 = rows[0]
+    fig.suptitle(f"RL training phase, {r0['device']} | {r0['prompts']} prompts x {r0['group']} completions, prompt "
+                 f"~{float(r0['prompt_tokens_mean']):.0f} tok, completion ~{float(r0['completion_tokens_mean']):.0f} "
+                 f"tok | trl {r0['trl']} | git {r0['git_sha']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=90)
+    plt.close(fig)
+    return png_path
+
+
+def train_markdown_table(csv_path: Path) -> str:
+    rows = [r for r in common.read_csv(csv_path) if r["status"] == "ok"]
+    r0 = rows[0]
+    lines = [f"Device: {r0['device']} | git {r0['git_sha']} | {r0['date']} | torch {r0['torch']}, transformers "
+             f"{r0['transformers']}, trl {r0['trl']} | {r0['sequences']} sequences (prompt ~"
+             f"{float(r0['prompt_tokens_mean']):.0f}, completion ~{float(r0['completion_tokens_mean']):.0f} tokens)",
+             "",
+             "| provider | step s (p20-p80) | x TRL time | computed tokens | peak RSS MiB | x TRL | peak above loaded MiB | x TRL |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    f = lambda r, k, fmt: format(float(r[k]), fmt) if r.get(k) else "-"  # noqa: E731
+    for r in rows:
+        lines.append(f"| {r['provider']} | {f(r, 'step_s', '.1f')} ({f(r, 'step_p20_s', '.1f')}-{f(r, 'step_p80_s', '.1f')}) "
+                     f"| {f(r, 'time_vs_trl', '.2f')} | {r['computed_tokens']} | {f(r, 'peak_rss_mb', '.0f')} | "
+                     f"{f(r, 'peak_rss_vs_trl', '.2f')} | {f(r, 'train_peak_extra_mb', '.0f')} | {f(r, 'train_mem_vs_trl', '.2f')} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     args = sys.argv[1:]
     if not args or args[0] in ("-h", "--help"):
         raise SystemExit("usage: python benchmarks/plot.py RESULTS.csv [OUT.png]\n"
                          "       python benchmarks/plot.py --markdown RESULTS.csv [N,H,V]")
-    if args[0] == "--markdown":
+    csv_arg = Path(args[1] if args[0] == "--markdown" else args[0])
+    train = "step_s" in common.read_csv(csv_arg)[0]  # a bench_train.py CSV
+    if args[0] == "--markdown" and train:
+        print(train_markdown_table(Path(args[1])))
+    elif train:
+        print(plot_train(Path(args[0]), Path(args[1]) if len(args) > 1 else None))
+    elif args[0] == "--markdown":
         shape = tuple(int(x) for x in args[2].split(",")) if len(args) > 2 else None
         print(markdown_table(Path(args[1]), shape))
     else:
