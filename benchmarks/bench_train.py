@@ -19,7 +19,8 @@ fused LM head, so TRL never materialises full logits either) per micro-batch of
 the generation batch), the largest divisor of the batch whose padded tokens fit fctrain's 4096-token
 micro-batch budget. TRL's per-token vLLM importance ratio (one multiply) is not applied.
 Providers: fctrain (default: shared-prompt packing, chunked torch loss on CPU), fctrain-packed,
-fctrain-padded, fctrain-naive (default layout, loss with full [tokens x vocab] logits).
+fctrain-padded, fctrain-naive (default layout, loss with full [tokens x vocab] logits), fctrain-amp-bf16
+(fp32 master weights, bf16 autocast).
 
 Each provider runs in its own process: the median step time over `--steps` timed steps after one warm-up
 step, and memory as the process peak RSS and as the peak above the RSS with both models loaded.
@@ -42,7 +43,7 @@ COLUMNS = common.META_COLUMNS + [
     "micro_batches", "computed_tokens", "steps", "step_s", "step_p20_s", "step_p80_s", "rss_loaded_mb",
     "peak_rss_mb", "train_peak_extra_mb", "loss_first_step", "time_vs_trl", "peak_rss_vs_trl", "train_mem_vs_trl",
     "status"]
-PROVIDERS = ("trl", "fctrain", "fctrain-packed", "fctrain-padded", "fctrain-naive")
+PROVIDERS = ("trl", "fctrain", "fctrain-packed", "fctrain-padded", "fctrain-naive", "fctrain-amp-bf16")
 
 
 def make_workload(model_dir: str, prompts: int, group: int, max_new_tokens: int, seed: int = 0) -> dict:
@@ -106,10 +107,10 @@ def worker_fctrain(spec: dict, work: dict) -> dict:
     import torch
 
     from fctrain import models, packing, run
-    layout = {"fctrain": "shared", "fctrain-packed": "packed", "fctrain-padded": "padded",
-              "fctrain-naive": "shared"}[spec["provider"]]
+    layout = {"fctrain-packed": "packed", "fctrain-padded": "padded"}.get(spec["provider"], "shared")
     cfg = dataclasses.replace(run.Config(), impl="naive" if spec["provider"] == "fctrain-naive" else "auto",
-                              max_new_tokens=work["max_new_tokens"])
+                              max_new_tokens=work["max_new_tokens"],
+                              train_dtype="amp-bf16" if spec["provider"] == "fctrain-amp-bf16" else "float32")
     model = models.load_model(work["model"]).train()
     model.config.use_cache = False
     ref = models.load_model(work["model"]).eval().requires_grad_(False)
@@ -196,7 +197,7 @@ def worker_trl(spec: dict, work: dict) -> dict:
 
     out = _time_steps(step, spec["steps"])
     out["micro_batches"] = n // per_device
-    out["computed_tokens"] = 3 * ids.numel()  # old + reference + policy forward, padded
+    out["computed_tokens"] = 3 * ids.numel()  # old + reference + policy forwards, padded tokens
     return out
 
 

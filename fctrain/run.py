@@ -339,6 +339,7 @@ def train_on_rollouts(cfg: Config, model, ref_model, optimizer, lr: float, seqs:
                     rw = lm_head(cfg, ref_model)
                     ref_lp, _ = kernels.fused_linear_logprob_entropy(
                         hr.to(rw.dtype), rw, mb.targets, temperature=cfg.temperature, impl=cfg.impl)
+                stats["computed_tokens"] += mb.num_tokens
             loss, m = kernels.fused_linear_grpo_loss(
                 h, w, mb.targets, final_adv[mb.seqs].to(device), torch.ones_like(mb.targets, dtype=torch.bool),
                 old_logp=old_logps[k], ref_logp=ref_lp,
