@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fctrain import dist as fdist
+
 LAYOUTS = ("padded", "packed", "shared")
 
 
@@ -171,10 +173,12 @@ def build(seqs: list[Seq], units: list[list[int]], layout: str, device="cpu", va
 
 
 def hidden_rows(model, mb: MicroBatch) -> torch.Tensor:
-    """(M, H) last hidden states at `mb.rows`; the LM head is never called (the fused loss takes the
-    hidden states and lm_head.weight)."""
-    h = model.get_decoder()(input_ids=mb.input_ids, position_ids=mb.position_ids,
-                            attention_mask=mb.attention_mask).last_hidden_state
+    """(M, H) last hidden states at `mb.rows`; the LM head is never applied (the fused loss takes the
+    hidden states and lm_head.weight). Calls the root module through fdist.forward_hidden, so that an
+    FSDP-sharded model gathers and reduces its root parameters; unsharded it is the decoder's output.
+    Read lm_head.weight AFTER this call: under FSDP it is gathered only by the forward."""
+    h = fdist.forward_hidden(model, input_ids=mb.input_ids, position_ids=mb.position_ids,
+                             attention_mask=mb.attention_mask)[0]
     return h.reshape(-1, h.shape[-1]).index_select(0, mb.rows)
 
 

