@@ -102,3 +102,26 @@ def test_bad_arguments_are_rejected():
         bench.parse_args(["--providers", "nope"])
     with pytest.raises(SystemExit):
         bench.parse_args(["--shapes", "1,2"])
+
+
+@pytest.mark.slow
+def test_bench_train_fctrain_and_trl_do_identical_work(tmp_path):
+    """bench_train.py end to end on a tiny real Llama: both trainers run in their own processes, and on the
+    identical batch their first-step losses agree (same DAPO/token-mean loss, KL and advantages), so the
+    timing comparison compares the same computation."""
+    pytest.importorskip("trl")
+    from fctrain.models import build_tiny_model
+    train = _load("bench_train")
+    model_dir = build_tiny_model(tmp_path / "tiny", hidden_size=64, num_layers=2, num_heads=2)
+    out = tmp_path / "train.csv"
+    sys.argv = ["bench_train.py", "--model", str(model_dir), "--prompts", "2", "--group", "2",
+                "--max-new-tokens", "12", "--steps", "1", "--providers", "trl,fctrain,fctrain-padded", "--out", str(out)]
+    train.main()
+    rows = {r["provider"]: r for r in common.read_csv(out)}
+    assert all(r["status"] == "ok" for r in rows.values()), rows
+    loss = {k: float(r["loss_first_step"]) for k, r in rows.items()}
+    assert loss["fctrain"] == pytest.approx(loss["trl"], rel=1e-3, abs=1e-6), loss
+    assert loss["fctrain-padded"] == pytest.approx(loss["trl"], rel=1e-3, abs=1e-6), loss
+    assert int(rows["fctrain"]["computed_tokens"]) < int(rows["fctrain-padded"]["computed_tokens"])
+    assert float(rows["trl"]["time_vs_trl"]) == 1.0 and float(rows["fctrain"]["time_vs_trl"]) > 0
+    assert plot.plot_train(out).stat().st_size > 0
