@@ -63,12 +63,13 @@ class Config:
     max_new_tokens: int = 96               # completion budget per sample
     # algorithm
     algo: str = "egpo"                     # egpo | grpo
-    reward: str = "binary"                 # binary (paper) | partial | format
+    reward: str = "partial"                # binary (paper; preset paper-7b) | partial (default: gives
+                                           # SmolLM2 signal in every group; measured) | format
     egpo_lambda: float = 0.4               # EGPO entropy weight
     egpo_alpha: float = 2.0                # EGPO clip: |H term| <= |A| / alpha
     group_size: int = 4                    # completions per prompt (G)
     prompts_per_step: int = 4
-    steps: int = 12                        # RL steps (after the SFT warm start)
+    steps: int = 16                        # RL steps (after the SFT warm start)
     temperature: float = 0.7               # sampling temperature (also used for trainer log-probs)
     top_p: float = 1.0
     beta: float = 0.001                    # k3 KL weight to the frozen reference (0 = no reference model)
@@ -79,7 +80,7 @@ class Config:
     loss_agg: str = "token-mean"           # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
     updates_per_batch: int = 1             # optimizer passes over each rollout batch
     # optimisation
-    lr: float = 1e-5                       # RL learning rate (the paper's 7B run: 1e-6)
+    lr: float = 5e-5                       # RL learning rate (SmolLM2-135M; the paper's 7B run: 1e-6)
     warmup_steps: int = 3
     min_lr_ratio: float = 0.1              # cosine decay floor
     weight_decay: float = 0.0
@@ -137,7 +138,7 @@ class Config:
 
 PRESETS = {
     # The paper's run: Qwen2.5-Coder-7B-Instruct, lr 1e-6, beta 0.001, T 0.7, binary reward, EGPO.
-    "paper-7b": dict(model="Qwen/Qwen2.5-Coder-7B-Instruct", lr=1e-6, sft_steps=0, group_size=8,
+    "paper-7b": dict(model="Qwen/Qwen2.5-Coder-7B-Instruct", lr=1e-6, reward="binary", sft_steps=0, group_size=8,
                      prompts_per_step=32, steps=500, max_prompt_tokens=2048, max_new_tokens=1024,
                      micro_batch_tokens=32768, train_dtype="bfloat16", engine="vllm",
                      train_data="bfcl:live_simple,live_multiple,live_parallel,live_parallel_multiple",
