@@ -147,6 +147,7 @@ def _worker(rank, port, out, phase):
             result["weights"] = full_weights(model)
     finally:
         torch.save(result, os.path.join(out, f"phase{phase}-rank{rank}.pt"))
+        torch.distributed.barrier()  # no rank tears gloo down while its peer still talks to it
         fdist.shutdown()
 
 
