@@ -263,7 +263,8 @@ def main() -> None:
                 r["peak_rss_vs_trl"] = r["peak_rss_mb"] / trl["peak_rss_mb"]
                 r["train_mem_vs_trl"] = r["train_peak_extra_mb"] / trl["train_peak_extra_mb"]
         common.write_csv(args.out, rows, COLUMNS)  # after every provider: a killed run keeps what it measured
-    print(f"wrote {args.out}")
+    import plot
+    print(f"wrote {args.out} and {plot.plot_train(args.out)}")
 
 
 if __name__ == "__main__":

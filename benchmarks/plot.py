@@ -18,17 +18,23 @@ COLORS = {"fctrain-triton": "#1b7837", "fctrain-torch": "#7fbf7b", "naive-eager"
           "naive-compile": "#ef8a62", "liger-grpo": "#2166ac", "liger-flce": "#67a9cf", "cce": "#984ea3"}
 
 
+def _measured(csv_path, png_path):
+    """(csv path, png path defaulting to the CSV's name, the rows with status ok); no rows is an error."""
+    csv_path = Path(csv_path)
+    png_path = Path(png_path) if png_path else csv_path.with_suffix(".png")
+    rows = [r for r in common.read_csv(csv_path) if r["status"] == "ok"]
+    if not rows:
+        raise ValueError(f"{csv_path}: no measured rows to plot")
+    return csv_path, png_path, rows
+
+
 def plot_kernels(csv_path: Path, png_path: Path | None = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    csv_path = Path(csv_path)
-    png_path = Path(png_path) if png_path else csv_path.with_suffix(".png")
-    rows = [r for r in common.read_csv(csv_path) if r["status"] == "ok"]
-    if not rows:
-        raise ValueError(f"{csv_path}: no measured rows to plot")
+    csv_path, png_path, rows = _measured(csv_path, png_path)
     shapes = list(dict.fromkeys((r["N"], r["H"], r["V"], r["dtype"]) for r in rows))
     fig, axes = plt.subplots(len(shapes), 2, figsize=(15, 4.2 * len(shapes)), squeeze=False)
     for (n, h, v, dtype), (ax_t, ax_m) in zip(shapes, axes):
@@ -112,11 +118,7 @@ def plot_train(csv_path: Path, png_path: Path | None = None) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    csv_path = Path(csv_path)
-    png_path = Path(png_path) if png_path else csv_path.with_suffix(".png")
-    rows = [r for r in common.read_csv(csv_path) if r["status"] == "ok"]
-    if not rows:
-        raise ValueError(f"{csv_path}: no measured rows to plot")
+    csv_path, png_path, rows = _measured(csv_path, png_path)
     names = [r["provider"] for r in rows]
     colors = ["#b2182b" if n == "trl" else "#1b7837" if n == "fctrain" else "#7fbf7b" for n in names]
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
