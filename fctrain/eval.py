@@ -5,6 +5,7 @@ table, BFCL-format result files and a before/after comparison.
                            [--engine vllm|hf|auto] [--max-tokens N] [--out DIR]
     python -m fctrain.eval --compare runs/eval/before runs/eval/after      # two summaries (files or run dirs)
     python -m fctrain.eval --rescore runs/eval/before                       # recount its result files
+    python -m fctrain.eval ... --resume                                     # continue an interrupted run
 
 What it does, in order:
 1. Loads the BFCL v4 single-turn categories (fctrain.data.load_bfcl; `--limit K` keeps the first K of each)
@@ -522,11 +523,12 @@ def _model_context_length(model_path: Path) -> int | None:
     return value if isinstance(value, int) and value > 0 else None
 
 
-def _make_engine(kind: str, model_path: Path, dtype: str | None, max_model_len: int):
+def _make_engine(kind: str, model_path: Path, dtype: str | None, max_model_len: int,
+                 kv_cache_gib: float | None = None):
     from fctrain import rollout
 
     hf_kw = {"dtype": dtype} if dtype else {}
-    vllm_kw = hf_kw | {"max_model_len": max_model_len}
+    vllm_kw = hf_kw | {"max_model_len": max_model_len, "kv_cache_gib": kv_cache_gib}
     if kind == "hf":
         return rollout.make_engine("hf", model_path, **hf_kw)
     if kind == "vllm":
@@ -538,6 +540,47 @@ def _make_engine(kind: str, model_path: Path, dtype: str | None, max_model_len: 
         return rollout.make_engine("hf", model_path, **hf_kw)
 
 
+def _engine_dtype(engine) -> str | None:
+    for get in (lambda e: e.llm.llm_engine.model_config.dtype, lambda e: e.model.dtype):
+        try:
+            return str(get(engine)).replace("torch.", "")
+        except AttributeError:
+            continue
+    return None
+
+
+# What must match for `--resume` to continue a run: the same model, prompts and generation settings.
+RESUME_KEYS = ("model_path", "name", "format", "max_tokens")
+
+
+def _resume_records(out: Path, name: str, meta: dict, examples, fmt: str) -> tuple[list[Record], float]:
+    """The records a previous run of the same settings in `out` finished, re-judged from its result files
+    (the raw text under "fctrain"."raw", else "result"), and the generation seconds it had spent."""
+    state_path = out / "progress.json"
+    if not state_path.exists():
+        return [], 0.0
+    state = json.loads(state_path.read_text())
+    diff = {k: (state.get(k), meta[k]) for k in RESUME_KEYS if state.get(k) != meta[k]}
+    if diff:
+        raise ValueError(f"--resume: {out} holds a run with other settings "
+                         + ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items()))
+    by_id = {ex.id: ex for ex in examples}
+    records = []
+    result_dir = out / "result" / name
+    for cat, entries in (read_result_files(result_dir) if result_dir.exists() else {}).items():
+        for entry in entries:
+            ex = by_id.get(entry.get("id"))
+            if ex is None:  # a category or example outside this run's selection: left as it is
+                continue
+            ours = entry.get("fctrain") or {}
+            rec = judge(ours.get("raw", entry["result"]), ex, fmt)
+            rec.prompt_tokens = int(entry.get("input_token_count") or 0)
+            rec.output_tokens = int(entry.get("output_token_count") or 0)
+            rec.finish_reason = str(ours.get("finish_reason", ""))
+            records.append(rec)
+    return records, float(state.get("generate_s", 0.0))
+
+
 def run_cli(args) -> dict:
     from fctrain import data, models
 
@@ -547,6 +590,9 @@ def run_cli(args) -> dict:
         bfcl_group_dir(cat)  # a clear error for a non-single-turn category
     name = args.name or _default_name(args.model)
     out = Path(args.out or Path("runs") / "eval" / f"{name}-{fmt}")
+    if not args.resume and (out / "progress.json").exists():
+        raise ValueError(f"{out} already holds an evaluation (progress.json); pass --resume to continue it, "
+                         "or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     print(f"[fctrain.eval] {name} | format {fmt} | engine {args.engine} | max_tokens {args.max_tokens} | "
           f"categories {','.join(categories)} | limit {args.limit} | out {out}", file=sys.stderr, flush=True)
@@ -557,40 +603,63 @@ def run_cli(args) -> dict:
     examples = data.load_bfcl(categories, limit=args.limit)
     if not examples:
         raise ValueError(f"no BFCL examples for categories {categories}")
+    meta = {"model": str(args.model) if args.model else name, "model_path": str(model_path), "name": name,
+            "format": fmt, "engine": args.engine, "max_tokens": args.max_tokens, "limit": args.limit,
+            "command": " ".join(["python -m fctrain.eval"] + sys.argv[1:]), "machine": _machine()}
+    done, previous_s = _resume_records(out, name, meta, examples, fmt) if args.resume else ([], 0.0)
+    if done:
+        print(f"[fctrain.eval] resuming: {len(done)} of {len(examples)} examples already evaluated "
+              f"({previous_s:.0f} s)", file=sys.stderr, flush=True)
+    index = {ex.id: i for i, ex in enumerate(examples)}
+    done_ids = {r.id for r in done}
+    todo = [ex for ex in examples if ex.id not in done_ids]
     prompts = [data.build_prompt_ids(ex, tokenizer, fmt=fmt) for ex in examples]
     # Context: room for the longest prompt plus max_tokens, within the model's own limit. Prompts that do
     # not fit the model at all are scored as empty outputs (generate_records).
     context = _model_context_length(model_path) or 2048
     max_model_len = args.max_model_len or min(context, max(map(len, prompts)) + args.max_tokens)
-    engine = _make_engine(args.engine, model_path, args.dtype, max_model_len)
+    prompts = {ex.id: p for ex, p in zip(examples, prompts)}
+    engine = _make_engine(args.engine, model_path, args.dtype, max_model_len, args.kv_cache_gib) if todo else None
     t_load = time.perf_counter() - t0
-    meta = {"model": str(args.model) if args.model else name, "model_path": str(model_path), "name": name,
-            "format": fmt, "engine": args.engine, "engine_class": type(engine).__name__,
-            "dtype": args.dtype, "max_tokens": args.max_tokens, "max_model_len": max_model_len,
-            "limit": args.limit, "command": " ".join(["python -m fctrain.eval"] + sys.argv[1:]),
-            "machine": _machine()}
-    records: list[Record] = []
+    meta |= {"engine_class": type(engine).__name__ if engine else None,
+             "dtype": _engine_dtype(engine) if engine else args.dtype, "max_model_len": max_model_len}
+    records: list[Record] = list(done)
+
+    def save_progress(generate_s):
+        (out / "progress.json").write_text(json.dumps(meta | {"generate_s": generate_s,
+                                                              "done": len(records)}, indent=2) + "\n")
+
+    t_gen = 0.0
     try:
         t1 = time.perf_counter()
         # Batches span categories (vLLM is fastest with many prompts in flight); after each batch the
-        # result files of the categories touched are rewritten, so a crash keeps what was finished.
+        # result files of the categories touched are rewritten and progress.json is updated, so an
+        # interrupted run keeps what was finished and `--resume` continues it.
         step = max(args.batch_size, 1)
-        for start in range(0, len(examples), step):
-            recs = generate_records(engine, tokenizer, examples[start:start + step], fmt=fmt,
+        for start in range(0, len(todo), step):
+            batch = todo[start:start + step]
+            recs = generate_records(engine, tokenizer, batch, fmt=fmt,
                                     max_tokens=args.max_tokens, batch_size=step,
                                     max_prompt_tokens=max_model_len - 1, progress=True,
-                                    prompts=prompts[start:start + step])
+                                    prompts=[prompts[ex.id] for ex in batch])
             records.extend(recs)
+            records.sort(key=lambda r: index[r.id])
             touched = {r.category for r in recs}
             write_result_files([r for r in records if r.category in touched], out, name)
+            t_gen = time.perf_counter() - t1
+            save_progress(previous_s + t_gen)
             print(f"[fctrain.eval] {len(records)}/{len(examples)} examples, {sum(r.valid for r in records)} "
-                  f"right, {time.perf_counter() - t1:.0f} s", file=sys.stderr, flush=True)
-        t_gen = time.perf_counter() - t1
+                  f"right, {previous_s + t_gen:.0f} s", file=sys.stderr, flush=True)
     finally:
-        engine.close()
+        if engine is not None:
+            engine.close()
+    if done and not todo:  # nothing generated: make sure the files hold every record
+        write_result_files(records, out, name)
     summary = meta | summarize(records)
+    t_gen += previous_s
     summary["timing"] = {"load_s": t_load, "generate_and_score_s": t_gen,
-                         "total_s": time.perf_counter() - t0,
+                         "total_s": time.perf_counter() - t0 + previous_s,
+                         "resumed_examples": len(done),
                          "generated_tokens_per_s": summary["tokens"]["generated"] / t_gen if t_gen else None}
     table = format_table(summary)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -615,6 +684,10 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=256, help="prompts per engine.generate call")
     p.add_argument("--dtype", default=None, help="engine dtype (default: the engine's)")
     p.add_argument("--max-model-len", type=int, default=None, help="vLLM context length (default: the engine's)")
+    p.add_argument("--kv-cache-gib", type=float, default=4.0,
+                   help="vLLM KV cache size on a CPU (GiB; long BFCL prompts need room to batch)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run in --out (same model, format and max tokens)")
     p.add_argument("--name", default=None, help="model name in the result folder (default: the model dir name)")
     p.add_argument("--out", default=None, help="output dir (default runs/eval/<name>-<format>)")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="print a before/after table of two summaries")

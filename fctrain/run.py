@@ -92,7 +92,7 @@ class Config:
     sft_lr: float = 5e-5
     # system
     engine: str = "auto"                   # vllm | hf | auto (vllm if installed)
-    engine_dtype: str = "bfloat16"         # vLLM weights/compute dtype
+    engine_dtype: str = "auto"             # vLLM weights/compute dtype; auto = bfloat16 on GPU, float32 on CPU
     train_dtype: str = "float32"           # float32 | bfloat16 (pure: half the memory, bf16 rounding in
                                            # AdamW) | amp-bf16 (fp32 master weights, bf16 autocast compute)
     attn_impl: str = "auto"                # sdpa | flash_attention_2 | auto (flash-attn on CUDA if installed)

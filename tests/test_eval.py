@@ -340,6 +340,43 @@ def test_evaluate_for_the_trainer(tiny_dir, capsys, tmp_path):
     assert "irrelevance" in printed and "Overall" in printed
 
 
+def test_cli_resume_after_interrupt(tiny_dir, tmp_path, monkeypatch):
+    """A run interrupted after its first batch keeps that batch's result files; `--resume` generates only
+    the rest and ends with the same files and table as an uninterrupted run. Mismatched settings and a
+    rerun into a used folder without --resume are refused."""
+    argv = ["--model", str(tiny_dir), "--engine", "hf", "--format", "python", "--limit", "2", "--max-tokens", "8",
+            "--name", "tiny", "--batch-size", "2", "--categories", "simple_python", "irrelevance", "live_relevance"]
+    full = _run_cli(tmp_path / "full", *argv)
+
+    real, calls = ev.generate_records, []
+
+    def interrupted(engine, tokenizer, examples, **kw):
+        calls.append([ex.id for ex in examples])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(engine, tokenizer, examples, **kw)
+
+    out = tmp_path / "cut"
+    monkeypatch.setattr(ev, "generate_records", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ev.main([*argv, "--out", str(out)])
+    kept = ev.read_result_files(out)
+    assert [e["id"] for items in kept.values() for e in items] == calls[0]
+    with pytest.raises(ValueError, match="--resume"):
+        ev.main([*argv, "--out", str(out)])
+    with pytest.raises(ValueError, match="max_tokens: 8 there, 9 now"):
+        ev.main([*argv, "--out", str(out), "--resume", "--max-tokens", "9"])
+
+    monkeypatch.setattr(ev, "generate_records", real)
+    calls.clear()
+    resumed = _run_cli(out, *argv, "--resume")
+    assert resumed["timing"]["resumed_examples"] == 2
+    strip = lambda s: {k: v for k, v in s.items() if k not in ("timing", "command", "machine")}  # noqa: E731
+    assert strip(resumed) == strip(full)
+    assert ev.read_result_files(out) == ev.read_result_files(tmp_path / "full")
+    assert (out / "table.txt").read_text() == (tmp_path / "full" / "table.txt").read_text()
+
+
 def test_cli_bad_input(tmp_path, capsys):
     for argv, message in ((["--limit", "0"], "--limit must be >= 1"),
                           (["--format", "xml"], "unknown format 'xml'"),
