@@ -1,6 +1,6 @@
 """Rollout throughput: VLLMEngine against HFEngine on SmolLM2-135M-Instruct, and weight-sync time.
 
-    python benchmarks/bench_rollout.py [--engines vllm-bf16,hf-fp32,hf-bf16] [--prompts 8] [--samples 4]
+    python benchmarks/bench_rollout.py [--engines vllm-fp32,vllm-bf16,hf-fp32,hf-bf16] [--prompts 8] [--samples 4]
                                        [--max-tokens 256] [--out benchmarks/results/rollout_cpu.csv]
 
 The shape is one trainer step's rollout: `--prompts` chat prompts (a system message with two tool schemas
@@ -91,7 +91,7 @@ def worker(spec: dict) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--engines", default="vllm-bf16,hf-fp32,hf-bf16")
+    p.add_argument("--engines", default="vllm-fp32,vllm-bf16,hf-fp32,hf-bf16")
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--samples", type=int, default=4)
     p.add_argument("--max-tokens", type=int, default=256)

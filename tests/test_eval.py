@@ -6,6 +6,7 @@ import ast
 import json
 import random
 import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -375,6 +376,18 @@ def test_cli_resume_after_interrupt(tiny_dir, tmp_path, monkeypatch):
     assert strip(resumed) == strip(full)
     assert ev.read_result_files(out) == ev.read_result_files(tmp_path / "full")
     assert (out / "table.txt").read_text() == (tmp_path / "full" / "table.txt").read_text()
+
+
+def test_committed_smollm2_baseline_recounts():
+    """The README's full-category SmolLM2 baseline: its committed result files recount to its summary."""
+    run = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "eval_smollm2_cpu"
+    summary = ev.load_summary(run / "summary.json")
+    recount = ev.rescore(run)
+    assert summary["total"] == recount["total"] == 3491
+    assert {c: (v["correct"], v["total"]) for c, v in recount["categories"].items()} == \
+        {c: (v["correct"], v["total"]) for c, v in summary["categories"].items()}
+    for key in ("overall", "non_live_ast", "live_ast", "irrelevance", "relevance"):
+        assert recount[key] == summary[key]
 
 
 def test_cli_bad_input(tmp_path, capsys):

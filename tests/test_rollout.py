@@ -84,7 +84,8 @@ def tiny_prompts(tiny_dir):
 
 @pytest.fixture(scope="module")
 def tiny_vllm(tiny_dir):
-    engine = VLLMEngine(tiny_dir, dtype="float32", max_model_len=512)
+    engine = VLLMEngine(tiny_dir, max_model_len=512)  # dtype "auto": float32 on a CPU
+    assert engine.llm.llm_engine.model_config.dtype == (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
     yield engine
     engine.close()
 
