@@ -653,8 +653,6 @@ def run_cli(args) -> dict:
     finally:
         if engine is not None:
             engine.close()
-    if done and not todo:  # nothing generated: make sure the files hold every record
-        write_result_files(records, out, name)
     summary = meta | summarize(records)
     t_gen += previous_s
     summary["timing"] = {"load_s": t_load, "generate_and_score_s": t_gen,

