@@ -431,10 +431,26 @@ def _call_text(name: str, args: dict) -> str:
     return f"{name}(" + ", ".join(f"{p}={_py(v)}" for p, v in args.items()) + ")"
 
 
-def render_target(example: Example, fmt: str = "python") -> str:
-    """A correct completion in `fmt` (a short think, then the ground-truth calls) for SFT warm-start."""
+THINK_STYLES = ("plan", "restate")
+
+
+def _and(words: list[str]) -> str:
+    return ", ".join(words[:-1]) + " and " + words[-1] if len(words) > 1 else "".join(words)
+
+
+def render_target(example: Example, fmt: str = "python", think: str = "plan") -> str:
+    """A correct completion in `fmt` (a short think, then the ground-truth calls) for SFT warm-start.
+
+    think="plan": the think names the function(s) chosen and the parameters to fill, leaving the values to
+    the answer ("I call f with a and b."): short (about half the tokens of "restate") and a decision, not
+    a copy. think="restate": the think spells out the whole answer ("I need to call f with a=1, b='x'.")."""
+    if think not in THINK_STYLES:
+        raise ValueError(f"unknown think style {think!r}; expected one of {THINK_STYLES}")
     calls = _target_calls(example)
-    if calls:
+    if calls and think == "plan":
+        think = "I call " + ", then ".join(
+            f"{name} with " + (_and(list(args)) or "no arguments") for name, args in calls) + "."
+    elif calls:
         think = "I need to call " + ", then ".join(
             f"{name} with " + (", ".join(f"{p}={_py(v)}" for p, v in args.items()) or "no arguments")
             for name, args in calls) + "."

@@ -56,7 +56,7 @@ class Config:
     # model and data
     model: str = ""                        # local HF dir or hub id; "" = offline SmolLM2-135M-Instruct
     train_data: str = "bfcl:live_simple,simple_python"  # bfcl:<categories>, an xLAM file or our JSONL
-    eval_data: str = "bfcl:multiple"      # held out: never trained on
+    eval_data: str = "bfcl:multiple"      # held out: never trained on ("none" = no evaluation)
     eval_limit: int = 48                   # eval examples (0 = all)
     fmt: str = "python"                    # output format: python (<think><answer>[calls]) | hermes
     max_prompt_tokens: int = 512           # longer prompts are dropped
@@ -90,6 +90,9 @@ class Config:
     sft_steps: int = 10                    # cold-start SFT steps before RL (0 = none)
     sft_batch_size: int = 8
     sft_lr: float = 5e-5
+    sft_think: str = "plan"                # SFT target's think: plan (names function + parameters) | restate
+    time_budget_s: float = 0.0             # stop after the step that brings the training time (sum of step
+                                           # times, evaluation excluded) to this many seconds (0 = no limit)
     # system
     engine: str = "auto"                   # vllm | hf | auto (vllm if installed)
     engine_dtype: str = "auto"             # vLLM weights/compute dtype; auto = bfloat16 on GPU, float32 on CPU
@@ -114,6 +117,8 @@ class Config:
             (self.algo in ("egpo", "grpo"), f"algo must be egpo or grpo, got {self.algo!r}"),
             (self.reward in freward.KINDS, f"reward must be one of {freward.KINDS}, got {self.reward!r}"),
             (self.fmt in ("python", "hermes"), f"fmt must be python or hermes, got {self.fmt!r}"),
+            (self.sft_think in fdata.THINK_STYLES, f"sft_think must be one of {fdata.THINK_STYLES}"),
+            (self.time_budget_s >= 0, "time_budget_s must be >= 0"),
             (self.loss_agg in kernels.LOSS_AGGREGATIONS, f"loss_agg must be one of {kernels.LOSS_AGGREGATIONS}"),
             (self.engine in ("vllm", "hf", "auto"), f"engine must be vllm, hf or auto, got {self.engine!r}"),
             (self.train_dtype in ("float32", "bfloat16", "amp-bf16"), "train_dtype must be float32, bfloat16 or amp-bf16"),
@@ -204,6 +209,16 @@ def parse_config(argv: list[str]) -> tuple[Config, bool]:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+
+def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a binomial proportion (sound at 0 and 1 correct, unlike p +- 1.96 se)."""
+    if total == 0:
+        return 0.0, 1.0
+    p = correct / total
+    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z / (1 + z * z / total) * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
 
 def lr_at(cfg: Config, step: int) -> float:
     """SFT steps use sft_lr; RL steps warm up linearly then decay by cosine to min_lr_ratio * lr."""
@@ -557,7 +572,8 @@ def main(argv: list[str] | None = None) -> int:
                                   weight_decay=cfg.weight_decay, foreach=True)
 
     examples = fdata.filter_by_length(fdata.load_any(cfg.train_data), tokenizer, cfg.max_prompt_tokens, cfg.fmt)
-    eval_examples = fdata.filter_by_length(fdata.load_any(cfg.eval_data), tokenizer, cfg.max_prompt_tokens, cfg.fmt)
+    eval_examples = [] if cfg.eval_data.lower() in ("", "none") else fdata.filter_by_length(
+        fdata.load_any(cfg.eval_data), tokenizer, cfg.max_prompt_tokens, cfg.fmt)
     eval_examples = fdata.shuffle(eval_examples, cfg.seed)[:cfg.eval_limit or None]
     train_ids = {e.id for e in examples}
     if any(e.id in train_ids for e in eval_examples):
@@ -639,8 +655,11 @@ def main(argv: list[str] | None = None) -> int:
                   "eval_format_ok": sum(c["format_ok"] for c in summary["categories"].values())
                   / max(1, summary["total"]), "eval_s": summary["elapsed_s"]}
         log(record)
+        lo, hi = wilson_interval(record["eval_correct"], record["eval_total"])
+        record["eval_ci95"] = [lo, hi]
         say(f"eval {tag} step {step} | accuracy {record['eval_accuracy']:.3f} "
-              f"({record['eval_correct']}/{record['eval_total']}) | format {record['eval_format_ok']:.2f}")
+            f"({record['eval_correct']}/{record['eval_total']}, 95% CI {lo:.3f}-{hi:.3f}) | "
+            f"format {record['eval_format_ok']:.2f}")
         return record
 
     def sync_engine():
@@ -669,14 +688,15 @@ def main(argv: list[str] | None = None) -> int:
         run_eval("before")
 
     # -------------------------------------------------------------------------------------------- loop
-    while step < total_steps and not interrupted:
+    out_of_time = False
+    while step < total_steps and not interrupted and not out_of_time:
         t_step = time.perf_counter()
         lr = lr_at(cfg, step)
         model.train()
         if step < cfg.sft_steps:
             # ---- cold-start SFT: mean -log p of the reference completion, through the same fused kernel
             batch = fdist.split_for_rank(next_examples(cfg.sft_batch_size), ctx.rank, ctx.world_size)  # my share
-            seqs = [packing.Seq(prompt_ids[ex.id], tokenizer.encode(fdata.render_target(ex, cfg.fmt),
+            seqs = [packing.Seq(prompt_ids[ex.id], tokenizer.encode(fdata.render_target(ex, cfg.fmt, cfg.sft_think),
                                 add_special_tokens=False) + [tokenizer.eos_token_id]) for ex in batch]
             loss_sum = sft_loss_backward(cfg, model, seqs, layout, varlen, device)
             grad_norm = clip_and_step(cfg, model, optimizer, lr)
@@ -772,6 +792,7 @@ def main(argv: list[str] | None = None) -> int:
                                              "is_max", "grad_norm", "computed_tokens")},  # None: nothing trained
                 "trained_tokens": trained_tokens, "lr": lr,
                 "nan_loss": stats.get("nan_loss", 0), "completion_len": float(np.mean(lengths)),
+                "gen_tokens": int(sum(lengths)),
                 "truncated": float(np.mean(truncated)),
                 "gen_s": gen_s, "reward_s": reward_s, "train_s": train_s, "sync_s": sync_s,
                 "gen_tokens_per_s": sum(lengths) / gen_s, "step_s": time.perf_counter() - t_step,
@@ -792,9 +813,16 @@ def main(argv: list[str] | None = None) -> int:
 
         if ctx.distributed:  # Ctrl-C may reach some ranks only: all stop after the same step
             interrupted = bool(fdist.all_reduce_max(int(interrupted)))
+        trained_s = sum(r.get("step_s", 0.0) for r in history if r.get("phase") in ("sft", "rl"))
+        out_of_time = bool(cfg.time_budget_s) and trained_s >= cfg.time_budget_s
+        if ctx.distributed:  # step times are each rank's own: all stop after the same step
+            out_of_time = bool(fdist.all_reduce_max(int(out_of_time)))
+        if out_of_time and step < total_steps:
+            write(f"time budget spent: {trained_s:.0f} s of training >= time_budget_s {cfg.time_budget_s:.0f}; "
+                  f"stopping at step {step}")
 
         # ---- checkpoint
-        if interrupted or step == total_steps or (cfg.save_every and step % cfg.save_every == 0):
+        if interrupted or out_of_time or step == total_steps or (cfg.save_every and step % cfg.save_every == 0):
             path = save_checkpoint(cfg, out, step, model, tokenizer, optimizer, data_state, history)
             write(f"checkpoint: {path}")
 

@@ -157,3 +157,25 @@ def test_end_to_end_vllm_engine_and_ctrl_c(tiny):
     saved = sorted(out.glob("ckpt-*"))
     assert saved and int(saved[-1].name.split("-")[1]) == rows[-1]["step"], output[-3000:]
     assert "resume with" in output
+
+
+def test_wilson_interval():
+    lo, hi = run.wilson_interval(12, 48)
+    assert lo < 12 / 48 < hi and (lo, hi) == pytest.approx((0.14920, 0.38785), abs=1e-4)  # roots of (p - 1/4)^2 = z^2 p(1-p)/48
+    assert run.wilson_interval(0, 10)[0] == 0.0 and run.wilson_interval(0, 10)[1] == pytest.approx(3.8416 / 13.8416)
+    lo2, hi2 = run.wilson_interval(36, 48)  # symmetric: k of n <-> n - k of n
+    assert (lo2, hi2) == pytest.approx((1 - hi, 1 - lo))
+    assert run.wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_time_budget_stops_after_the_step_that_spends_it_and_checkpoints(tiny):
+    root, model_dir = tiny
+    out = root / "budget"
+    args = _args(root, model_dir, out, eval_data="none", sft_steps=30, steps=2, save_every=0,
+                 time_budget_s=1e-3, sft_think="restate")
+    assert run.main(args) == 0
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["phase"] for r in rows] == ["sft"]  # one step, no evaluation (eval_data none)
+    assert [p.name for p in out.glob("ckpt-*")] == ["ckpt-000001"]
+    with pytest.raises(SystemExit, match="sft_think"):
+        parse_config(["--sft_think", "long"])

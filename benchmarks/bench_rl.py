@@ -1,0 +1,454 @@
+"""Does the RL phase teach? Held-out accuracy of GRPO and EGPO against an SFT-only control given the same
+training wall time, all continued from one shared SFT checkpoint, over several seeds, with paired-bootstrap
+confidence intervals (issue 16).
+
+    python benchmarks/bench_rl.py run                      # every unfinished cell in order; finished ones skipped
+    python benchmarks/bench_rl.py run --cells sft-base grpo-s0
+    python benchmarks/bench_rl.py report                   # tables, CIs and the plot from the finished cells
+
+Sets (fixed by SPLIT_SEED; their ids are written to RESULTS/splits.json):
+- train: live_simple + simple_python (prompts <= 512 tokens) minus the sets below, plus NEG_TRAIN
+  live_irrelevance negatives (the right answer is no call): the SFT and RL training pool.
+- val: VAL_IN examples of the same categories + VAL_NEG live_irrelevance: choosing settings (the only set
+  allowed for that).
+- (a) test_in: TEST_IN examples of live_simple + simple_python, never trained on (in-distribution).
+- (b) test_ood: all of `multiple` (a category never trained on: pick the right function among several).
+- (c) test_irr: TEST_IRR examples of `irrelevance` (non-live; the training negatives are live_irrelevance).
+
+Cells (a cell is finished when RESULTS/cells/<cell>.json exists; an interrupted cell restarts):
+- sft-base: SFT on the training pool from SmolLM2-135M-Instruct; its checkpoint starts every arm.
+- per seed s: grpo-s<s>, egpo-s<s> (RL_ARGS, fixed step count), then sft-s<s>: continued SFT with
+  time_budget_s = the mean training seconds of the finished RL cells of that seed (so the control gets the
+  same wall time as RL; the trainer stops after the step that reaches it).
+Training seconds are the trainer's summed step times (rollout, reward, loss, update, weight sync; model
+loading and evaluation excluded). Each cell is evaluated greedily on val + (a) + (b) + (c) with the vLLM
+engine (fctrain.eval's BFCL-compatible scoring) and its per-example verdicts are stored for pairing.
+
+The base checkpoint lives under WORK (runs/, not committed). Every arm records the sha256 of the base it
+started from, and the report pools only cells of the current base: a rerun on a fresh machine retrains the
+base and starts a new matrix rather than mixing two bases.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+REPO = common.REPO
+RESULTS = common.RESULTS / "rl_cpu"
+WORK = REPO / "runs" / "bench_rl"
+
+SPLIT_SEED = 16
+MAX_PROMPT_TOKENS = 512
+TEST_IN, VAL_IN, VAL_NEG, NEG_TRAIN, TEST_IRR = 150, 60, 30, 130, 120
+EVAL_MAX_TOKENS = 96
+SEEDS = (0, 1, 2)
+ARMS = ("grpo", "egpo", "sft")
+
+COMMON_ARGS = ["--fmt", "python", "--max_prompt_tokens", str(MAX_PROMPT_TOKENS), "--max_new_tokens", "96",
+               "--eval_data", "none", "--save_every", "0", "--keep_last", "1", "--sft_think", "plan"]
+SFT_BASE_ARGS = ["--sft_steps", "20", "--sft_batch_size", "8", "--sft_lr", "5e-5", "--steps", "0",
+                 "--beta", "0", "--engine", "hf", "--seed", "0"]
+RL_ARGS = ["--sft_steps", "0", "--steps", "10", "--prompts_per_step", "4", "--group_size", "8",
+           "--lr", "2e-5", "--warmup_steps", "2", "--temperature", "0.7", "--beta", "0", "--reward", "partial"]
+SFT_ARM_ARGS = ["--sft_steps", "100000", "--sft_batch_size", "8", "--sft_lr", "5e-5", "--steps", "0",
+                "--beta", "0", "--engine", "hf"]
+
+
+# ------------------------------------------------------------------------------------------------ sets
+
+def build_sets(tokenizer) -> dict:
+    """{set name: [Example]} for train, val, test_in, test_ood, test_irr (deterministic)."""
+    from fctrain import data
+
+    def fit(examples):
+        return data.filter_by_length(examples, tokenizer, MAX_PROMPT_TOKENS, "python")
+
+    pool = data.shuffle(fit(data.load_bfcl("live_simple,simple_python")), SPLIT_SEED)
+    neg = data.shuffle(fit(data.load_bfcl("live_irrelevance")), SPLIT_SEED)
+    test_in, val_in, train_in = pool[:TEST_IN], pool[TEST_IN:TEST_IN + VAL_IN], pool[TEST_IN + VAL_IN:]
+    val_neg, train_neg = neg[:VAL_NEG], neg[VAL_NEG:VAL_NEG + NEG_TRAIN]
+    sets = {"train": data.shuffle(train_in + train_neg, SPLIT_SEED), "val": val_in + val_neg,
+            "test_in": test_in, "test_ood": data.load_bfcl("multiple"),
+            "test_irr": data.shuffle(data.load_bfcl("irrelevance"), SPLIT_SEED)[:TEST_IRR]}
+    ids = {name: {e.id for e in exs} for name, exs in sets.items()}
+    for a in ids:
+        for b in ids:
+            if a < b and ids[a] & ids[b]:
+                raise AssertionError(f"sets {a} and {b} overlap: {sorted(ids[a] & ids[b])[:5]}")
+    return sets
+
+
+def write_sets(sets: dict) -> Path:
+    from fctrain import data
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    data.save_jsonl(sets["train"], WORK / "train.jsonl")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    manifest = {"split_seed": SPLIT_SEED, "max_prompt_tokens": MAX_PROMPT_TOKENS,
+                "sets": {name: [e.id for e in exs] for name, exs in sets.items()}}
+    (RESULTS / "splits.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    return WORK / "train.jsonl"
+
+
+# ------------------------------------------------------------------------------------------------ cells
+
+def cell_names() -> list[str]:
+    return ["sft-base"] + [f"{arm}-s{s}" for s in SEEDS for arm in ARMS]
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def final_checkpoint(run_dir: Path) -> Path:
+    found = sorted(run_dir.glob("ckpt-*"))
+    if not found:
+        raise RuntimeError(f"{run_dir}: the trainer left no checkpoint")
+    return found[-1]
+
+
+def train(cell: str, args: list[str]) -> dict:
+    """Run the trainer for one cell in a fresh process; returns its metrics summary."""
+    run_dir = WORK / cell
+    done = run_dir / "train_done.json"
+    if done.exists() and json.loads(done.read_text())["args"] == args:  # trained; its evaluation was cut short
+        return json.loads(done.read_text())["summary"]
+    if run_dir.exists():  # an interrupted training restarts from scratch
+        subprocess.run(["rm", "-rf", str(run_dir)], check=True)
+    cmd = [sys.executable, "-m", "fctrain.run", *COMMON_ARGS, "--train_data", str(WORK / "train.jsonl"),
+           *args, "--out_dir", str(run_dir)]
+    print(f"[bench_rl] {cell}: {' '.join(cmd[1:])}", flush=True)
+    t0 = time.perf_counter()
+    subprocess.run(cmd, cwd=REPO, check=True)
+    wall = time.perf_counter() - t0
+    rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    steps = [r for r in rows if r.get("phase") in ("sft", "rl")]
+    rl = [r for r in steps if r["phase"] == "rl"]
+    summary = {"command": " ".join(["python -m fctrain.run"] + cmd[3:]), "process_s": wall,
+            "train_s": sum(r["step_s"] for r in steps), "steps": len(steps),
+            "gen_tokens": sum(r.get("gen_tokens", 0) for r in rl),
+            "gen_s": sum(r.get("gen_s", 0) for r in rl),
+            "rl_reward": [r["reward"] for r in rl], "rl_accuracy": [r["accuracy"] for r in rl],
+            "rl_kl": [r.get("kl") for r in rl], "sft_loss": [r["loss"] for r in steps if r["phase"] == "sft"],
+            "checkpoint": str(final_checkpoint(run_dir))}
+    done.write_text(json.dumps({"args": args, "summary": summary}))
+    return summary
+
+
+EVAL_SETS = ("val", "test_in", "test_ood", "test_irr")
+
+
+def evaluate_checkpoint(ckpt: Path, out: Path, names=EVAL_SETS) -> None:
+    """(Run in its own process.) Greedy outputs and BFCL-compatible verdicts on the evaluation sets."""
+    from fctrain import eval as feval
+    from fctrain import data, models, rollout
+
+    tokenizer = models.load_tokenizer(ckpt)
+    sets = build_sets(tokenizer)
+    examples = [e for n in names for e in sets[n]]
+    prompts = [data.build_prompt_ids(e, tokenizer, "python") for e in examples]
+    t0 = time.perf_counter()
+    engine = rollout.VLLMEngine(ckpt, dtype="auto", max_model_len=max(map(len, prompts)) + EVAL_MAX_TOKENS,
+                                kv_cache_gib=4.0)
+    t_load = time.perf_counter() - t0
+    records = feval.generate_records(engine, tokenizer, examples, fmt="python", max_tokens=EVAL_MAX_TOKENS,
+                                     batch_size=1024, prompts=prompts)
+    engine.close()
+    labels = [n for n in names for _ in sets[n]]
+    with open(out, "w") as f:
+        f.write(json.dumps({"load_s": t_load, "eval_s": time.perf_counter() - t0 - t_load}) + "\n")
+        for name, rec in zip(labels, records):
+            f.write(json.dumps({"set": name, "id": rec.id, "valid": int(rec.valid), "format_ok": int(rec.format_ok),
+                                "tokens": rec.output_tokens, "finish": rec.finish_reason, "text": rec.text}) + "\n")
+
+
+def evaluate(cell: str, ckpt: Path, names=EVAL_SETS) -> dict:
+    out = WORK / cell / "eval.jsonl"
+    subprocess.run([sys.executable, __file__, "eval-one", str(ckpt), str(out), *names], cwd=REPO, check=True)
+    lines = [json.loads(line) for line in open(out)]
+    timing, recs = lines[0], lines[1:]
+    outputs = RESULTS / "outputs"
+    outputs.mkdir(parents=True, exist_ok=True)
+    with open(outputs / f"{cell.replace('/', '-')}.jsonl", "w") as f:  # raw outputs, for reading what the model does
+        for r in recs:
+            f.write(json.dumps({k: r[k] for k in ("set", "id", "valid", "finish", "text")}) + "\n")
+    per_set = {}
+    for name in names:
+        rs = [r for r in recs if r["set"] == name]
+        per_set[name] = {"accuracy": sum(r["valid"] for r in rs) / len(rs), "n": len(rs),
+                         "format_ok": sum(r["format_ok"] for r in rs) / len(rs),
+                         "ids": [r["id"] for r in rs], "valid": [r["valid"] for r in rs]}
+    return {"eval_s": timing["eval_s"], "eval_load_s": timing["load_s"],
+            "eval_gen_tokens": sum(r["tokens"] for r in recs), "sets": per_set}
+
+
+def cell_path(cell: str) -> Path:
+    return RESULTS / "cells" / f"{cell}.json"
+
+
+def load_cell(cell: str) -> dict | None:
+    p = cell_path(cell)
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def sft_budget(seed: int, base_sha: str) -> float:
+    """The SFT control's training seconds: the mean of the finished RL cells of its seed on this base (of
+    every seed when none of its own is finished)."""
+    rl = [c for c in (load_cell(n) for n in cell_names()) if c and c["arm"] in ("grpo", "egpo")
+          and c["base_sha"] == base_sha]
+    own = [c for c in rl if c["seed"] == seed]
+    if not rl:
+        raise RuntimeError(f"sft-s{seed}: no finished RL cell to take the time budget from")
+    return sum(c["train"]["train_s"] for c in own or rl) / len(own or rl)
+
+
+def run_cell(cell: str) -> dict:
+    t0 = time.time()
+    base = load_cell("sft-base")
+    if cell == "sft-base":
+        arm, seed, args = "sft-base", 0, SFT_BASE_ARGS
+    else:
+        arm, seed = cell.split("-s")[0], int(cell.split("-s")[1])
+        if base is None:
+            raise RuntimeError(f"{cell}: run sft-base first")
+        base_ckpt = Path(base["train"]["checkpoint"])
+        if not base_ckpt.exists() or sha256(base_ckpt / "model.safetensors") != base["base_sha"]:
+            raise RuntimeError(f"{cell}: the base checkpoint {base_ckpt} is missing or changed; rerun sft-base "
+                               f"(delete {cell_path('sft-base')}) to start a new matrix")
+        args = ["--model", str(base_ckpt), "--seed", str(seed)]
+        if arm in ("grpo", "egpo"):
+            args += RL_ARGS + ["--algo", arm]
+        else:
+            args += SFT_ARM_ARGS + ["--time_budget_s", f"{sft_budget(seed, base['base_sha']):.1f}"]
+    result = {"cell": cell, "arm": arm, "seed": seed, "train": train(cell, args)}
+    ckpt = Path(result["train"]["checkpoint"])
+    result["base_sha"] = sha256(ckpt / "model.safetensors") if cell == "sft-base" else base["base_sha"]
+    result["eval"] = evaluate(cell, ckpt)
+    result["meta"] = common.run_metadata("cpu") | {"load_avg_end": common.load_avg(),
+                                                   "cell_wall_s": time.time() - t0}
+    cell_path(cell).parent.mkdir(parents=True, exist_ok=True)
+    cell_path(cell).write_text(json.dumps(result) + "\n")
+    if cell != "sft-base":  # keep the base; an arm's checkpoint is not reused
+        subprocess.run(["rm", "-rf", *map(str, (WORK / cell).glob("ckpt-*")), str(WORK / cell / "reference")])
+    acc = {k: round(v["accuracy"], 3) for k, v in result["eval"]["sets"].items()}
+    print(f"[bench_rl] {cell} done: train {result['train']['train_s']:.0f} s, {result['train']['steps']} steps, "
+          f"eval {result['eval']['eval_s']:.0f} s | {acc}", flush=True)
+    return result
+
+
+def run_pilot(name: str, sft: bool, overrides: list[str]) -> dict:
+    """Settings are chosen here, on the validation set alone; the test sets are never looked at."""
+    base = load_cell("sft-base")
+    if base is None:
+        raise SystemExit("run the sft-base cell first")
+    args = ["--model", base["train"]["checkpoint"], "--seed", "0"] + (SFT_ARM_ARGS if sft else RL_ARGS) + overrides
+    t0 = time.time()
+    result = {"pilot": name, "overrides": overrides, "sft": sft, "train": train(f"pilot-{name}", args)}
+    result["eval"] = evaluate(f"pilot-{name}", Path(result["train"]["checkpoint"]), ("val",))
+    result["base_sha"] = base["base_sha"]
+    result["meta"] = common.run_metadata("cpu") | {"load_avg_end": common.load_avg(), "wall_s": time.time() - t0}
+    path = RESULTS / "pilots" / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result) + "\n")
+    subprocess.run(["rm", "-rf", *map(str, (WORK / f"pilot-{name}").glob("ckpt-*"))])
+    v = result["eval"]["sets"]["val"]
+    rl = result["train"]["rl_reward"]
+    print(f"[bench_rl] pilot {name}: val {v['accuracy']:.3f} (base {base['eval']['sets']['val']['accuracy']:.3f}) | "
+          f"train {result['train']['train_s']:.0f} s, {result['train']['steps']} steps | reward "
+          f"{rl[:3]} .. {rl[-3:]}", flush=True)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+def bootstrap(matrix_a, matrix_b=None, reps: int = 10000, seed: int = 0):
+    """Mean over examples of the per-example seed-mean of A (minus B's, paired), and its 95% percentile
+    interval from resampling examples with replacement. matrix_*: [seeds][examples] of 0/1."""
+    import numpy as np
+
+    a = np.asarray(matrix_a, dtype=float).mean(0)
+    d = a - (np.asarray(matrix_b, dtype=float).mean(0) if matrix_b is not None else 0.0)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(d), size=(reps, len(d)))
+    boots = d[idx].mean(1)
+    return float(d.mean()), float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))
+
+
+SET_LABELS = {"test_in": "(a) in-distribution", "test_ood": "(b) out-of-category (multiple)",
+              "test_irr": "(c) irrelevance", "val": "validation"}
+
+
+def report() -> str:
+    import numpy as np
+
+    base = load_cell("sft-base")
+    if base is None:
+        raise SystemExit("no finished sft-base cell")
+    cells = [c for c in (load_cell(n) for n in cell_names()[1:]) if c and c["base_sha"] == base["base_sha"]]
+    by_arm = {arm: sorted((c for c in cells if c["arm"] == arm), key=lambda c: c["seed"]) for arm in ARMS}
+    lines = [f"# Does RL teach? (benchmarks/bench_rl.py)", "",
+             f"Base: SFT checkpoint {base['base_sha']} ({base['train']['steps']} SFT steps, "
+             f"{base['train']['train_s']:.0f} s of training). Machine: {base['meta']['device']}; "
+             f"git {base['meta']['git_sha']}.", ""]
+    lines += ["| arm | seeds | train s / cell (mean) | steps | generated tokens (train) | eval s / cell | "
+              + " | ".join(SET_LABELS[s] for s in ("test_in", "test_ood", "test_irr", "val")) + " |",
+              "| --- " * 10 + "|"]
+    rows = []
+
+    def acc_cell(matrix):
+        m, lo, hi = bootstrap(matrix)
+        per_seed = np.asarray(matrix, dtype=float).mean(1)
+        sd = per_seed.std(ddof=1) if len(per_seed) > 1 else float("nan")
+        return m, lo, hi, sd, f"{100 * m:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] ({100 * per_seed.mean():.1f} ± {100 * sd:.1f})"
+
+    for arm, cs in [("sft-base", [base])] + list(by_arm.items()):
+        if not cs:
+            continue
+        row = {"arm": arm, "seeds": len(cs)}
+        texts = []
+        for s in ("test_in", "test_ood", "test_irr", "val"):
+            ids = cs[0]["eval"]["sets"][s]["ids"]
+            assert all(c["eval"]["sets"][s]["ids"] == ids for c in cs)
+            m, lo, hi, sd, text = acc_cell([c["eval"]["sets"][s]["valid"] for c in cs])
+            row |= {f"{s}_acc": m, f"{s}_lo": lo, f"{s}_hi": hi, f"{s}_sd_seeds": sd}
+            texts.append(text)
+        row |= {"train_s": float(np.mean([c["train"]["train_s"] for c in cs])),
+                "steps": float(np.mean([c["train"]["steps"] for c in cs])),
+                "gen_tokens": float(np.mean([c["train"]["gen_tokens"] for c in cs])),
+                "eval_s": float(np.mean([c["eval"]["eval_s"] for c in cs]))}
+        rows.append(row)
+        lines.append(f"| {arm} | {len(cs)} | {row['train_s']:.0f} | {row['steps']:.1f} | {row['gen_tokens']:.0f} | "
+                     f"{row['eval_s']:.0f} | " + " | ".join(texts) + " |")
+    lines += ["", "Accuracy in %: pooled mean [95% CI, paired bootstrap over examples of the seed-mean, 10,000 "
+              "resamples] (mean ± sd over seeds).", ""]
+
+    def paired(a_cells, b_cells, s):
+        seeds = sorted({c["seed"] for c in a_cells} & {c["seed"] for c in b_cells})
+        if not seeds:
+            return None
+        a = [c["eval"]["sets"][s]["valid"] for c in a_cells if c["seed"] in seeds]
+        b = [c["eval"]["sets"][s]["valid"] for c in b_cells if c["seed"] in seeds]
+        return (*bootstrap(a, b), len(seeds))
+
+    lines += ["| comparison | " + " | ".join(SET_LABELS[s] for s in ("test_in", "test_ood", "test_irr")) + " |",
+              "| --- | --- | --- | --- |"]
+    comparisons = [("grpo", "sft"), ("egpo", "sft"), ("egpo", "grpo")]
+    diff_rows = []
+    for a, b in comparisons:
+        cols = []
+        for s in ("test_in", "test_ood", "test_irr"):
+            r = paired(by_arm[a], by_arm[b], s)
+            cols.append("-" if r is None else f"{100 * r[0]:+.1f} [{100 * r[1]:+.1f}, {100 * r[2]:+.1f}] ({r[3]} seeds)")
+            if r is not None:
+                diff_rows.append({"comparison": f"{a}-{b}", "set": s, "diff": r[0], "lo": r[1], "hi": r[2],
+                                  "seeds": r[3]})
+        lines.append(f"| {a} - {b} | " + " | ".join(cols) + " |")
+    for arm in ARMS:
+        cols = []
+        for s in ("test_in", "test_ood", "test_irr"):
+            if not by_arm[arm]:
+                cols.append("-")
+                continue
+            r = paired(by_arm[arm], [dict(base, seed=c["seed"]) for c in by_arm[arm]], s)
+            cols.append(f"{100 * r[0]:+.1f} [{100 * r[1]:+.1f}, {100 * r[2]:+.1f}] ({r[3]} seeds)")
+            diff_rows.append({"comparison": f"{arm}-base", "set": s, "diff": r[0], "lo": r[1], "hi": r[2],
+                              "seeds": r[3]})
+        lines.append(f"| {arm} - SFT checkpoint | " + " | ".join(cols) + " |")
+    lines += ["", "Differences in accuracy points, paired by example and seed, 95% bootstrap CI.", ""]
+    text = "\n".join(lines) + "\n"
+    (RESULTS / "report.md").write_text(text)
+    common.write_csv(RESULTS / "summary.csv", rows, list(rows[0]))
+    common.write_csv(RESULTS / "differences.csv", diff_rows or [{"comparison": ""}],
+                     ["comparison", "set", "diff", "lo", "hi", "seeds"])
+    plot(base, by_arm)
+    print(text)
+    return text
+
+
+def plot(base, by_arm):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    colors = {"grpo": "tab:blue", "egpo": "tab:orange", "sft": "tab:gray"}
+    for ax, s in zip(axes, ("test_in", "test_ood", "test_irr")):
+        b = base["eval"]["sets"][s]["accuracy"]
+        ax.scatter([0], [100 * b], color="black", zorder=3, label="SFT checkpoint")
+        for arm, cs in by_arm.items():
+            if not cs:
+                continue
+            xs = [c["train"]["train_s"] / 60 for c in cs]
+            ys = [100 * c["eval"]["sets"][s]["accuracy"] for c in cs]
+            ax.scatter(xs, ys, color=colors[arm], alpha=0.5)
+            ax.plot([0, np.mean(xs)], [100 * b, np.mean(ys)], color=colors[arm], label=f"{arm} ({len(cs)} seeds)")
+        ax.set_title(SET_LABELS[s])
+        ax.set_xlabel("training wall time after the SFT checkpoint (min)")
+        ax.set_ylabel("accuracy (%)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"held-out accuracy vs wall time ({base['meta']['device']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "heldout_vs_time.png", dpi=100)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--cells", nargs="+", default=None, help=f"default: all, in order: {' '.join(cell_names())}")
+    sub.add_parser("report")
+    e = sub.add_parser("eval-one")
+    e.add_argument("ckpt")
+    e.add_argument("out")
+    e.add_argument("sets", nargs="*", default=list(EVAL_SETS))
+    t = sub.add_parser("pilot", help="tuning: train from the base with RL_ARGS (or SFT_ARM_ARGS with --sft) "
+                                     "plus overrides, evaluate on val ONLY")
+    t.add_argument("name")
+    t.add_argument("--sft", action="store_true", help="a continued-SFT pilot (give --time_budget_s)")
+    t.add_argument("overrides", nargs=argparse.REMAINDER, help="trainer options after --")
+    args = p.parse_args(argv)
+    if args.cmd == "eval-one":
+        evaluate_checkpoint(Path(args.ckpt), Path(args.out), tuple(args.sets))
+        return 0
+    if args.cmd == "pilot":
+        run_pilot(args.name, args.sft, [a for a in args.overrides if a != "--"])
+        return 0
+    if args.cmd == "report":
+        report()
+        return 0
+    from fctrain import models
+    tokenizer = models.load_tokenizer(models.resolve_model(None))
+    sets = build_sets(tokenizer)
+    write_sets(sets)
+    print("[bench_rl] sets: " + ", ".join(f"{k} {len(v)}" for k, v in sets.items()), flush=True)
+    for cell in args.cells or cell_names():
+        if cell not in cell_names():
+            raise SystemExit(f"unknown cell {cell!r}; known: {cell_names()}")
+        if load_cell(cell) is not None:
+            print(f"[bench_rl] {cell}: finished, skipped", flush=True)
+            continue
+        run_cell(cell)
+        report()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

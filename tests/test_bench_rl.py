@@ -1,0 +1,87 @@
+"""benchmarks/bench_rl.py (issue 16's protocol): the fixed sets, the statistics and the report, on synthetic
+cell results. The training and evaluation cells themselves are the benchmark (minutes each), not a test."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCH))
+_spec = importlib.util.spec_from_file_location("_bench_rl", BENCH / "bench_rl.py")
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+
+def test_sets_are_fixed_disjoint_and_large_enough():
+    from fctrain import models
+    tok = models.load_tokenizer(models.resolve_model(None))
+    sets = bench.build_sets(tok)
+    again = bench.build_sets(tok)
+    assert {k: [e.id for e in v] for k, v in sets.items()} == {k: [e.id for e in v] for k, v in again.items()}
+    ids = {k: {e.id for e in v} for k, v in sets.items()}
+    names = list(ids)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert not ids[a] & ids[b], (a, b)
+    assert len(ids["test_in"]) >= 150 and len(ids["test_ood"]) >= 200 and len(ids["test_irr"]) >= 100
+    cats = lambda k: {e.category for e in sets[k]}  # noqa: E731
+    assert cats("test_in") <= {"live_simple", "simple_python"} and cats("test_ood") == {"multiple"}
+    assert cats("test_irr") == {"irrelevance"} and "irrelevance" not in cats("train")
+    assert cats("train") == {"live_simple", "simple_python", "live_irrelevance"}  # negatives are trained on
+    assert not cats("train") & {"multiple", "irrelevance"}
+
+
+def test_bootstrap_paired_difference():
+    ones, zeros = [[1] * 50, [1] * 50], [[0] * 50, [0] * 50]
+    assert bench.bootstrap(ones, zeros) == (1.0, 1.0, 1.0)
+    rng = np.random.default_rng(1)
+    a = rng.integers(0, 2, size=(3, 400))
+    m, lo, hi = bench.bootstrap(a)
+    assert m == pytest.approx(a.mean()) and lo < m < hi
+    # the percentile interval of a mean of 400 seed-means: about +-1.96 * sd / sqrt(400)
+    half = 1.96 * a.mean(0).std() / np.sqrt(400)
+    assert (hi - lo) / 2 == pytest.approx(half, rel=0.15)
+    # pairing: identical arms differ by exactly 0
+    assert bench.bootstrap(a, a) == (0.0, 0.0, 0.0)
+
+
+def _cell(cell, arm, seed, valid, base_sha="b1", train_s=100.0):
+    sets = {}
+    for name, v in valid.items():
+        sets[name] = {"accuracy": float(np.mean(v)), "n": len(v), "format_ok": 1.0,
+                      "ids": [f"{name}_{i}" for i in range(len(v))], "valid": list(v)}
+    return {"cell": cell, "arm": arm, "seed": seed, "base_sha": base_sha,
+            "train": {"train_s": train_s, "steps": 3, "gen_tokens": 10, "checkpoint": "x"},
+            "eval": {"eval_s": 1.0, "sets": sets}, "meta": {"device": "cpu: test", "git_sha": "abc"}}
+
+
+def test_report_and_sft_budget_on_synthetic_cells(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "RESULTS", tmp_path)
+    (tmp_path / "cells").mkdir()
+    n = 40
+    zero, one = [0] * n, [1] * n
+    half = [i % 2 for i in range(n)]
+    def write(c):
+        (tmp_path / "cells" / f"{c['cell']}.json").write_text(json.dumps(c))
+    sets = lambda v: {"val": v, "test_in": v, "test_ood": v, "test_irr": v}  # noqa: E731
+    write(_cell("sft-base", "sft-base", 0, sets(zero)))
+    for s in (0, 1):
+        write(_cell(f"grpo-s{s}", "grpo", s, sets(one), train_s=100.0 + 20 * s))
+        write(_cell(f"egpo-s{s}", "egpo", s, sets(half), train_s=110.0))
+        write(_cell(f"sft-s{s}", "sft", s, sets(zero)))
+    write(_cell("grpo-s2", "grpo", 2, sets(zero), base_sha="other"))  # another base: never pooled
+    assert bench.sft_budget(0, "b1") == pytest.approx(105.0) and bench.sft_budget(1, "b1") == pytest.approx(115.0)
+    assert bench.sft_budget(2, "b1") == pytest.approx((100 + 120 + 110 + 110) / 4)  # no cell of its own seed
+    with pytest.raises(RuntimeError):
+        bench.sft_budget(0, "nope")
+    text = bench.report()
+    assert "| grpo - sft | +100.0 [+100.0, +100.0] (2 seeds)" in text
+    assert "| egpo - grpo | -50.0 [" in text
+    rows = {r["arm"]: r for r in __import__("csv").DictReader(open(tmp_path / "summary.csv"))}
+    assert rows["grpo"]["seeds"] == "2" and float(rows["egpo"]["test_in_acc"]) == 0.5
+    assert (tmp_path / "heldout_vs_time.png").stat().st_size > 0
