@@ -3,7 +3,9 @@
 A tiny random Llama (hidden 64, 2 layers, vocab 300, head_dim 32, tied embeddings), a GRPO step through the
 fused loss (torch path) with the loss normalised by the all-reduced token count and the gradient clipped by
 the global norm; the 2-rank step must equal the single-process step on all sequences (loss, pre-clip grad
-norm, updated weights). Then checkpoints go 2 ranks -> 1 process -> 2 ranks with the optimizer state.
+norm, the gradient before and after clipping, and AdamW's update of it: see tests/equivalence.py for why the
+updated weights are not compared across the two directly). Then checkpoints go 2 ranks -> 1 process -> 2 ranks
+with the optimizer state.
 Last, fctrain.run's own training functions (train_on_rollouts, sft_loss_backward + clip_and_step,
 save_checkpoint / load_optimizer_state) on 2 ranks, each with its share of the sequences, against one
 process on all of them.
@@ -22,6 +24,8 @@ import torch.multiprocessing as mp
 import kernels
 from fctrain import dist as fdist
 from fctrain import packing
+from tests.equivalence import (FP32_REL, TERM_SCALE, RecordingAdamW, assert_adamw_state_close, assert_scalar_close,
+                               assert_state_equal, assert_steps_equivalent, grad_scales)
 from tests.kernel_utils import assert_verbose_close
 
 WORLD = 2
@@ -44,7 +48,8 @@ def tiny_llama(seed):
 
 
 def make_optimizer(model):
-    return torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.99), weight_decay=0.01, foreach=True)
+    """AdamW that records every step (tests/equivalence.py): the tests check the steps, not the weights."""
+    return RecordingAdamW(model, lr=LR, betas=(0.9, 0.99), weight_decay=0.01, foreach=True)
 
 
 def make_batch(seed, n=6):
@@ -97,7 +102,8 @@ def train_step(model, optimizer, batch, micro_batches):
         loss_sum += loss.detach()
     for _ in range(n_steps - len(micro_batches)):
         fdist.dummy_backward(model, "cpu")
-    grad_norm = fdist.clip_grad_norm_(model, CLIP)
+    with optimizer.watching_clip():
+        grad_norm = fdist.clip_grad_norm_(model, CLIP)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return fdist.all_reduce_sum(loss_sum), grad_norm
@@ -119,6 +125,7 @@ def _worker(rank, port, out, phase):
             model = fdist.shard_model(tiny_llama(seed=0))
             optimizer = make_optimizer(model)
             result["loss"], result["grad_norm"] = train_step(model, optimizer, make_batch(1), RANK_MBS[rank])
+            result["records"] = optimizer.records
             result["weights"] = full_weights(model)
             result["gathered"] = fdist.all_gather_list(fdist.split_for_rank(list("abcde"), rank, WORLD))
             fdist.save_pretrained(model, os.path.join(out, "ckpt-a"))
@@ -144,7 +151,7 @@ def _worker(rank, port, out, phase):
             state = torch.load(os.path.join(out, "ckpt-b", "optimizer.pt")) if rank == 0 else {}
             fdist.load_optimizer_state_dict(model, optimizer, state)
             result["loss"], result["grad_norm"] = train_step(model, optimizer, make_batch(3), RANK_MBS[rank])
-            result["weights"] = full_weights(model)
+            result["records"] = optimizer.records
     finally:
         torch.save(result, os.path.join(out, f"phase{phase}-rank{rank}.pt"))
         torch.distributed.barrier()  # no rank tears gloo down while its peer still talks to it
@@ -176,9 +183,14 @@ def test_two_ranks_equal_one_process_and_checkpoints_cross_world_sizes(tmp_path)
 
     ranks = spawn(tmp_path, phase=1)
     for r in ranks:  # every rank reports the global loss and norm
-        assert_verbose_close(r["loss"], loss1, 1e-6, 1e-5, "loss")
-        assert_verbose_close(r["grad_norm"], norm1, 1e-6, 1e-5, "grad norm (pre-clip, global)")
-    assert_weights_close(ranks[0]["weights"], full_weights(single), 1e-6, "weights after the 2-rank step")
+        assert_scalar_close(r["loss"], loss1, "loss")
+        assert_scalar_close(r["grad_norm"], norm1, "grad norm (pre-clip, global)")
+    # the step: from the same weights, the same gradient before and after clipping (within fp32 summation
+    # error) and AdamW's update of it; not the updated weights, ill-conditioned in the gradient where |g| ~ eps
+    # (tests/equivalence.py)
+    assert_weights_close(ranks[0]["records"][0]["before"], full_weights(tiny_llama(seed=0)), 0, "2-rank start")
+    assert_steps_equivalent(ranks[0]["records"], single_opt.records, "2-rank step")
+    assert_weights_close(ranks[0]["weights"], ranks[0]["records"][-1]["after"], 0, "2-rank weights")
     assert_weights_close(ranks[1]["weights"], ranks[0]["weights"], 0, "ranks' gathered weights")
     assert ranks[0]["gathered"] == ranks[1]["gathered"] == list("abcde")
     assert ranks[0]["bf16_dtypes"] == (torch.bfloat16, torch.bfloat16)
@@ -193,13 +205,12 @@ def test_two_ranks_equal_one_process_and_checkpoints_cross_world_sizes(tmp_path)
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight  # tied again
     assert_weights_close(full_weights(loaded), ranks[0]["weights"], 0, "from_pretrained(2-rank checkpoint)")
     loaded_opt = make_optimizer(loaded)
-    fdist.load_optimizer_state_dict(loaded, loaded_opt, torch.load(ckpt_a / "optimizer.pt"))
-    want_state = fdist.optimizer_state_dict(single, single_opt)["state"]
-    got_state = fdist.optimizer_state_dict(loaded, loaded_opt)["state"]
-    assert set(got_state) == set(want_state)
-    for name in want_state:
-        for key in ("exp_avg", "exp_avg_sq", "step"):
-            assert_verbose_close(got_state[name][key], want_state[name][key], 1e-9, 1e-5, f"optimizer {name} {key}")
+    saved = torch.load(ckpt_a / "optimizer.pt")
+    fdist.load_optimizer_state_dict(loaded, loaded_opt, saved)
+    assert_state_equal(fdist.optimizer_state_dict(loaded, loaded_opt)["state"], saved["state"],
+                       "2-rank optimizer state loaded in one process")
+    assert_adamw_state_close(saved["state"], fdist.optimizer_state_dict(single, single_opt)["state"],
+                             grad_scales(single_opt.records), "2-rank vs 1-process optimizer state")
     train_step(loaded, loaded_opt, make_batch(2), SINGLE_MBS)
     fdist.save_pretrained(loaded, tmp_path / "ckpt-b")
     torch.save(fdist.optimizer_state_dict(loaded, loaded_opt), tmp_path / "ckpt-b" / "optimizer.pt")
@@ -207,10 +218,12 @@ def test_two_ranks_equal_one_process_and_checkpoints_cross_world_sizes(tmp_path)
     # 1 process -> 2 ranks: load into a differently initialised sharded model, then one step both ways
     ranks = spawn(tmp_path, phase=2)
     assert_weights_close(ranks[0]["loaded"], full_weights(loaded), 0, "2 ranks load the 1-process checkpoint")
+    state_before = fdist.optimizer_state_dict(loaded, loaded_opt)["state"]
+    assert_state_equal(ranks[0]["records"][0]["state"], state_before, "2 ranks load the 1-process optimizer state")
     loss3, norm3 = train_step(loaded, loaded_opt, make_batch(3), SINGLE_MBS)
-    assert_verbose_close(ranks[0]["loss"], loss3, 1e-6, 1e-5, "loss after the round trip")
-    assert_verbose_close(ranks[0]["grad_norm"], norm3, 1e-6, 1e-5, "grad norm after the round trip")
-    assert_weights_close(ranks[0]["weights"], full_weights(loaded), 1e-6, "weights after the round trip")
+    assert_scalar_close(ranks[0]["loss"], loss3, "loss after the round trip")
+    assert_scalar_close(ranks[0]["grad_norm"], norm3, "grad norm after the round trip")
+    assert_steps_equivalent(ranks[0]["records"], loaded_opt.records[-1:], "step after the round trip")
 
 
 def test_forward_hidden_is_the_decoder_output_and_computes_no_logits():
@@ -313,31 +326,34 @@ def run_pieces(out, rank=None):
     base = run.Config(group_size=GROUP, max_prompt_tokens=8, max_new_tokens=8, micro_batch_tokens=24,
                       temperature=0.7, grad_clip=CLIP, impl="torch", beta=0.0, rollout_is_cap=2.0)
     result = {}
-    for name, overrides, layout, seed, shares in RL_SCENARIOS:
-        cfg = dataclasses.replace(base, **overrides)
-        groups = rl_groups(seed, 3)
-        if name == "nan":
-            prompt, members = groups[2]
-            groups[2] = (prompt, [(members[0][0], float("nan"), *members[0][2:]), *members[1:]])
+    with optimizer.watching_clip():  # the gradients before clipping are recorded too
+        for name, overrides, layout, seed, shares in RL_SCENARIOS:
+            cfg = dataclasses.replace(base, **overrides)
+            groups = rl_groups(seed, 3)
+            if name == "nan":
+                prompt, members = groups[2]
+                groups[2] = (prompt, [(members[0][0], float("nan"), *members[0][2:]), *members[1:]])
+            if rank is not None:
+                picks = shares[rank] if shares else fdist.split_for_rank(list(range(len(groups))), rank, WORLD)
+                groups = [groups[i] for i in picks]
+            members = [m for _, ms in groups for m in ms]
+            thinks = [m[3] for m in members] if cfg.algo == "egpo" else None
+            res = run.train_on_rollouts(cfg, model, ref if cfg.beta > 0 else None, optimizer, LR,
+                                        [m[0] for m in members], torch.tensor([m[1] for m in members]),
+                                        [m[2] for m in members], thinks, layout, False, "cpu")
+            result[name] = {"stats": res["stats"], "adv": res["adv"], "weights": full_weights(model),
+                            "steps": len(optimizer.records)}
+        seqs = sft_seqs(15, 5)
         if rank is not None:
-            picks = shares[rank] if shares else fdist.split_for_rank(list(range(len(groups))), rank, WORLD)
-            groups = [groups[i] for i in picks]
-        members = [m for _, ms in groups for m in ms]
-        res = run.train_on_rollouts(cfg, model, ref if cfg.beta > 0 else None, optimizer, LR,
-                                    [m[0] for m in members], torch.tensor([m[1] for m in members]),
-                                    [m[2] for m in members], [m[3] for m in members] if cfg.algo == "egpo" else None,
-                                    layout, False, "cpu")
-        result[name] = {"stats": res["stats"], "adv": res["adv"], "weights": full_weights(model)}
-    seqs = sft_seqs(15, 5)
-    if rank is not None:
-        seqs = fdist.split_for_rank(seqs, rank, WORLD)  # 3 | 2 sequences
-    loss = run.sft_loss_backward(base, model, seqs, "padded", False, "cpu")
-    result["sft"] = {"loss": loss, "grad_norm": run.clip_and_step(base, model, optimizer, LR),
-                     "weights": full_weights(model)}
+            seqs = fdist.split_for_rank(seqs, rank, WORLD)  # 3 | 2 sequences
+        loss = run.sft_loss_backward(base, model, seqs, "padded", False, "cpu")
+        result["sft"] = {"loss": loss, "grad_norm": run.clip_and_step(base, model, optimizer, LR),
+                         "weights": full_weights(model)}
     # checkpoint: torch's optimizer format from one process, name-keyed from 2 ranks
     ckpt = run.save_checkpoint(base, Path(out) / ("single" if rank is None else "ranks"), 1, model,
                                _NoTokenizer(), optimizer, {"epoch": 0, "pos": 0}, [])
     result["optimizer"] = fdist.optimizer_state_dict(model, optimizer)
+    result["records"] = optimizer.records
     if rank is not None:  # the single process's checkpoint (saved before the spawn) into fresh shards
         single = Path(out) / "single" / ckpt.name
         fresh = fdist.shard_model(tiny_llama(seed=123))
@@ -350,14 +366,6 @@ def run_pieces(out, rank=None):
     return result
 
 
-def assert_optimizer_close(got, want, name):
-    assert set(got["state"]) == set(want["state"]), name
-    for key in want["state"]:
-        for field in ("exp_avg", "exp_avg_sq", "step"):
-            assert_verbose_close(got["state"][key][field], want["state"][key][field], 1e-9, 1e-5,
-                                 f"{name} {key} {field}")
-
-
 def test_run_training_functions_on_two_ranks_equal_one_process(tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -365,10 +373,6 @@ def test_run_training_functions_on_two_ranks_equal_one_process(tmp_path):
 
     single = run_pieces(tmp_path)
     ranks = spawn(tmp_path, phase=3)
-
-    def close(got, want, name):
-        assert_verbose_close(torch.tensor(float(got), dtype=torch.float64),
-                             torch.tensor(float(want), dtype=torch.float64), 1e-6, 1e-5, name)
 
     # the shares give the ranks different micro-batch counts, so dummy passes run (with a reference model too)
     def n_micro_batches(seqs, layout):
@@ -383,41 +387,56 @@ def test_run_training_functions_on_two_ranks_equal_one_process(tmp_path):
         want = single[name]
         if name == "nan":
             assert want["stats"]["nan_loss"] == 1 and math.isnan(want["stats"]["grad_norm"])
-            assert_weights_close(want["weights"], single["rank1-empty"]["weights"], 0, "a skipped update")
+            for run_name, res in [("1 process", single), *((f"rank {r}", got) for r, got in enumerate(ranks))]:
+                assert_weights_close(res["nan"]["weights"], res["rank1-empty"]["weights"], 0,
+                                     f"{run_name}: a skipped update")
+                assert res["nan"]["steps"] == res["rank1-empty"]["steps"], f"{run_name}: a skipped update"
         elif name == "egpo-ref":
             assert want["stats"]["grad_norm"] > CLIP, "the test must exercise clipping"
         for rank, got in enumerate(ranks):  # every rank reports the whole batch's metrics
             got = got[name]
             assert got["stats"]["nan_loss"] == want["stats"]["nan_loss"], name
             for key in ("loss", "kl", "entropy", "clip_low", "clip_high", "is_mean", "is_min", "is_max"):
-                close(got["stats"][key], want["stats"][key], f"{name} rank {rank} {key}")
+                assert_scalar_close(got["stats"][key], want["stats"][key], f"{name} rank {rank} {key}")
             if name != "nan":
-                close(got["stats"]["grad_norm"], want["stats"]["grad_norm"], f"{name} rank {rank} grad norm")
-            assert_weights_close(got["weights"], want["weights"], 1e-6, f"{name} rank {rank} weights")
+                assert_scalar_close(got["stats"]["grad_norm"], want["stats"]["grad_norm"],
+                                    f"{name} rank {rank} grad norm")
+            assert got["steps"] == want["steps"], f"{name} rank {rank}: optimizer steps"
+            assert_weights_close(got["weights"], ranks[0][name]["weights"], 0, f"{name} ranks' gathered weights")
         mine = [shares[r] if shares else fdist.split_for_rank([0, 1, 2], r, WORLD) for r in range(WORLD)]
         got_adv = torch.cat([ranks[r][name]["adv"] for r in range(WORLD)])  # EGPO advantages, in group order
         order = torch.tensor([g * GROUP + j for r in range(WORLD) for g in mine[r] for j in range(GROUP)])
-        if name != "nan":
-            assert_verbose_close(got_adv, want["adv"][order], 1e-6, 1e-5, f"{name} advantages")
+        if name != "nan":  # A + lambda * clip(think entropy): per-token terms as the losses'
+            assert_verbose_close(got_adv, want["adv"][order], FP32_REL * TERM_SCALE, FP32_REL * TERM_SCALE,
+                                 f"{name} advantages")
     for rank, got in enumerate(ranks):
-        close(got["sft"]["loss"], single["sft"]["loss"], f"sft rank {rank} loss")
-        close(got["sft"]["grad_norm"], single["sft"]["grad_norm"], f"sft rank {rank} grad norm")
-        assert_weights_close(got["sft"]["weights"], single["sft"]["weights"], 1e-6, f"sft rank {rank} weights")
+        assert_scalar_close(got["sft"]["loss"], single["sft"]["loss"], f"sft rank {rank} loss")
+        assert_scalar_close(got["sft"]["grad_norm"], single["sft"]["grad_norm"], f"sft rank {rank} grad norm")
+        assert_weights_close(got["sft"]["weights"], ranks[0]["sft"]["weights"], 0, "sft ranks' gathered weights")
+    # every optimizer step, in its well-conditioned halves (tests/equivalence.py): the same gradient before and
+    # after clipping, and AdamW's update of it
+    labels, done = [], 0
+    for name in [name for name, *_ in RL_SCENARIOS] + ["sft"]:
+        steps = single[name]["steps"] if name != "sft" else len(single["records"])
+        labels, done = labels + [name] * (steps - done), steps
+    assert_steps_equivalent(ranks[0]["records"], single["records"], "2 ranks", labels)
 
     # checkpoints: the 2-rank one loads in one process (weights and name-keyed optimizer state) ...
-    want_optimizer = single["optimizer"]
+    assert_adamw_state_close(ranks[0]["optimizer"]["state"], single["optimizer"]["state"],
+                             grad_scales(single["records"]), "2 ranks' vs 1 process's optimizer state")
     ckpt = tmp_path / "ranks" / "ckpt-000001"
     loaded = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
-    assert_weights_close(full_weights(loaded), single["sft"]["weights"], 1e-6, "2-rank checkpoint in one process")
+    assert_weights_close(full_weights(loaded), ranks[0]["sft"]["weights"], 0, "2-rank checkpoint in one process")
     loaded_optimizer = make_optimizer(loaded)
     saved = torch.load(ckpt / "trainer_state.pt", weights_only=False)["optimizer"]
     assert all(isinstance(key, str) for key in saved["state"])  # keyed by parameter name
     run.load_optimizer_state(loaded, loaded_optimizer, saved)
-    assert_optimizer_close(ranks[0]["optimizer"], want_optimizer, "2 ranks' optimizer state")
-    assert_optimizer_close(fdist.optimizer_state_dict(loaded, loaded_optimizer), want_optimizer, "2 ranks -> 1")
+    assert_state_equal(fdist.optimizer_state_dict(loaded, loaded_optimizer)["state"], ranks[0]["optimizer"]["state"],
+                       "2 ranks -> 1 optimizer")
     # ... and the single-process one (torch's own optimizer format) into 2 ranks' shards
     assert_weights_close(ranks[0]["loaded_single"]["weights"], single["sft"]["weights"], 0, "1 -> 2 ranks weights")
-    assert_optimizer_close(ranks[0]["loaded_single"]["optimizer"], want_optimizer, "1 -> 2 ranks optimizer")
+    assert_state_equal(ranks[0]["loaded_single"]["optimizer"]["state"], single["optimizer"]["state"],
+                       "1 -> 2 ranks optimizer")
 
 
 @pytest.mark.slow

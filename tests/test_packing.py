@@ -7,6 +7,8 @@ import torch
 import kernels
 from fctrain import packing, run
 from fctrain.packing import Seq
+from tests.equivalence import FP32_REL, TERM_SCALE, RecordingAdamW, assert_scalar_close, assert_steps_equivalent
+from tests.kernel_utils import assert_verbose_close
 
 
 def _random_seqs(g, n_groups, vocab=300, group_size=3, max_prompt=40, max_comp=25):
@@ -104,7 +106,9 @@ def test_layouts_give_the_log_probs_of_one_sequence_per_row(llama, layout):
 
 def test_train_on_rollouts_is_layout_independent(llama):
     """One full RL update (EGPO, KL to a reference, rollout IS weight) per layout: same loss, metrics,
-    advantages and updated weights as the padded one-sequence-per-row layout."""
+    advantages and update as the padded one-sequence-per-row layout, within fp32 summation error. The update
+    is checked in its well-conditioned halves (tests/equivalence.py): the same gradient, and AdamW's step on
+    it; the updated weights themselves can differ by up to lr * (gradient rounding) / eps where |g| ~ eps."""
     g = torch.Generator().manual_seed(3)
     seqs = _random_seqs(g, 4)
     adv = torch.randn(len(seqs), generator=g)
@@ -119,20 +123,23 @@ def test_train_on_rollouts_is_layout_independent(llama):
     results = {}
     for layout in packing.LAYOUTS:
         model = copy.deepcopy(llama).train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        res = run.train_on_rollouts(cfg, model, ref_model, opt, 1e-3, seqs, adv, rollout, thinks, layout, False, "cpu")
-        results[layout] = (res, {k: v.detach().clone() for k, v in model.state_dict().items()})
-    base_res, base_w = results["padded"]
+        opt = RecordingAdamW(model, lr=1e-3)
+        with opt.watching_clip():
+            res = run.train_on_rollouts(cfg, model, ref_model, opt, 1e-3, seqs, adv, rollout, thinks, layout, False,
+                                        "cpu")
+        results[layout] = (res, opt.records)
+    base_res, base_steps = results["padded"]
     assert base_res["stats"]["nan_loss"] == 0 and base_res["stats"]["kl"] > 0
     assert not torch.isnan(base_res["think_entropy"]).any()
+    assert len(base_steps) == 1
     for layout in ("packed", "shared"):
-        res, w = results[layout]
+        res, steps = results[layout]
         for key in ("loss", "kl", "entropy", "clip_low", "clip_high", "is_mean", "grad_norm"):
-            assert res["stats"][key] == pytest.approx(base_res["stats"][key], rel=1e-4, abs=1e-6), (layout, key)
-        torch.testing.assert_close(res["adv"], base_res["adv"], atol=1e-5, rtol=0)
-        torch.testing.assert_close(res["think_entropy"], base_res["think_entropy"], atol=1e-5, rtol=0)
-        for k in base_w:
-            torch.testing.assert_close(w[k], base_w[k], atol=2e-5, rtol=0, msg=f"{layout}: {k}")
+            assert_scalar_close(res["stats"][key], base_res["stats"][key], f"{layout} {key}")
+        for key in ("adv", "think_entropy"):  # per-token entropies (<= log 300) averaged; A + 0.4 * clip(H)
+            assert_verbose_close(res[key], base_res[key], FP32_REL * TERM_SCALE, FP32_REL * TERM_SCALE,
+                                 f"{layout} {key}")
+        assert_steps_equivalent(steps, base_steps, f"{layout} vs padded")
     # The shared layout computes fewer tokens than packing, which computes fewer than padding.
     tokens = {layout: results[layout][0]["stats"]["computed_tokens"] for layout in packing.LAYOUTS}
     assert tokens["shared"] < tokens["packed"] < tokens["padded"], tokens
