@@ -21,7 +21,7 @@ Cells (a cell is finished when RESULTS/cells/<cell>.json exists; an interrupted 
   time_budget_s = the mean training seconds of the finished RL cells of that seed (so the control gets the
   same wall time as RL; the trainer stops after the step that reaches it).
 Training seconds are the trainer's summed step times (rollout, reward, loss, update, weight sync; model
-loading and evaluation excluded). Each cell is evaluated greedily on val + (a) + (b) + (c) with the vLLM
+loading and evaluation excluded). Each cell is evaluated greedily on (a) + (b) + (c) (the base on val too) with the vLLM
 engine (fctrain.eval's BFCL-compatible scoring) and its per-example verdicts are stored for pairing.
 
 The base checkpoint lives under WORK (runs/, not committed). Every arm records the sha256 of the base it
@@ -87,15 +87,22 @@ def build_sets(tokenizer) -> dict:
     return sets
 
 
+def manifest(sets: dict) -> dict:
+    """The ids of every set: fctrain/splits/<DEFAULT_SPLITS>.json, which the trainer reads as `split:<set>`."""
+    return {"about": "benchmarks/bench_rl.py build_sets (issue 16): fixed train / val / held-out sets of BFCL v4",
+            "split_seed": SPLIT_SEED, "max_prompt_tokens": MAX_PROMPT_TOKENS,
+            "categories": sorted({e.category for exs in sets.values() for e in exs}),
+            "sets": {name: [e.id for e in exs] for name, exs in sets.items()}}
+
+
 def write_sets(sets: dict) -> Path:
     from fctrain import data
 
     WORK.mkdir(parents=True, exist_ok=True)
     data.save_jsonl(sets["train"], WORK / "train.jsonl")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    manifest = {"split_seed": SPLIT_SEED, "max_prompt_tokens": MAX_PROMPT_TOKENS,
-                "sets": {name: [e.id for e in exs] for name, exs in sets.items()}}
-    (RESULTS / "splits.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    path = data.SPLITS_DIR / f"{data.DEFAULT_SPLITS}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(manifest(sets), indent=0) + "\n")
     return WORK / "train.jsonl"
 
 
@@ -149,6 +156,7 @@ def train(cell: str, args: list[str]) -> dict:
 
 
 EVAL_SETS = ("val", "test_in", "test_ood", "test_irr")
+TEST_SETS = EVAL_SETS[1:]  # the arms: validation is for pilots (choosing settings), the base is measured on it too
 
 
 def evaluate_checkpoint(ckpt: Path, out: Path, names=EVAL_SETS) -> None:
@@ -236,7 +244,7 @@ def run_cell(cell: str) -> dict:
     result = {"cell": cell, "arm": arm, "seed": seed, "train": train(cell, args)}
     ckpt = Path(result["train"]["checkpoint"])
     result["base_sha"] = sha256(ckpt / "model.safetensors") if cell == "sft-base" else base["base_sha"]
-    result["eval"] = evaluate(cell, ckpt)
+    result["eval"] = evaluate(cell, ckpt, EVAL_SETS if cell == "sft-base" else TEST_SETS)
     result["meta"] = common.run_metadata("cpu") | {"load_avg_end": common.load_avg(),
                                                    "cell_wall_s": time.time() - t0}
     cell_path(cell).parent.mkdir(parents=True, exist_ok=True)
@@ -320,6 +328,9 @@ def report() -> str:
         row = {"arm": arm, "seeds": len(cs)}
         texts = []
         for s in ("test_in", "test_ood", "test_irr", "val"):
+            if any(s not in c["eval"]["sets"] for c in cs):
+                texts.append("-")
+                continue
             ids = cs[0]["eval"]["sets"][s]["ids"]
             assert all(c["eval"]["sets"][s]["ids"] == ids for c in cs)
             m, lo, hi, sd, text = acc_cell([c["eval"]["sets"][s]["valid"] for c in cs])

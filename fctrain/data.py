@@ -258,8 +258,36 @@ def save_jsonl(examples: Iterable[Example], path) -> None:
     tmp.replace(path)
 
 
+SPLITS_DIR = Path(__file__).resolve().parent / "splits"
+DEFAULT_SPLITS = "bfcl_v4_seed16"  # written by benchmarks/bench_rl.py (its build_sets), checked by its test
+
+
+def load_split(spec: str) -> list[Example]:
+    """`<set>` or `<manifest>:<set>`: the BFCL examples listed under "sets"/<set> in
+    fctrain/splits/<manifest>.json (default DEFAULT_SPLITS), in the listed order. A manifest holds ids only:
+    fixed train / validation / held-out sets that every run and benchmark can name."""
+    manifest, _, name = spec.rpartition(":")
+    path = SPLITS_DIR / f"{manifest or DEFAULT_SPLITS}.json"
+    if not path.exists():
+        raise ValueError(f"split manifest {path} not found; known: {sorted(p.stem for p in SPLITS_DIR.glob('*.json'))}")
+    info = json.loads(path.read_text())
+    if name not in info["sets"]:
+        raise ValueError(f"{path.name} has no set {name!r}; its sets: {sorted(info['sets'])}")
+    ids = info["sets"][name]
+    by_id = {e.id: e for e in load_bfcl(info["categories"])}
+    missing = [i for i in ids if i not in by_id]
+    if missing:
+        raise ValueError(f"{path.name}:{name}: {len(missing)} ids not in BFCL {BFCL_WHEEL}, e.g. {missing[:3]}")
+    return [by_id[i] for i in ids]
+
+
 def load_any(spec: str, on_error: str = "raise", skipped: Counter | None = None) -> list[Example]:
-    """`bfcl:<cat,...>`, an xLAM file (its name contains "xlam"), or our JSONL."""
+    """`bfcl:<cat,...>`, `split:[<manifest>:]<set>` (load_split), an xLAM file (its name contains "xlam"),
+    our JSONL, or several of these joined by `+` (concatenated in order)."""
+    if "+" in spec:
+        return [e for part in spec.split("+") for e in load_any(part.strip(), on_error, skipped)]
+    if spec.startswith("split:"):
+        return load_split(spec[len("split:"):])
     if spec.startswith("bfcl:"):
         return load_bfcl(spec[len("bfcl:"):])
     if "xlam" in Path(spec).name.lower():

@@ -57,7 +57,7 @@ class Config:
     model: str = ""                        # local HF dir or hub id; "" = offline SmolLM2-135M-Instruct
     train_data: str = "bfcl:live_simple,simple_python"  # bfcl:<categories>, an xLAM file or our JSONL
     eval_data: str = "bfcl:multiple"      # held out: never trained on ("none" = no evaluation)
-    eval_limit: int = 48                   # eval examples (0 = all)
+    eval_limit: int = 48                   # eval examples per `+`-part of eval_data (0 = all)
     fmt: str = "python"                    # output format: python (<think><answer>[calls]) | hermes
     max_prompt_tokens: int = 512           # longer prompts are dropped
     max_new_tokens: int = 96               # completion budget per sample
@@ -522,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # -------------------------------------------------------------------------------------------- setup
     from fctrain import models, rollout
-    from fctrain.eval import evaluate, generate_records, summarize
+    from fctrain.eval import generate_records, summarize
 
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -572,9 +572,12 @@ def main(argv: list[str] | None = None) -> int:
                                   weight_decay=cfg.weight_decay, foreach=True)
 
     examples = fdata.filter_by_length(fdata.load_any(cfg.train_data), tokenizer, cfg.max_prompt_tokens, cfg.fmt)
-    eval_examples = [] if cfg.eval_data.lower() in ("", "none") else fdata.filter_by_length(
-        fdata.load_any(cfg.eval_data), tokenizer, cfg.max_prompt_tokens, cfg.fmt)
-    eval_examples = fdata.shuffle(eval_examples, cfg.seed)[:cfg.eval_limit or None]
+    eval_sets = {}  # each `+`-part of eval_data is reported on its own, with its confidence interval
+    for part in ([] if cfg.eval_data.lower() in ("", "none") else cfg.eval_data.split("+")):
+        found = fdata.filter_by_length(fdata.load_any(part.strip()), tokenizer, cfg.max_prompt_tokens, cfg.fmt)
+        eval_sets[part.strip()] = fdata.shuffle(found, cfg.seed)[:cfg.eval_limit or None]
+    eval_examples = [e for exs in eval_sets.values() for e in exs]
+    eval_set_of = {e.id: name for name, exs in eval_sets.items() for e in exs}
     train_ids = {e.id for e in examples}
     if any(e.id in train_ids for e in eval_examples):
         raise SystemExit("error: eval_data overlaps train_data; evaluation must be held out")
@@ -642,24 +645,27 @@ def main(argv: list[str] | None = None) -> int:
             sys.modules["wandb"].log(record, step=record["step"])
 
     def run_eval(tag):
-        if ctx.distributed:  # each rank evaluates its share with its own engine; the records are gathered
-            t0 = time.perf_counter()
-            share = fdist.split_for_rank(eval_examples, ctx.rank, ctx.world_size)
-            summary = summarize(fdist.all_gather_list(generate_records(
-                engine, tokenizer, share, fmt=cfg.fmt, max_tokens=cfg.max_new_tokens)))
-            summary["elapsed_s"] = time.perf_counter() - t0
-        else:
-            summary = evaluate(engine, tokenizer, eval_examples, fmt=cfg.fmt, max_tokens=cfg.max_new_tokens)
+        t0 = time.perf_counter()
+        # under torchrun each rank evaluates its share with its own engine; the records are gathered
+        share = fdist.split_for_rank(eval_examples, ctx.rank, ctx.world_size) if ctx.distributed else eval_examples
+        records = generate_records(engine, tokenizer, share, fmt=cfg.fmt, max_tokens=cfg.max_new_tokens)
+        if ctx.distributed:
+            records = fdist.all_gather_list(records)
+        summary = summarize(records)
+        per_set = {}
+        for name in eval_sets:
+            mine = [r for r in records if eval_set_of[r.id] == name]
+            correct = sum(r.valid for r in mine)
+            per_set[name] = {"correct": correct, "total": len(mine), "accuracy": correct / max(1, len(mine)),
+                             "ci95": list(wilson_interval(correct, len(mine)))}
         record = {"step": step, "phase": "eval", "tag": tag, "eval_accuracy": summary["micro_accuracy"],
                   "eval_correct": summary["correct"], "eval_total": summary["total"],
                   "eval_format_ok": sum(c["format_ok"] for c in summary["categories"].values())
-                  / max(1, summary["total"]), "eval_s": summary["elapsed_s"]}
+                  / max(1, summary["total"]), "eval_sets": per_set, "eval_s": time.perf_counter() - t0}
         log(record)
-        lo, hi = wilson_interval(record["eval_correct"], record["eval_total"])
-        record["eval_ci95"] = [lo, hi]
-        say(f"eval {tag} step {step} | accuracy {record['eval_accuracy']:.3f} "
-            f"({record['eval_correct']}/{record['eval_total']}, 95% CI {lo:.3f}-{hi:.3f}) | "
-            f"format {record['eval_format_ok']:.2f}")
+        say(f"eval {tag} step {step} | " + " | ".join(
+            f"{name} {v['accuracy']:.3f} ({v['correct']}/{v['total']}, 95% CI {v['ci95'][0]:.3f}-{v['ci95'][1]:.3f})"
+            for name, v in per_set.items()) + f" | format {record['eval_format_ok']:.2f}")
         return record
 
     def sync_engine():

@@ -68,8 +68,8 @@ def test_report_and_sft_budget_on_synthetic_cells(tmp_path, monkeypatch):
     half = [i % 2 for i in range(n)]
     def write(c):
         (tmp_path / "cells" / f"{c['cell']}.json").write_text(json.dumps(c))
-    sets = lambda v: {"val": v, "test_in": v, "test_ood": v, "test_irr": v}  # noqa: E731
-    write(_cell("sft-base", "sft-base", 0, sets(zero)))
+    sets = lambda v: {"test_in": v, "test_ood": v, "test_irr": v}  # noqa: E731  (the arms skip val)
+    write(_cell("sft-base", "sft-base", 0, sets(zero) | {"val": half}))
     for s in (0, 1):
         write(_cell(f"grpo-s{s}", "grpo", s, sets(one), train_s=100.0 + 20 * s))
         write(_cell(f"egpo-s{s}", "egpo", s, sets(half), train_s=110.0))
@@ -81,6 +81,8 @@ def test_report_and_sft_budget_on_synthetic_cells(tmp_path, monkeypatch):
         bench.sft_budget(0, "nope")
     text = bench.report()
     assert "| grpo - sft | +100.0 [+100.0, +100.0] (2 seeds)" in text
+    assert "| sft-base | 1 |" in text and "| 50.0 [" in text.split("| sft-base |")[1].splitlines()[0]
+    assert text.split("| grpo | 2 |")[1].splitlines()[0].rstrip().endswith("| - |")  # no val for the arms
     assert "| egpo - grpo | -50.0 [" in text
     rows = {r["arm"]: r for r in __import__("csv").DictReader(open(tmp_path / "summary.csv"))}
     assert rows["grpo"]["seeds"] == "2" and float(rows["egpo"]["test_in_acc"]) == 0.5

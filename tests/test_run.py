@@ -104,8 +104,13 @@ def _args(root, model_dir, out, **over):
 def test_end_to_end_hf_engine_trains_and_resumes_exactly(tiny):
     root, model_dir = tiny
     out_a, out_b = root / "a", root / "b"
-    assert run.main(_args(root, model_dir, out_a)) == 0
+    eval_data = f"{root / 'eval.jsonl'}+split:test_irr"  # two held-out sets, each reported on its own
+    assert run.main(_args(root, model_dir, out_a, eval_data=eval_data)) == 0
     rows = [json.loads(line) for line in open(out_a / "metrics.jsonl")]
+    evals = [r for r in rows if r["phase"] == "eval"]
+    assert evals and all(list(r["eval_sets"]) == [str(root / "eval.jsonl"), "split:test_irr"] for r in evals)
+    assert all(v["total"] == 1 and v["ci95"][0] <= v["accuracy"] <= v["ci95"][1]
+               for r in evals for v in r["eval_sets"].values())
     rl = [r for r in rows if r["phase"] == "rl"]
     sft = [r for r in rows if r["phase"] == "sft"]
     assert len(rl) == 2 and len(sft) == 30 and sft[-1]["loss"] < sft[0]["loss"] / 3
