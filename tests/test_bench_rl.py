@@ -34,6 +34,16 @@ def test_sets_are_fixed_disjoint_and_large_enough():
     assert cats("test_irr") == {"irrelevance"} and "irrelevance" not in cats("train")
     assert cats("train") == {"live_simple", "simple_python", "live_irrelevance"}  # negatives are trained on
     assert not cats("train") & {"multiple", "irrelevance"}
+    # the committed manifest the trainer reads as split:<set> is exactly these sets
+    from fctrain import data
+    committed = json.loads((data.SPLITS_DIR / f"{data.DEFAULT_SPLITS}.json").read_text())
+    assert committed == bench.manifest(sets)
+    assert [e.id for e in data.load_any("split:test_in+split:test_irr")] == \
+        [e.id for e in sets["test_in"] + sets["test_irr"]]
+    with pytest.raises(ValueError, match="no set 'nope'"):
+        data.load_split("nope")
+    with pytest.raises(ValueError, match="not found"):
+        data.load_split("other_manifest:train")
 
 
 def test_bootstrap_paired_difference():
