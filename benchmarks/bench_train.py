@@ -45,6 +45,10 @@ COLUMNS = common.META_COLUMNS + [
     "status"]
 PROVIDERS = ("trl", "fctrain", "fctrain-packed", "fctrain-padded", "fctrain-naive", "fctrain-amp-bf16")
 
+# The trainer settings this benchmark was measured with (results/train_cpu.csv), pinned so that changing the
+# trainer's defaults does not silently change what it measures: a KL reference pass (beta 0.001) included.
+SETTINGS = dict(train_data="bfcl:live_simple,simple_python", beta=0.001, lr=5e-5)
+
 
 def make_workload(model_dir: str, prompts: int, group: int, max_new_tokens: int, seed: int = 0) -> dict:
     """BFCL prompts + completions sampled from the model itself (T=0.7) + binary rewards with variance."""
@@ -53,7 +57,7 @@ def make_workload(model_dir: str, prompts: int, group: int, max_new_tokens: int,
     import torch
 
     from fctrain import data, models, rollout, run
-    cfg = run.Config()
+    cfg = run.Config(**SETTINGS)
     tok = models.load_tokenizer(model_dir)
     examples = data.filter_by_length(data.load_any(cfg.train_data), tok, cfg.max_prompt_tokens, cfg.fmt)
     examples = data.shuffle(examples, seed)[:prompts]
@@ -108,7 +112,7 @@ def worker_fctrain(spec: dict, work: dict) -> dict:
 
     from fctrain import models, packing, run
     layout = {"fctrain-packed": "packed", "fctrain-padded": "padded"}.get(spec["provider"], "shared")
-    cfg = dataclasses.replace(run.Config(), impl="naive" if spec["provider"] == "fctrain-naive" else "auto",
+    cfg = dataclasses.replace(run.Config(**SETTINGS), impl="naive" if spec["provider"] == "fctrain-naive" else "auto",
                               max_new_tokens=work["max_new_tokens"],
                               train_dtype="amp-bf16" if spec["provider"] == "fctrain-amp-bf16" else "float32")
     model = models.load_model(work["model"]).train()
@@ -140,7 +144,7 @@ def worker_trl(spec: dict, work: dict) -> dict:
     from trl import GRPOConfig, GRPOTrainer
 
     from fctrain import models, run
-    cfg = run.Config()
+    cfg = run.Config(**SETTINGS)
     seqs = work["seqs"]
     n, group = len(seqs), work["group"]
     p_len = max(len(s["prompt"]) for s in seqs)

@@ -55,9 +55,12 @@ from fctrain import reward as freward
 class Config:
     # model and data
     model: str = ""                        # local HF dir or hub id; "" = offline SmolLM2-135M-Instruct
-    train_data: str = "bfcl:live_simple,simple_python"  # bfcl:<categories>, an xLAM file or our JSONL
-    eval_data: str = "bfcl:multiple"      # held out: never trained on ("none" = no evaluation)
-    eval_limit: int = 48                   # eval examples per `+`-part of eval_data (0 = all)
+    train_data: str = "split:train"        # bfcl:<categories>, split:<set> (fctrain/splits), an xLAM file, our
+                                           # JSONL, or several joined by "+". split:train = 403 live_simple +
+                                           # simple_python examples and 130 live_irrelevance negatives (no call)
+    eval_data: str = "split:test_in+split:test_irr"  # held out, never trained on, each "+"-part reported with
+                                           # its CI ("none" = no evaluation): 150 in-distribution, 120 irrelevance
+    eval_limit: int = 0                    # eval examples per "+"-part of eval_data (0 = all)
     fmt: str = "python"                    # output format: python (<think><answer>[calls]) | hermes
     max_prompt_tokens: int = 512           # longer prompts are dropped
     max_new_tokens: int = 96               # completion budget per sample
@@ -67,12 +70,13 @@ class Config:
                                            # SmolLM2 signal in every group; measured) | format
     egpo_lambda: float = 0.4               # EGPO entropy weight
     egpo_alpha: float = 2.0                # EGPO clip: |H term| <= |A| / alpha
-    group_size: int = 4                    # completions per prompt (G)
+    group_size: int = 8                    # completions per prompt (G)
     prompts_per_step: int = 4
-    steps: int = 16                        # RL steps (after the SFT warm start)
+    steps: int = 10                        # RL steps (after the SFT warm start)
     temperature: float = 0.7               # sampling temperature (also used for trainer log-probs)
     top_p: float = 1.0
-    beta: float = 0.001                    # k3 KL weight to the frozen reference (0 = no reference model)
+    beta: float = 0.0                      # k3 KL weight to the frozen reference (0 = no reference model; the
+                                           # paper: 0.001, preset paper-7b; the CPU default saves the reference pass)
     eps_low: float = 0.2                   # ratio clip range
     eps_high: float = 0.2
     entropy_coef: float = 0.0              # entropy bonus
@@ -80,14 +84,14 @@ class Config:
     loss_agg: str = "token-mean"           # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
     updates_per_batch: int = 1             # optimizer passes over each rollout batch
     # optimisation
-    lr: float = 5e-5                       # RL learning rate (SmolLM2-135M; the paper's 7B run: 1e-6)
-    warmup_steps: int = 3
+    lr: float = 2e-5                       # RL learning rate (SmolLM2-135M; the paper's 7B run: 1e-6)
+    warmup_steps: int = 2
     min_lr_ratio: float = 0.1              # cosine decay floor
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     micro_batch_tokens: int = 4096         # tokens computed per forward/backward (padding included)
     packing: str = "auto"                  # shared | packed | padded; auto = shared (SDPA) or packed (flash-attn)
-    sft_steps: int = 10                    # cold-start SFT steps before RL (0 = none)
+    sft_steps: int = 20                    # cold-start SFT steps before RL (0 = none)
     sft_batch_size: int = 8
     sft_lr: float = 5e-5
     sft_think: str = "plan"                # SFT target's think: plan (names function + parameters) | restate
@@ -143,7 +147,7 @@ class Config:
 
 PRESETS = {
     # The paper's run: Qwen2.5-Coder-7B-Instruct, lr 1e-6, beta 0.001, T 0.7, binary reward, EGPO.
-    "paper-7b": dict(model="Qwen/Qwen2.5-Coder-7B-Instruct", lr=1e-6, reward="binary", sft_steps=0, group_size=8,
+    "paper-7b": dict(model="Qwen/Qwen2.5-Coder-7B-Instruct", lr=1e-6, beta=0.001, reward="binary", sft_steps=0, group_size=8,
                      prompts_per_step=32, steps=500, max_prompt_tokens=2048, max_new_tokens=1024,
                      micro_batch_tokens=32768, train_dtype="bfloat16", engine="vllm",
                      train_data="bfcl:live_simple,live_multiple,live_parallel,live_parallel_multiple",
@@ -218,6 +222,15 @@ def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, f
     centre = (p + z * z / (2 * total)) / (1 + z * z / total)
     half = z / (1 + z * z / total) * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total))
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def paired_change(before: list[int], after: list[int], reps: int = 10000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of after - before over the same examples (0/1 verdicts) and its 95% paired-bootstrap interval."""
+    d = np.asarray(after, dtype=float) - np.asarray(before, dtype=float)
+    if d.size == 0:
+        return 0.0, 0.0, 0.0
+    boots = d[np.random.default_rng(seed).integers(0, d.size, size=(reps, d.size))].mean(1)
+    return float(d.mean()), float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))
 
 
 def lr_at(cfg: Config, step: int) -> float:
@@ -644,6 +657,9 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.wandb and "wandb" in sys.modules:
             sys.modules["wandb"].log(record, step=record["step"])
 
+    # tag -> {example id: 0/1}: later evaluations are paired with the SFT checkpoint's (or the first)
+    verdicts = {r["tag"]: r["verdicts"] for r in history if r.get("phase") == "eval" and "verdicts" in r}
+
     def run_eval(tag):
         t0 = time.perf_counter()
         # under torchrun each rank evaluates its share with its own engine; the records are gathered
@@ -653,6 +669,7 @@ def main(argv: list[str] | None = None) -> int:
             records = fdist.all_gather_list(records)
         summary = summarize(records)
         per_set = {}
+        verdicts[tag] = {r.id: int(r.valid) for r in records}
         for name in eval_sets:
             mine = [r for r in records if eval_set_of[r.id] == name]
             correct = sum(r.valid for r in mine)
@@ -662,10 +679,18 @@ def main(argv: list[str] | None = None) -> int:
                   "eval_correct": summary["correct"], "eval_total": summary["total"],
                   "eval_format_ok": sum(c["format_ok"] for c in summary["categories"].values())
                   / max(1, summary["total"]), "eval_sets": per_set, "eval_s": time.perf_counter() - t0}
-        log(record)
         say(f"eval {tag} step {step} | " + " | ".join(
             f"{name} {v['accuracy']:.3f} ({v['correct']}/{v['total']}, 95% CI {v['ci95'][0]:.3f}-{v['ci95'][1]:.3f})"
             for name, v in per_set.items()) + f" | format {record['eval_format_ok']:.2f}")
+        record["verdicts"] = verdicts[tag]
+        first = "after-sft" if "after-sft" in verdicts else next(iter(verdicts))
+        if first != tag:  # the change since the SFT checkpoint (or the first evaluation), paired by example
+            for name, exs in eval_sets.items():
+                diff, lo, hi = paired_change([verdicts[first][e.id] for e in exs], [verdicts[tag][e.id] for e in exs])
+                record["eval_sets"][name]["change_since_" + first] = [diff, lo, hi]
+                say(f"  {name}: {first} -> {tag}: {100 * diff:+.1f} points (95% CI {100 * lo:+.1f} to "
+                    f"{100 * hi:+.1f}, paired bootstrap over its {len(exs)} examples)")
+        log(record)
         return record
 
     def sync_engine():

@@ -95,7 +95,7 @@ def _args(root, model_dir, out, **over):
     cfg = dict(model=model_dir, engine="hf", train_data=root / "train.jsonl", eval_data=root / "eval.jsonl",
                eval_limit=1, sft_steps=30, sft_batch_size=2, sft_lr=5e-3, steps=2, prompts_per_step=2,
                group_size=4, max_new_tokens=40, reward="partial", lr=1e-3, temperature=1.0, warmup_steps=1,
-               save_every=1, keep_last=4, eval_every=0, reward_processes=1, out_dir=out)
+               save_every=1, keep_last=4, eval_every=0, reward_processes=1, beta=0.001, out_dir=out)
     cfg.update(over)
     return [x for k, v in cfg.items() for x in (f"--{k}", str(v))]
 
@@ -111,6 +111,8 @@ def test_end_to_end_hf_engine_trains_and_resumes_exactly(tiny):
     assert evals and all(list(r["eval_sets"]) == [str(root / "eval.jsonl"), "split:test_irr"] for r in evals)
     assert all(v["total"] == 1 and v["ci95"][0] <= v["accuracy"] <= v["ci95"][1]
                for r in evals for v in r["eval_sets"].values())
+    assert [r["tag"] for r in evals] == ["after-sft", "after"]
+    assert all("change_since_after-sft" in v for v in evals[1]["eval_sets"].values())  # paired with the SFT checkpoint
     rl = [r for r in rows if r["phase"] == "rl"]
     sft = [r for r in rows if r["phase"] == "sft"]
     assert len(rl) == 2 and len(sft) == 30 and sft[-1]["loss"] < sft[0]["loss"] / 3
@@ -184,3 +186,11 @@ def test_time_budget_stops_after_the_step_that_spends_it_and_checkpoints(tiny):
     assert [p.name for p in out.glob("ckpt-*")] == ["ckpt-000001"]
     with pytest.raises(SystemExit, match="sft_think"):
         parse_config(["--sft_think", "long"])
+
+
+def test_paired_change():
+    diff, lo, hi = run.paired_change([0, 0, 1, 1], [1, 1, 1, 1])
+    assert diff == 0.5 and 0.0 <= lo <= 0.5 <= hi <= 1.0
+    diff, lo, hi = run.paired_change([0] * 100, [1] * 30 + [0] * 70)
+    assert diff == pytest.approx(0.3) and lo < 0.3 < hi and 0.19 < lo and hi < 0.41  # +-1.96 * sqrt(.21/100)
+    assert run.paired_change([1, 0, 1], [1, 0, 1]) == (0.0, 0.0, 0.0)
