@@ -34,6 +34,7 @@ import argparse
 import hashlib
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -48,7 +49,8 @@ WORK = REPO / "runs" / "bench_rl"
 
 SPLIT_SEED = 16
 MAX_PROMPT_TOKENS = 512
-TEST_IN, VAL_IN, VAL_NEG, NEG_TRAIN, TEST_IRR = 150, 60, 30, 130, 120
+TEST_IN, VAL_IN, VAL_NEG, NEG_TRAIN, TEST_IRR = 150, 60, 30, 80, 120
+SYN_TRAIN, SYN_VAL = 160, 30  # swapped-tool negatives (data.swapped_tools_negative) in train / val
 EVAL_MAX_TOKENS = 96
 SEEDS = (0, 1, 2)
 ARMS = ("grpo", "egpo", "sft")
@@ -76,7 +78,19 @@ def build_sets(tokenizer) -> dict:
     neg = data.shuffle(fit(data.load_bfcl("live_irrelevance")), SPLIT_SEED)
     test_in, val_in, train_in = pool[:TEST_IN], pool[TEST_IN:TEST_IN + VAL_IN], pool[TEST_IN + VAL_IN:]
     val_neg, train_neg = neg[:VAL_NEG], neg[VAL_NEG:VAL_NEG + NEG_TRAIN]
-    sets = {"train": data.shuffle(train_in + train_neg, SPLIT_SEED), "val": val_in + val_neg,
+
+    def swapped(examples, n, seed):  # n questions of `examples`, each beside another one's tools
+        rng = random.Random(seed)
+        out = []
+        for q in data.shuffle(examples, seed):
+            others = [t for t in examples if not {f["name"] for f in t.tools} & {f["name"] for f in q.tools}]
+            out += fit([data.swapped_tools_negative(q, rng.choice(others))])
+            if len(out) == n:
+                return out
+        raise AssertionError(f"only {len(out)} swapped-tool negatives fit")
+
+    sets = {"train": data.shuffle(train_in + train_neg + swapped(train_in, SYN_TRAIN, SPLIT_SEED), SPLIT_SEED),
+            "val": val_in + val_neg + swapped(val_in, SYN_VAL, SPLIT_SEED),
             "test_in": test_in, "test_ood": data.load_bfcl("multiple"),
             "test_irr": data.shuffle(data.load_bfcl("irrelevance"), SPLIT_SEED)[:TEST_IRR]}
     ids = {name: {e.id for e in exs} for name, exs in sets.items()}
@@ -91,7 +105,7 @@ def manifest(sets: dict) -> dict:
     """The ids of every set: fctrain/splits/<DEFAULT_SPLITS>.json, which the trainer reads as `split:<set>`."""
     return {"about": "benchmarks/bench_rl.py build_sets (issue 16): fixed train / val / held-out sets of BFCL v4",
             "split_seed": SPLIT_SEED, "max_prompt_tokens": MAX_PROMPT_TOKENS,
-            "categories": sorted({e.category for exs in sets.values() for e in exs}),
+            "categories": sorted({e.category for exs in sets.values() for e in exs} - {"synthetic_irrelevance"}),
             "sets": {name: [e.id for e in exs] for name, exs in sets.items()}}
 
 

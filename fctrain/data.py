@@ -258,6 +258,20 @@ def save_jsonl(examples: Iterable[Example], path) -> None:
     tmp.replace(path)
 
 
+SYNTHETIC_IRRELEVANCE = "synthetic_irrelevance"
+
+
+def swapped_tools_negative(question: Example, tools_from: Example) -> Example:
+    """A negative example: `question`'s turns offered `tools_from`'s tools only, so the right answer is no
+    call (BFCL's `irrelevance` category is built the same way: a question beside a function that cannot
+    answer it). Refused when the two share a function name. Its id "neg:<question id>|<tools id>" is what a
+    split manifest stores."""
+    if {t["name"] for t in question.tools} & {t["name"] for t in tools_from.tools}:
+        raise ValueError(f"{question.id} and {tools_from.id} share a function; not a negative")
+    return Example(f"neg:{question.id}|{tools_from.id}", SYNTHETIC_IRRELEVANCE, [dict(m) for m in question.messages],
+                   copy.deepcopy(tools_from.tools), [])
+
+
 SPLITS_DIR = Path(__file__).resolve().parent / "splits"
 DEFAULT_SPLITS = "bfcl_v4_seed16"  # written by benchmarks/bench_rl.py (its build_sets), checked by its test
 
@@ -275,10 +289,13 @@ def load_split(spec: str) -> list[Example]:
         raise ValueError(f"{path.name} has no set {name!r}; its sets: {sorted(info['sets'])}")
     ids = info["sets"][name]
     by_id = {e.id: e for e in load_bfcl(info["categories"])}
-    missing = [i for i in ids if i not in by_id]
+    sources = [i for i in ids if not i.startswith("neg:")]
+    sources += [part for i in ids if i.startswith("neg:") for part in i[len("neg:"):].split("|", 1)]
+    missing = [i for i in sources if i not in by_id]
     if missing:
         raise ValueError(f"{path.name}:{name}: {len(missing)} ids not in BFCL {BFCL_WHEEL}, e.g. {missing[:3]}")
-    return [by_id[i] for i in ids]
+    return [swapped_tools_negative(*(by_id[x] for x in i[len("neg:"):].split("|", 1))) if i.startswith("neg:")
+            else by_id[i] for i in ids]
 
 
 def load_any(spec: str, on_error: str = "raise", skipped: Counter | None = None) -> list[Example]:

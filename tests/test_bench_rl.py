@@ -32,7 +32,13 @@ def test_sets_are_fixed_disjoint_and_large_enough():
     cats = lambda k: {e.category for e in sets[k]}  # noqa: E731
     assert cats("test_in") <= {"live_simple", "simple_python"} and cats("test_ood") == {"multiple"}
     assert cats("test_irr") == {"irrelevance"} and "irrelevance" not in cats("train")
-    assert cats("train") == {"live_simple", "simple_python", "live_irrelevance"}  # negatives are trained on
+    # negatives are trained on: live_irrelevance and questions beside another example's tools
+    assert cats("train") == {"live_simple", "simple_python", "live_irrelevance", "synthetic_irrelevance"}
+    for name in ("train", "val"):  # built from that set's own questions and tools: nothing of a test set
+        for e in sets[name]:
+            if e.category == "synthetic_irrelevance":
+                q, t = e.id[len("neg:"):].split("|")
+                assert q in ids[name] and t in ids[name] and q != t and not e.ground_truth, e.id
     assert not cats("train") & {"multiple", "irrelevance"}
     # the committed manifest the trainer reads as split:<set> is exactly these sets
     from fctrain import data

@@ -272,3 +272,15 @@ def test_xlam_types(xlam_type, schema, optional):
 
     got, got_optional = _xlam_param({"type": xlam_type, "description": "d"})
     assert got == {**schema, "description": "d"} and got_optional == optional
+
+
+def test_swapped_tools_negative_is_scored_as_irrelevance():
+    from fctrain import data
+    a, b = load_bfcl("simple_python", limit=2)
+    neg = data.swapped_tools_negative(a, b)
+    assert neg.id == f"neg:{a.id}|{b.id}" and neg.messages == a.messages and neg.tools == b.tools
+    assert neg.ground_truth == [] and reward.is_irrelevance(neg.category)
+    assert reward.score(render_target(neg), neg).correct and render_target(neg).endswith("<answer>[]</answer>")
+    assert not reward.score(render_target(a), neg, kind="binary").correct  # calling the question's own tool: wrong
+    with pytest.raises(ValueError, match="share a function"):
+        data.swapped_tools_negative(a, a)
