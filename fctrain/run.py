@@ -2,7 +2,8 @@
 
     python -m fctrain.run                                   # SmolLM2-135M-Instruct on BFCL, this CPU
     python -m fctrain.run --preset paper-7b --model Qwen/Qwen2.5-Coder-7B-Instruct   # the paper, GPU
-    python -m fctrain.run --steps 50 --lr 2e-6 --config my.toml --resume runs/default
+    python -m fctrain.run --steps 50 --lr 2e-6 --config my.toml --out_dir runs/mine
+    python -m fctrain.run --resume runs/mine --steps 80   # the saved config; only steps, eval_every, ... may change
     torchrun --standalone --nproc-per-node 8 -m fctrain.run --preset paper-7b   # FSDP2 data parallel, 8 GPUs
 
 Algorithm (arXiv 2508.05118, FunRL/EGPO), per step:
@@ -64,6 +65,8 @@ class Config:
     fmt: str = "python"                    # output format: python (<think><answer>[calls]) | hermes
     max_prompt_tokens: int = 512           # longer prompts are dropped
     max_new_tokens: int = 96               # completion budget per sample
+    max_bad_rows: float = 0.01             # malformed rows of a JSONL/xLAM file are skipped, counted and reported by
+                                           # line; more than this fraction of a file's rows stops the run
     # algorithm
     algo: str = "egpo"                     # egpo | grpo
     reward: str = "partial"                # binary (paper; preset paper-7b) | partial (default: gives
@@ -123,6 +126,7 @@ class Config:
             (self.fmt in ("python", "hermes"), f"fmt must be python or hermes, got {self.fmt!r}"),
             (self.sft_think in fdata.THINK_STYLES, f"sft_think must be one of {fdata.THINK_STYLES}"),
             (self.time_budget_s >= 0, "time_budget_s must be >= 0"),
+            (0 <= self.max_bad_rows <= 1, "max_bad_rows must be a fraction in [0, 1]"),
             (self.loss_agg in kernels.LOSS_AGGREGATIONS, f"loss_agg must be one of {kernels.LOSS_AGGREGATIONS}"),
             (self.engine in ("vllm", "hf", "auto"), f"engine must be vllm, hf or auto, got {self.engine!r}"),
             (self.train_dtype in ("float32", "bfloat16", "amp-bf16"), "train_dtype must be float32, bfloat16 or amp-bf16"),
@@ -155,10 +159,18 @@ PRESETS = {
 }
 
 
+# What a resumed run may change: its length, evaluation, checkpointing and logging. Anything else (model,
+# data, format, algorithm, batch shape, optimiser, seed...) would make it another run, so it is refused.
+RESUME_OVERRIDES = ("steps", "eval_every", "eval_at_start", "eval_limit", "save_every", "keep_last",
+                    "time_budget_s", "tensorboard", "wandb", "reward_processes", "max_bad_rows")
+
+
 def parse_config(argv: list[str]) -> tuple[Config, bool]:
     """`--key value` overrides generated from Config's fields (type-checked), plus --config FILE (.json or
     .toml), --preset NAME and --resume OUT_DIR; precedence: defaults < preset < file < command line.
-    Returns (config, resume)."""
+    --resume starts from the config saved in OUT_DIR's latest checkpoint instead of the defaults; a preset,
+    file or option may then change only RESUME_OVERRIDES (a value equal to the saved one is no change, so
+    the command that started a run, plus --resume, continues it). Returns (config, resume)."""
     fields = {f.name: f for f in dataclasses.fields(Config)}
     values, args = {}, list(argv)
     if "--help" in args or "-h" in args:
@@ -178,11 +190,14 @@ def parse_config(argv: list[str]) -> tuple[Config, bool]:
         values.update(PRESETS[name])
     if "config" in pairs:
         path = Path(pairs.pop("config"))
-        if path.suffix == ".toml":
-            import tomllib
-            values.update(tomllib.loads(path.read_text()))
-        else:
-            values.update(json.loads(path.read_text()))
+        try:
+            if path.suffix == ".toml":
+                import tomllib
+                values.update(tomllib.loads(path.read_text()))
+            else:
+                values.update(json.loads(path.read_text()))
+        except (OSError, ValueError) as e:  # missing file, bad TOML/JSON
+            raise SystemExit(f"error: --config {path}: {e}") from None
     resume = pairs.pop("resume", None)
     for key, raw in pairs.items():
         if key not in fields:
@@ -200,16 +215,41 @@ def parse_config(argv: list[str]) -> tuple[Config, bool]:
     unknown = set(values) - set(fields)
     if unknown:
         raise SystemExit(f"error: unknown config keys {sorted(unknown)}")
+    if resume:
+        values = resumed_values(Path(resume), values, fields)
     try:
         cfg = Config(**values)
-    except ValueError as e:
+    except (TypeError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
-    if resume:
-        saved = latest_checkpoint(Path(resume))
-        if saved is not None and not pairs and "preset" not in values:  # resume the run as it was configured
-            cfg = Config(**json.loads((saved / "fctrain_config.json").read_text()))
-        cfg = dataclasses.replace(cfg, out_dir=resume)
     return cfg, resume is not None
+
+
+def resumed_values(out: Path, given: dict, fields: dict) -> dict:
+    """The config values of the run in `out` (its latest checkpoint's) with the `given` changes that
+    RESUME_OVERRIDES allow; refuses any other change, prints the ones made."""
+    ckpt = latest_checkpoint(out)
+    if ckpt is None:
+        raise SystemExit(f"error: --resume {out}: no checkpoint found there")
+    try:
+        saved = json.loads((ckpt / "fctrain_config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: --resume {out}: cannot read {ckpt.name}/fctrain_config.json: {e}") from None
+    if set(saved) - set(fields):
+        raise SystemExit(f"error: --resume {out}: its config has keys this fctrain does not know: "
+                         f"{sorted(set(saved) - set(fields))}")
+    if "out_dir" in given and Path(given["out_dir"]) != out:
+        raise SystemExit(f"error: --out_dir {given['out_dir']} and --resume {out} disagree; a run resumes in place")
+    was = {name: saved.get(name, f.default) for name, f in fields.items()}  # fields added since: defaults
+    changes = {k: v for k, v in given.items() if k != "out_dir" and v != was[k]}
+    refused = [k for k in changes if k not in RESUME_OVERRIDES]
+    if refused:
+        raise SystemExit(f"error: --resume continues the run as configured; cannot change "
+                         f"{', '.join(f'{k} ({was[k]!r} -> {changes[k]!r})' for k in refused)} mid-run "
+                         f"(may change: {', '.join(RESUME_OVERRIDES)})")
+    if os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 alone prints
+        print(f"resume {out} from {ckpt.name}: " + (", ".join(f"{k} {was[k]!r} -> {v!r}" for k, v in changes.items())
+                                                    or "saved config, unchanged"))
+    return {**was, **changes, "out_dir": str(out)}
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -686,6 +726,7 @@ def main(argv: list[str] | None = None) -> int:
         first = "after-sft" if "after-sft" in verdicts else next(iter(verdicts))
         if first != tag:  # the change since the SFT checkpoint (or the first evaluation), paired by example
             for name, exs in eval_sets.items():
+                exs = [e for e in exs if e.id in verdicts[first]]  # a resume may have raised eval_limit
                 diff, lo, hi = paired_change([verdicts[first][e.id] for e in exs], [verdicts[tag][e.id] for e in exs])
                 record["eval_sets"][name]["change_since_" + first] = [diff, lo, hi]
                 say(f"  {name}: {first} -> {tag}: {100 * diff:+.1f} points (95% CI {100 * lo:+.1f} to "

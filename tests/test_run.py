@@ -1,4 +1,5 @@
 """The training loop: unit pieces (advantages, config, batching, think mask) and real end-to-end runs."""
+import dataclasses
 import json
 import math
 import os
@@ -44,6 +45,49 @@ def test_config_cli_is_generated_and_type_checked(tmp_path):
             parse_config(argv)
     with pytest.raises(Exception):
         Config().lr = 1.0  # frozen
+
+
+def _saved_run(out: Path, **values) -> Path:
+    """A run directory whose latest checkpoint holds Config(**values) (the files parse_config reads)."""
+    for step in (2, 3):
+        ckpt = out / f"ckpt-{step:06d}"
+        ckpt.mkdir(parents=True)
+        (ckpt / "fctrain_config.json").write_text(json.dumps(dataclasses.asdict(Config(**values, steps=step))))
+        (ckpt / "trainer_state.pt").write_bytes(b"")
+    return out
+
+
+def test_resume_starts_from_the_saved_config_and_allows_only_scheduling_changes(tmp_path, capsys):
+    out = _saved_run(tmp_path / "old_place", lr=1e-5, reward="binary", sft_steps=4, out_dir="elsewhere")
+    cfg, resume = parse_config(["--resume", str(out), "--steps", "28", "--eval_every", "2"])
+    assert resume and (cfg.lr, cfg.reward, cfg.sft_steps) == (1e-5, "binary", 4)  # the run's, not the defaults
+    assert (cfg.steps, cfg.eval_every, cfg.out_dir) == (28, 2, str(out))  # out_dir: where it is now
+    printed = capsys.readouterr().out
+    assert "from ckpt-000003" in printed and "steps 3 -> 28" in printed and "eval_every 0 -> 2" in printed
+    cfg, _ = parse_config(["--resume", str(out)])
+    assert cfg == Config(lr=1e-5, reward="binary", sft_steps=4, steps=3, out_dir=str(out))
+    assert "unchanged" in capsys.readouterr().out
+    # the command that started the run, plus --resume, continues it: equal values are no change
+    cfg, _ = parse_config(["--lr", "1e-5", "--reward", "binary", "--sft_steps", "4", "--resume", str(out)])
+    assert cfg.steps == 3
+    for argv, message in [
+            (["--lr", "2e-5"], r"cannot change lr \(1e-05 -> 2e-05\) mid-run"),
+            (["--reward", "partial", "--group_size", "4", "--steps", "9"], "cannot change reward .*, group_size"),
+            (["--preset", "paper-7b"], "cannot change model .* lr"),  # a preset obeys the same rule
+            (["--out_dir", str(tmp_path / "new")], "disagree")]:
+        with pytest.raises(SystemExit, match=message):
+            parse_config(["--resume", str(out), *argv])
+    (tmp_path / "same.toml").write_text('lr = 1e-5\nreward = "binary"\nsteps = 40\n')
+    (tmp_path / "other.toml").write_text('lr = 1e-5\nmodel = "Qwen/Qwen2.5-Coder-7B-Instruct"\n')
+    assert parse_config(["--config", str(tmp_path / "same.toml"), "--resume", str(out)])[0].steps == 40
+    with pytest.raises(SystemExit, match="cannot change model"):
+        parse_config(["--config", str(tmp_path / "other.toml"), "--resume", str(out)])
+    with pytest.raises(SystemExit, match="no checkpoint found"):
+        parse_config(["--resume", str(tmp_path / "empty")])
+    (tmp_path / "bad.toml").write_text("lr = = 1")
+    for argv in (["--config", str(tmp_path / "bad.toml")], ["--config", str(tmp_path / "missing.json")]):
+        with pytest.raises(SystemExit, match="^error: --config"):
+            parse_config(argv)
 
 
 def test_lr_schedule():
