@@ -31,6 +31,7 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import random
 import resource
 import shutil
@@ -503,6 +504,21 @@ def clip_and_step(cfg: Config, model, optimizer, lr: float) -> float:
     return grad_norm.item()
 
 
+def fault_point(name: str):
+    """Fault injection for tests, off unless FCTRAIN_FAULT is set: FCTRAIN_FAULT=<name>:<k> makes the k-th
+    arrival at fault_point(<name>) SIGKILL this process. Points: step (inside a training step, after the
+    update, before it is logged), ckpt_write (between a checkpoint's weight and state files), eval (inside an evaluation)."""
+    spec = os.environ.get("FCTRAIN_FAULT", "")
+    point, _, k = spec.partition(":")
+    if point == name:
+        _fault_arrivals[name] = _fault_arrivals.get(name, 0) + 1
+        if _fault_arrivals[name] == int(k or 1):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+_fault_arrivals: dict[str, int] = {}
+
+
 def is_main_process() -> bool:
     """Rank 0 under torchrun (it alone prints and writes logs and checkpoints); always true in one process."""
     return not fdist.is_distributed() or torch.distributed.get_rank() == 0
@@ -515,32 +531,99 @@ def peak_memory_mb() -> float:
 
 
 def save_checkpoint(cfg, out: Path, step, model, tokenizer, optimizer, data_state, history):
-    """Atomic: write into a temporary directory, then rename; keep the last cfg.keep_last. Under torchrun
-    every rank calls it (gathering is collective) and rank 0 writes."""
+    """Atomic and durable: write into a temporary directory, fsync its files and itself, rename, fsync the
+    parent; keep the last cfg.keep_last. A failed write (a full disk) removes the temporary directory, keeps
+    the previous checkpoints and ends the run with one error line. trainer_state.pt holds tensors and plain
+    types only (load_trainer_state reads it with weights_only=True). Under torchrun every rank calls it
+    (gathering is collective) and rank 0 writes."""
     final = out / f"ckpt-{step:06d}"
     tmp = out / f".tmp-ckpt-{step:06d}"
     main = is_main_process()
-    if main:
+    try:
+        if main:
+            for stale in out.glob(".tmp-ckpt-*"):  # left by a run killed while writing
+                shutil.rmtree(stale)
+        if fdist.is_sharded(model):  # gathered to rank 0's CPU; optimizer state keyed by parameter name
+            fdist.save_pretrained(model, tmp, tokenizer)
+            optimizer_state = fdist.optimizer_state_dict(model, optimizer)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            optimizer_state = optimizer.state_dict()
+        if main:
+            fault_point("ckpt_write")
+            (tmp / "fctrain_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+            torch.save({"step": step, "optimizer": optimizer_state, "data": dict(data_state), "history": history,
+                        "rng": rng_state()}, tmp / "trainer_state.pt")
+            fsync_tree(tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            fsync_tree(out, files=False)  # the rename itself
+    except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-    if fdist.is_sharded(model):  # gathered to rank 0's CPU; optimizer state keyed by parameter name
-        fdist.save_pretrained(model, tmp, tokenizer)
-        optimizer_state = fdist.optimizer_state_dict(model, optimizer)
-    else:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        optimizer_state = optimizer.state_dict()
+        previous = latest_checkpoint(out)
+        raise SystemExit(f"error: checkpoint {final} not written ({e}); "
+                         + (f"{previous.name} is intact, resume with --resume {out}" if previous
+                            else "no earlier checkpoint")) from None
     if main:
-        (tmp / "fctrain_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-        torch.save({"step": step, "optimizer": optimizer_state, "data": data_state, "history": history,
-                    "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
-                            "torch": torch.get_rng_state()}}, tmp / "trainer_state.pt")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
         for old in sorted(out.glob("ckpt-*"))[:-cfg.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     if fdist.is_distributed():
         torch.distributed.barrier()  # no rank goes on (or reads it on resume) before the rename
     return final
+
+
+def fsync_tree(path: Path, files: bool = True):
+    """Flush `path`'s files (when `files`) and its directories to disk, so that a power loss after a rename
+    cannot leave the renamed directory holding truncated files."""
+    for p in sorted(path.rglob("*")) if files else []:
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    for d in [path, *(p for p in path.rglob("*") if p.is_dir())] if files else [path]:
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def rewrite(path: Path, text: str):
+    """Replace `path`'s content by `text` atomically (a temporary file, fsync, rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    """The Python, NumPy and torch RNG states as tuples, lists and a tensor (weights_only-loadable)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(), "numpy": (name, keys.tolist(), pos, has_gauss, cached),
+            "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict):
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+
+
+def load_trainer_state(ckpt: Path, mmap: bool = False) -> dict:
+    """A checkpoint's trainer_state.pt, unpickled with weights_only=True: tensors and plain types only, so a
+    checkpoint from someone else cannot run code here. Anything else is refused with one error line."""
+    path = ckpt / "trainer_state.pt"
+    try:
+        return torch.load(path, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        why = next((line.strip() for line in str(e).splitlines() if "Unsupported" in line), str(e)[:200])
+        raise SystemExit(f"error: {path} refused: it holds more than tensors and plain types (a file from an "
+                         f"older fctrain, or a tampered one); not loaded. {why}") from None
+    except (RuntimeError, EOFError, OSError) as e:  # truncated or damaged: the zip or pickle fails to read
+        raise SystemExit(f"error: {path} cannot be read ({str(e).splitlines()[0][:200]})") from None
 
 
 def load_optimizer_state(model, optimizer, saved: dict):
@@ -643,12 +726,10 @@ def main(argv: list[str] | None = None) -> int:
     data_state = {"epoch": 0, "pos": 0}
     if ckpt is not None:
         # torchrun: mmap, as only rank 0 reads the optimizer tensors (load_optimizer_state broadcasts them)
-        state = torch.load(ckpt / "trainer_state.pt", weights_only=False, mmap=ctx.distributed)
+        state = load_trainer_state(ckpt, mmap=ctx.distributed)
         load_optimizer_state(model, optimizer, state["optimizer"] if ctx.is_main else {})
         step, data_state, history = state["step"], state["data"], state["history"]
-        random.setstate(state["rng"]["python"])
-        np.random.set_state(state["rng"]["numpy"])
-        torch.set_rng_state(state["rng"]["torch"])
+        set_rng_state(state["rng"])
         say(f"resumed from {ckpt} at step {step}")
 
     def next_examples(k):  # seeded per-epoch permutation; the position is checkpointed
@@ -681,6 +762,8 @@ def main(argv: list[str] | None = None) -> int:
             wandb.init(project="fctrain", config=dataclasses.asdict(cfg))
         except ImportError:
             say("wandb requested but not installed; continuing without")
+    if ctx.is_main:  # the log is `history`, the checkpoint's: on resume the steps logged after it are dropped
+        rewrite(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
     metrics_file = open(out / "metrics.jsonl", "a") if ctx.is_main else None
     total_steps = cfg.sft_steps + cfg.steps
 
@@ -707,6 +790,7 @@ def main(argv: list[str] | None = None) -> int:
         records = generate_records(engine, tokenizer, share, fmt=cfg.fmt, max_tokens=cfg.max_new_tokens)
         if ctx.distributed:
             records = fdist.all_gather_list(records)
+        fault_point("eval")
         summary = summarize(records)
         per_set = {}
         verdicts[tag] = {r.id: int(r.valid) for r in records}
@@ -772,6 +856,7 @@ def main(argv: list[str] | None = None) -> int:
                                 add_special_tokens=False) + [tokenizer.eos_token_id]) for ex in batch]
             loss_sum = sft_loss_backward(cfg, model, seqs, layout, varlen, device)
             grad_norm = clip_and_step(cfg, model, optimizer, lr)
+            fault_point("step")
             step += 1
             record = {"step": step, "phase": "sft", "loss": loss_sum, "lr": lr, "grad_norm": grad_norm,
                       "step_s": time.perf_counter() - t_step, "peak_mem_mb": peak_memory_mb()}
@@ -834,6 +919,7 @@ def main(argv: list[str] | None = None) -> int:
                 final_adv[keep] = res["adv"]
                 think_entropy[keep] = res["think_entropy"]
             train_s = time.perf_counter() - t0
+            fault_point("step")
             sync_s = sync_engine() if any_kept else 0.0
             step += 1
 

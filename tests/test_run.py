@@ -3,6 +3,7 @@ import dataclasses
 import json
 import math
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -133,6 +135,59 @@ def test_checkpoint_reloads_to_identical_logits(tiny, tmp_path):
         assert torch.equal(model(ids).logits, again(ids).logits)
     assert json.loads((path / "fctrain_config.json").read_text())["keep_last"] == 1
     assert not list(tmp_path.glob(".tmp-*"))  # atomic: no temporary directory left behind
+    state = run.load_trainer_state(path)  # weights_only=True: tensors and plain types
+    assert state["step"] == 7 and state["data"] == {"epoch": 0, "pos": 3}
+    opt.load_state_dict(state["optimizer"])
+    run.set_rng_state(state["rng"])
+    drawn = (random.random(), np.random.rand(), torch.rand(1))
+    run.set_rng_state(state["rng"])
+    assert drawn == (random.random(), np.random.rand(), torch.rand(1))
+
+
+class _Payload:
+    """Unpickling it would create `marker`: what a hostile checkpoint would do with os.system instead."""
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_checkpoint_with_a_pickle_payload_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "pwned"
+    ckpt = tmp_path / "ckpt-000001"
+    ckpt.mkdir()
+    torch.save({"step": 1, "optimizer": {}, "data": {}, "history": [], "rng": _Payload(marker)},
+               ckpt / "trainer_state.pt")
+    with pytest.raises(SystemExit, match=r"^error: .*trainer_state.pt refused: .*not loaded.*Unsupported global"):
+        run.load_trainer_state(ckpt)
+    assert not marker.exists()
+    torch.load(ckpt / "trainer_state.pt", weights_only=False)  # the payload is live: the old loader ran it
+    assert marker.exists()
+    (ckpt / "trainer_state.pt").write_bytes((ckpt / "trainer_state.pt").read_bytes()[:100])  # truncated
+    with pytest.raises(SystemExit, match="cannot be read"):
+        run.load_trainer_state(ckpt)
+
+
+def test_full_disk_during_a_checkpoint_write_keeps_the_previous_one(tiny, tmp_path, monkeypatch):
+    import errno
+    from fctrain.models import load_model, load_tokenizer
+    model, tok = load_model(tiny[1]), load_tokenizer(tiny[1])
+    opt = torch.optim.AdamW(model.parameters())
+    cfg = Config(keep_last=2)
+    first = run.save_checkpoint(cfg, tmp_path, 1, model, tok, opt, {"epoch": 0, "pos": 1}, [{"step": 1}])
+    before = {p.name: p.read_bytes() for p in first.iterdir()}
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)  # the weights are written, then the disk is full
+    with pytest.raises(SystemExit, match=r"^error: checkpoint .*ckpt-000002 not written \(.*No space left on "
+                                         r"device\); ckpt-000001 is intact, resume with --resume"):
+        run.save_checkpoint(cfg, tmp_path, 2, model, tok, opt, {"epoch": 0, "pos": 2}, [{"step": 2}])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-000001"]  # no partial directory left
+    assert {p.name: p.read_bytes() for p in first.iterdir()} == before
+    assert run.latest_checkpoint(tmp_path) == first
 
 
 def _args(root, model_dir, out, **over):
