@@ -293,3 +293,113 @@ def test_paired_change():
     diff, lo, hi = run.paired_change([0] * 100, [1] * 30 + [0] * 70)
     assert diff == pytest.approx(0.3) and lo < 0.3 < hi and 0.19 < lo and hi < 0.41  # +-1.96 * sqrt(.21/100)
     assert run.paired_change([1, 0, 1], [1, 0, 1]) == (0.0, 0.0, 0.0)
+
+
+# ---- faults: a run SIGKILLed anywhere resumes to the uninterrupted run's weights and metrics
+
+REPO = Path(__file__).resolve().parents[1]
+TIMINGS = ("peak_mem_mb",)  # with every key ending in _s: the only fields that differ between equal runs
+
+
+def _train(args, fault=None, timeout=600):
+    """`python -m fctrain.run args` in a subprocess importing this checkout; FCTRAIN_FAULT=fault."""
+    env = {k: v for k, v in os.environ.items() if k != "FCTRAIN_FAULT"}
+    env.update(PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]),
+               **({"FCTRAIN_FAULT": fault} if fault else {}))
+    return subprocess.Popen([sys.executable, "-m", "fctrain.run", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(proc, timeout=600):
+    output = proc.communicate(timeout=timeout)[0]
+    return proc.returncode, output
+
+
+def _metrics(out):
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    return [{k: v for k, v in r.items() if not k.endswith("_s") and k not in TIMINGS} for r in rows]
+
+
+def _weights(ckpt):
+    from safetensors.torch import load_file
+    return load_file(ckpt / "model.safetensors")
+
+
+def _fault_args(root, model_dir, out, **over):
+    # 4 SFT + 3 RL steps, checkpoints at 3, 6 and 7, evaluations after SFT (step 4) and at the end
+    return _args(root, model_dir, out, **{**dict(sft_steps=4, steps=3, save_every=3, keep_last=10), **over})
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny):
+    root, model_dir = tiny
+    out = root / "whole"
+    code, output = _finish(_train(_fault_args(root, model_dir, out)))
+    assert code == 0, output[-3000:]
+    assert sorted(p.name for p in out.glob("ckpt-*")) == ["ckpt-000003", "ckpt-000006", "ckpt-000007"]
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault, resumes_at", [
+    ("step:5", 3),         # inside the first RL step, after its update; step 4 is logged past ckpt-3
+    ("ckpt_write:2", 3),   # between ckpt-6's weights and its state file: a partial .tmp-ckpt-000006
+    ("eval:1", 3),         # inside the evaluation after SFT (step 4)
+    ("eval:2", 7),         # inside the final evaluation, after the last checkpoint
+    ("random", None),      # an outside SIGKILL at a random moment after the first checkpoint
+])
+def test_sigkill_anywhere_then_resume_equals_the_uninterrupted_run(tiny, uninterrupted, fault, resumes_at):
+    root, model_dir = tiny
+    out = root / f"killed-{fault.replace(':', '-')}"
+    args = _fault_args(root, model_dir, out)
+    if fault == "random":
+        delay = random.Random().uniform(0, 4)
+        proc = _train(args)
+        deadline = time.time() + 600
+        while not (out / "ckpt-000003").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(delay)
+        proc.kill()  # SIGKILL; a no-op if it has already finished
+        code, output = _finish(proc)
+        assert code in (-signal.SIGKILL, 0), output[-3000:]
+        fault = f"random ({delay:.2f} s after ckpt-000003: {'killed' if code else 'finished first'})"
+    else:
+        code, output = _finish(_train(args, fault))
+        assert code == -signal.SIGKILL, output[-3000:]
+    ckpt = run.latest_checkpoint(out)  # the latest complete checkpoint loads
+    assert ckpt is not None and run.load_trainer_state(ckpt)["step"] == (resumes_at or ckpt_step(ckpt)), fault
+    assert (out / ".tmp-ckpt-000006").exists() == (fault == "ckpt_write:2")  # the write it cut short
+    logged = [r["step"] for r in _metrics(out) if r["phase"] in ("sft", "rl")]
+    if resumes_at == 3 and fault != "eval:1":
+        assert max(logged) > 3  # steps were logged after the checkpoint: resuming must drop them
+    code, output = _finish(_train(["--resume", str(out)]))
+    assert code == 0, output[-3000:]
+    assert f"from {ckpt.name}: saved config, unchanged" in output
+    steps = [(r["phase"], r["step"]) for r in _metrics(out) if r["phase"] in ("sft", "rl")]
+    assert len(steps) == len(set(steps)) == 7, (fault, steps)  # no step twice
+    assert _metrics(out) == _metrics(uninterrupted), fault
+    final, reference = _weights(out / "ckpt-000007"), _weights(uninterrupted / "ckpt-000007")
+    assert final.keys() == reference.keys()
+    for k in final:
+        assert torch.equal(final[k], reference[k]), f"{fault}: resumed run differs at {k}"
+    assert not list(out.glob(".tmp-*"))
+
+
+def ckpt_step(ckpt: Path) -> int:
+    return int(ckpt.name.split("-")[1])
+
+
+@pytest.mark.slow
+def test_resume_extends_a_finished_run_with_more_steps(tiny, uninterrupted, capsys):
+    root, model_dir = tiny
+    out = root / "extended"
+    shutil.copytree(uninterrupted, out)
+    with pytest.raises(SystemExit, match="cannot change lr"):
+        run.main(["--resume", str(out), "--lr", "1e-4", "--steps", "4"])
+    assert run.main(["--resume", str(out), "--steps", "4"]) == 0
+    assert "from ckpt-000007: steps 3 -> 4" in capsys.readouterr().out
+    rows = _metrics(out)
+    assert [r["step"] for r in rows if r["phase"] in ("sft", "rl")] == list(range(1, 9))
+    assert [(r["tag"], r["step"]) for r in rows if r["phase"] == "eval"] == [("after-sft", 4), ("after", 8)]
+    assert rows[:8] == _metrics(uninterrupted)[:8]  # steps 1-7 and the SFT evaluation: the run's own
+    assert json.loads((out / "ckpt-000008" / "fctrain_config.json").read_text())["steps"] == 4
