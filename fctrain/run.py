@@ -519,6 +519,16 @@ def fault_point(name: str):
 _fault_arrivals: dict[str, int] = {}
 
 
+@contextlib.contextmanager
+def usage_error(what: str, *also: type[Exception]):
+    """A bad user input (a path, a model, a data spec) ends the run with one `error:` line: the ValueError or
+    OSError (or `also`) raised while reading it. Other exceptions, bugs, keep their traceback."""
+    try:
+        yield
+    except (ValueError, OSError, *also) as e:
+        raise SystemExit(f"error: {what}: {e}") from None
+
+
 def is_main_process() -> bool:
     """Rank 0 under torchrun (it alone prints and writes logs and checkpoints); always true in one process."""
     return not fdist.is_distributed() or torch.distributed.get_rank() == 0
@@ -653,7 +663,8 @@ def main(argv: list[str] | None = None) -> int:
     ctx = fdist.init()  # torchrun's world (rank, world_size, this rank's device); one process without it
     say = print if ctx.is_main else (lambda *args, **kwargs: None)  # rank 0 alone prints
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    with usage_error(f"out_dir {out}"):
+        out.mkdir(parents=True, exist_ok=True)
     say("config:", json.dumps(dataclasses.asdict(cfg)))
 
     # -------------------------------------------------------------------------------------------- setup
@@ -676,15 +687,17 @@ def main(argv: list[str] | None = None) -> int:
                              f"({cfg.sft_batch_size}) must be >= world_size ({ctx.world_size}): every rank needs "
                              "a share of the batch")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "amp-bf16": torch.float32}[cfg.train_dtype]
-    base_path = models.resolve_model(cfg.model or None)
+    with usage_error(f"model {cfg.model!r}", RuntimeError):  # RuntimeError: not a directory, no hub
+        base_path = models.resolve_model(cfg.model or None)
     ckpt = latest_checkpoint(out) if resume else None
     if resume and ckpt is None:
         raise SystemExit(f"error: --resume {out}: no checkpoint found there")
     model_path = ckpt or base_path
-    tokenizer = models.load_tokenizer(model_path)
     attn, layout = attention_choice(cfg, device_type)
     varlen = attn == "flash_attention_2"
-    model = models.load_model(model_path, dtype=dtype, device=device, attn_implementation=attn)
+    with usage_error(f"model {model_path}"):  # a directory without weights or tokenizer files
+        tokenizer = models.load_tokenizer(model_path)
+        model = models.load_model(model_path, dtype=dtype, device=device, attn_implementation=attn)
     model.config.use_cache = False
     switches = setup_model_kernels(cfg, model, device_type)
     ref_model = None
@@ -707,10 +720,14 @@ def main(argv: list[str] | None = None) -> int:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99),
                                   weight_decay=cfg.weight_decay, foreach=True)
 
-    examples = fdata.filter_by_length(fdata.load_any(cfg.train_data), tokenizer, cfg.max_prompt_tokens, cfg.fmt)
+    with usage_error(f"train_data {cfg.train_data!r}"):
+        examples = fdata.load_any(cfg.train_data)
+    examples = fdata.filter_by_length(examples, tokenizer, cfg.max_prompt_tokens, cfg.fmt)
     eval_sets = {}  # each `+`-part of eval_data is reported on its own, with its confidence interval
     for part in ([] if cfg.eval_data.lower() in ("", "none") else cfg.eval_data.split("+")):
-        found = fdata.filter_by_length(fdata.load_any(part.strip()), tokenizer, cfg.max_prompt_tokens, cfg.fmt)
+        with usage_error(f"eval_data {part.strip()!r}"):
+            found = fdata.load_any(part.strip())
+        found = fdata.filter_by_length(found, tokenizer, cfg.max_prompt_tokens, cfg.fmt)
         eval_sets[part.strip()] = fdata.shuffle(found, cfg.seed)[:cfg.eval_limit or None]
     eval_examples = [e for exs in eval_sets.values() for e in exs]
     eval_set_of = {e.id: name for name, exs in eval_sets.items() for e in exs}

@@ -110,6 +110,26 @@ def tiny(tmp_path_factory):
     return root, model_dir
 
 
+def test_usage_errors_are_one_error_line(tiny, tmp_path):
+    root, model_dir = tiny
+    (tmp_path / "bad.jsonl").write_text("not json\n")
+    cases = [(dict(model="/no/such/model"), "model '/no/such/model': no model directory"),
+             (dict(model=tmp_path), "model .* not a Hugging Face model directory"),
+             (dict(train_data="bfcl:nope"), "train_data 'bfcl:nope': unknown BFCL category"),
+             (dict(train_data=tmp_path / "missing.jsonl"), "train_data .*No such file"),
+             (dict(train_data=tmp_path / "bad.jsonl"), "train_data .*bad.jsonl.*line 1"),
+             (dict(eval_data=f"{root / 'eval.jsonl'}+split:nope"), "eval_data 'split:nope': .* no set 'nope'"),
+             (dict(out_dir=root / "train.jsonl"), "out_dir .*train.jsonl")]
+    for over, message in cases:
+        with pytest.raises(SystemExit, match="^error: " + message) as info:
+            run.main(_args(root, model_dir, tmp_path / "out", **over))
+        assert "\n" not in str(info.value.code), str(info.value.code)
+    proc = subprocess.run([sys.executable, "-m", "fctrain.run", "--model", "./no/such/dir"], text=True,
+                          capture_output=True, env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1])))
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+        "error: model './no/such/dir': no model directory no/such/dir"], proc.stderr
+
+
 def test_think_token_mask(tiny):
     from fctrain.models import load_tokenizer
     tok = load_tokenizer(tiny[1])
