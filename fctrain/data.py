@@ -202,7 +202,7 @@ def xlam_to_example(row: dict, index: int) -> Example:
                    tools, truth)
 
 
-def _load_rows(path: Path, convert, on_error: str, skipped: Counter | None) -> list[Example]:
+def _load_rows(path: Path, convert, on_error: str, skipped: Counter | None, max_bad: float = 1.0) -> list[Example]:
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     path = Path(path)
@@ -216,36 +216,43 @@ def _load_rows(path: Path, convert, on_error: str, skipped: Counter | None) -> l
     else:
         rows = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
         where = "line"
-    out, reasons = [], Counter()
+    out, bad = [], []  # bad: (row or line number, reason)
     for n, row in rows:
         try:
             obj = json.loads(row) if isinstance(row, str) else row
             out.append(convert(obj, n))
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             reason = f"{type(e).__name__}: {str(e)[:120]}"
             if on_error == "raise":
                 raise ValueError(f"{path}: {where} {n}: {reason}") from None
-            reasons[reason.split(":")[0] if isinstance(e, json.JSONDecodeError) else reason] += 1
-    if reasons:
-        print(f"[fctrain.data] {path}: skipped {sum(reasons.values())} broken {where}s: {dict(reasons)}",
-              file=sys.stderr)
+            bad.append((n, reason.split(":")[0] if isinstance(e, json.JSONDecodeError) else reason))
+    if len(bad) > max_bad * len(rows):
+        raise ValueError(f"{path}: {len(bad)} of {len(rows)} {where}s malformed, more than {max_bad:.1%}: "
+                         + "; ".join(f"{where} {n}: {reason}" for n, reason in bad[:5])
+                         + ("; ..." if len(bad) > 5 else ""))
+    if bad:
+        reasons = Counter(reason for _, reason in bad)
+        numbers = ", ".join(str(n) for n, _ in bad[:20]) + (", ..." if len(bad) > 20 else "")
+        print(f"[fctrain.data] {path}: skipped {len(bad)} of {len(rows)} malformed {where}s ({where}s {numbers}): "
+              f"{dict(reasons)}", file=sys.stderr)
         if skipped is not None:
             skipped.update(reasons)
     return out
 
 
-def load_xlam(path, on_error: str = "raise", skipped: Counter | None = None) -> list[Example]:
+def load_xlam(path, on_error: str = "raise", skipped: Counter | None = None, max_bad: float = 1.0) -> list[Example]:
     """xLAM-function-calling-60k (JSON array or JSONL of {id, query, tools, answers}) as Examples.
 
     Broken rows raise ValueError naming the row, or with on_error="skip" are skipped and counted by reason
-    (printed, and added to `skipped` when given).
+    (printed with their row numbers, and added to `skipped` when given); more than `max_bad` (a fraction of
+    the file's rows) broken raises ValueError naming the first ones.
     """
-    return _load_rows(path, lambda obj, n: xlam_to_example(obj, n), on_error, skipped)
+    return _load_rows(path, lambda obj, n: xlam_to_example(obj, n), on_error, skipped, max_bad)
 
 
-def load_jsonl(path, on_error: str = "raise", skipped: Counter | None = None) -> list[Example]:
+def load_jsonl(path, on_error: str = "raise", skipped: Counter | None = None, max_bad: float = 1.0) -> list[Example]:
     """Our own JSONL (one Example.to_json() per line). Broken lines: see load_xlam."""
-    return _load_rows(path, lambda obj, n: Example.from_dict(obj), on_error, skipped)
+    return _load_rows(path, lambda obj, n: Example.from_dict(obj), on_error, skipped, max_bad)
 
 
 def save_jsonl(examples: Iterable[Example], path) -> None:
@@ -298,18 +305,20 @@ def load_split(spec: str) -> list[Example]:
             else by_id[i] for i in ids]
 
 
-def load_any(spec: str, on_error: str = "raise", skipped: Counter | None = None) -> list[Example]:
+def load_any(spec: str, on_error: str = "raise", skipped: Counter | None = None,
+             max_bad: float = 1.0) -> list[Example]:
     """`bfcl:<cat,...>`, `split:[<manifest>:]<set>` (load_split), an xLAM file (its name contains "xlam"),
-    our JSONL, or several of these joined by `+` (concatenated in order)."""
+    our JSONL, or several of these joined by `+` (concatenated in order). `on_error`, `skipped` and
+    `max_bad` apply to the files (see load_xlam)."""
     if "+" in spec:
-        return [e for part in spec.split("+") for e in load_any(part.strip(), on_error, skipped)]
+        return [e for part in spec.split("+") for e in load_any(part.strip(), on_error, skipped, max_bad)]
     if spec.startswith("split:"):
         return load_split(spec[len("split:"):])
     if spec.startswith("bfcl:"):
         return load_bfcl(spec[len("bfcl:"):])
     if "xlam" in Path(spec).name.lower():
-        return load_xlam(spec, on_error=on_error, skipped=skipped)
-    return load_jsonl(spec, on_error=on_error, skipped=skipped)
+        return load_xlam(spec, on_error=on_error, skipped=skipped, max_bad=max_bad)
+    return load_jsonl(spec, on_error=on_error, skipped=skipped, max_bad=max_bad)
 
 
 def shuffle(examples: list[Example], seed: int) -> list[Example]:

@@ -38,6 +38,7 @@ import shutil
 import signal
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -507,7 +508,8 @@ def clip_and_step(cfg: Config, model, optimizer, lr: float) -> float:
 def fault_point(name: str):
     """Fault injection for tests, off unless FCTRAIN_FAULT is set: FCTRAIN_FAULT=<name>:<k> makes the k-th
     arrival at fault_point(<name>) SIGKILL this process. Points: step (inside a training step, after the
-    update, before it is logged), ckpt_write (between a checkpoint's weight and state files), eval (inside an evaluation)."""
+    update, before it is logged), ckpt_write (between a checkpoint's weight and state files), eval (inside
+    an evaluation)."""
     spec = os.environ.get("FCTRAIN_FAULT", "")
     point, _, k = spec.partition(":")
     if point == name:
@@ -720,13 +722,14 @@ def main(argv: list[str] | None = None) -> int:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99),
                                   weight_decay=cfg.weight_decay, foreach=True)
 
+    skipped = Counter()  # malformed rows skipped (each file printed them with their line numbers)
     with usage_error(f"train_data {cfg.train_data!r}"):
-        examples = fdata.load_any(cfg.train_data)
+        examples = fdata.load_any(cfg.train_data, on_error="skip", skipped=skipped, max_bad=cfg.max_bad_rows)
     examples = fdata.filter_by_length(examples, tokenizer, cfg.max_prompt_tokens, cfg.fmt)
     eval_sets = {}  # each `+`-part of eval_data is reported on its own, with its confidence interval
     for part in ([] if cfg.eval_data.lower() in ("", "none") else cfg.eval_data.split("+")):
         with usage_error(f"eval_data {part.strip()!r}"):
-            found = fdata.load_any(part.strip())
+            found = fdata.load_any(part.strip(), on_error="skip", skipped=skipped, max_bad=cfg.max_bad_rows)
         found = fdata.filter_by_length(found, tokenizer, cfg.max_prompt_tokens, cfg.fmt)
         eval_sets[part.strip()] = fdata.shuffle(found, cfg.seed)[:cfg.eval_limit or None]
     eval_examples = [e for exs in eval_sets.values() for e in exs]
@@ -737,7 +740,8 @@ def main(argv: list[str] | None = None) -> int:
     if not examples:
         raise SystemExit(f"error: no training examples in {cfg.train_data!r} within {cfg.max_prompt_tokens} tokens")
     prompt_ids = {e.id: fdata.build_prompt_ids(e, tokenizer, cfg.fmt) for e in examples}
-    say(f"data: {len(examples)} train examples ({cfg.train_data}), {len(eval_examples)} eval ({cfg.eval_data})")
+    say(f"data: {len(examples)} train examples ({cfg.train_data}), {len(eval_examples)} eval ({cfg.eval_data})"
+        + (f"; skipped {sum(skipped.values())} malformed rows (listed above)" if skipped else ""))
 
     step, history = 0, []
     data_state = {"epoch": 0, "pos": 0}

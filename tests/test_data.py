@@ -9,8 +9,8 @@ import pytest
 
 from fctrain import reward
 from fctrain.data import (BFCL_CATEGORIES, Example, build_messages, build_prompt_ids, calls_to_ground_truth,
-                          filter_by_length, load_bfcl, load_jsonl, load_xlam, main, parse_verdict, render_target,
-                          save_jsonl, shuffle, split, validate)
+                          filter_by_length, load_any, load_bfcl, load_jsonl, load_xlam, main, parse_verdict,
+                          render_target, save_jsonl, shuffle, split, validate)
 from tests.bfcl_ref import bfcl_system_prompt, bfcl_verdict
 
 EXPECTED_COUNTS = {"simple_python": 400, "multiple": 200, "parallel": 200, "parallel_multiple": 200,
@@ -65,6 +65,22 @@ def test_load_jsonl_broken_lines(bfcl, tmp_path):
     skipped = Counter()
     assert [e.id for e in load_jsonl(path, on_error="skip", skipped=skipped)] == [e.id for e in bfcl[:3]]
     assert sum(skipped.values()) == 2 and any("lacks" in k for k in skipped)
+
+
+def test_malformed_rows_are_skipped_with_line_numbers_up_to_a_threshold(bfcl, tmp_path, capsys):
+    good = [e.to_json() for e in bfcl[:3]] * 66  # 198 good lines
+    hostile = ["{not json", "[" * 100_000 + "]" * 100_000]  # broken JSON; nesting deeper than the parser's stack
+    path = tmp_path / "big.jsonl"
+    path.write_text("\n".join(good[:50] + hostile[:1] + good[50:120] + hostile[1:] + good[120:]) + "\n")
+    skipped = Counter()
+    kept = load_any(str(path), on_error="skip", skipped=skipped, max_bad=0.01)  # 2 of 200 bad: 1%, allowed
+    assert len(kept) == 198 and sum(skipped.values()) == 2
+    assert "big.jsonl: skipped 2 of 200 malformed lines (lines 51, 122): " in capsys.readouterr().err
+    path.write_text(path.read_text() + json.dumps({"id": "x"}) + "\n")  # 3 of 201: over 1%
+    with pytest.raises(ValueError, match=r"big.jsonl: 3 of 201 lines malformed, more than 1.0%: line 51: "
+                                         r"JSONDecodeError; line 122: RecursionError.*; line 201: ValueError"):
+        load_any(str(path), on_error="skip", max_bad=0.01)
+    assert len(load_any(str(path), on_error="skip", max_bad=0.02)) == 198
 
 
 XLAM_ROWS = [

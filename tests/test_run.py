@@ -117,7 +117,7 @@ def test_usage_errors_are_one_error_line(tiny, tmp_path):
              (dict(model=tmp_path), "model .* not a Hugging Face model directory"),
              (dict(train_data="bfcl:nope"), "train_data 'bfcl:nope': unknown BFCL category"),
              (dict(train_data=tmp_path / "missing.jsonl"), "train_data .*No such file"),
-             (dict(train_data=tmp_path / "bad.jsonl"), "train_data .*bad.jsonl.*line 1"),
+             (dict(train_data=tmp_path / "bad.jsonl"), "train_data .*bad.jsonl: 1 of 1 lines malformed.*line 1"),
              (dict(eval_data=f"{root / 'eval.jsonl'}+split:nope"), "eval_data 'split:nope': .* no set 'nope'"),
              (dict(out_dir=root / "train.jsonl"), "out_dir .*train.jsonl")]
     for over, message in cases:
@@ -128,6 +128,19 @@ def test_usage_errors_are_one_error_line(tiny, tmp_path):
                           capture_output=True, env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1])))
     assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
         "error: model './no/such/dir': no model directory no/such/dir"], proc.stderr
+
+
+def test_malformed_training_rows_are_skipped_and_reported(tiny, tmp_path, capsys):
+    root, model_dir = tiny
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text((root / "train.jsonl").read_text() + '{"id": "broken"}\n')  # 1 of 3 lines malformed
+    args = _args(root, model_dir, tmp_path / "out", train_data=mixed, eval_data="none", sft_steps=1, steps=0)
+    with pytest.raises(SystemExit, match="1 of 3 lines malformed, more than 1.0%: line 3: ValueError"):
+        run.main(args)  # the default bound, max_bad_rows 0.01
+    assert run.main(args + ["--max_bad_rows", "0.5"]) == 0
+    captured = capsys.readouterr()
+    assert "mixed.jsonl: skipped 1 of 3 malformed lines (lines 3)" in captured.err
+    assert "data: 2 train examples" in captured.out and "skipped 1 malformed rows" in captured.out
 
 
 def test_think_token_mask(tiny):
