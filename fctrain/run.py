@@ -628,12 +628,16 @@ def load_trainer_state(ckpt: Path, mmap: bool = False) -> dict:
     """A checkpoint's trainer_state.pt, unpickled with weights_only=True: tensors and plain types only, so a
     checkpoint from someone else cannot run code here. Anything else is refused with one error line."""
     path = ckpt / "trainer_state.pt"
+    # checkpoints written before this format hold NumPy's RNG state as an array: allow its reconstruction only
+    numpy_array = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
     try:
-        return torch.load(path, weights_only=True, mmap=mmap)
+        with torch.serialization.safe_globals(numpy_array):
+            return torch.load(path, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        why = next((line.strip() for line in str(e).splitlines() if "Unsupported" in line), str(e)[:200])
-        raise SystemExit(f"error: {path} refused: it holds more than tensors and plain types (a file from an "
-                         f"older fctrain, or a tampered one); not loaded. {why}") from None
+        why = next((line.strip() for line in str(e).splitlines() if "Unsupported" in line or "Can only" in line),
+                   str(e)[:200])
+        raise SystemExit(f"error: {path} refused: it holds more than tensors and plain types (a tampered "
+                         f"file?); not loaded. {why}") from None
     except (RuntimeError, EOFError, OSError) as e:  # truncated or damaged: the zip or pickle fails to read
         raise SystemExit(f"error: {path} cannot be read ({str(e).splitlines()[0][:200]})") from None
 

@@ -200,6 +200,16 @@ def test_checkpoint_with_a_pickle_payload_is_refused_without_running_it(tmp_path
     (ckpt / "trainer_state.pt").write_bytes((ckpt / "trainer_state.pt").read_bytes()[:100])  # truncated
     with pytest.raises(SystemExit, match="cannot be read"):
         run.load_trainer_state(ckpt)
+    # the format before this one (NumPy's RNG state as an array) still loads
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    torch.save({"step": 1, "rng": rng}, ckpt / "trainer_state.pt")
+    run.set_rng_state(run.load_trainer_state(ckpt)["rng"])
+    drawn = (random.random(), np.random.rand(), torch.rand(1))
+    run.set_rng_state(rng)
+    assert drawn == (random.random(), np.random.rand(), torch.rand(1))
+    (ckpt / "trainer_state.pt").write_bytes(b"not a zip")
+    with pytest.raises(SystemExit, match="^error: .*trainer_state.pt (refused|cannot be read)"):
+        run.load_trainer_state(ckpt)
 
 
 def test_full_disk_during_a_checkpoint_write_keeps_the_previous_one(tiny, tmp_path, monkeypatch):
