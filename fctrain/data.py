@@ -75,6 +75,12 @@ class Example:
         if not isinstance(ex.tools, list) or not all(isinstance(t, dict) and isinstance(t.get("name"), str)
                                                      for t in ex.tools):
             raise ValueError("tools must be a list of objects with a string 'name'")
+        for t in ex.tools:  # the prompt, target and reward read these: a broken schema is a broken row
+            params = t.get("parameters")
+            if not isinstance(params, dict) or not isinstance(params.get("properties", {}), dict):
+                raise ValueError(f"tool {t['name'][:60]!r}: parameters must be an object with object 'properties'")
+            if _depth(params) > MAX_SCHEMA_DEPTH:
+                raise ValueError(f"tool {t['name'][:60]!r}: schema nested deeper than {MAX_SCHEMA_DEPTH}")
         if not isinstance(ex.ground_truth, list) or not all(
                 isinstance(c, dict) and len(c) == 1 and isinstance(next(iter(c.values())), dict)
                 for c in ex.ground_truth):
@@ -84,6 +90,18 @@ class Example:
     @classmethod
     def from_json(cls, obj: str | dict) -> "Example":
         return cls.from_dict(json.loads(obj) if isinstance(obj, str) else obj)
+
+
+MAX_SCHEMA_DEPTH = 32  # JSON levels in a tool's parameters; deeper ones are refused (recursive walks below)
+
+
+def _depth(value, limit: int = MAX_SCHEMA_DEPTH + 1) -> int:
+    """Nesting depth of a JSON value, counted no further than `limit` (iteratively: no recursion limit)."""
+    depth, level = 0, [value]
+    while level and depth < limit:
+        level = [v for x in level if isinstance(x, (dict, list)) for v in (x.values() if isinstance(x, dict) else x)]
+        depth += 1
+    return depth
 
 
 # ---------------------------------------------------------------------------------------------------------

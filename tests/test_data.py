@@ -83,6 +83,34 @@ def test_malformed_rows_are_skipped_with_line_numbers_up_to_a_threshold(bfcl, tm
     assert len(load_any(str(path), on_error="skip", max_bad=0.02)) == 198
 
 
+def test_hostile_tool_schemas_are_broken_rows_or_handled(bfcl, tmp_path):
+    deep = {}
+    for _ in range(200):
+        deep = {"type": "object", "properties": {"a": deep}}
+    tools = {"no_parameters": [{"name": "f"}], "parameters_not_object": [{"name": "f", "parameters": "x"}],
+             "properties_not_object": [{"name": "f", "parameters": {"type": "object", "properties": [1]}}],
+             "deep": [{"name": "f", "parameters": deep}],
+             "recursive_ref": [{"name": "f", "parameters": {"type": "object", "required": ["a"],
+                                                            "properties": {"a": {"$ref": "#/parameters"}}}}],
+             "huge": [{"name": "f", "description": "x" * 1_000_000, "parameters": {
+                 "type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(3000)}}}]}
+    path = tmp_path / "hostile.jsonl"
+    rows = [{**bfcl[0].to_dict(), "id": name, "tools": t} for name, t in tools.items()]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    kept = load_jsonl(path, on_error="skip")
+    assert [e.id for e in kept] == ["recursive_ref", "huge"]  # lines 1-4 are broken rows, counted and skipped
+    for e in kept:  # what the loop does with an example: prompt, reward, validation
+        for fmt in reward.FORMATS:
+            assert system_prompt_len(e, fmt) > 0
+            assert reward.score("<think>x</think><answer>[f(a=1)]</answer>", e, fmt=fmt).reward >= 0
+        assert validate([e])[0] == []  # neither can be checked: dropped by validation, not a crash
+
+
+def system_prompt_len(example, fmt):
+    from fctrain.data import system_prompt
+    return len(system_prompt(example.tools, fmt))
+
+
 XLAM_ROWS = [
     {"id": 1, "query": "What is the weather in Paris in celsius?",
      "tools": json.dumps([{"name": "get_weather", "description": "Weather now.",
