@@ -226,12 +226,31 @@ def load_cell(cell: str) -> dict | None:
     return json.loads(p.read_text()) if p.exists() else None
 
 
+def recipe() -> str:
+    """What makes two SFT checkpoints interchangeable: the trainer arguments and the sets. Bases retrained
+    from one recipe (a new machine, a new session) differ by rounding only; their arms are pooled, each arm
+    paired with its own base."""
+    from fctrain import data
+    manifest_text = (data.SPLITS_DIR / f"{data.DEFAULT_SPLITS}.json").read_text()
+    return hashlib.sha256(json.dumps([COMMON_ARGS, SFT_BASE_ARGS, manifest_text]).encode()).hexdigest()[:16]
+
+
+def bases() -> dict:
+    """{base sha: base cell} of every SFT checkpoint trained so far (cells/bases/), of any recipe."""
+    return {p.stem: json.loads(p.read_text()) for p in sorted((RESULTS / "cells" / "bases").glob("*.json"))}
+
+
+def arms() -> list[dict]:
+    """Finished arm cells whose base was trained from the current recipe."""
+    ours = {sha for sha, b in bases().items() if b.get("recipe") == recipe()}
+    return [c for c in (load_cell(n) for n in cell_names()[1:]) if c and c["base_sha"] in ours]
+
+
 def sft_budget(seed: int, base_sha: str) -> float:
-    """The SFT control's training seconds: the mean of the finished RL cells of its seed on this base (of
-    every seed when none of its own is finished)."""
-    rl = [c for c in (load_cell(n) for n in cell_names()) if c and c["arm"] in ("grpo", "egpo")
-          and c["base_sha"] == base_sha]
-    own = [c for c in rl if c["seed"] == seed]
+    """The SFT control's training seconds: the mean of the finished RL cells of its seed on the same base
+    (of every seed on bases of this recipe when none of its own is finished)."""
+    rl = [c for c in arms() if c["arm"] in ("grpo", "egpo")]
+    own = [c for c in rl if c["seed"] == seed and c["base_sha"] == base_sha]
     if not rl:
         raise RuntimeError(f"sft-s{seed}: no finished RL cell to take the time budget from")
     return sum(c["train"]["train_s"] for c in own or rl) / len(own or rl)
@@ -247,9 +266,13 @@ def run_cell(cell: str) -> dict:
         if base is None:
             raise RuntimeError(f"{cell}: run sft-base first")
         base_ckpt = Path(base["train"]["checkpoint"])
-        if not base_ckpt.exists() or sha256(base_ckpt / "model.safetensors") != base["base_sha"]:
-            raise RuntimeError(f"{cell}: the base checkpoint {base_ckpt} is missing or changed; rerun sft-base "
-                               f"(delete {cell_path('sft-base')}) to start a new matrix")
+        if (base.get("recipe") != recipe() or not base_ckpt.exists()
+                or sha256(base_ckpt / "model.safetensors") != base["base_sha"]):
+            # a fresh machine (runs/ is not committed) or a changed recipe: train this recipe's base again
+            print(f"[bench_rl] {cell}: the base checkpoint {base_ckpt} is missing, changed or of another recipe; "
+                  "training the base again (earlier bases stay in cells/bases/)", flush=True)
+            base = run_cell("sft-base")
+            base_ckpt = Path(base["train"]["checkpoint"])
         args = ["--model", str(base_ckpt), "--seed", str(seed)]
         if arm in ("grpo", "egpo"):
             args += RL_ARGS + ["--algo", arm]
@@ -258,17 +281,26 @@ def run_cell(cell: str) -> dict:
     result = {"cell": cell, "arm": arm, "seed": seed, "train": train(cell, args)}
     ckpt = Path(result["train"]["checkpoint"])
     result["base_sha"] = sha256(ckpt / "model.safetensors") if cell == "sft-base" else base["base_sha"]
+    if cell == "sft-base":
+        result["recipe"] = recipe()
     result["eval"] = evaluate(cell, ckpt, EVAL_SETS if cell == "sft-base" else TEST_SETS)
     result["meta"] = common.run_metadata("cpu") | {"load_avg_end": common.load_avg(),
                                                    "cell_wall_s": time.time() - t0}
     cell_path(cell).parent.mkdir(parents=True, exist_ok=True)
     cell_path(cell).write_text(json.dumps(result) + "\n")
+    if cell == "sft-base":
+        save_base(result)
     if cell != "sft-base":  # keep the base; an arm's checkpoint is not reused
         subprocess.run(["rm", "-rf", *map(str, (WORK / cell).glob("ckpt-*")), str(WORK / cell / "reference")])
     acc = {k: round(v["accuracy"], 3) for k, v in result["eval"]["sets"].items()}
     print(f"[bench_rl] {cell} done: train {result['train']['train_s']:.0f} s, {result['train']['steps']} steps, "
           f"eval {result['eval']['eval_s']:.0f} s | {acc}", flush=True)
     return result
+
+
+def save_base(result: dict) -> None:
+    (RESULTS / "cells" / "bases").mkdir(parents=True, exist_ok=True)
+    (RESULTS / "cells" / "bases" / f"{result['base_sha']}.json").write_text(json.dumps(result) + "\n")
 
 
 def run_pilot(name: str, sft: bool, overrides: list[str]) -> dict:
@@ -316,15 +348,18 @@ SET_LABELS = {"test_in": "(a) in-distribution", "test_ood": "(b) out-of-category
 def report() -> str:
     import numpy as np
 
-    base = load_cell("sft-base")
-    if base is None:
-        raise SystemExit("no finished sft-base cell")
-    cells = [c for c in (load_cell(n) for n in cell_names()[1:]) if c and c["base_sha"] == base["base_sha"]]
+    all_bases = {sha: b for sha, b in bases().items() if b.get("recipe") == recipe()}
+    if not all_bases:
+        raise SystemExit("no finished sft-base cell of the current recipe")
+    cells = arms()
     by_arm = {arm: sorted((c for c in cells if c["arm"] == arm), key=lambda c: c["seed"]) for arm in ARMS}
-    lines = [f"# Does RL teach? (benchmarks/bench_rl.py)", "",
-             f"Base: SFT checkpoint {base['base_sha']} ({base['train']['steps']} SFT steps, "
-             f"{base['train']['train_s']:.0f} s of training). Machine: {base['meta']['device']}; "
-             f"git {base['meta']['git_sha']}.", ""]
+    used = [all_bases[sha] for sha in sorted(all_bases)]
+    lines = ["# Does RL teach? (benchmarks/bench_rl.py)", "",
+             f"Recipe {recipe()}; SFT checkpoint(s): " + "; ".join(
+                 f"{b['base_sha']} ({b['train']['steps']} SFT steps, {b['train']['train_s']:.0f} s of training, "
+                 f"{b['meta']['device']}, git {b['meta']['git_sha']})" for b in used) + ".",
+             "Arms: " + "; ".join(f"{c['cell']} on {c['base_sha'][:8]} ({c['meta']['device']}, load at end "
+                                   f"{c['meta'].get('load_avg_end', '?')})" for c in cells) + ".", ""]
     lines += ["| arm | seeds | train s / cell (mean) | steps | generated tokens (train) | eval s / cell | "
               + " | ".join(SET_LABELS[s] for s in ("test_in", "test_ood", "test_irr", "val")) + " |",
               "| --- " * 10 + "|"]
@@ -336,7 +371,7 @@ def report() -> str:
         sd = per_seed.std(ddof=1) if len(per_seed) > 1 else float("nan")
         return m, lo, hi, sd, f"{100 * m:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] ({100 * per_seed.mean():.1f} ± {100 * sd:.1f})"
 
-    for arm, cs in [("sft-base", [base])] + list(by_arm.items()):
+    for arm, cs in [("sft-base", used)] + list(by_arm.items()):
         if not cs:
             continue
         row = {"arm": arm, "seeds": len(cs)}
@@ -360,13 +395,13 @@ def report() -> str:
     lines += ["", "Accuracy in %: pooled mean [95% CI, paired bootstrap over examples of the seed-mean, 10,000 "
               "resamples] (mean ± sd over seeds).", ""]
 
-    def paired(a_cells, b_cells, s):
-        seeds = sorted({c["seed"] for c in a_cells} & {c["seed"] for c in b_cells})
-        if not seeds:
+    def paired(a_cells, b_cells, s):  # cells of one seed on one base are paired
+        keys = sorted({(c["seed"], c["base_sha"]) for c in a_cells} & {(c["seed"], c["base_sha"]) for c in b_cells})
+        if not keys:
             return None
-        a = [c["eval"]["sets"][s]["valid"] for c in a_cells if c["seed"] in seeds]
-        b = [c["eval"]["sets"][s]["valid"] for c in b_cells if c["seed"] in seeds]
-        return (*bootstrap(a, b), len(seeds))
+        a = [c["eval"]["sets"][s]["valid"] for k in keys for c in a_cells if (c["seed"], c["base_sha"]) == k]
+        b = [c["eval"]["sets"][s]["valid"] for k in keys for c in b_cells if (c["seed"], c["base_sha"]) == k]
+        return (*bootstrap(a, b), len(keys))
 
     lines += ["| comparison | " + " | ".join(SET_LABELS[s] for s in ("test_in", "test_ood", "test_irr")) + " |",
               "| --- | --- | --- | --- |"]
@@ -387,7 +422,7 @@ def report() -> str:
             if not by_arm[arm]:
                 cols.append("-")
                 continue
-            r = paired(by_arm[arm], [dict(base, seed=c["seed"]) for c in by_arm[arm]], s)
+            r = paired(by_arm[arm], [dict(all_bases[c["base_sha"]], seed=c["seed"]) for c in by_arm[arm]], s)
             cols.append(f"{100 * r[0]:+.1f} [{100 * r[1]:+.1f}, {100 * r[2]:+.1f}] ({r[3]} seeds)")
             diff_rows.append({"comparison": f"{arm}-base", "set": s, "diff": r[0], "lo": r[1], "hi": r[2],
                               "seeds": r[3]})
@@ -398,12 +433,12 @@ def report() -> str:
     common.write_csv(RESULTS / "summary.csv", rows, list(rows[0]))
     common.write_csv(RESULTS / "differences.csv", diff_rows or [{"comparison": ""}],
                      ["comparison", "set", "diff", "lo", "hi", "seeds"])
-    plot(base, by_arm)
+    plot(used, by_arm)
     print(text)
     return text
 
 
-def plot(base, by_arm):
+def plot(used_bases, by_arm):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -412,7 +447,7 @@ def plot(base, by_arm):
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     colors = {"grpo": "tab:blue", "egpo": "tab:orange", "sft": "tab:gray"}
     for ax, s in zip(axes, ("test_in", "test_ood", "test_irr")):
-        b = base["eval"]["sets"][s]["accuracy"]
+        b = float(np.mean([u["eval"]["sets"][s]["accuracy"] for u in used_bases]))
         ax.scatter([0], [100 * b], color="black", zorder=3, label="SFT checkpoint")
         for arm, cs in by_arm.items():
             if not cs:
@@ -426,7 +461,7 @@ def plot(base, by_arm):
         ax.set_ylabel("accuracy (%)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"held-out accuracy vs wall time ({base['meta']['device']})", fontsize=9)
+    fig.suptitle(f"held-out accuracy vs wall time ({used_bases[0]['meta']['device']})", fontsize=9)
     fig.tight_layout()
     fig.savefig(RESULTS / "heldout_vs_time.png", dpi=100)
     plt.close(fig)

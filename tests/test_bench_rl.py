@@ -78,28 +78,40 @@ def _cell(cell, arm, seed, valid, base_sha="b1", train_s=100.0):
 
 def test_report_and_sft_budget_on_synthetic_cells(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "RESULTS", tmp_path)
-    (tmp_path / "cells").mkdir()
+    (tmp_path / "cells" / "bases").mkdir(parents=True)
     n = 40
     zero, one = [0] * n, [1] * n
     half = [i % 2 for i in range(n)]
-    def write(c):
-        (tmp_path / "cells" / f"{c['cell']}.json").write_text(json.dumps(c))
+
+    def write(c, where="cells"):
+        name = c["base_sha"] if where.endswith("bases") else c["cell"]
+        (tmp_path / where / f"{name}.json").write_text(json.dumps(c))
     sets = lambda v: {"test_in": v, "test_ood": v, "test_irr": v}  # noqa: E731  (the arms skip val)
-    write(_cell("sft-base", "sft-base", 0, sets(zero) | {"val": half}))
-    for s in (0, 1):
-        write(_cell(f"grpo-s{s}", "grpo", s, sets(one), train_s=100.0 + 20 * s))
-        write(_cell(f"egpo-s{s}", "egpo", s, sets(half), train_s=110.0))
-        write(_cell(f"sft-s{s}", "sft", s, sets(zero)))
-    write(_cell("grpo-s2", "grpo", 2, sets(zero), base_sha="other"))  # another base: never pooled
-    assert bench.sft_budget(0, "b1") == pytest.approx(105.0) and bench.sft_budget(1, "b1") == pytest.approx(115.0)
+    # two bases of this recipe (say, retrained on a fresh machine for seed 1), one of an older recipe
+    write(_cell("sft-base", "sft-base", 0, sets(zero) | {"val": half}) | {"recipe": bench.recipe()}, "cells/bases")
+    write(_cell("sft-base", "sft-base", 0, sets(half) | {"val": half}, base_sha="b2") | {"recipe": bench.recipe()},
+          "cells/bases")
+    write(_cell("sft-base", "sft-base", 0, sets(one), base_sha="old") | {"recipe": "another"}, "cells/bases")
+    for s, sha in ((0, "b1"), (1, "b2")):
+        write(_cell(f"grpo-s{s}", "grpo", s, sets(one), base_sha=sha, train_s=100.0 + 20 * s))
+        write(_cell(f"egpo-s{s}", "egpo", s, sets(half), base_sha=sha, train_s=110.0))
+        write(_cell(f"sft-s{s}", "sft", s, sets(zero), base_sha=sha))
+    write(_cell("grpo-s2", "grpo", 2, sets(zero), base_sha="old"))  # another recipe's base: never pooled
+    assert bench.sft_budget(0, "b1") == pytest.approx(105.0) and bench.sft_budget(1, "b2") == pytest.approx(115.0)
     assert bench.sft_budget(2, "b1") == pytest.approx((100 + 120 + 110 + 110) / 4)  # no cell of its own seed
+    assert bench.sft_budget(1, "b1") == pytest.approx(bench.sft_budget(2, "b1"))  # seed 1 ran on another base
     with pytest.raises(RuntimeError):
-        bench.sft_budget(0, "nope")
+        monkeypatch.setattr(bench, "recipe", lambda: "nothing finished")
+        bench.sft_budget(0, "b1")
+    monkeypatch.undo()
+    monkeypatch.setattr(bench, "RESULTS", tmp_path)
     text = bench.report()
     assert "| grpo - sft | +100.0 [+100.0, +100.0] (2 seeds)" in text
-    assert "| sft-base | 1 |" in text and "| 50.0 [" in text.split("| sft-base |")[1].splitlines()[0]
-    assert text.split("| grpo | 2 |")[1].splitlines()[0].rstrip().endswith("| - |")  # no val for the arms
     assert "| egpo - grpo | -50.0 [" in text
+    # each arm is paired with its own base: grpo vs b1 (0%) and b2 (50%) = +75 points
+    assert "| grpo - SFT checkpoint | +75.0 [" in text
+    assert "| sft-base | 2 |" in text and "| 50.0 [" in text.split("| sft-base |")[1].splitlines()[0]
+    assert text.split("| grpo | 2 |")[1].splitlines()[0].rstrip().endswith("| - |")  # no val for the arms
     rows = {r["arm"]: r for r in __import__("csv").DictReader(open(tmp_path / "summary.csv"))}
     assert rows["grpo"]["seeds"] == "2" and float(rows["egpo"]["test_in_acc"]) == 0.5
     assert (tmp_path / "heldout_vs_time.png").stat().st_size > 0
