@@ -25,6 +25,11 @@ except ImportError:  # pragma: no cover - exercised only on machines without tri
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# Opt-in dynamic shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin) by compute capability
+# major*10+minor: a config asking for more cannot launch there (A100 163 KB, H100/H200 227 KB).
+SHARED_MEMORY_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448}
+
+
 def jit(fn):
     return triton.jit(fn) if HAVE_TRITON else fn
 
