@@ -33,10 +33,11 @@ import common  # noqa: E402
 
 TARGETS = {"sm_80": 80, "sm_90": 90}
 DTYPES = {"bf16": "*bf16", "fp32": "*fp32"}
+WIDTH = {"bf16": 2, "fp32": 4}
 KERNEL_NAMES = ("fwd", "bwd")  # the GRPO loss runs on these two kernels (kernels/grpo_loss.py)
 COLUMNS = common.META_COLUMNS + ["kernel", "config", "BLOCK_N", "BLOCK_V", "BLOCK_H", "num_warps", "num_stages",
-                                 "dtype", "target", "registers", "spill_bytes", "shared_bytes", "shared_limit",
-                                 "fits", "build_s", "status"]
+                                 "tuned_for", "dtype", "target", "registers", "spill_bytes", "shared_bytes",
+                                 "shared_estimate", "shared_limit", "fits", "kept", "build_s", "status"]
 # Specialisation values of a typical launch (Qwen-like shape: H, V and strides multiples of 16).
 _DIVISIBLE = {"N_BUCKET", "V", "H", "V_PER_SPLIT", "v_lo", "v_hi", "stride_xn", "stride_wv"}
 _UNIT = {"stride_xh", "stride_wh"}
@@ -95,8 +96,9 @@ def _resource_usage(cubin: bytes) -> tuple[int, int]:
     return int(reg.group(1)), int(stack.group(1))
 
 
-def build(kernel_name: str, config_index: int, dtype: str, target: str) -> dict:
-    """Build one config; returns registers, spill_bytes (stack), shared_bytes, shared_limit, fits, build_s."""
+def build(kernel_name: str, config, dtype: str, target: str) -> dict:
+    """Build one config (an index into the autotuner's list, or a triton.Config); returns registers,
+    spill_bytes (stack), shared_bytes, shared_limit, fits, build_s."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -104,7 +106,7 @@ def build(kernel_name: str, config_index: int, dtype: str, target: str) -> dict:
     from kernels import _triton as _t
 
     kernel = _kernels()[kernel_name]
-    config = kernel.configs[config_index]
+    config = kernel.configs[config] if isinstance(config, int) else config
     cc = TARGETS[target]
     signature, constexprs, attrs = _signature(kernel.fn, DTYPES[dtype], _meta(kernel_name, dtype, config))
     t0 = time.perf_counter()
@@ -118,26 +120,43 @@ def build(kernel_name: str, config_index: int, dtype: str, target: str) -> dict:
             "fits": shared <= limit, "build_s": build_s}
 
 
+def pruning(kernel_name: str, config_index: int, dtype: str, target: str) -> dict:
+    """What the kernel's autotune pruning decides for this config on `target`: the shared-memory
+    estimate it uses, and whether the config is kept (tuned for this dtype's width, fits the limit)."""
+    from kernels import _triton as _t
+    from kernels import logprob_entropy as le
+
+    configs = _kernels()[kernel_name].configs
+    config, cc, width = configs[config_index], TARGETS[target], WIDTH[dtype]
+    estimate = lambda c: le.shared_memory_bytes(c, width, cc, kernel_name == "bwd")  # noqa: E731
+    kept = _t.prune_configs(configs, width, cc, _t.SHARED_MEMORY_LIMIT[cc], estimate)
+    return {"shared_estimate": estimate(config), "kept": any(c is config for c in kept)}
+
+
 def _config_row(kernel_name, index):
     config = _kernels()[kernel_name].configs[index]
+    tuned_for = {None: "any", 2: "16-bit", 4: "fp32"}[getattr(config, "operand_bytes", None)]
     return {"kernel": kernel_name, "config": index, **{k: config.kwargs[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_H")},
-            "num_warps": config.num_warps, "num_stages": config.num_stages}
+            "num_warps": config.num_warps, "num_stages": config.num_stages, "tuned_for": tuned_for}
 
 
 def markdown_summary(rows: list[dict]) -> str:
-    lines = ["| kernel | config (BN, BV, BH, warps, stages) | dtype | target | REG | STACK (spill) | shared KB | fits |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| kernel | config (BN, BV, BH, warps, stages) | tuned for | dtype | target | REG | STACK (spill) "
+             "| shared KB (estimate) | fits | kept by pruning |", "|" + " --- |" * 10]
     for r in rows:
         cfg = f"{r['config']}: {r['BLOCK_N']}, {r['BLOCK_V']}, {r['BLOCK_H']}, {r['num_warps']}, {r['num_stages']}"
+        head = f"| {r['kernel']} | {cfg} | {r['tuned_for']} | {r['dtype']} | {r['target']} |"
         if r["status"] != "ok":
-            lines.append(f"| {r['kernel']} | {cfg} | {r['dtype']} | {r['target']} | | | | {r['status']} |")
+            lines.append(f"{head} | | | | | {r['status']} |")
             continue
-        lines.append(f"| {r['kernel']} | {cfg} | {r['dtype']} | {r['target']} | {r['registers']} | {r['spill_bytes']} "
-                     f"| {int(r['shared_bytes']) / 1024:.1f} | {'yes' if r['fits'] else 'no'} |")
+        lines.append(f"{head} {r['registers']} | {r['spill_bytes']} | {int(r['shared_bytes']) / 1024:.0f} "
+                     f"({int(r['shared_estimate']) / 1024:.0f}) | {'yes' if r['fits'] else 'NO'} "
+                     f"| {'yes' if r['kept'] else 'no'} |")
     ok = [r for r in rows if r["status"] == "ok"]
-    clean = [r for r in ok if int(r["spill_bytes"]) == 0 and r["fits"]]
-    lines.append(f"\n{len(clean)} / {len(rows)} builds spill-free and within the shared-memory limit; "
-                 f"{len(rows) - len(ok)} failed to build.")
+    kept = [r for r in ok if r["kept"]]
+    clean = [r for r in kept if int(r["spill_bytes"]) == 0 and r["fits"]]
+    lines.append(f"\n{len(rows)} builds, {len(rows) - len(ok)} failed; autotuning keeps {len(kept)} "
+                 f"(dtype width and shared memory), of which {len(clean)} are spill-free and fit.")
     return "\n".join(lines)
 
 
@@ -162,7 +181,7 @@ def main(argv=None):
             for dtype in args.dtypes.split(","):
                 for target in args.targets.split(","):
                     row = {**meta, "load_avg": common.load_avg(), **_config_row(kernel_name, index),
-                           "dtype": dtype, "target": target}
+                           "dtype": dtype, "target": target, **pruning(kernel_name, index, dtype, target)}
                     try:
                         row.update(build(kernel_name, index, dtype, target), status="ok")
                     except Exception as e:  # noqa: BLE001 - a failing build is a result, not a crash

@@ -34,18 +34,60 @@ POISON_OUTPUTS = False  # tests set this: work buffers start as NaN so an unwrit
 DW_SLAB_ELEMENTS = 1 << 25  # fp32 dW slab bound: 128 MiB
 
 
-def _fwd_configs():
-    if not _t.autotune_enabled():
+# Autotune tiles (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages) per operand width in bytes. Every one
+# builds for sm_80 and sm_90 without spilling registers (triton 3.9; benchmarks/gpu_compile.py writes
+# results/gpu_compile_cpu.csv). fp32 operands (ieee dot, no tensor cores) need thin BLOCK_H tiles: the
+# bf16 tiles spill 0.2-13 KB there. `_prune` keeps the tiles of the call's width that fit in shared memory.
+_FWD_TILES = {2: [(64, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 256, 64, 8, 3), (128, 64, 64, 8, 4)],
+              4: [(64, 128, 16, 8, 4), (64, 128, 32, 8, 3)]}
+_BWD_TILES = {2: [(64, 128, 64, 8, 3), (128, 128, 32, 8, 3), (128, 64, 64, 8, 3), (128, 64, 32, 8, 4)],
+              4: [(64, 128, 16, 8, 4)]}
+
+
+def _configs(tiles):
+    if not _t.autotune_enabled():  # one default for every dtype (the interpreter cannot tune)
         block = (32, 128, 64) if _t.INTERPRET else (64, 128, 64)
         return [_t.config(BLOCK_N=block[0], BLOCK_V=block[1], BLOCK_H=block[2], num_warps=8, num_stages=3)]
-    return [_t.config(BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=64, num_warps=w, num_stages=s)
-            for bn, bv, w, s in [(64, 128, 8, 3), (128, 128, 8, 3), (64, 256, 8, 3), (128, 64, 4, 4)]]
+    return [_t.config(BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, num_warps=w, num_stages=s, operand_bytes=width)
+            for width, shapes in tiles.items() for bn, bv, bh, w, s in shapes]
 
 
-_bwd_configs = _fwd_configs
+def _fwd_configs():
+    return _configs(_FWD_TILES)
 
 
-@_t.autotune(configs=_fwd_configs, key=["H", "V", "N_BUCKET"])
+def _bwd_configs():
+    return _configs(_BWD_TILES)
+
+
+def shared_memory_bytes(config, operand_bytes: int, cc: int, backward: bool) -> int:
+    """Upper bound of the dynamic shared memory a build of `config` asks for (checked against every build
+    in results/gpu_compile_cpu.csv by tests/test_gpu_compile.py).
+
+    The logit-tile loop keeps `buffers` pipeline stages of one X tile and one W tile; sm_90's wgmma
+    pipeline (16-bit operands) holds num_stages of them, the cp.async pipeline (sm_80, and fp32's FMA
+    dot everywhere) num_stages - 1. The backward's dX/dW loop stages the dz tile (BLOCK_N, BLOCK_V) and
+    its own X and W tiles on top.
+    """
+    kw = config.kwargs
+    bn, bv, bh = kw["BLOCK_N"], kw["BLOCK_V"], kw["BLOCK_H"]
+    buffers = config.num_stages if (cc >= 90 and operand_bytes == 2) else config.num_stages - 1
+    total = buffers * (bn + bv) * bh * operand_bytes
+    if backward:
+        total += bn * bv * operand_bytes + buffers * (bn + bv) * bh * operand_bytes
+    return total
+
+
+def _prune(backward):
+    def prune(configs, named_args, **kwargs):
+        x = named_args["X"]
+        cc, limit = _t.shared_memory_limit(x.device)
+        return _t.prune_configs(configs, x.element_size(), cc, limit,
+                                lambda c: shared_memory_bytes(c, x.element_size(), cc, backward))
+    return prune
+
+
+@_t.autotune(configs=_fwd_configs, key=["H", "V", "N_BUCKET"], prune_configs_by={"early_config_prune": _prune(False)})
 @jit
 def _fwd_kernel(
     # pointers
@@ -107,7 +149,8 @@ def _fwd_kernel(
     tl.store(STATS + 3 * plane + row, zt, mask=n_mask)
 
 
-@_t.autotune(configs=_bwd_configs, key=["H", "V", "N_BUCKET"], reset_to_zero=["DX", "DW"])
+@_t.autotune(configs=_bwd_configs, key=["H", "V", "N_BUCKET"], reset_to_zero=["DX", "DW"],
+             prune_configs_by={"early_config_prune": _prune(True)})
 @jit
 def _bwd_kernel(
     # pointers
