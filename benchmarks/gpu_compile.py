@@ -10,7 +10,10 @@ cannot launch there (`kernels._triton.SHARED_MEMORY_LIMIT`; the autotuners prune
     python benchmarks/gpu_compile.py --kernels fwd --dtypes bf16 --targets sm_90 --configs 0 --json
 
 Specialisation follows a real launch on contiguous tensors: pointers and multiples of 16 (H, V, strides)
-carry tt.divisibility=16, unit strides become the constant 1, N does not (RL's token counts vary).
+carry tt.divisibility=16, unit strides become the constant 1, N does not (RL's token counts vary). The
+launchers make hidden and weight unit-stride so that this holds. `--generic` builds without any of it, as
+for strided or unaligned tensors: the loads are then neither vectorised nor pipelined through shared
+memory, and the 16-bit tiles spill (results/gpu_compile_cpu_generic.csv; issue 17's first measurement).
 TRITON_INTERPRET is removed from this process before triton is imported (builds need the real compiler).
 """
 from __future__ import annotations
@@ -36,7 +39,7 @@ DTYPES = {"bf16": "*bf16", "fp32": "*fp32"}
 WIDTH = {"bf16": 2, "fp32": 4}
 KERNEL_NAMES = ("fwd", "bwd")  # the GRPO loss runs on these two kernels (kernels/grpo_loss.py)
 COLUMNS = common.META_COLUMNS + ["kernel", "config", "BLOCK_N", "BLOCK_V", "BLOCK_H", "num_warps", "num_stages",
-                                 "tuned_for", "dtype", "target", "registers", "spill_bytes", "shared_bytes",
+                                 "tuned_for", "dtype", "target", "specialized", "registers", "spill_bytes", "shared_bytes",
                                  "shared_estimate", "shared_limit", "fits", "kept", "build_s", "status"]
 # Specialisation values of a typical launch (Qwen-like shape: H, V and strides multiples of 16).
 _DIVISIBLE = {"N_BUCKET", "V", "H", "V_PER_SPLIT", "v_lo", "v_hi", "stride_xn", "stride_wv"}
@@ -50,15 +53,16 @@ def _kernels():
     return {"fwd": le._fwd_kernel, "bwd": le._bwd_kernel}
 
 
-def _signature(jit_fn, ptr_type, meta):
-    """(signature, constexprs, attrs) for `jit_fn` with float pointers of `ptr_type`, meta-params `meta`."""
+def _signature(jit_fn, ptr_type, meta, specialize=True):
+    """(signature, constexprs, attrs) for `jit_fn` with float pointers of `ptr_type`, meta-params `meta`;
+    specialize=False: no unit strides and no divisibility (a launch on strided, unaligned tensors)."""
     from triton.backends.compiler import BaseBackend
 
     names = jit_fn.arg_names
     signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(names):
         param = jit_fn.params[i]
-        if param.is_constexpr or name in _UNIT:
+        if param.is_constexpr or (specialize and name in _UNIT):
             signature[name] = "constexpr"
             constexprs[(i,)] = 1 if name in _UNIT else meta[name]
         elif name == "TARGETS":
@@ -71,7 +75,7 @@ def _signature(jit_fn, ptr_type, meta):
             signature[name] = "fp32"
         else:
             signature[name] = "i32"
-        if signature[name].startswith("*") or name in _DIVISIBLE:
+        if specialize and (signature[name].startswith("*") or name in _DIVISIBLE):
             attrs[(i,)] = BaseBackend.parse_attr("D")
     return signature, constexprs, attrs
 
@@ -96,7 +100,7 @@ def _resource_usage(cubin: bytes) -> tuple[int, int]:
     return int(reg.group(1)), int(stack.group(1))
 
 
-def build(kernel_name: str, config, dtype: str, target: str) -> dict:
+def build(kernel_name: str, config, dtype: str, target: str, specialize: bool = True) -> dict:
     """Build one config (an index into the autotuner's list, or a triton.Config); returns registers,
     spill_bytes (stack), shared_bytes, shared_limit, fits, build_s."""
     import triton
@@ -108,7 +112,8 @@ def build(kernel_name: str, config, dtype: str, target: str) -> dict:
     kernel = _kernels()[kernel_name]
     config = kernel.configs[config] if isinstance(config, int) else config
     cc = TARGETS[target]
-    signature, constexprs, attrs = _signature(kernel.fn, DTYPES[dtype], _meta(kernel_name, dtype, config))
+    signature, constexprs, attrs = _signature(kernel.fn, DTYPES[dtype], _meta(kernel_name, dtype, config),
+                                               specialize)
     t0 = time.perf_counter()
     compiled = triton.compile(ASTSource(fn=kernel.fn, signature=signature, constexprs=constexprs, attrs=attrs),
                               target=GPUTarget("cuda", cc, 32),
@@ -167,6 +172,8 @@ def main(argv=None):
     parser.add_argument("--targets", default=",".join(TARGETS))
     parser.add_argument("--configs", default="", help="comma-separated config indices (default: all)")
     parser.add_argument("--out", default=str(common.RESULTS / "gpu_compile_cpu.csv"))
+    parser.add_argument("--generic", action="store_true",
+                        help="build as for strided, unaligned tensors (no unit strides, no divisibility by 16)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of writing a CSV")
     args = parser.parse_args(argv)
 
@@ -181,9 +188,10 @@ def main(argv=None):
             for dtype in args.dtypes.split(","):
                 for target in args.targets.split(","):
                     row = {**meta, "load_avg": common.load_avg(), **_config_row(kernel_name, index),
-                           "dtype": dtype, "target": target, **pruning(kernel_name, index, dtype, target)}
+                           "dtype": dtype, "target": target, "specialized": not args.generic,
+                           **pruning(kernel_name, index, dtype, target)}
                     try:
-                        row.update(build(kernel_name, index, dtype, target), status="ok")
+                        row.update(build(kernel_name, index, dtype, target, not args.generic), status="ok")
                     except Exception as e:  # noqa: BLE001 - a failing build is a result, not a crash
                         row["status"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
                     print(f"{kernel_name} cfg{index} {dtype} {target}: {row.get('registers')} reg, "

@@ -306,6 +306,10 @@ class _LogprobEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, ignore_index, group, vocab_start):
         kernel_targets, owned = targets, None
+        # unit inner strides: the kernels then build with vectorised, pipelined loads and no spills
+        # (benchmarks/gpu_compile.py --generic shows the strided builds spilling)
+        hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
+        weight = weight if weight.stride(-1) == 1 else weight.contiguous()
         if group is not None:
             kernel_targets, owned = vp.local_targets(targets, ignore_index, vocab_start, weight.shape[0])
         logp, entropy, lse, mean_z = _forward(hidden, weight, targets, temperature, ignore_index,
