@@ -160,7 +160,7 @@ def _bwd_kernel(
     # strides
     stride_xn, stride_xh, stride_wv, stride_wh,
     # runtime scalars
-    inv_temp,
+    inv_temp, filter_eps,
     # meta-parameters
     HAS_DX: tl.constexpr, HAS_DW: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -199,25 +199,31 @@ def _bwd_kernel(
     else:
         dz_op = dz.to(X.dtype.element_ty)  # tensor-core operand in the input dtype, fp32 accumulation
 
-    for h0 in range(0, H, BLOCK_H):
-        offs_h = h0 + tl.arange(0, BLOCK_H)
-        h_mask = offs_h < H
-        if HAS_DX:
-            w = tl.load(W + offs_v[:, None] * stride_wv + offs_h[None, :] * stride_wh,
-                        mask=v_mask[:, None] & h_mask[None, :], other=0.0)
-            if UPCAST:
-                w = w.to(tl.float32)
-            dx = tl.dot(dz_op, w, input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_H)
-            tl.atomic_add(DX + offs_n[:, None] * H + offs_h[None, :], dx,
-                          mask=n_mask[:, None] & h_mask[None, :])
-        if HAS_DW:
-            x = tl.load(X + offs_n[:, None] * stride_xn + offs_h[None, :] * stride_xh,
-                        mask=n_mask[:, None] & h_mask[None, :], other=0.0)
-            if UPCAST:
-                x = x.to(tl.float32)
-            dw = tl.dot(tl.trans(dz_op), x, input_precision=DOT_PRECISION)  # (BLOCK_V, BLOCK_H)
-            tl.atomic_add(DW + (offs_v - v_lo)[:, None] * H + offs_h[None, :], dw,
-                          mask=v_mask[:, None] & h_mask[None, :])
+    # Tile skipping (Cut Cross-Entropy's gradient filter, on the computed dz): when every |dz| < filter_eps
+    # the tile's 4 * BLOCK_N * BLOCK_V * H FLOPs and (BLOCK_N + BLOCK_V) * H atomics are skipped, changing
+    # dX by at most filter_eps * sum_j |W_j| and dW by at most filter_eps * sum_i |X_i| per element.
+    # filter_eps = 0 skips nothing.
+    dz_max = tl.max(tl.max(tl.abs(dz), 1), 0)
+    if dz_max >= filter_eps:
+        for h0 in range(0, H, BLOCK_H):
+            offs_h = h0 + tl.arange(0, BLOCK_H)
+            h_mask = offs_h < H
+            if HAS_DX:
+                w = tl.load(W + offs_v[:, None] * stride_wv + offs_h[None, :] * stride_wh,
+                            mask=v_mask[:, None] & h_mask[None, :], other=0.0)
+                if UPCAST:
+                    w = w.to(tl.float32)
+                dx = tl.dot(dz_op, w, input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_H)
+                tl.atomic_add(DX + offs_n[:, None] * H + offs_h[None, :], dx,
+                              mask=n_mask[:, None] & h_mask[None, :])
+            if HAS_DW:
+                x = tl.load(X + offs_n[:, None] * stride_xn + offs_h[None, :] * stride_xh,
+                            mask=n_mask[:, None] & h_mask[None, :], other=0.0)
+                if UPCAST:
+                    x = x.to(tl.float32)
+                dw = tl.dot(tl.trans(dz_op), x, input_precision=DOT_PRECISION)  # (BLOCK_V, BLOCK_H)
+                tl.atomic_add(DW + (offs_v - v_lo)[:, None] * H + offs_h[None, :], dw,
+                              mask=v_mask[:, None] & h_mask[None, :])
 
 
 # ---------------------------------------------------------------------------- host launchers
@@ -273,7 +279,7 @@ def _forward(hidden, weight, targets, temperature, ignore_index, group=None, ker
     return logp, entropy, lse, mean_z
 
 
-def _backward(hidden, weight, targets, lse, mean_z, g_logp, g_ent, temperature, need_x, need_w):
+def _backward(hidden, weight, targets, lse, mean_z, g_logp, g_ent, temperature, need_x, need_w, filter_eps=0.0):
     n, h = hidden.shape
     v = weight.shape[0]
     dx = torch.zeros((n, h), dtype=torch.float32, device=hidden.device) if need_x else None
@@ -293,7 +299,7 @@ def _backward(hidden, weight, targets, lse, mean_z, g_logp, g_ent, temperature, 
                 dx if need_x else lse, dw_slab if need_w else lse,  # unused pointers when HAS_* is off
                 n, v, h, v_lo, v_hi, _t.n_bucket(n),
                 hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-                1.0 / temperature,
+                1.0 / temperature, float(filter_eps),
                 HAS_DX=need_x, HAS_DW=need_w,
                 DOT_PRECISION=_dot_precision(hidden.dtype), UPCAST=_t.INTERPRET,
             )
@@ -304,7 +310,7 @@ def _backward(hidden, weight, targets, lse, mean_z, g_logp, g_ent, temperature, 
 
 class _LogprobEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, ignore_index, group, vocab_start):
+    def forward(ctx, hidden, weight, targets, temperature, ignore_index, group, vocab_start, filter_eps):
         kernel_targets, owned = targets, None
         # unit inner strides: the kernels then build with vectorised, pipelined loads and no spills
         # (benchmarks/gpu_compile.py --generic shows the strided builds spilling)
@@ -315,22 +321,22 @@ class _LogprobEntropy(torch.autograd.Function):
         logp, entropy, lse, mean_z = _forward(hidden, weight, targets, temperature, ignore_index,
                                               group, kernel_targets, owned)
         ctx.save_for_backward(hidden, weight, targets, kernel_targets, lse, mean_z)
-        ctx.args = (temperature, ignore_index, group)
+        ctx.args = (temperature, ignore_index, group, filter_eps)
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
         hidden, weight, targets, kernel_targets, lse, mean_z = ctx.saved_tensors
-        temperature, ignore_index, group = ctx.args
+        temperature, ignore_index, group, filter_eps = ctx.args
         valid = targets != ignore_index
         zeros = torch.zeros_like(lse)
         g_logp = torch.where(valid, grad_logp.float(), 0.0).contiguous() if grad_logp is not None else zeros
         g_ent = torch.where(valid, grad_entropy.float(), 0.0).contiguous() if grad_entropy is not None else zeros
         dx, dw = _backward(hidden, weight, kernel_targets, lse, mean_z, g_logp, g_ent, temperature,
-                           ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+                           ctx.needs_input_grad[0], ctx.needs_input_grad[1], filter_eps)
         if dx is not None:
             dx = (dx if group is None else vp.all_reduce_sum_(dx, group)).to(hidden.dtype)
-        return dx, dw, None, None, None, None, None
+        return dx, dw, None, None, None, None, None, None
 
 
 def _check_inputs(hidden, weight, targets, temperature):
@@ -357,7 +363,7 @@ def _check_targets(targets, vocab, ignore_index):
 
 
 def fused_linear_logprob_entropy(hidden, weight, targets, temperature=1.0, ignore_index=-100, impl="auto",
-                                 process_group=None, vocab_start=None):
+                                 process_group=None, vocab_start=None, filter_eps=None):
     """Per-token log p(target) and entropy straight from hidden states, without [N, V] logits.
 
     Specification (runnable PyTorch; `kernels.reference.naive_logprob_entropy`):
@@ -370,6 +376,10 @@ def fused_linear_logprob_entropy(hidden, weight, targets, temperature=1.0, ignor
     Differentiable w.r.t. hidden and weight through both outputs. dtypes: bf16, fp16, fp32.
     impl: "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "torch" (token-chunked, bounded memory),
     "naive" (full logits), or "auto" = triton on CUDA, torch elsewhere.
+    filter_eps (impl "triton" only; None = 0 = exact): the backward skips every (BLOCK_N, BLOCK_V) tile whose
+    dlogits dz = d loss / d (hidden @ weight.T) are all below filter_eps in magnitude, so each element of
+    grad hidden moves by at most filter_eps * sum_v |weight[v, h]| and of grad weight by at most
+    filter_eps * sum_n |hidden[n, h]| (Cut Cross-Entropy's "auto" is finfo(dtype).eps / 32 on softmax).
 
     Vocabulary parallel (tensor-parallel LM head): with `process_group`, `weight` is this rank's
     contiguous shard [V_local, H] = full_weight[vocab_start : vocab_start + V_local] (default
@@ -392,7 +402,7 @@ def fused_linear_logprob_entropy(hidden, weight, targets, temperature=1.0, ignor
         if not _t.HAVE_TRITON:
             raise RuntimeError("impl='triton' needs the triton package; use impl='torch'")
         return _LogprobEntropy.apply(hidden, weight, targets, float(temperature), int(ignore_index),
-                                     process_group, vocab_start)
+                                     process_group, vocab_start, float(filter_eps or 0.0))
     if impl == "torch":
         return chunked_logprob_entropy(hidden, weight, targets, temperature, ignore_index,
                                        process_group=process_group, vocab_start=vocab_start)
