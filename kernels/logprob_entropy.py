@@ -199,12 +199,13 @@ def _bwd_kernel(
     else:
         dz_op = dz.to(X.dtype.element_ty)  # tensor-core operand in the input dtype, fp32 accumulation
 
-    # Tile skipping (Cut Cross-Entropy's gradient filter, on the computed dz): when every |dz| < filter_eps
-    # the tile's 4 * BLOCK_N * BLOCK_V * H FLOPs and (BLOCK_N + BLOCK_V) * H atomics are skipped, changing
-    # dX by at most filter_eps * sum_j |W_j| and dW by at most filter_eps * sum_i |X_i| per element.
-    # filter_eps = 0 skips nothing.
-    dz_max = tl.max(tl.max(tl.abs(dz), 1), 0)
-    if dz_max >= filter_eps:
+    # Tile skipping (Cut Cross-Entropy's gradient filter, on the computed dz, relative to each row's
+    # upstream scale s = (|g_logp| + |g_ent|) / T so that eps means "p < eps" whatever the loss
+    # normalisation): when every |dz| <= filter_eps * s, the tile's 4 * BLOCK_N * BLOCK_V * H FLOPs and
+    # (BLOCK_N + BLOCK_V) * H atomics are skipped. filter_eps = 0 skips only all-zero tiles (exact).
+    thr = filter_eps * inv_temp * (tl.abs(g_logp) + tl.abs(g_ent))  # (BLOCK_N,)
+    excess = tl.max(tl.max(tl.abs(dz) - thr[:, None], 1), 0)
+    if excess > 0:
         for h0 in range(0, H, BLOCK_H):
             offs_h = h0 + tl.arange(0, BLOCK_H)
             h_mask = offs_h < H
@@ -377,9 +378,11 @@ def fused_linear_logprob_entropy(hidden, weight, targets, temperature=1.0, ignor
     impl: "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "torch" (token-chunked, bounded memory),
     "naive" (full logits), or "auto" = triton on CUDA, torch elsewhere.
     filter_eps (impl "triton" only; None = 0 = exact): the backward skips every (BLOCK_N, BLOCK_V) tile whose
-    dlogits dz = d loss / d (hidden @ weight.T) are all below filter_eps in magnitude, so each element of
-    grad hidden moves by at most filter_eps * sum_v |weight[v, h]| and of grad weight by at most
-    filter_eps * sum_n |hidden[n, h]| (Cut Cross-Entropy's "auto" is finfo(dtype).eps / 32 on softmax).
+    dlogits dz[n, v] = d loss / d (hidden @ weight.T) all satisfy |dz[n, v]| <= filter_eps * s[n], with
+    s[n] = (|grad_logp[n]| + |grad_entropy[n]|) / temperature (without entropy gradient: p[n, v] <= eps off
+    the target). Error bound: grad hidden[n, h] moves by at most filter_eps * s[n] * sum_v |weight[v, h]|,
+    grad weight[v, h] by at most filter_eps * sum_n s[n] |hidden[n, h]|. Cut Cross-Entropy's "auto" filter
+    is finfo(dtype).eps / 32 (2**-12 for bf16) on the softmax.
 
     Vocabulary parallel (tensor-parallel LM head): with `process_group`, `weight` is this rank's
     contiguous shard [V_local, H] = full_weight[vocab_start : vocab_start + V_local] (default
