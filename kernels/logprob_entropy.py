@@ -14,7 +14,8 @@ FLOPs 2NHV; memory traffic ~ (N/BLOCK_N) * V * H reads of W plus N * H reads of 
 Backward: grid (N / BLOCK_N, V_slab / BLOCK_V) per vocabulary slab. Each program recomputes its logit
 tile (2NHV), forms
     dz = g_logp * (onehot(t) - p) - g_ent * p * (z - E[z])            # p = exp(z - lse), never log p
-on chip, then adds dz @ W into dX (2NHV) and dz^T @ X into dW (2NHV) with fp32 atomics. Total
+on chip, then adds dz @ W into dX (2NHV) and dz^T @ X into dW (2NHV) with fp32 atomics, unless every
+|dz| of the tile is below filter_eps times its row's upstream scale (tile skipping, opt-in). Total
 8 N*H*V FLOPs: 6 would need the whole row's logits on chip when the loss gradient is known (it depends
 on lse, which is only known after the full-vocabulary sweep), so the tile is recomputed instead.
 
