@@ -75,6 +75,12 @@ class Example:
         if not isinstance(ex.tools, list) or not all(isinstance(t, dict) and isinstance(t.get("name"), str)
                                                      for t in ex.tools):
             raise ValueError("tools must be a list of objects with a string 'name'")
+        for t in ex.tools:  # the prompt, target and reward read these: a broken schema is a broken row
+            params = t.get("parameters")
+            if not isinstance(params, dict) or not isinstance(params.get("properties", {}), dict):
+                raise ValueError(f"tool {t['name'][:60]!r}: parameters must be an object with object 'properties'")
+            if _depth(params) > MAX_SCHEMA_DEPTH:
+                raise ValueError(f"tool {t['name'][:60]!r}: schema nested deeper than {MAX_SCHEMA_DEPTH}")
         if not isinstance(ex.ground_truth, list) or not all(
                 isinstance(c, dict) and len(c) == 1 and isinstance(next(iter(c.values())), dict)
                 for c in ex.ground_truth):
@@ -84,6 +90,18 @@ class Example:
     @classmethod
     def from_json(cls, obj: str | dict) -> "Example":
         return cls.from_dict(json.loads(obj) if isinstance(obj, str) else obj)
+
+
+MAX_SCHEMA_DEPTH = 32  # JSON levels in a tool's parameters; deeper ones are refused (recursive walks below)
+
+
+def _depth(value, limit: int = MAX_SCHEMA_DEPTH + 1) -> int:
+    """Nesting depth of a JSON value, counted no further than `limit` (iteratively: no recursion limit)."""
+    depth, level = 0, [value]
+    while level and depth < limit:
+        level = [v for x in level if isinstance(x, (dict, list)) for v in (x.values() if isinstance(x, dict) else x)]
+        depth += 1
+    return depth
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -202,7 +220,7 @@ def xlam_to_example(row: dict, index: int) -> Example:
                    tools, truth)
 
 
-def _load_rows(path: Path, convert, on_error: str, skipped: Counter | None) -> list[Example]:
+def _load_rows(path: Path, convert, on_error: str, skipped: Counter | None, max_bad: float = 1.0) -> list[Example]:
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     path = Path(path)
@@ -216,36 +234,43 @@ def _load_rows(path: Path, convert, on_error: str, skipped: Counter | None) -> l
     else:
         rows = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
         where = "line"
-    out, reasons = [], Counter()
+    out, bad = [], []  # bad: (row or line number, reason)
     for n, row in rows:
         try:
             obj = json.loads(row) if isinstance(row, str) else row
             out.append(convert(obj, n))
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             reason = f"{type(e).__name__}: {str(e)[:120]}"
             if on_error == "raise":
                 raise ValueError(f"{path}: {where} {n}: {reason}") from None
-            reasons[reason.split(":")[0] if isinstance(e, json.JSONDecodeError) else reason] += 1
-    if reasons:
-        print(f"[fctrain.data] {path}: skipped {sum(reasons.values())} broken {where}s: {dict(reasons)}",
-              file=sys.stderr)
+            bad.append((n, reason.split(":")[0] if isinstance(e, json.JSONDecodeError) else reason))
+    if len(bad) > max_bad * len(rows):
+        raise ValueError(f"{path}: {len(bad)} of {len(rows)} {where}s malformed, more than {max_bad:.1%}: "
+                         + "; ".join(f"{where} {n}: {reason}" for n, reason in bad[:5])
+                         + ("; ..." if len(bad) > 5 else ""))
+    if bad:
+        reasons = Counter(reason for _, reason in bad)
+        numbers = ", ".join(str(n) for n, _ in bad[:20]) + (", ..." if len(bad) > 20 else "")
+        print(f"[fctrain.data] {path}: skipped {len(bad)} of {len(rows)} malformed {where}s ({where}s {numbers}): "
+              f"{dict(reasons)}", file=sys.stderr)
         if skipped is not None:
             skipped.update(reasons)
     return out
 
 
-def load_xlam(path, on_error: str = "raise", skipped: Counter | None = None) -> list[Example]:
+def load_xlam(path, on_error: str = "raise", skipped: Counter | None = None, max_bad: float = 1.0) -> list[Example]:
     """xLAM-function-calling-60k (JSON array or JSONL of {id, query, tools, answers}) as Examples.
 
     Broken rows raise ValueError naming the row, or with on_error="skip" are skipped and counted by reason
-    (printed, and added to `skipped` when given).
+    (printed with their row numbers, and added to `skipped` when given); more than `max_bad` (a fraction of
+    the file's rows) broken raises ValueError naming the first ones.
     """
-    return _load_rows(path, lambda obj, n: xlam_to_example(obj, n), on_error, skipped)
+    return _load_rows(path, lambda obj, n: xlam_to_example(obj, n), on_error, skipped, max_bad)
 
 
-def load_jsonl(path, on_error: str = "raise", skipped: Counter | None = None) -> list[Example]:
+def load_jsonl(path, on_error: str = "raise", skipped: Counter | None = None, max_bad: float = 1.0) -> list[Example]:
     """Our own JSONL (one Example.to_json() per line). Broken lines: see load_xlam."""
-    return _load_rows(path, lambda obj, n: Example.from_dict(obj), on_error, skipped)
+    return _load_rows(path, lambda obj, n: Example.from_dict(obj), on_error, skipped, max_bad)
 
 
 def save_jsonl(examples: Iterable[Example], path) -> None:
@@ -298,18 +323,20 @@ def load_split(spec: str) -> list[Example]:
             else by_id[i] for i in ids]
 
 
-def load_any(spec: str, on_error: str = "raise", skipped: Counter | None = None) -> list[Example]:
+def load_any(spec: str, on_error: str = "raise", skipped: Counter | None = None,
+             max_bad: float = 1.0) -> list[Example]:
     """`bfcl:<cat,...>`, `split:[<manifest>:]<set>` (load_split), an xLAM file (its name contains "xlam"),
-    our JSONL, or several of these joined by `+` (concatenated in order)."""
+    our JSONL, or several of these joined by `+` (concatenated in order). `on_error`, `skipped` and
+    `max_bad` apply to the files (see load_xlam)."""
     if "+" in spec:
-        return [e for part in spec.split("+") for e in load_any(part.strip(), on_error, skipped)]
+        return [e for part in spec.split("+") for e in load_any(part.strip(), on_error, skipped, max_bad)]
     if spec.startswith("split:"):
         return load_split(spec[len("split:"):])
     if spec.startswith("bfcl:"):
         return load_bfcl(spec[len("bfcl:"):])
     if "xlam" in Path(spec).name.lower():
-        return load_xlam(spec, on_error=on_error, skipped=skipped)
-    return load_jsonl(spec, on_error=on_error, skipped=skipped)
+        return load_xlam(spec, on_error=on_error, skipped=skipped, max_bad=max_bad)
+    return load_jsonl(spec, on_error=on_error, skipped=skipped, max_bad=max_bad)
 
 
 def shuffle(examples: list[Example], seed: int) -> list[Example]:

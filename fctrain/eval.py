@@ -549,6 +549,11 @@ def _engine_dtype(engine) -> str | None:
     return None
 
 
+class UsageError(ValueError):
+    """A bad input from the user (a path, a model, settings that do not match a run): main prints it as one
+    `error:` line instead of a traceback."""
+
+
 # What must match for `--resume` to continue a run: the same model, prompts and generation settings.
 RESUME_KEYS = ("model_path", "name", "format", "max_tokens")
 
@@ -562,7 +567,7 @@ def _resume_records(out: Path, name: str, meta: dict, examples, fmt: str) -> tup
     state = json.loads(state_path.read_text())
     diff = {k: (state.get(k), meta[k]) for k in RESUME_KEYS if state.get(k) != meta[k]}
     if diff:
-        raise ValueError(f"--resume: {out} holds a run with other settings "
+        raise UsageError(f"--resume: {out} holds a run with other settings "
                          + ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items()))
     by_id = {ex.id: ex for ex in examples}
     records = []
@@ -591,15 +596,18 @@ def run_cli(args) -> dict:
     name = args.name or _default_name(args.model)
     out = Path(args.out or Path("runs") / "eval" / f"{name}-{fmt}")
     if not args.resume and (out / "progress.json").exists():
-        raise ValueError(f"{out} already holds an evaluation (progress.json); pass --resume to continue it, "
+        raise UsageError(f"{out} already holds an evaluation (progress.json); pass --resume to continue it, "
                          "or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     print(f"[fctrain.eval] {name} | format {fmt} | engine {args.engine} | max_tokens {args.max_tokens} | "
           f"categories {','.join(categories)} | limit {args.limit} | out {out}", file=sys.stderr, flush=True)
 
     t0 = time.perf_counter()
-    model_path = models.resolve_model(args.model)
-    tokenizer = models.load_tokenizer(model_path)
+    try:
+        model_path = models.resolve_model(args.model)
+        tokenizer = models.load_tokenizer(model_path)
+    except (ValueError, OSError, RuntimeError) as exc:  # RuntimeError: no such model on an unreachable hub
+        raise UsageError(f"--model {args.model}: {exc}") from None
     examples = data.load_bfcl(categories, limit=args.limit)
     if not examples:
         raise ValueError(f"no BFCL examples for categories {categories}")
@@ -701,14 +709,20 @@ def main(argv=None) -> int:
             bfcl_group_dir(cat)
     except ValueError as exc:
         p.error(str(exc))
-    if args.compare:
-        a, b = (load_summary(x) for x in args.compare)
-        print(compare_table(a, b, Path(args.compare[0]).name, Path(args.compare[1]).name))
-        return 0
-    if args.rescore:
-        print(format_table(rescore(args.rescore)))
-        return 0
-    run_cli(args)
+    try:
+        if args.compare:
+            a, b = (load_summary(x) for x in args.compare)
+            print(compare_table(a, b, Path(args.compare[0]).name, Path(args.compare[1]).name))
+            return 0
+        if args.rescore:
+            print(format_table(rescore(args.rescore)))
+            return 0
+    except (ValueError, OSError) as exc:  # a missing or foreign summary / run directory
+        raise SystemExit(f"error: {exc}") from None
+    try:
+        run_cli(args)
+    except UsageError as exc:  # bad paths, models or settings: one line; anything else keeps its traceback
+        raise SystemExit(f"error: {exc}") from None
     return 0
 
 

@@ -55,6 +55,9 @@ def resolve_model(name_or_path: str | os.PathLike | None = None) -> Path:
         if not _is_model_dir(path):
             raise ValueError(f"{path} exists but is not a Hugging Face model directory (no config.json)")
         return path
+    name = str(name_or_path)
+    if path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1:  # hub ids are [org/]name
+        raise FileNotFoundError(f"no model directory {path}")
     return _resolve_hub(str(name_or_path))
 
 

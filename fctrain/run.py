@@ -2,7 +2,8 @@
 
     python -m fctrain.run                                   # SmolLM2-135M-Instruct on BFCL, this CPU
     python -m fctrain.run --preset paper-7b --model Qwen/Qwen2.5-Coder-7B-Instruct   # the paper, GPU
-    python -m fctrain.run --steps 50 --lr 2e-6 --config my.toml --resume runs/default
+    python -m fctrain.run --steps 50 --lr 2e-6 --config my.toml --out_dir runs/mine
+    python -m fctrain.run --resume runs/mine --steps 80   # the saved config; only steps, eval_every, ... may change
     torchrun --standalone --nproc-per-node 8 -m fctrain.run --preset paper-7b   # FSDP2 data parallel, 8 GPUs
 
 Algorithm (arXiv 2508.05118, FunRL/EGPO), per step:
@@ -30,12 +31,14 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import random
 import resource
 import shutil
 import signal
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,6 +67,8 @@ class Config:
     fmt: str = "python"                    # output format: python (<think><answer>[calls]) | hermes
     max_prompt_tokens: int = 512           # longer prompts are dropped
     max_new_tokens: int = 96               # completion budget per sample
+    max_bad_rows: float = 0.01             # malformed rows of a JSONL/xLAM file are skipped, counted and reported by
+                                           # line; more than this fraction of a file's rows stops the run
     # algorithm
     algo: str = "egpo"                     # egpo | grpo
     reward: str = "partial"                # binary (paper; preset paper-7b) | partial (default: gives
@@ -123,6 +128,7 @@ class Config:
             (self.fmt in ("python", "hermes"), f"fmt must be python or hermes, got {self.fmt!r}"),
             (self.sft_think in fdata.THINK_STYLES, f"sft_think must be one of {fdata.THINK_STYLES}"),
             (self.time_budget_s >= 0, "time_budget_s must be >= 0"),
+            (0 <= self.max_bad_rows <= 1, "max_bad_rows must be a fraction in [0, 1]"),
             (self.loss_agg in kernels.LOSS_AGGREGATIONS, f"loss_agg must be one of {kernels.LOSS_AGGREGATIONS}"),
             (self.engine in ("vllm", "hf", "auto"), f"engine must be vllm, hf or auto, got {self.engine!r}"),
             (self.train_dtype in ("float32", "bfloat16", "amp-bf16"), "train_dtype must be float32, bfloat16 or amp-bf16"),
@@ -155,10 +161,18 @@ PRESETS = {
 }
 
 
+# What a resumed run may change: its length, evaluation, checkpointing and logging. Anything else (model,
+# data, format, algorithm, batch shape, optimiser, seed...) would make it another run, so it is refused.
+RESUME_OVERRIDES = ("steps", "eval_every", "eval_at_start", "eval_limit", "save_every", "keep_last",
+                    "time_budget_s", "tensorboard", "wandb", "reward_processes", "max_bad_rows")
+
+
 def parse_config(argv: list[str]) -> tuple[Config, bool]:
     """`--key value` overrides generated from Config's fields (type-checked), plus --config FILE (.json or
     .toml), --preset NAME and --resume OUT_DIR; precedence: defaults < preset < file < command line.
-    Returns (config, resume)."""
+    --resume starts from the config saved in OUT_DIR's latest checkpoint instead of the defaults; a preset,
+    file or option may then change only RESUME_OVERRIDES (a value equal to the saved one is no change, so
+    the command that started a run, plus --resume, continues it). Returns (config, resume)."""
     fields = {f.name: f for f in dataclasses.fields(Config)}
     values, args = {}, list(argv)
     if "--help" in args or "-h" in args:
@@ -178,11 +192,14 @@ def parse_config(argv: list[str]) -> tuple[Config, bool]:
         values.update(PRESETS[name])
     if "config" in pairs:
         path = Path(pairs.pop("config"))
-        if path.suffix == ".toml":
-            import tomllib
-            values.update(tomllib.loads(path.read_text()))
-        else:
-            values.update(json.loads(path.read_text()))
+        try:
+            if path.suffix == ".toml":
+                import tomllib
+                values.update(tomllib.loads(path.read_text()))
+            else:
+                values.update(json.loads(path.read_text()))
+        except (OSError, ValueError) as e:  # missing file, bad TOML/JSON
+            raise SystemExit(f"error: --config {path}: {e}") from None
     resume = pairs.pop("resume", None)
     for key, raw in pairs.items():
         if key not in fields:
@@ -200,16 +217,41 @@ def parse_config(argv: list[str]) -> tuple[Config, bool]:
     unknown = set(values) - set(fields)
     if unknown:
         raise SystemExit(f"error: unknown config keys {sorted(unknown)}")
+    if resume:
+        values = resumed_values(Path(resume), values, fields)
     try:
         cfg = Config(**values)
-    except ValueError as e:
+    except (TypeError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
-    if resume:
-        saved = latest_checkpoint(Path(resume))
-        if saved is not None and not pairs and "preset" not in values:  # resume the run as it was configured
-            cfg = Config(**json.loads((saved / "fctrain_config.json").read_text()))
-        cfg = dataclasses.replace(cfg, out_dir=resume)
     return cfg, resume is not None
+
+
+def resumed_values(out: Path, given: dict, fields: dict) -> dict:
+    """The config values of the run in `out` (its latest checkpoint's) with the `given` changes that
+    RESUME_OVERRIDES allow; refuses any other change, prints the ones made."""
+    ckpt = latest_checkpoint(out)
+    if ckpt is None:
+        raise SystemExit(f"error: --resume {out}: no checkpoint found there")
+    try:
+        saved = json.loads((ckpt / "fctrain_config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: --resume {out}: cannot read {ckpt.name}/fctrain_config.json: {e}") from None
+    if set(saved) - set(fields):
+        raise SystemExit(f"error: --resume {out}: its config has keys this fctrain does not know: "
+                         f"{sorted(set(saved) - set(fields))}")
+    if "out_dir" in given and Path(given["out_dir"]) != out:
+        raise SystemExit(f"error: --out_dir {given['out_dir']} and --resume {out} disagree; a run resumes in place")
+    was = {name: saved.get(name, f.default) for name, f in fields.items()}  # fields added since: defaults
+    changes = {k: v for k, v in given.items() if k != "out_dir" and v != was[k]}
+    refused = [k for k in changes if k not in RESUME_OVERRIDES]
+    if refused:
+        raise SystemExit(f"error: --resume continues the run as configured; cannot change "
+                         f"{', '.join(f'{k} ({was[k]!r} -> {changes[k]!r})' for k in refused)} mid-run "
+                         f"(may change: {', '.join(RESUME_OVERRIDES)})")
+    if os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 alone prints
+        print(f"resume {out} from {ckpt.name}: " + (", ".join(f"{k} {was[k]!r} -> {v!r}" for k, v in changes.items())
+                                                    or "saved config, unchanged"))
+    return {**was, **changes, "out_dir": str(out)}
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -463,6 +505,32 @@ def clip_and_step(cfg: Config, model, optimizer, lr: float) -> float:
     return grad_norm.item()
 
 
+def fault_point(name: str):
+    """Fault injection for tests, off unless FCTRAIN_FAULT is set: FCTRAIN_FAULT=<name>:<k> makes the k-th
+    arrival at fault_point(<name>) SIGKILL this process. Points: step (inside a training step, after the
+    update, before it is logged), ckpt_write (between a checkpoint's weight and state files), eval (inside
+    an evaluation)."""
+    spec = os.environ.get("FCTRAIN_FAULT", "")
+    point, _, k = spec.partition(":")
+    if point == name:
+        _fault_arrivals[name] = _fault_arrivals.get(name, 0) + 1
+        if _fault_arrivals[name] == int(k or 1):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+_fault_arrivals: dict[str, int] = {}
+
+
+@contextlib.contextmanager
+def usage_error(what: str, *also: type[Exception]):
+    """A bad user input (a path, a model, a data spec) ends the run with one `error:` line: the ValueError or
+    OSError (or `also`) raised while reading it. Other exceptions, bugs, keep their traceback."""
+    try:
+        yield
+    except (ValueError, OSError, *also) as e:
+        raise SystemExit(f"error: {what}: {e}") from None
+
+
 def is_main_process() -> bool:
     """Rank 0 under torchrun (it alone prints and writes logs and checkpoints); always true in one process."""
     return not fdist.is_distributed() or torch.distributed.get_rank() == 0
@@ -475,32 +543,103 @@ def peak_memory_mb() -> float:
 
 
 def save_checkpoint(cfg, out: Path, step, model, tokenizer, optimizer, data_state, history):
-    """Atomic: write into a temporary directory, then rename; keep the last cfg.keep_last. Under torchrun
-    every rank calls it (gathering is collective) and rank 0 writes."""
+    """Atomic and durable: write into a temporary directory, fsync its files and itself, rename, fsync the
+    parent; keep the last cfg.keep_last. A failed write (a full disk) removes the temporary directory, keeps
+    the previous checkpoints and ends the run with one error line. trainer_state.pt holds tensors and plain
+    types only (load_trainer_state reads it with weights_only=True). Under torchrun every rank calls it
+    (gathering is collective) and rank 0 writes."""
     final = out / f"ckpt-{step:06d}"
     tmp = out / f".tmp-ckpt-{step:06d}"
     main = is_main_process()
-    if main:
+    try:
+        if main:
+            for stale in out.glob(".tmp-ckpt-*"):  # left by a run killed while writing
+                shutil.rmtree(stale)
+        if fdist.is_sharded(model):  # gathered to rank 0's CPU; optimizer state keyed by parameter name
+            fdist.save_pretrained(model, tmp, tokenizer)
+            optimizer_state = fdist.optimizer_state_dict(model, optimizer)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            optimizer_state = optimizer.state_dict()
+        if main:
+            fault_point("ckpt_write")
+            (tmp / "fctrain_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+            torch.save({"step": step, "optimizer": optimizer_state, "data": dict(data_state), "history": history,
+                        "rng": rng_state()}, tmp / "trainer_state.pt")
+            fsync_tree(tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            fsync_tree(out, files=False)  # the rename itself
+    except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-    if fdist.is_sharded(model):  # gathered to rank 0's CPU; optimizer state keyed by parameter name
-        fdist.save_pretrained(model, tmp, tokenizer)
-        optimizer_state = fdist.optimizer_state_dict(model, optimizer)
-    else:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        optimizer_state = optimizer.state_dict()
+        previous = latest_checkpoint(out)
+        raise SystemExit(f"error: checkpoint {final} not written ({e}); "
+                         + (f"{previous.name} is intact, resume with --resume {out}" if previous
+                            else "no earlier checkpoint")) from None
     if main:
-        (tmp / "fctrain_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-        torch.save({"step": step, "optimizer": optimizer_state, "data": data_state, "history": history,
-                    "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
-                            "torch": torch.get_rng_state()}}, tmp / "trainer_state.pt")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
         for old in sorted(out.glob("ckpt-*"))[:-cfg.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     if fdist.is_distributed():
         torch.distributed.barrier()  # no rank goes on (or reads it on resume) before the rename
     return final
+
+
+def fsync_tree(path: Path, files: bool = True):
+    """Flush `path`'s files (when `files`) and its directories to disk, so that a power loss after a rename
+    cannot leave the renamed directory holding truncated files."""
+    for p in sorted(path.rglob("*")) if files else []:
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    for d in [path, *(p for p in path.rglob("*") if p.is_dir())] if files else [path]:
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def rewrite(path: Path, text: str):
+    """Replace `path`'s content by `text` atomically (a temporary file, fsync, rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    """The Python, NumPy and torch RNG states as tuples, lists and a tensor (weights_only-loadable)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(), "numpy": (name, keys.tolist(), pos, has_gauss, cached),
+            "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict):
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+
+
+def load_trainer_state(ckpt: Path, mmap: bool = False) -> dict:
+    """A checkpoint's trainer_state.pt, unpickled with weights_only=True: tensors and plain types only, so a
+    checkpoint from someone else cannot run code here. Anything else is refused with one error line."""
+    path = ckpt / "trainer_state.pt"
+    # checkpoints written before this format hold NumPy's RNG state as an array: allow its reconstruction only
+    numpy_array = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    try:
+        with torch.serialization.safe_globals(numpy_array):
+            return torch.load(path, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        why = next((line.strip() for line in str(e).splitlines() if "Unsupported" in line or "Can only" in line),
+                   str(e)[:200])
+        raise SystemExit(f"error: {path} refused: it holds more than tensors and plain types (a tampered "
+                         f"file?); not loaded. {why}") from None
+    except (RuntimeError, EOFError, OSError) as e:  # truncated or damaged: the zip or pickle fails to read
+        raise SystemExit(f"error: {path} cannot be read ({str(e).splitlines()[0][:200]})") from None
 
 
 def load_optimizer_state(model, optimizer, saved: dict):
@@ -530,7 +669,8 @@ def main(argv: list[str] | None = None) -> int:
     ctx = fdist.init()  # torchrun's world (rank, world_size, this rank's device); one process without it
     say = print if ctx.is_main else (lambda *args, **kwargs: None)  # rank 0 alone prints
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    with usage_error(f"out_dir {out}"):
+        out.mkdir(parents=True, exist_ok=True)
     say("config:", json.dumps(dataclasses.asdict(cfg)))
 
     # -------------------------------------------------------------------------------------------- setup
@@ -553,15 +693,17 @@ def main(argv: list[str] | None = None) -> int:
                              f"({cfg.sft_batch_size}) must be >= world_size ({ctx.world_size}): every rank needs "
                              "a share of the batch")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "amp-bf16": torch.float32}[cfg.train_dtype]
-    base_path = models.resolve_model(cfg.model or None)
+    with usage_error(f"model {cfg.model!r}", RuntimeError):  # RuntimeError: not a directory, no hub
+        base_path = models.resolve_model(cfg.model or None)
     ckpt = latest_checkpoint(out) if resume else None
     if resume and ckpt is None:
         raise SystemExit(f"error: --resume {out}: no checkpoint found there")
     model_path = ckpt or base_path
-    tokenizer = models.load_tokenizer(model_path)
     attn, layout = attention_choice(cfg, device_type)
     varlen = attn == "flash_attention_2"
-    model = models.load_model(model_path, dtype=dtype, device=device, attn_implementation=attn)
+    with usage_error(f"model {model_path}"):  # a directory without weights or tokenizer files
+        tokenizer = models.load_tokenizer(model_path)
+        model = models.load_model(model_path, dtype=dtype, device=device, attn_implementation=attn)
     model.config.use_cache = False
     switches = setup_model_kernels(cfg, model, device_type)
     ref_model = None
@@ -584,10 +726,15 @@ def main(argv: list[str] | None = None) -> int:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99),
                                   weight_decay=cfg.weight_decay, foreach=True)
 
-    examples = fdata.filter_by_length(fdata.load_any(cfg.train_data), tokenizer, cfg.max_prompt_tokens, cfg.fmt)
+    skipped = Counter()  # malformed rows skipped (each file printed them with their line numbers)
+    with usage_error(f"train_data {cfg.train_data!r}"):
+        examples = fdata.load_any(cfg.train_data, on_error="skip", skipped=skipped, max_bad=cfg.max_bad_rows)
+    examples = fdata.filter_by_length(examples, tokenizer, cfg.max_prompt_tokens, cfg.fmt)
     eval_sets = {}  # each `+`-part of eval_data is reported on its own, with its confidence interval
     for part in ([] if cfg.eval_data.lower() in ("", "none") else cfg.eval_data.split("+")):
-        found = fdata.filter_by_length(fdata.load_any(part.strip()), tokenizer, cfg.max_prompt_tokens, cfg.fmt)
+        with usage_error(f"eval_data {part.strip()!r}"):
+            found = fdata.load_any(part.strip(), on_error="skip", skipped=skipped, max_bad=cfg.max_bad_rows)
+        found = fdata.filter_by_length(found, tokenizer, cfg.max_prompt_tokens, cfg.fmt)
         eval_sets[part.strip()] = fdata.shuffle(found, cfg.seed)[:cfg.eval_limit or None]
     eval_examples = [e for exs in eval_sets.values() for e in exs]
     eval_set_of = {e.id: name for name, exs in eval_sets.items() for e in exs}
@@ -597,18 +744,17 @@ def main(argv: list[str] | None = None) -> int:
     if not examples:
         raise SystemExit(f"error: no training examples in {cfg.train_data!r} within {cfg.max_prompt_tokens} tokens")
     prompt_ids = {e.id: fdata.build_prompt_ids(e, tokenizer, cfg.fmt) for e in examples}
-    say(f"data: {len(examples)} train examples ({cfg.train_data}), {len(eval_examples)} eval ({cfg.eval_data})")
+    say(f"data: {len(examples)} train examples ({cfg.train_data}), {len(eval_examples)} eval ({cfg.eval_data})"
+        + (f"; skipped {sum(skipped.values())} malformed rows (listed above)" if skipped else ""))
 
     step, history = 0, []
     data_state = {"epoch": 0, "pos": 0}
     if ckpt is not None:
         # torchrun: mmap, as only rank 0 reads the optimizer tensors (load_optimizer_state broadcasts them)
-        state = torch.load(ckpt / "trainer_state.pt", weights_only=False, mmap=ctx.distributed)
+        state = load_trainer_state(ckpt, mmap=ctx.distributed)
         load_optimizer_state(model, optimizer, state["optimizer"] if ctx.is_main else {})
         step, data_state, history = state["step"], state["data"], state["history"]
-        random.setstate(state["rng"]["python"])
-        np.random.set_state(state["rng"]["numpy"])
-        torch.set_rng_state(state["rng"]["torch"])
+        set_rng_state(state["rng"])
         say(f"resumed from {ckpt} at step {step}")
 
     def next_examples(k):  # seeded per-epoch permutation; the position is checkpointed
@@ -641,6 +787,8 @@ def main(argv: list[str] | None = None) -> int:
             wandb.init(project="fctrain", config=dataclasses.asdict(cfg))
         except ImportError:
             say("wandb requested but not installed; continuing without")
+    if ctx.is_main:  # the log is `history`, the checkpoint's: on resume the steps logged after it are dropped
+        rewrite(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
     metrics_file = open(out / "metrics.jsonl", "a") if ctx.is_main else None
     total_steps = cfg.sft_steps + cfg.steps
 
@@ -667,6 +815,7 @@ def main(argv: list[str] | None = None) -> int:
         records = generate_records(engine, tokenizer, share, fmt=cfg.fmt, max_tokens=cfg.max_new_tokens)
         if ctx.distributed:
             records = fdist.all_gather_list(records)
+        fault_point("eval")
         summary = summarize(records)
         per_set = {}
         verdicts[tag] = {r.id: int(r.valid) for r in records}
@@ -686,6 +835,7 @@ def main(argv: list[str] | None = None) -> int:
         first = "after-sft" if "after-sft" in verdicts else next(iter(verdicts))
         if first != tag:  # the change since the SFT checkpoint (or the first evaluation), paired by example
             for name, exs in eval_sets.items():
+                exs = [e for e in exs if e.id in verdicts[first]]  # a resume may have raised eval_limit
                 diff, lo, hi = paired_change([verdicts[first][e.id] for e in exs], [verdicts[tag][e.id] for e in exs])
                 record["eval_sets"][name]["change_since_" + first] = [diff, lo, hi]
                 say(f"  {name}: {first} -> {tag}: {100 * diff:+.1f} points (95% CI {100 * lo:+.1f} to "
@@ -731,6 +881,7 @@ def main(argv: list[str] | None = None) -> int:
                                 add_special_tokens=False) + [tokenizer.eos_token_id]) for ex in batch]
             loss_sum = sft_loss_backward(cfg, model, seqs, layout, varlen, device)
             grad_norm = clip_and_step(cfg, model, optimizer, lr)
+            fault_point("step")
             step += 1
             record = {"step": step, "phase": "sft", "loss": loss_sum, "lr": lr, "grad_norm": grad_norm,
                       "step_s": time.perf_counter() - t_step, "peak_mem_mb": peak_memory_mb()}
@@ -793,6 +944,7 @@ def main(argv: list[str] | None = None) -> int:
                 final_adv[keep] = res["adv"]
                 think_entropy[keep] = res["think_entropy"]
             train_s = time.perf_counter() - t0
+            fault_point("step")
             sync_s = sync_engine() if any_kept else 0.0
             step += 1
 

@@ -69,7 +69,8 @@ def _flatten(hidden, targets, mask, advantages, per_token, seq_ids):
 def fused_linear_grpo_loss(hidden, weight, targets, advantages, mask, old_logp=None, ref_logp=None,
                            rollout_logp=None, *, eps_low=0.2, eps_high=0.2, beta=0.0, entropy_coef=0.0,
                            temperature=1.0, rollout_is_cap=None, loss_agg="token-mean", seq_ids=None,
-                           max_len=None, is_weight=None, impl="auto", process_group=None, vocab_start=None):
+                           max_len=None, is_weight=None, impl="auto", process_group=None, vocab_start=None,
+                           filter_eps=None):
     """Clipped GRPO loss straight from hidden states. Returns (loss: fp32 scalar, metrics: dict).
 
     Specification (runnable PyTorch on packed inputs; `kernels.reference.naive_grpo_loss`):
@@ -92,6 +93,8 @@ def fused_linear_grpo_loss(hidden, weight, targets, advantages, mask, old_logp=N
     Only rows with mask=1 are computed. Gradients flow to hidden and weight.
     `process_group` / `vocab_start`: `weight` is this rank's vocabulary shard (tensor-parallel LM head);
     every other input is the same on all ranks, as are loss and metrics; see fused_linear_logprob_entropy.
+    `filter_eps`: the backward's tile skipping (impl "triton"), with its error bound; see
+    fused_linear_logprob_entropy.
 
     metrics (all detached): logp, entropy (per token, input layout, 0 where masked), entropy_mean,
     kl_mean, clip_low_frac, clip_high_frac, ratio_mean, is_weight_min/mean/max, num_tokens.
@@ -118,7 +121,7 @@ def fused_linear_grpo_loss(hidden, weight, targets, advantages, mask, old_logp=N
     pick = lambda x: None if x is None else x.index_select(0, rows).float()  # noqa: E731
     logp, ent = fused_linear_logprob_entropy(hidden.index_select(0, rows), weight, targets.index_select(0, rows),
                                              temperature=temperature, impl=impl, process_group=process_group,
-                                             vocab_start=vocab_start)
+                                             vocab_start=vocab_start, filter_eps=filter_eps)
     adv, old, ref, rollout, isw = pick(adv), pick(old_logp), pick(ref_logp), pick(rollout_logp), pick(is_weight)
     seq = seq_ids.index_select(0, rows)
 

@@ -14,7 +14,8 @@ FLOPs 2NHV; memory traffic ~ (N/BLOCK_N) * V * H reads of W plus N * H reads of 
 Backward: grid (N / BLOCK_N, V_slab / BLOCK_V) per vocabulary slab. Each program recomputes its logit
 tile (2NHV), forms
     dz = g_logp * (onehot(t) - p) - g_ent * p * (z - E[z])            # p = exp(z - lse), never log p
-on chip, then adds dz @ W into dX (2NHV) and dz^T @ X into dW (2NHV) with fp32 atomics. Total
+on chip, then adds dz @ W into dX (2NHV) and dz^T @ X into dW (2NHV) with fp32 atomics, unless every
+|dz| of the tile is below filter_eps times its row's upstream scale (tile skipping, opt-in). Total
 8 N*H*V FLOPs: 6 would need the whole row's logits on chip when the loss gradient is known (it depends
 on lse, which is only known after the full-vocabulary sweep), so the tile is recomputed instead.
 
@@ -34,18 +35,60 @@ POISON_OUTPUTS = False  # tests set this: work buffers start as NaN so an unwrit
 DW_SLAB_ELEMENTS = 1 << 25  # fp32 dW slab bound: 128 MiB
 
 
-def _fwd_configs():
-    if not _t.autotune_enabled():
+# Autotune tiles (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages) per operand width in bytes. Every one
+# builds for sm_80 and sm_90 without spilling registers (triton 3.9; benchmarks/gpu_compile.py writes
+# results/gpu_compile_cpu.csv). fp32 operands (ieee dot, no tensor cores) need thin BLOCK_H tiles: the
+# bf16 tiles spill 0.2-13 KB there. `_prune` keeps the tiles of the call's width that fit in shared memory.
+_FWD_TILES = {2: [(64, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 256, 64, 8, 3), (128, 64, 64, 8, 4)],
+              4: [(64, 128, 16, 8, 4), (64, 128, 32, 8, 3)]}
+_BWD_TILES = {2: [(64, 128, 64, 8, 3), (128, 128, 32, 8, 3), (128, 64, 64, 8, 3), (128, 64, 32, 8, 4)],
+              4: [(64, 128, 16, 8, 4)]}
+
+
+def _configs(tiles):
+    if not _t.autotune_enabled():  # one default for every dtype (the interpreter cannot tune)
         block = (32, 128, 64) if _t.INTERPRET else (64, 128, 64)
         return [_t.config(BLOCK_N=block[0], BLOCK_V=block[1], BLOCK_H=block[2], num_warps=8, num_stages=3)]
-    return [_t.config(BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=64, num_warps=w, num_stages=s)
-            for bn, bv, w, s in [(64, 128, 8, 3), (128, 128, 8, 3), (64, 256, 8, 3), (128, 64, 4, 4)]]
+    return [_t.config(BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, num_warps=w, num_stages=s, operand_bytes=width)
+            for width, shapes in tiles.items() for bn, bv, bh, w, s in shapes]
 
 
-_bwd_configs = _fwd_configs
+def _fwd_configs():
+    return _configs(_FWD_TILES)
 
 
-@_t.autotune(configs=_fwd_configs, key=["H", "V", "N_BUCKET"])
+def _bwd_configs():
+    return _configs(_BWD_TILES)
+
+
+def shared_memory_bytes(config, operand_bytes: int, cc: int, backward: bool) -> int:
+    """Upper bound of the dynamic shared memory a build of `config` asks for (checked against every build
+    in results/gpu_compile_cpu.csv by tests/test_gpu_compile.py).
+
+    The logit-tile loop keeps `buffers` pipeline stages of one X tile and one W tile; sm_90's wgmma
+    pipeline (16-bit operands) holds num_stages of them, the cp.async pipeline (sm_80, and fp32's FMA
+    dot everywhere) num_stages - 1. The backward's dX/dW loop stages the dz tile (BLOCK_N, BLOCK_V) and
+    its own X and W tiles on top.
+    """
+    kw = config.kwargs
+    bn, bv, bh = kw["BLOCK_N"], kw["BLOCK_V"], kw["BLOCK_H"]
+    buffers = config.num_stages if (cc >= 90 and operand_bytes == 2) else config.num_stages - 1
+    total = buffers * (bn + bv) * bh * operand_bytes
+    if backward:
+        total += bn * bv * operand_bytes + buffers * (bn + bv) * bh * operand_bytes
+    return total
+
+
+def _prune(backward):
+    def prune(configs, named_args, **kwargs):
+        x = named_args["X"]
+        cc, limit = _t.shared_memory_limit(x.device)
+        return _t.prune_configs(configs, x.element_size(), cc, limit,
+                                lambda c: shared_memory_bytes(c, x.element_size(), cc, backward))
+    return prune
+
+
+@_t.autotune(configs=_fwd_configs, key=["H", "V", "N_BUCKET"], prune_configs_by={"early_config_prune": _prune(False)})
 @jit
 def _fwd_kernel(
     # pointers
@@ -107,7 +150,8 @@ def _fwd_kernel(
     tl.store(STATS + 3 * plane + row, zt, mask=n_mask)
 
 
-@_t.autotune(configs=_bwd_configs, key=["H", "V", "N_BUCKET"], reset_to_zero=["DX", "DW"])
+@_t.autotune(configs=_bwd_configs, key=["H", "V", "N_BUCKET"], reset_to_zero=["DX", "DW"],
+             prune_configs_by={"early_config_prune": _prune(True)})
 @jit
 def _bwd_kernel(
     # pointers
@@ -117,7 +161,7 @@ def _bwd_kernel(
     # strides
     stride_xn, stride_xh, stride_wv, stride_wh,
     # runtime scalars
-    inv_temp,
+    inv_temp, filter_eps,
     # meta-parameters
     HAS_DX: tl.constexpr, HAS_DW: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -156,25 +200,32 @@ def _bwd_kernel(
     else:
         dz_op = dz.to(X.dtype.element_ty)  # tensor-core operand in the input dtype, fp32 accumulation
 
-    for h0 in range(0, H, BLOCK_H):
-        offs_h = h0 + tl.arange(0, BLOCK_H)
-        h_mask = offs_h < H
-        if HAS_DX:
-            w = tl.load(W + offs_v[:, None] * stride_wv + offs_h[None, :] * stride_wh,
-                        mask=v_mask[:, None] & h_mask[None, :], other=0.0)
-            if UPCAST:
-                w = w.to(tl.float32)
-            dx = tl.dot(dz_op, w, input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_H)
-            tl.atomic_add(DX + offs_n[:, None] * H + offs_h[None, :], dx,
-                          mask=n_mask[:, None] & h_mask[None, :])
-        if HAS_DW:
-            x = tl.load(X + offs_n[:, None] * stride_xn + offs_h[None, :] * stride_xh,
-                        mask=n_mask[:, None] & h_mask[None, :], other=0.0)
-            if UPCAST:
-                x = x.to(tl.float32)
-            dw = tl.dot(tl.trans(dz_op), x, input_precision=DOT_PRECISION)  # (BLOCK_V, BLOCK_H)
-            tl.atomic_add(DW + (offs_v - v_lo)[:, None] * H + offs_h[None, :], dw,
-                          mask=v_mask[:, None] & h_mask[None, :])
+    # Tile skipping (Cut Cross-Entropy's gradient filter, on the computed dz, relative to each row's
+    # upstream scale s = (|g_logp| + |g_ent|) / T so that eps means "p < eps" whatever the loss
+    # normalisation): when every |dz| <= filter_eps * s, the tile's 4 * BLOCK_N * BLOCK_V * H FLOPs and
+    # (BLOCK_N + BLOCK_V) * H atomics are skipped. filter_eps = 0 skips only all-zero tiles (exact).
+    thr = filter_eps * inv_temp * (tl.abs(g_logp) + tl.abs(g_ent))  # (BLOCK_N,)
+    excess = tl.max(tl.max(tl.abs(dz) - thr[:, None], 1), 0)
+    if excess > 0:
+        for h0 in range(0, H, BLOCK_H):
+            offs_h = h0 + tl.arange(0, BLOCK_H)
+            h_mask = offs_h < H
+            if HAS_DX:
+                w = tl.load(W + offs_v[:, None] * stride_wv + offs_h[None, :] * stride_wh,
+                            mask=v_mask[:, None] & h_mask[None, :], other=0.0)
+                if UPCAST:
+                    w = w.to(tl.float32)
+                dx = tl.dot(dz_op, w, input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_H)
+                tl.atomic_add(DX + offs_n[:, None] * H + offs_h[None, :], dx,
+                              mask=n_mask[:, None] & h_mask[None, :])
+            if HAS_DW:
+                x = tl.load(X + offs_n[:, None] * stride_xn + offs_h[None, :] * stride_xh,
+                            mask=n_mask[:, None] & h_mask[None, :], other=0.0)
+                if UPCAST:
+                    x = x.to(tl.float32)
+                dw = tl.dot(tl.trans(dz_op), x, input_precision=DOT_PRECISION)  # (BLOCK_V, BLOCK_H)
+                tl.atomic_add(DW + (offs_v - v_lo)[:, None] * H + offs_h[None, :], dw,
+                              mask=v_mask[:, None] & h_mask[None, :])
 
 
 # ---------------------------------------------------------------------------- host launchers
@@ -230,7 +281,7 @@ def _forward(hidden, weight, targets, temperature, ignore_index, group=None, ker
     return logp, entropy, lse, mean_z
 
 
-def _backward(hidden, weight, targets, lse, mean_z, g_logp, g_ent, temperature, need_x, need_w):
+def _backward(hidden, weight, targets, lse, mean_z, g_logp, g_ent, temperature, need_x, need_w, filter_eps=0.0):
     n, h = hidden.shape
     v = weight.shape[0]
     dx = torch.zeros((n, h), dtype=torch.float32, device=hidden.device) if need_x else None
@@ -250,7 +301,7 @@ def _backward(hidden, weight, targets, lse, mean_z, g_logp, g_ent, temperature, 
                 dx if need_x else lse, dw_slab if need_w else lse,  # unused pointers when HAS_* is off
                 n, v, h, v_lo, v_hi, _t.n_bucket(n),
                 hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-                1.0 / temperature,
+                1.0 / temperature, float(filter_eps),
                 HAS_DX=need_x, HAS_DW=need_w,
                 DOT_PRECISION=_dot_precision(hidden.dtype), UPCAST=_t.INTERPRET,
             )
@@ -261,29 +312,33 @@ def _backward(hidden, weight, targets, lse, mean_z, g_logp, g_ent, temperature, 
 
 class _LogprobEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, ignore_index, group, vocab_start):
+    def forward(ctx, hidden, weight, targets, temperature, ignore_index, group, vocab_start, filter_eps):
         kernel_targets, owned = targets, None
+        # unit inner strides: the kernels then build with vectorised, pipelined loads and no spills
+        # (benchmarks/gpu_compile.py --generic shows the strided builds spilling)
+        hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
+        weight = weight if weight.stride(-1) == 1 else weight.contiguous()
         if group is not None:
             kernel_targets, owned = vp.local_targets(targets, ignore_index, vocab_start, weight.shape[0])
         logp, entropy, lse, mean_z = _forward(hidden, weight, targets, temperature, ignore_index,
                                               group, kernel_targets, owned)
         ctx.save_for_backward(hidden, weight, targets, kernel_targets, lse, mean_z)
-        ctx.args = (temperature, ignore_index, group)
+        ctx.args = (temperature, ignore_index, group, filter_eps)
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
         hidden, weight, targets, kernel_targets, lse, mean_z = ctx.saved_tensors
-        temperature, ignore_index, group = ctx.args
+        temperature, ignore_index, group, filter_eps = ctx.args
         valid = targets != ignore_index
         zeros = torch.zeros_like(lse)
         g_logp = torch.where(valid, grad_logp.float(), 0.0).contiguous() if grad_logp is not None else zeros
         g_ent = torch.where(valid, grad_entropy.float(), 0.0).contiguous() if grad_entropy is not None else zeros
         dx, dw = _backward(hidden, weight, kernel_targets, lse, mean_z, g_logp, g_ent, temperature,
-                           ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+                           ctx.needs_input_grad[0], ctx.needs_input_grad[1], filter_eps)
         if dx is not None:
             dx = (dx if group is None else vp.all_reduce_sum_(dx, group)).to(hidden.dtype)
-        return dx, dw, None, None, None, None, None
+        return dx, dw, None, None, None, None, None, None
 
 
 def _check_inputs(hidden, weight, targets, temperature):
@@ -310,7 +365,7 @@ def _check_targets(targets, vocab, ignore_index):
 
 
 def fused_linear_logprob_entropy(hidden, weight, targets, temperature=1.0, ignore_index=-100, impl="auto",
-                                 process_group=None, vocab_start=None):
+                                 process_group=None, vocab_start=None, filter_eps=None):
     """Per-token log p(target) and entropy straight from hidden states, without [N, V] logits.
 
     Specification (runnable PyTorch; `kernels.reference.naive_logprob_entropy`):
@@ -323,6 +378,12 @@ def fused_linear_logprob_entropy(hidden, weight, targets, temperature=1.0, ignor
     Differentiable w.r.t. hidden and weight through both outputs. dtypes: bf16, fp16, fp32.
     impl: "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "torch" (token-chunked, bounded memory),
     "naive" (full logits), or "auto" = triton on CUDA, torch elsewhere.
+    filter_eps (impl "triton" only; None = 0 = exact): the backward skips every (BLOCK_N, BLOCK_V) tile whose
+    dlogits dz[n, v] = d loss / d (hidden @ weight.T) all satisfy |dz[n, v]| <= filter_eps * s[n], with
+    s[n] = (|grad_logp[n]| + |grad_entropy[n]|) / temperature (without entropy gradient: p[n, v] <= eps off
+    the target). Error bound: grad hidden[n, h] moves by at most filter_eps * s[n] * sum_v |weight[v, h]|,
+    grad weight[v, h] by at most filter_eps * sum_n s[n] |hidden[n, h]|. Cut Cross-Entropy's "auto" filter
+    is finfo(dtype).eps / 32 (2**-12 for bf16) on the softmax.
 
     Vocabulary parallel (tensor-parallel LM head): with `process_group`, `weight` is this rank's
     contiguous shard [V_local, H] = full_weight[vocab_start : vocab_start + V_local] (default
@@ -345,7 +406,7 @@ def fused_linear_logprob_entropy(hidden, weight, targets, temperature=1.0, ignor
         if not _t.HAVE_TRITON:
             raise RuntimeError("impl='triton' needs the triton package; use impl='torch'")
         return _LogprobEntropy.apply(hidden, weight, targets, float(temperature), int(ignore_index),
-                                     process_group, vocab_start)
+                                     process_group, vocab_start, float(filter_eps or 0.0))
     if impl == "torch":
         return chunked_logprob_entropy(hidden, weight, targets, temperature, ignore_index,
                                        process_group=process_group, vocab_start=vocab_start)

@@ -9,8 +9,8 @@ import pytest
 
 from fctrain import reward
 from fctrain.data import (BFCL_CATEGORIES, Example, build_messages, build_prompt_ids, calls_to_ground_truth,
-                          filter_by_length, load_bfcl, load_jsonl, load_xlam, main, parse_verdict, render_target,
-                          save_jsonl, shuffle, split, validate)
+                          filter_by_length, load_any, load_bfcl, load_jsonl, load_xlam, main, parse_verdict,
+                          render_target, save_jsonl, shuffle, split, validate)
 from tests.bfcl_ref import bfcl_system_prompt, bfcl_verdict
 
 EXPECTED_COUNTS = {"simple_python": 400, "multiple": 200, "parallel": 200, "parallel_multiple": 200,
@@ -65,6 +65,50 @@ def test_load_jsonl_broken_lines(bfcl, tmp_path):
     skipped = Counter()
     assert [e.id for e in load_jsonl(path, on_error="skip", skipped=skipped)] == [e.id for e in bfcl[:3]]
     assert sum(skipped.values()) == 2 and any("lacks" in k for k in skipped)
+
+
+def test_malformed_rows_are_skipped_with_line_numbers_up_to_a_threshold(bfcl, tmp_path, capsys):
+    good = [e.to_json() for e in bfcl[:3]] * 66  # 198 good lines
+    hostile = ["{not json", "[" * 100_000 + "]" * 100_000]  # broken JSON; nesting deeper than the parser's stack
+    path = tmp_path / "big.jsonl"
+    path.write_text("\n".join(good[:50] + hostile[:1] + good[50:120] + hostile[1:] + good[120:]) + "\n")
+    skipped = Counter()
+    kept = load_any(str(path), on_error="skip", skipped=skipped, max_bad=0.01)  # 2 of 200 bad: 1%, allowed
+    assert len(kept) == 198 and sum(skipped.values()) == 2
+    assert "big.jsonl: skipped 2 of 200 malformed lines (lines 51, 122): " in capsys.readouterr().err
+    path.write_text(path.read_text() + json.dumps({"id": "x"}) + "\n")  # 3 of 201: over 1%
+    with pytest.raises(ValueError, match=r"big.jsonl: 3 of 201 lines malformed, more than 1.0%: line 51: "
+                                         r"JSONDecodeError; line 122: RecursionError.*; line 201: ValueError"):
+        load_any(str(path), on_error="skip", max_bad=0.01)
+    assert len(load_any(str(path), on_error="skip", max_bad=0.02)) == 198
+
+
+def test_hostile_tool_schemas_are_broken_rows_or_handled(bfcl, tmp_path):
+    deep = {}
+    for _ in range(200):
+        deep = {"type": "object", "properties": {"a": deep}}
+    tools = {"no_parameters": [{"name": "f"}], "parameters_not_object": [{"name": "f", "parameters": "x"}],
+             "properties_not_object": [{"name": "f", "parameters": {"type": "object", "properties": [1]}}],
+             "deep": [{"name": "f", "parameters": deep}],
+             "recursive_ref": [{"name": "f", "parameters": {"type": "object", "required": ["a"],
+                                                            "properties": {"a": {"$ref": "#/parameters"}}}}],
+             "huge": [{"name": "f", "description": "x" * 1_000_000, "parameters": {
+                 "type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(3000)}}}]}
+    path = tmp_path / "hostile.jsonl"
+    rows = [{**bfcl[0].to_dict(), "id": name, "tools": t} for name, t in tools.items()]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    kept = load_jsonl(path, on_error="skip")
+    assert [e.id for e in kept] == ["recursive_ref", "huge"]  # lines 1-4 are broken rows, counted and skipped
+    for e in kept:  # what the loop does with an example: prompt, reward, validation
+        for fmt in reward.FORMATS:
+            assert system_prompt_len(e, fmt) > 0
+            assert reward.score("<think>x</think><answer>[f(a=1)]</answer>", e, fmt=fmt).reward >= 0
+        assert validate([e])[0] == []  # neither can be checked: dropped by validation, not a crash
+
+
+def system_prompt_len(example, fmt):
+    from fctrain.data import system_prompt
+    return len(system_prompt(example.tools, fmt))
 
 
 XLAM_ROWS = [

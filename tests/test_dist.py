@@ -462,7 +462,8 @@ def test_torchrun_fctrain_run_with_vllm_engines(tmp_path):
     args = dict(model=model_dir, engine="vllm", engine_dtype="float32", train_data=tmp_path / "train.jsonl",
                 eval_data=tmp_path / "eval.jsonl", eval_limit=2, sft_steps=30, sft_batch_size=2, sft_lr=5e-3,
                 steps=3, prompts_per_step=2, group_size=4, max_new_tokens=40, reward="partial", lr=1e-3,
-                temperature=1.0, warmup_steps=1, save_every=0, reward_processes=1, beta=0.001, out_dir=out)
+                temperature=1.0, warmup_steps=1, save_every=0, reward_processes=1, beta=0.001, out_dir=out,
+                updates_per_batch=2)  # the second pass over a batch follows an update: its KL is > 0
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(WORLD)]
     proc = subprocess.run([*torchrun, "-m", "fctrain.run", *[x for k, v in args.items() for x in (f"--{k}", str(v))]],
                           capture_output=True, text=True, timeout=400, env=dict(os.environ, PYTHONUNBUFFERED="1"))
@@ -481,7 +482,8 @@ def test_torchrun_fctrain_run_with_vllm_engines(tmp_path):
         assert math.isfinite(r["loss"]) and r["nan_loss"] == 0 and r["sync_s"] > 0
         # vLLM's sampling log-probs match the trainer's on both ranks, after every sync of new weights
         assert 0.999 < r["is_min"] <= r["is_max"] < 1.001, r
-    assert any(r["kl"] > 0 for r in trained), "after an update the policy differs from the sharded reference"
+    assert all(r["kl"] > 0 for r in trained), \
+        f"after an update the policy differs from the sharded reference: {[(r['step'], r['trained_seqs'], r['kl']) for r in rl]}"
     assert [r["eval_total"] for r in rows if r["phase"] == "eval"] == [2, 2]  # after SFT, at the end
     ckpt = out / "ckpt-000033"
     state = torch.load(ckpt / "trainer_state.pt", weights_only=False)

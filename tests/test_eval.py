@@ -363,9 +363,13 @@ def test_cli_resume_after_interrupt(tiny_dir, tmp_path, monkeypatch):
         ev.main([*argv, "--out", str(out)])
     kept = ev.read_result_files(out)
     assert [e["id"] for items in kept.values() for e in items] == calls[0]
-    with pytest.raises(ValueError, match="--resume"):
+    with pytest.raises(SystemExit, match="^error: --model /no/such/model: no model directory"):
+        ev.main([*argv, "--out", str(tmp_path / "other"), "--model", "/no/such/model"])
+    with pytest.raises(SystemExit, match="^error: no evaluation summary"):
+        ev.main(["--compare", str(out / "nothing"), str(out)])
+    with pytest.raises(SystemExit, match="^error: .*--resume"):
         ev.main([*argv, "--out", str(out)])
-    with pytest.raises(ValueError, match="max_tokens: 8 there, 9 now"):
+    with pytest.raises(SystemExit, match="^error: .*max_tokens: 8 there, 9 now"):
         ev.main([*argv, "--out", str(out), "--resume", "--max-tokens", "9"])
 
     monkeypatch.setattr(ev, "generate_records", real)

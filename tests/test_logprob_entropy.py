@@ -88,6 +88,74 @@ def test_non_contiguous_inputs_and_tied_embeddings(impl):
     assert_verbose_close(got_grad, emb.weight.grad, 1e-5, 1e-4, "tied grad (embedding + lm head)")
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_column_major_inputs(impl):
+    # stride(-1) != 1: the triton launcher copies to unit stride (the specialised, spill-free build)
+    hidden, weight, targets = make_inputs(19, 48, 150, torch.float32, 8)
+    x = hidden.t().contiguous().t().requires_grad_()
+    w = weight.t().contiguous().t().requires_grad_()
+    assert x.stride(-1) != 1 and w.stride(-1) != 1
+    logp, ent = kernels.fused_linear_logprob_entropy(x, w, targets, impl=impl)
+    (logp.sum() + 0.5 * ent.sum()).backward()
+    x64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    ref_logp, ref_ent = naive_logprob_entropy(x64, w64, targets)
+    (ref_logp.sum() + 0.5 * ref_ent.sum()).backward()
+    for name, a, b in [("logp", logp, ref_logp), ("entropy", ent, ref_ent), ("grad_hidden", x.grad, x64.grad),
+                       ("grad_weight", w.grad, w64.grad)]:
+        assert_verbose_close(a, b, 1e-5, 1e-4, f"{impl} column-major {name}")
+
+
+def _dlogits(hidden, weight, targets, temperature, g_logp, g_ent):
+    """float64 dz = d(sum(logp * g_logp + entropy * g_ent)) / d(hidden @ weight.T), (N, V)."""
+    z = (hidden.double() @ weight.double().T).requires_grad_()
+    logp, ent = naive_logprob_entropy(z, torch.eye(z.shape[1], dtype=torch.float64, device=z.device), targets,
+                                      temperature)
+    (logp * g_logp.double() + ent * g_ent.double()).sum().backward()
+    return z.grad
+
+
+def test_filter_eps_skips_exactly_the_small_tiles():
+    n, h, v, temperature, eps = 70, 48, 300, 0.7, 0.05
+    hidden, weight, targets = make_inputs(n, h, v, torch.float32, 9)
+    hidden[:, 0], weight[:, 0], weight[128:, 0] = 1.0, 0.0, -6.0  # logits of columns 128.. lowered by 6
+    targets = targets.clamp(max=127)
+    targets[32:64] = -100  # no gradient from these rows: dz = 0
+    g = torch.Generator().manual_seed(11)
+    g_logp, g_ent = torch.randn(n, generator=g) * 1e-3, torch.randn(n, generator=g) * 1e-3  # ~ 1 / N scale
+    hidden, weight, targets, g_logp, g_ent = (t.to(DEVICE) for t in (hidden, weight, targets, g_logp, g_ent))
+    dz = _dlogits(hidden, weight, targets, temperature, g_logp, g_ent)
+    scale = ((g_logp.abs() + g_ent.abs()) / temperature).double()
+    scale[targets == -100] = 0.0
+    ratio = torch.where(dz == 0, 0.0, dz.abs() / scale[:, None])  # a tile is skipped when every ratio <= eps
+    x, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    logp, ent = kernels.fused_linear_logprob_entropy(x, w, targets, temperature, impl="triton", filter_eps=eps)
+    (logp * g_logp + ent * g_ent).sum().backward()
+    cfg = le._bwd_kernel.best_config.kwargs  # the tile the backward ran with (autotuned on a GPU)
+    bn, bv = cfg["BLOCK_N"], cfg["BLOCK_V"]
+    tiles = [(i, j) for i in range(0, n, bn) for j in range(0, v, bv)]
+    tile_max = {t: float(ratio[t[0]:t[0] + bn, t[1]:t[1] + bv].max()) for t in tiles}
+    assert all(m < eps / 4 or m > 4 * eps for m in tile_max.values()), sorted(tile_max.items())  # fp32 cannot flip one
+    skipped = {t for t, m in tile_max.items() if m <= eps}
+    assert 0 < len(skipped) < len(tiles), tile_max
+    dz_kept = dz.clone()
+    for i, j in skipped:
+        dz_kept[i:i + bn, j:j + bv] = 0
+    want_dx, want_dw = dz_kept @ weight.double(), dz_kept.T @ hidden.double()
+    assert_verbose_close(x.grad, want_dx, 1e-8, 1e-4, "grad_hidden, skipped tiles")
+    assert_verbose_close(w.grad, want_dw, 1e-8, 1e-4, "grad_weight, skipped tiles")
+    # the documented bound against the unfiltered float64 gradient
+    exact_dx, exact_dw = dz @ weight.double(), dz.T @ hidden.double()
+    bound_dx = eps * scale[:, None] * weight.double().abs().sum(0)[None, :]
+    bound_dw = eps * scale[None, :] @ hidden.double().abs()
+    assert ((x.grad.double() - exact_dx).abs() <= bound_dx + 1e-8).all()
+    assert ((w.grad.double() - exact_dw).abs() <= bound_dw + 1e-8).all()
+
+    x.grad = w.grad = None  # an eps above every ratio: every tile skipped, forward unchanged
+    logp2, ent2 = kernels.fused_linear_logprob_entropy(x, w, targets, temperature, impl="triton", filter_eps=1e9)
+    (logp2 * g_logp + ent2 * g_ent).sum().backward()
+    assert (x.grad == 0).all() and (w.grad == 0).all() and torch.equal(logp2, logp)
+
+
 def test_auto_dispatch_and_errors():
     hidden, weight, targets = make_inputs(4, 16, 50, torch.float32, 6)
     a = kernels.fused_linear_logprob_entropy(hidden, weight, targets)  # auto: torch here, triton on CUDA

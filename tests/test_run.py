@@ -1,7 +1,9 @@
 """The training loop: unit pieces (advantages, config, batching, think mask) and real end-to-end runs."""
+import dataclasses
 import json
 import math
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -9,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -46,6 +49,49 @@ def test_config_cli_is_generated_and_type_checked(tmp_path):
         Config().lr = 1.0  # frozen
 
 
+def _saved_run(out: Path, **values) -> Path:
+    """A run directory whose latest checkpoint holds Config(**values) (the files parse_config reads)."""
+    for step in (2, 3):
+        ckpt = out / f"ckpt-{step:06d}"
+        ckpt.mkdir(parents=True)
+        (ckpt / "fctrain_config.json").write_text(json.dumps(dataclasses.asdict(Config(**values, steps=step))))
+        (ckpt / "trainer_state.pt").write_bytes(b"")
+    return out
+
+
+def test_resume_starts_from_the_saved_config_and_allows_only_scheduling_changes(tmp_path, capsys):
+    out = _saved_run(tmp_path / "old_place", lr=1e-5, reward="binary", sft_steps=4, out_dir="elsewhere")
+    cfg, resume = parse_config(["--resume", str(out), "--steps", "28", "--eval_every", "2"])
+    assert resume and (cfg.lr, cfg.reward, cfg.sft_steps) == (1e-5, "binary", 4)  # the run's, not the defaults
+    assert (cfg.steps, cfg.eval_every, cfg.out_dir) == (28, 2, str(out))  # out_dir: where it is now
+    printed = capsys.readouterr().out
+    assert "from ckpt-000003" in printed and "steps 3 -> 28" in printed and "eval_every 0 -> 2" in printed
+    cfg, _ = parse_config(["--resume", str(out)])
+    assert cfg == Config(lr=1e-5, reward="binary", sft_steps=4, steps=3, out_dir=str(out))
+    assert "unchanged" in capsys.readouterr().out
+    # the command that started the run, plus --resume, continues it: equal values are no change
+    cfg, _ = parse_config(["--lr", "1e-5", "--reward", "binary", "--sft_steps", "4", "--resume", str(out)])
+    assert cfg.steps == 3
+    for argv, message in [
+            (["--lr", "2e-5"], r"cannot change lr \(1e-05 -> 2e-05\) mid-run"),
+            (["--reward", "partial", "--group_size", "4", "--steps", "9"], "cannot change reward .*, group_size"),
+            (["--preset", "paper-7b"], "cannot change model .* lr"),  # a preset obeys the same rule
+            (["--out_dir", str(tmp_path / "new")], "disagree")]:
+        with pytest.raises(SystemExit, match=message):
+            parse_config(["--resume", str(out), *argv])
+    (tmp_path / "same.toml").write_text('lr = 1e-5\nreward = "binary"\nsteps = 40\n')
+    (tmp_path / "other.toml").write_text('lr = 1e-5\nmodel = "Qwen/Qwen2.5-Coder-7B-Instruct"\n')
+    assert parse_config(["--config", str(tmp_path / "same.toml"), "--resume", str(out)])[0].steps == 40
+    with pytest.raises(SystemExit, match="cannot change model"):
+        parse_config(["--config", str(tmp_path / "other.toml"), "--resume", str(out)])
+    with pytest.raises(SystemExit, match="no checkpoint found"):
+        parse_config(["--resume", str(tmp_path / "empty")])
+    (tmp_path / "bad.toml").write_text("lr = = 1")
+    for argv in (["--config", str(tmp_path / "bad.toml")], ["--config", str(tmp_path / "missing.json")]):
+        with pytest.raises(SystemExit, match="^error: --config"):
+            parse_config(argv)
+
+
 def test_lr_schedule():
     cfg = Config(sft_steps=2, steps=10, warmup_steps=2, lr=1e-5, sft_lr=5e-5, min_lr_ratio=0.1)
     lrs = [run.lr_at(cfg, s) for s in range(12)]
@@ -62,6 +108,39 @@ def tiny(tmp_path_factory):
     data.save_jsonl(examples[:2], root / "train.jsonl")
     data.save_jsonl(examples[2:], root / "eval.jsonl")
     return root, model_dir
+
+
+def test_usage_errors_are_one_error_line(tiny, tmp_path):
+    root, model_dir = tiny
+    (tmp_path / "bad.jsonl").write_text("not json\n")
+    cases = [(dict(model="/no/such/model"), "model '/no/such/model': no model directory"),
+             (dict(model=tmp_path), "model .* not a Hugging Face model directory"),
+             (dict(train_data="bfcl:nope"), "train_data 'bfcl:nope': unknown BFCL category"),
+             (dict(train_data=tmp_path / "missing.jsonl"), "train_data .*No such file"),
+             (dict(train_data=tmp_path / "bad.jsonl"), "train_data .*bad.jsonl: 1 of 1 lines malformed.*line 1"),
+             (dict(eval_data=f"{root / 'eval.jsonl'}+split:nope"), "eval_data 'split:nope': .* no set 'nope'"),
+             (dict(out_dir=root / "train.jsonl"), "out_dir .*train.jsonl")]
+    for over, message in cases:
+        with pytest.raises(SystemExit, match="^error: " + message) as info:
+            run.main(_args(root, model_dir, tmp_path / "out", **over))
+        assert "\n" not in str(info.value.code), str(info.value.code)
+    proc = subprocess.run([sys.executable, "-m", "fctrain.run", "--model", "./no/such/dir"], text=True,
+                          capture_output=True, env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1])))
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+        "error: model './no/such/dir': no model directory no/such/dir"], proc.stderr
+
+
+def test_malformed_training_rows_are_skipped_and_reported(tiny, tmp_path, capsys):
+    root, model_dir = tiny
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text((root / "train.jsonl").read_text() + '{"id": "broken"}\n')  # 1 of 3 lines malformed
+    args = _args(root, model_dir, tmp_path / "out", train_data=mixed, eval_data="none", sft_steps=1, steps=0)
+    with pytest.raises(SystemExit, match="1 of 3 lines malformed, more than 1.0%: line 3: ValueError"):
+        run.main(args)  # the default bound, max_bad_rows 0.01
+    assert run.main(args + ["--max_bad_rows", "0.5"]) == 0
+    captured = capsys.readouterr()
+    assert "mixed.jsonl: skipped 1 of 3 malformed lines (lines 3)" in captured.err
+    assert "data: 2 train examples" in captured.out and "skipped 1 malformed rows" in captured.out
 
 
 def test_think_token_mask(tiny):
@@ -89,6 +168,69 @@ def test_checkpoint_reloads_to_identical_logits(tiny, tmp_path):
         assert torch.equal(model(ids).logits, again(ids).logits)
     assert json.loads((path / "fctrain_config.json").read_text())["keep_last"] == 1
     assert not list(tmp_path.glob(".tmp-*"))  # atomic: no temporary directory left behind
+    state = run.load_trainer_state(path)  # weights_only=True: tensors and plain types
+    assert state["step"] == 7 and state["data"] == {"epoch": 0, "pos": 3}
+    opt.load_state_dict(state["optimizer"])
+    run.set_rng_state(state["rng"])
+    drawn = (random.random(), np.random.rand(), torch.rand(1))
+    run.set_rng_state(state["rng"])
+    assert drawn == (random.random(), np.random.rand(), torch.rand(1))
+
+
+class _Payload:
+    """Unpickling it would create `marker`: what a hostile checkpoint would do with os.system instead."""
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_checkpoint_with_a_pickle_payload_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "pwned"
+    ckpt = tmp_path / "ckpt-000001"
+    ckpt.mkdir()
+    torch.save({"step": 1, "optimizer": {}, "data": {}, "history": [], "rng": _Payload(marker)},
+               ckpt / "trainer_state.pt")
+    with pytest.raises(SystemExit, match=r"^error: .*trainer_state.pt refused: .*not loaded.*Unsupported global"):
+        run.load_trainer_state(ckpt)
+    assert not marker.exists()
+    torch.load(ckpt / "trainer_state.pt", weights_only=False)  # the payload is live: the old loader ran it
+    assert marker.exists()
+    (ckpt / "trainer_state.pt").write_bytes((ckpt / "trainer_state.pt").read_bytes()[:100])  # truncated
+    with pytest.raises(SystemExit, match="cannot be read"):
+        run.load_trainer_state(ckpt)
+    # the format before this one (NumPy's RNG state as an array) still loads
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    torch.save({"step": 1, "rng": rng}, ckpt / "trainer_state.pt")
+    run.set_rng_state(run.load_trainer_state(ckpt)["rng"])
+    drawn = (random.random(), np.random.rand(), torch.rand(1))
+    run.set_rng_state(rng)
+    assert drawn == (random.random(), np.random.rand(), torch.rand(1))
+    (ckpt / "trainer_state.pt").write_bytes(b"not a zip")
+    with pytest.raises(SystemExit, match="^error: .*trainer_state.pt (refused|cannot be read)"):
+        run.load_trainer_state(ckpt)
+
+
+def test_full_disk_during_a_checkpoint_write_keeps_the_previous_one(tiny, tmp_path, monkeypatch):
+    import errno
+    from fctrain.models import load_model, load_tokenizer
+    model, tok = load_model(tiny[1]), load_tokenizer(tiny[1])
+    opt = torch.optim.AdamW(model.parameters())
+    cfg = Config(keep_last=2)
+    first = run.save_checkpoint(cfg, tmp_path, 1, model, tok, opt, {"epoch": 0, "pos": 1}, [{"step": 1}])
+    before = {p.name: p.read_bytes() for p in first.iterdir()}
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)  # the weights are written, then the disk is full
+    with pytest.raises(SystemExit, match=r"^error: checkpoint .*ckpt-000002 not written \(.*No space left on "
+                                         r"device\); ckpt-000001 is intact, resume with --resume"):
+        run.save_checkpoint(cfg, tmp_path, 2, model, tok, opt, {"epoch": 0, "pos": 2}, [{"step": 2}])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-000001"]  # no partial directory left
+    assert {p.name: p.read_bytes() for p in first.iterdir()} == before
+    assert run.latest_checkpoint(tmp_path) == first
 
 
 def _args(root, model_dir, out, **over):
@@ -194,3 +336,113 @@ def test_paired_change():
     diff, lo, hi = run.paired_change([0] * 100, [1] * 30 + [0] * 70)
     assert diff == pytest.approx(0.3) and lo < 0.3 < hi and 0.19 < lo and hi < 0.41  # +-1.96 * sqrt(.21/100)
     assert run.paired_change([1, 0, 1], [1, 0, 1]) == (0.0, 0.0, 0.0)
+
+
+# ---- faults: a run SIGKILLed anywhere resumes to the uninterrupted run's weights and metrics
+
+REPO = Path(__file__).resolve().parents[1]
+TIMINGS = ("peak_mem_mb",)  # with every key ending in _s: the only fields that differ between equal runs
+
+
+def _train(args, fault=None, timeout=600):
+    """`python -m fctrain.run args` in a subprocess importing this checkout; FCTRAIN_FAULT=fault."""
+    env = {k: v for k, v in os.environ.items() if k != "FCTRAIN_FAULT"}
+    env.update(PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]),
+               **({"FCTRAIN_FAULT": fault} if fault else {}))
+    return subprocess.Popen([sys.executable, "-m", "fctrain.run", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(proc, timeout=600):
+    output = proc.communicate(timeout=timeout)[0]
+    return proc.returncode, output
+
+
+def _metrics(out):
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    return [{k: v for k, v in r.items() if not k.endswith("_s") and k not in TIMINGS} for r in rows]
+
+
+def _weights(ckpt):
+    from safetensors.torch import load_file
+    return load_file(ckpt / "model.safetensors")
+
+
+def _fault_args(root, model_dir, out, **over):
+    # 4 SFT + 3 RL steps, checkpoints at 3, 6 and 7, evaluations after SFT (step 4) and at the end
+    return _args(root, model_dir, out, **{**dict(sft_steps=4, steps=3, save_every=3, keep_last=10), **over})
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny):
+    root, model_dir = tiny
+    out = root / "whole"
+    code, output = _finish(_train(_fault_args(root, model_dir, out)))
+    assert code == 0, output[-3000:]
+    assert sorted(p.name for p in out.glob("ckpt-*")) == ["ckpt-000003", "ckpt-000006", "ckpt-000007"]
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault, resumes_at", [
+    ("step:5", 3),         # inside the first RL step, after its update; step 4 is logged past ckpt-3
+    ("ckpt_write:2", 3),   # between ckpt-6's weights and its state file: a partial .tmp-ckpt-000006
+    ("eval:1", 3),         # inside the evaluation after SFT (step 4)
+    ("eval:2", 7),         # inside the final evaluation, after the last checkpoint
+    ("random", None),      # an outside SIGKILL at a random moment after the first checkpoint
+])
+def test_sigkill_anywhere_then_resume_equals_the_uninterrupted_run(tiny, uninterrupted, fault, resumes_at):
+    root, model_dir = tiny
+    out = root / f"killed-{fault.replace(':', '-')}"
+    args = _fault_args(root, model_dir, out)
+    if fault == "random":
+        delay = random.Random().uniform(0, 4)
+        proc = _train(args)
+        deadline = time.time() + 600
+        while not (out / "ckpt-000003").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(delay)
+        proc.kill()  # SIGKILL; a no-op if it has already finished
+        code, output = _finish(proc)
+        assert code in (-signal.SIGKILL, 0), output[-3000:]
+        fault = f"random ({delay:.2f} s after ckpt-000003: {'killed' if code else 'finished first'})"
+    else:
+        code, output = _finish(_train(args, fault))
+        assert code == -signal.SIGKILL, output[-3000:]
+    ckpt = run.latest_checkpoint(out)  # the latest complete checkpoint loads
+    assert ckpt is not None and run.load_trainer_state(ckpt)["step"] == (resumes_at or ckpt_step(ckpt)), fault
+    assert (out / ".tmp-ckpt-000006").exists() == (fault == "ckpt_write:2")  # the write it cut short
+    logged = [r["step"] for r in _metrics(out) if r["phase"] in ("sft", "rl")]
+    if resumes_at == 3 and fault != "eval:1":
+        assert max(logged) > 3  # steps were logged after the checkpoint: resuming must drop them
+    code, output = _finish(_train(["--resume", str(out)]))
+    assert code == 0, output[-3000:]
+    assert f"from {ckpt.name}: saved config, unchanged" in output
+    steps = [(r["phase"], r["step"]) for r in _metrics(out) if r["phase"] in ("sft", "rl")]
+    assert len(steps) == len(set(steps)) == 7, (fault, steps)  # no step twice
+    assert _metrics(out) == _metrics(uninterrupted), fault
+    final, reference = _weights(out / "ckpt-000007"), _weights(uninterrupted / "ckpt-000007")
+    assert final.keys() == reference.keys()
+    for k in final:
+        assert torch.equal(final[k], reference[k]), f"{fault}: resumed run differs at {k}"
+    assert not list(out.glob(".tmp-*"))
+
+
+def ckpt_step(ckpt: Path) -> int:
+    return int(ckpt.name.split("-")[1])
+
+
+@pytest.mark.slow
+def test_resume_extends_a_finished_run_with_more_steps(tiny, uninterrupted, capsys):
+    root, model_dir = tiny
+    out = root / "extended"
+    shutil.copytree(uninterrupted, out)
+    with pytest.raises(SystemExit, match="cannot change lr"):
+        run.main(["--resume", str(out), "--lr", "1e-4", "--steps", "4"])
+    assert run.main(["--resume", str(out), "--steps", "4"]) == 0
+    assert "from ckpt-000007: steps 3 -> 4" in capsys.readouterr().out
+    rows = _metrics(out)
+    assert [r["step"] for r in rows if r["phase"] in ("sft", "rl")] == list(range(1, 9))
+    assert [(r["tag"], r["step"]) for r in rows if r["phase"] == "eval"] == [("after-sft", 4), ("after", 8)]
+    assert rows[:8] == _metrics(uninterrupted)[:8]  # steps 1-7 and the SFT evaluation: the run's own
+    assert json.loads((out / "ckpt-000008" / "fctrain_config.json").read_text())["steps"] == 4
