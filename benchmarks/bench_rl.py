@@ -33,8 +33,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -148,7 +148,7 @@ def train(cell: str, args: list[str]) -> dict:
     if done.exists() and json.loads(done.read_text())["args"] == args:  # trained; its evaluation was cut short
         return json.loads(done.read_text())["summary"]
     if run_dir.exists():  # an interrupted training restarts from scratch
-        subprocess.run(["rm", "-rf", str(run_dir)], check=True)
+        shutil.rmtree(run_dir)
     cmd = [sys.executable, "-m", "fctrain.run", *COMMON_ARGS, "--train_data", str(WORK / "train.jsonl"),
            *args, "--out_dir", str(run_dir)]
     print(f"[bench_rl] {cell}: {' '.join(cmd[1:])}", flush=True)
@@ -291,7 +291,8 @@ def run_cell(cell: str) -> dict:
     if cell == "sft-base":
         save_base(result)
     if cell != "sft-base":  # keep the base; an arm's checkpoint is not reused
-        subprocess.run(["rm", "-rf", *map(str, (WORK / cell).glob("ckpt-*")), str(WORK / cell / "reference")])
+        for path in [*(WORK / cell).glob("ckpt-*"), WORK / cell / "reference"]:
+            shutil.rmtree(path, ignore_errors=True)
     acc = {k: round(v["accuracy"], 3) for k, v in result["eval"]["sets"].items()}
     print(f"[bench_rl] {cell} done: train {result['train']['train_s']:.0f} s, {result['train']['steps']} steps, "
           f"eval {result['eval']['eval_s']:.0f} s | {acc}", flush=True)
@@ -317,7 +318,8 @@ def run_pilot(name: str, sft: bool, overrides: list[str]) -> dict:
     path = RESULTS / "pilots" / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result) + "\n")
-    subprocess.run(["rm", "-rf", *map(str, (WORK / f"pilot-{name}").glob("ckpt-*"))])
+    for path in (WORK / f"pilot-{name}").glob("ckpt-*"):
+        shutil.rmtree(path, ignore_errors=True)
     v = result["eval"]["sets"]["val"]
     rl = result["train"]["rl_reward"]
     print(f"[bench_rl] pilot {name}: val {v['accuracy']:.3f} (base {base['eval']['sets']['val']['accuracy']:.3f}) | "
@@ -330,15 +332,14 @@ def run_pilot(name: str, sft: bool, overrides: list[str]) -> dict:
 
 def bootstrap(matrix_a, matrix_b=None, reps: int = 10000, seed: int = 0):
     """Mean over examples of the per-example seed-mean of A (minus B's, paired), and its 95% percentile
-    interval from resampling examples with replacement. matrix_*: [seeds][examples] of 0/1."""
+    interval from resampling examples (fctrain.run.paired_change). matrix_*: [seeds][examples] of 0/1."""
     import numpy as np
 
+    from fctrain.run import paired_change
+
     a = np.asarray(matrix_a, dtype=float).mean(0)
-    d = a - (np.asarray(matrix_b, dtype=float).mean(0) if matrix_b is not None else 0.0)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(d), size=(reps, len(d)))
-    boots = d[idx].mean(1)
-    return float(d.mean()), float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))
+    b = np.asarray(matrix_b, dtype=float).mean(0) if matrix_b is not None else np.zeros_like(a)
+    return paired_change(b, a, reps, seed)
 
 
 SET_LABELS = {"test_in": "(a) in-distribution", "test_ood": "(b) out-of-category (multiple)",

@@ -266,8 +266,9 @@ def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, f
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def paired_change(before: list[int], after: list[int], reps: int = 10000, seed: int = 0) -> tuple[float, float, float]:
-    """Mean of after - before over the same examples (0/1 verdicts) and its 95% paired-bootstrap interval."""
+def paired_change(before, after, reps: int = 10000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of after - before over the same examples (0/1 verdicts, or their means over seeds) and its 95%
+    paired-bootstrap interval (examples resampled with replacement)."""
     d = np.asarray(after, dtype=float) - np.asarray(before, dtype=float)
     if d.size == 0:
         return 0.0, 0.0, 0.0
