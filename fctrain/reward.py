@@ -615,7 +615,15 @@ def _partial_credit(calls: list[dict], example: "Example") -> float:
     return total / max(len(calls), len(truth))
 
 
-FORMAT_CREDIT = 0.2  # share of the partial reward paid for a well-formed answer
+FORMAT_CREDIT = 0.2  # share of the partial reward paid for a well-formed answer of the right kind
+
+
+def wrong_kind(calls: list[dict], category: str) -> bool:
+    """A well-formed answer that makes the wrong decision: a call where none fits (irrelevance), or no call
+    where one is needed. The partial reward gives it nothing: were it paid the format credit, a policy that
+    abstains everywhere would earn 1 on every negative and lose nothing on a call-needing prompt it gets
+    wrong anyway (bench_rl seed 1 collapsed to "no call" on every prompt within four steps that way)."""
+    return bool(calls) if is_irrelevance(category) else not calls
 
 
 def score(text: str, example: "Example", kind: str = "binary", fmt: str = "python") -> RewardResult:
@@ -623,8 +631,9 @@ def score(text: str, example: "Example", kind: str = "binary", fmt: str = "pytho
 
     binary:  1 iff the text parses in `fmt` and `check` says valid (the paper's reward). With fmt="bfcl" the
              verdict is BFCL's own: for irrelevance a text that does not decode counts as "no call" (correct).
-    partial: 0 if malformed; else FORMAT_CREDIT + (1 - FORMAT_CREDIT) * call credit, 1.0 when correct.
-             Call credit averages, over a greedy pairing of output and truth calls, (name + keys + values) / 3.
+    partial: 1.0 when correct; 0 if malformed or the wrong kind of answer (a call where none fits, no call
+             where one is needed: `wrong_kind`); else FORMAT_CREDIT + (1 - FORMAT_CREDIT) * call credit, where
+             call credit averages, over a greedy pairing of output and truth calls, (name + keys + values) / 3.
     format:  1 iff the text parses in `fmt`.
     """
     if kind not in KINDS:
@@ -641,7 +650,7 @@ def score(text: str, example: "Example", kind: str = "binary", fmt: str = "pytho
     error = None if correct else f"{verdict['error_type']}: {str(verdict['error'])[:300]}"
     if kind == "format":
         return RewardResult(1.0, True, correct, error)
-    if kind == "binary" or correct:
+    if kind == "binary" or correct or wrong_kind(parsed.calls, example.category):
         return RewardResult(1.0 if correct else 0.0, True, correct, error)
     credit = 0.0 if (is_irrelevance(example.category) or is_relevance(example.category)) \
         else _partial_credit(parsed.calls, example)

@@ -348,6 +348,15 @@ def test_score_kinds(small_set):
         assert bad.reward == 0.0 and not bad.format_ok and bad.error
     with pytest.raises(ValueError):
         score(good, ex, "dense")
+    # the wrong decision earns nothing, however well-formed: no call where one is needed, a call where none fits
+    abstain = "<think>None fits.</think><answer>[]</answer>"
+    r = score(abstain, ex, "partial")
+    assert r.format_ok and not r.correct and r.reward == 0.0 and score(abstain, ex, "format").reward == 1.0
+    irr = small_set["irrelevance"][0]
+    assert score(abstain, irr, "partial").reward == 1.0
+    call = f"<think>x</think><answer>[{_call_text(irr.tools[0]['name'], {})}]</answer>"
+    r = score(call, irr, "partial")
+    assert r.format_ok and not r.correct and r.reward == 0.0
 
 
 def test_score_irrelevance_and_relevance(small_set):
