@@ -61,6 +61,10 @@ SFT_BASE_ARGS = ["--sft_steps", "20", "--sft_batch_size", "8", "--sft_lr", "5e-5
                  "--beta", "0", "--engine", "hf", "--seed", "0"]
 RL_ARGS = ["--sft_steps", "0", "--steps", "10", "--prompts_per_step", "4", "--group_size", "8",
            "--lr", "2e-5", "--warmup_steps", "2", "--temperature", "0.7", "--beta", "0", "--reward", "partial"]
+# Bump when the arms' training changes in a way their arguments do not show; finished cells of another
+# version are neither skipped nor pooled. 3: the partial reward pays nothing for the wrong kind of answer
+# (v2 results: benchmarks/results/rl_cpu_v2/).
+ARM_VERSION = 3
 SFT_ARM_ARGS = ["--sft_steps", "100000", "--sft_batch_size", "8", "--sft_lr", "5e-5", "--steps", "0",
                 "--beta", "0", "--engine", "hf"]
 
@@ -145,7 +149,7 @@ def train(cell: str, args: list[str]) -> dict:
     """Run the trainer for one cell in a fresh process; returns its metrics summary."""
     run_dir = WORK / cell
     done = run_dir / "train_done.json"
-    if done.exists() and json.loads(done.read_text())["args"] == args:  # trained; its evaluation was cut short
+    if done.exists() and json.loads(done.read_text()).get("key") == [ARM_VERSION, args]:  # evaluation was cut short
         return json.loads(done.read_text())["summary"]
     if run_dir.exists():  # an interrupted training restarts from scratch
         shutil.rmtree(run_dir)
@@ -165,7 +169,7 @@ def train(cell: str, args: list[str]) -> dict:
             "rl_reward": [r["reward"] for r in rl], "rl_accuracy": [r["accuracy"] for r in rl],
             "rl_kl": [r.get("kl") for r in rl], "sft_loss": [r["loss"] for r in steps if r["phase"] == "sft"],
             "checkpoint": str(final_checkpoint(run_dir))}
-    done.write_text(json.dumps({"args": args, "summary": summary}))
+    done.write_text(json.dumps({"key": [ARM_VERSION, args], "args": args, "summary": summary}))
     return summary
 
 
@@ -222,8 +226,10 @@ def cell_path(cell: str) -> Path:
 
 
 def load_cell(cell: str) -> dict | None:
+    """A finished cell; an arm only if it was trained by this ARM_VERSION."""
     p = cell_path(cell)
-    return json.loads(p.read_text()) if p.exists() else None
+    c = json.loads(p.read_text()) if p.exists() else None
+    return c if c is None or cell == "sft-base" or c.get("arm_version") == ARM_VERSION else None
 
 
 def recipe() -> str:
@@ -283,6 +289,8 @@ def run_cell(cell: str) -> dict:
     result["base_sha"] = sha256(ckpt / "model.safetensors") if cell == "sft-base" else base["base_sha"]
     if cell == "sft-base":
         result["recipe"] = recipe()
+    else:
+        result["arm_version"] = ARM_VERSION
     result["eval"] = evaluate(cell, ckpt, EVAL_SETS if cell == "sft-base" else TEST_SETS)
     result["meta"] = common.run_metadata("cpu") | {"load_avg_end": common.load_avg(),
                                                    "cell_wall_s": time.time() - t0}
@@ -311,7 +319,8 @@ def run_pilot(name: str, sft: bool, overrides: list[str]) -> dict:
         raise SystemExit("run the sft-base cell first")
     args = ["--model", base["train"]["checkpoint"], "--seed", "0"] + (SFT_ARM_ARGS if sft else RL_ARGS) + overrides
     t0 = time.time()
-    result = {"pilot": name, "overrides": overrides, "sft": sft, "train": train(f"pilot-{name}", args)}
+    result = {"pilot": name, "overrides": overrides, "sft": sft, "arm_version": ARM_VERSION,
+              "train": train(f"pilot-{name}", args)}
     result["eval"] = evaluate(f"pilot-{name}", Path(result["train"]["checkpoint"]), ("val",))
     result["base_sha"] = base["base_sha"]
     result["meta"] = common.run_metadata("cpu") | {"load_avg_end": common.load_avg(), "wall_s": time.time() - t0}

@@ -73,7 +73,8 @@ def _cell(cell, arm, seed, valid, base_sha="b1", train_s=100.0):
                       "ids": [f"{name}_{i}" for i in range(len(v))], "valid": list(v)}
     return {"cell": cell, "arm": arm, "seed": seed, "base_sha": base_sha,
             "train": {"train_s": train_s, "steps": 3, "gen_tokens": 10, "checkpoint": "x"},
-            "eval": {"eval_s": 1.0, "sets": sets}, "meta": {"device": "cpu: test", "git_sha": "abc"}}
+            "eval": {"eval_s": 1.0, "sets": sets}, "meta": {"device": "cpu: test", "git_sha": "abc"},
+            "arm_version": bench.ARM_VERSION}
 
 
 def test_report_and_sft_budget_on_synthetic_cells(tmp_path, monkeypatch):
@@ -97,6 +98,8 @@ def test_report_and_sft_budget_on_synthetic_cells(tmp_path, monkeypatch):
         write(_cell(f"egpo-s{s}", "egpo", s, sets(half), base_sha=sha, train_s=110.0))
         write(_cell(f"sft-s{s}", "sft", s, sets(zero), base_sha=sha))
     write(_cell("grpo-s2", "grpo", 2, sets(zero), base_sha="old"))  # another recipe's base: never pooled
+    write(_cell("egpo-s2", "egpo", 2, sets(zero)) | {"arm_version": bench.ARM_VERSION - 1})  # older arms: neither
+    assert bench.load_cell("egpo-s2") is None and bench.load_cell("egpo-s1") is not None  # skipped nor pooled
     assert bench.sft_budget(0, "b1") == pytest.approx(105.0) and bench.sft_budget(1, "b2") == pytest.approx(115.0)
     assert bench.sft_budget(2, "b1") == pytest.approx((100 + 120 + 110 + 110) / 4)  # no cell of its own seed
     assert bench.sft_budget(1, "b1") == pytest.approx(bench.sft_budget(2, "b1"))  # seed 1 ran on another base
