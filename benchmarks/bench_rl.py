@@ -57,7 +57,7 @@ ARMS = ("grpo", "egpo", "sft")
 
 COMMON_ARGS = ["--fmt", "python", "--max_prompt_tokens", str(MAX_PROMPT_TOKENS), "--max_new_tokens", "96",
                "--eval_data", "none", "--save_every", "0", "--keep_last", "1", "--sft_think", "plan"]
-SFT_BASE_ARGS = ["--sft_steps", "20", "--sft_batch_size", "8", "--sft_lr", "5e-5", "--steps", "0",
+SFT_BASE_ARGS = ["--sft_steps", "60", "--sft_batch_size", "8", "--sft_lr", "5e-5", "--steps", "0",
                  "--beta", "0", "--engine", "hf", "--seed", "0"]
 RL_ARGS = ["--sft_steps", "0", "--steps", "10", "--prompts_per_step", "4", "--group_size", "8",
            "--lr", "2e-5", "--warmup_steps", "2", "--temperature", "0.7", "--beta", "0", "--reward", "partial"]
@@ -226,10 +226,12 @@ def cell_path(cell: str) -> Path:
 
 
 def load_cell(cell: str) -> dict | None:
-    """A finished cell; an arm only if it was trained by this ARM_VERSION."""
+    """A finished cell: the base only if trained from this recipe(), an arm only if by this ARM_VERSION."""
     p = cell_path(cell)
     c = json.loads(p.read_text()) if p.exists() else None
-    return c if c is None or cell == "sft-base" or c.get("arm_version") == ARM_VERSION else None
+    if c is None or (c.get("recipe") == recipe() if cell == "sft-base" else c.get("arm_version") == ARM_VERSION):
+        return c
+    return None
 
 
 def recipe() -> str:
@@ -269,14 +271,11 @@ def run_cell(cell: str) -> dict:
         arm, seed, args = "sft-base", 0, SFT_BASE_ARGS
     else:
         arm, seed = cell.split("-s")[0], int(cell.split("-s")[1])
-        if base is None:
-            raise RuntimeError(f"{cell}: run sft-base first")
-        base_ckpt = Path(base["train"]["checkpoint"])
-        if (base.get("recipe") != recipe() or not base_ckpt.exists()
-                or sha256(base_ckpt / "model.safetensors") != base["base_sha"]):
-            # a fresh machine (runs/ is not committed) or a changed recipe: train this recipe's base again
-            print(f"[bench_rl] {cell}: the base checkpoint {base_ckpt} is missing, changed or of another recipe; "
-                  "training the base again (earlier bases stay in cells/bases/)", flush=True)
+        base_ckpt = Path(base["train"]["checkpoint"]) if base else None
+        if base is None or not base_ckpt.exists() or sha256(base_ckpt / "model.safetensors") != base["base_sha"]:
+            # a changed recipe, or a fresh machine (runs/ is not committed): train this recipe's base again
+            print(f"[bench_rl] {cell}: no base checkpoint of this recipe here ({base_ckpt}); training it "
+                  "(earlier bases stay in cells/bases/)", flush=True)
             base = run_cell("sft-base")
             base_ckpt = Path(base["train"]["checkpoint"])
         args = ["--model", str(base_ckpt), "--seed", str(seed)]
