@@ -354,6 +354,21 @@ SET_LABELS = {"test_in": "(a) in-distribution", "test_ood": "(b) out-of-category
               "test_irr": "(c) irrelevance", "val": "validation"}
 
 
+def no_call_rates(cell: str) -> dict | None:
+    """{set: share of that cell's greedy outputs that parse as an answer with no call}, from outputs/."""
+    from fctrain import reward
+    path = RESULTS / "outputs" / f"{cell}.jsonl"
+    if not path.exists():
+        return None
+    counts: dict = {}
+    for line in open(path):
+        r = json.loads(line)
+        parsed = reward.parse(r["text"], "python")
+        n, k = counts.get(r["set"], (0, 0))
+        counts[r["set"]] = (n + 1, k + (parsed.ok and not parsed.calls))
+    return {s: k / n for s, (n, k) in counts.items()}
+
+
 def report() -> str:
     import numpy as np
 
@@ -403,6 +418,16 @@ def report() -> str:
                      f"{row['eval_s']:.0f} | " + " | ".join(texts) + " |")
     lines += ["", "Accuracy in %: pooled mean [95% CI, paired bootstrap over examples of the seed-mean, 10,000 "
               "resamples] (mean ± sd over seeds).", ""]
+    lines += ["How often each arm answers \"no call\" (a well-formed empty answer), in % of each set, mean over seeds "
+              "(from outputs/; the right answer only on (c)):", "",
+              "| arm | " + " | ".join(SET_LABELS[s] for s in ("test_in", "test_ood", "test_irr")) + " |",
+              "| --- | --- | --- | --- |"]
+    for arm, cs in [("sft-base", [{"cell": "sft-base"}])] + list(by_arm.items()):
+        rates = [no_call_rates(c["cell"]) for c in cs]
+        if cs and all(rates):
+            lines.append(f"| {arm} | " + " | ".join(
+                f"{100 * np.mean([r[s] for r in rates]):.1f}" for s in ("test_in", "test_ood", "test_irr")) + " |")
+    lines.append("")
 
     def paired(a_cells, b_cells, s):  # cells of one seed on one base are paired
         keys = sorted({(c["seed"], c["base_sha"]) for c in a_cells} & {(c["seed"], c["base_sha"]) for c in b_cells})
