@@ -96,7 +96,7 @@ class Config:
     grad_clip: float = 1.0
     micro_batch_tokens: int = 4096         # tokens computed per forward/backward (padding included)
     packing: str = "auto"                  # shared | packed | padded; auto = shared (SDPA) or packed (flash-attn)
-    sft_steps: int = 20                    # cold-start SFT steps before RL (0 = none)
+    sft_steps: int = 60                    # cold-start SFT steps before RL (0 = none)
     sft_batch_size: int = 8
     sft_lr: float = 5e-5
     sft_think: str = "plan"                # SFT target's think: plan (names function + parameters) | restate
