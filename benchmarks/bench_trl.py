@@ -16,7 +16,9 @@ Providers: trl (TRL 1.16's own chunked fused LM head) and trl+fctrain (the same 
 
 Each provider runs in its own process. Step time: the median over the timed steps (after one warm-up
 step) between the Trainer's on_step_begin and on_step_end. Memory: process peak RSS, and the peak above
-the RSS at the start of the first timed step (the optimizer state exists by then).
+the RSS at the start of the first timed step (the optimizer state exists by then). The first step's loss
+and gradient norm check that both providers computed the same step (later steps drift apart through
+AdamW's ~sign(g) update, see tests/equivalence.py; tests/test_trl.py is the equality check).
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ import common  # noqa: E402
 COLUMNS = common.META_COLUMNS + [
     "provider", "transformers", "trl", "prompts", "group", "sequences", "prompt_tokens_mean", "completion_tokens_mean",
     "micro_batch_tokens", "per_device_batch", "micro_batches", "computed_tokens", "steps", "step_s", "step_p20_s",
-    "step_p80_s", "rss_loaded_mb", "peak_rss_mb", "train_peak_extra_mb", "loss_first_step", "loss_last_step",
+    "step_p80_s", "rss_loaded_mb", "peak_rss_mb", "train_peak_extra_mb", "loss_first_step", "grad_norm_first_step",
     "time_vs_trl", "peak_rss_vs_trl", "train_mem_vs_trl", "status"]
 PROVIDERS = ("trl", "trl+fctrain")
 
@@ -105,7 +107,7 @@ def worker(spec: dict) -> dict:
     timer = Timer()
     trainer.add_callback(timer)
     trainer.train()
-    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    first = next(e for e in trainer.state.log_history if "loss" in e)
     sp = common.spread(timer.times)
     return {"micro_batch_tokens": spec["micro_batch_tokens"], "per_device_batch": per_device,
             "micro_batches": n // per_device,
@@ -113,8 +115,8 @@ def worker(spec: dict) -> dict:
             "steps": len(timer.times), "step_s": sp["time_ms"], "step_p20_s": sp["time_p20_ms"],
             "step_p80_s": sp["time_p80_ms"], "rss_loaded_mb": timer.rss_loaded / 2**20,
             "train_peak_extra_mb": (common.peak_rss() - timer.rss_loaded) / 2**20,
-            "peak_rss_mb": common._status_kib("VmHWM") / 1024, "loss_first_step": losses[0],
-            "loss_last_step": losses[-1], "status": "ok"}
+            "peak_rss_mb": common._status_kib("VmHWM") / 1024, "loss_first_step": first["loss"],
+            "grad_norm_first_step": first["grad_norm"], "status": "ok"}
 
 
 def main() -> None:
@@ -159,7 +161,7 @@ def main() -> None:
                                                                 "TRL_EXPERIMENTAL_SILENCE": "1"}, timeout_s=7200)
         rows.append({**meta, **shape, "provider": name, "load_avg": f"{load} -> {common.load_avg()}", **result})
         print("   ", {k: rows[-1].get(k) for k in ("step_s", "peak_rss_mb", "train_peak_extra_mb", "loss_first_step",
-                                                   "loss_last_step", "load_avg", "status")}, flush=True)
+                                                   "grad_norm_first_step", "load_avg", "status")}, flush=True)
         base = rows[0] if rows[0].get("status") == "ok" else None
         for r in rows:
             if base and r.get("status") == "ok":

@@ -13,7 +13,7 @@ from collections import defaultdict
 import pytest
 import torch
 
-from tests.equivalence import FP32_REL, U32, assert_grad_close, assert_scalar_close
+from tests.equivalence import FP32_REL, TERM_SCALE, U32, assert_grad_close, assert_scalar_close
 from tests.kernel_utils import assert_verbose_close
 
 trl = pytest.importorskip("trl")
@@ -206,17 +206,27 @@ def assert_runs_match(got, want, name, compare_metrics=True):
     <= lr * sum_j 2 FP32_REL max|g_j| plus the update's own rounding (a few ulps of |w|)."""
     (logs_got, rec_got), (logs_want, rec_want) = got, want
     assert len(logs_got) == len(logs_want) == len(rec_got.grads) == len(rec_want.grads) == 4
-    drift = defaultdict(float)
+    drift, used = defaultdict(float), defaultdict(float)  # used: the largest |difference| / tolerance seen
     for step, (lg, lw, gg, gw, wg, ww) in enumerate(zip(logs_got, logs_want, rec_got.grads, rec_want.grads,
                                                         rec_got.weights, rec_want.weights)):
         label = f"{name} step {step + 1}"
         keys = [k for k in lw if k.startswith(("kl", "entropy", "clip_ratio"))] if compare_metrics else []
         for key in ["loss"] + keys:
             assert_scalar_close(lg[key], lw[key], f"{label} {key}")
+            used["loss and metrics"] = max(used["loss and metrics"], abs(lg[key] - lw[key]) / (
+                FP32_REL * TERM_SCALE * (1 + abs(lw[key]))))
         for key in gw:
             assert_grad_close(gg[key], gw[key], f"{label} grad {key}")
             drift[key] += LR * 2 * FP32_REL * float(gw[key].abs().max())
             assert_verbose_close(wg[key], ww[key], drift[key], 8 * U32 * (step + 1), f"{label} weights {key}")
+            scale = FP32_REL * float(gw[key].abs().max())
+            used["gradients"] = max(used["gradients"], _used(gg[key], gw[key], scale, FP32_REL))
+            used["weights"] = max(used["weights"], _used(wg[key], ww[key], drift[key], 8 * U32 * (step + 1)))
+    print(f"{name}: largest difference / tolerance: " + ", ".join(f"{k} {v:.2g}" for k, v in used.items()))
+
+
+def _used(got, want, atol, rtol):
+    return float(((got.double() - want.double()).abs() / (atol + rtol * want.double().abs())).max())
 
 
 def test_grpo_trainer_train_matches_trl(model_dir, tmp_path):
