@@ -131,6 +131,13 @@ def loss_grads_metrics(trainer, inputs, compute_loss, mode):
     return loss.detach(), grads, dict(trainer._metrics[mode])
 
 
+def forbid_trl_lm_head(monkeypatch):
+    def trl_lm_head(*args, **kwargs):
+        raise AssertionError("TRL's own chunked LM head ran under use_fctrain_kernels")
+
+    monkeypatch.setattr(trl.trainer.utils._ChunkedLogProbFunction, "apply", trl_lm_head)
+
+
 CASES = {
     "grpo": dict(loss_type="grpo"),
     "bnpo+entropy+tools": dict(loss_type="bnpo", entropy_coef=0.05, tool_mask=True),
@@ -157,11 +164,7 @@ def test_loss_grads_and_metrics_match_trl(trainer_pair, name, monkeypatch):
     inputs = make_inputs(theirs, case)
     mode = case.get("mode", "train")
     want = loss_grads_metrics(theirs, inputs, theirs._compute_loss, mode)
-
-    def trl_lm_head(*args, **kwargs):
-        raise AssertionError("TRL's own chunked LM head ran under use_fctrain_kernels")
-
-    monkeypatch.setattr(trl.trainer.utils._ChunkedLogProbFunction, "apply", trl_lm_head)
+    forbid_trl_lm_head(monkeypatch)
     got = loss_grads_metrics(ours, inputs, ours._compute_loss, mode)
     assert_scalar_close(got[0], want[0], f"{name} loss")
     assert set(got[1]) == set(want[1])
@@ -229,16 +232,20 @@ def _used(got, want, atol, rtol):
     return float(((got.double() - want.double()).abs() / (atol + rtol * want.double().abs())).max())
 
 
-def test_grpo_trainer_train_matches_trl(model_dir, tmp_path):
+def test_grpo_trainer_train_matches_trl(model_dir, tmp_path, monkeypatch):
     """>= 3 steps of a real GRPOTrainer.train(): dapo with beta (bias-corrected KL), epsilon_high != epsilon,
-    gradient accumulation, old-policy log-probs; TRL alone, TRL with our kernels, and TRL alone with
-    another micro-batching of the same steps (the step's own fp32 sensitivity: it must pass the same
-    tolerance, or the tolerance would be tighter than what reordering the sums already changes)."""
+    gradient accumulation, old-policy log-probs; TRL alone, TRL with our kernels (TRL's own LM head
+    forbidden), and TRL alone with another micro-batching of the same steps (the step's own fp32
+    sensitivity: it must pass the same tolerance, or the tolerance would be tighter than what reordering
+    the sums already changes)."""
     theirs = train(model_dir, tmp_path / "trl", fused=False)
-    clipped = [entry["clip_ratio/high_mean"] + entry["clip_ratio/low_mean"] for entry in theirs[0]]
-    assert clipped[0] == 0 and min(clipped[1:]) > 0.05, f"the run must exercise both clip edges: {clipped}"
+    clipped = [(entry["clip_ratio/low_mean"], entry["clip_ratio/high_mean"]) for entry in theirs[0]]
+    assert clipped[0] == (0, 0) and min(min(c) for c in clipped[1:]) > 0.02, \
+        f"steps 2-4 must clip at both edges: {clipped}"
     assert min(entry["kl"] for entry in theirs[0][1:]) > 1e-3, "the run must exercise the KL term"
-    ours = train(model_dir, tmp_path / "ours", fused=True)
+    with monkeypatch.context() as m:  # old, reference and policy passes all on our kernels
+        forbid_trl_lm_head(m)
+        ours = train(model_dir, tmp_path / "ours", fused=True)
     assert_runs_match(ours, theirs, "fctrain kernels vs TRL")
     reordered = train(model_dir, tmp_path / "reordered", fused=False, per_device_train_batch_size=8,
                       gradient_accumulation_steps=1)
