@@ -111,8 +111,9 @@ def markdown_table(csv_path: Path, shape: tuple[int, int, int] | None = None) ->
     return "\n".join(lines)
 
 
-def plot_train(csv_path: Path, png_path: Path | None = None) -> Path:
-    """bench_train.py results: step time and memory per provider, TRL's bar first, ratios on the bars."""
+def plot_train(csv_path: Path, png_path: Path | None = None, title: str = "RL training phase") -> Path:
+    """bench_train.py / bench_trl.py results: step time and memory per provider, TRL's bar first, ratios on
+    the bars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -135,7 +136,7 @@ def plot_train(csv_path: Path, png_path: Path | None = None) -> Path:
         ax.set_title(title, fontsize=10)
         ax.tick_params(axis="x", labelrotation=30, labelsize=8)
     r0 = rows[0]
-    fig.suptitle(f"RL training phase, {r0['device']} | {r0['prompts']} prompts x {r0['group']} completions, prompt "
+    fig.suptitle(f"{title}, {r0['device']} | {r0['prompts']} prompts x {r0['group']} completions, prompt "
                  f"~{float(r0['prompt_tokens_mean']):.0f} tok, completion ~{float(r0['completion_tokens_mean']):.0f} "
                  f"tok | trl {r0['trl']} | git {r0['git_sha']}", fontsize=10)
     fig.tight_layout()

@@ -69,8 +69,8 @@ def _flatten(hidden, targets, mask, advantages, per_token, seq_ids):
 def fused_linear_grpo_loss(hidden, weight, targets, advantages, mask, old_logp=None, ref_logp=None,
                            rollout_logp=None, *, eps_low=0.2, eps_high=0.2, beta=0.0, entropy_coef=0.0,
                            temperature=1.0, rollout_is_cap=None, loss_agg="token-mean", seq_ids=None,
-                           max_len=None, is_weight=None, impl="auto", process_group=None, vocab_start=None,
-                           filter_eps=None):
+                           max_len=None, is_weight=None, kl_times_ratio=False, impl="auto", process_group=None,
+                           vocab_start=None, filter_eps=None):
     """Clipped GRPO loss straight from hidden states. Returns (loss: fp32 scalar, metrics: dict).
 
     Specification (runnable PyTorch on packed inputs; `kernels.reference.naive_grpo_loss`):
@@ -81,6 +81,7 @@ def fused_linear_grpo_loss(hidden, weight, targets, advantages, mask, old_logp=N
         pg = -min(r * A, clip(r, 1 - eps_low, 1 + eps_high) * A)
         w = min(exp(old - rollout_logp), rollout_is_cap).detach()    # if both given, else 1
         kl = exp(ref_logp - logp) - (ref_logp - logp) - 1            # k3, only when beta > 0
+        kl = kl * r                                                   # if kl_times_ratio
         loss_t = w * pg + beta * kl - entropy_coef * H
         token-mean:               sum(loss_t * m) / sum(m)                       (DAPO)
         seq-mean-token-mean:      mean over sequences of sum(loss_t * m) / sum(m) (GRPO; S in the divisor)
@@ -89,6 +90,8 @@ def fused_linear_grpo_loss(hidden, weight, targets, advantages, mask, old_logp=N
     Shapes: hidden [N, H] (packed; `seq_ids` [N] names each token's sequence 0..S-1) or [B, T, H] with
     targets/mask/old/ref/rollout [B, T]; advantages per token or per sequence ([B] / [S]); weight [V, H].
     `is_weight`: a precomputed per-token importance weight (e.g. TRL's vllm_is_ratio) used instead of w.
+    `kl_times_ratio`: weight the KL term by the (differentiable) ratio r, DeepSeek-V3.2's unbiased
+    reverse-KL gradient (TRL's and Liger's use_bias_correction_kl).
     `max_len` (Dr. GRPO): defaults to T for [B, T] input and is required for packed input.
     Only rows with mask=1 are computed. Gradients flow to hidden and weight.
     `process_group` / `vocab_start`: `weight` is this rank's vocabulary shard (tensor-parallel LM head);
@@ -97,7 +100,7 @@ def fused_linear_grpo_loss(hidden, weight, targets, advantages, mask, old_logp=N
     fused_linear_logprob_entropy.
 
     metrics (all detached): logp, entropy (per token, input layout, 0 where masked), entropy_mean,
-    kl_mean, clip_low_frac, clip_high_frac, ratio_mean, is_weight_min/mean/max, num_tokens.
+    kl_mean (of the KL term as weighted in the loss), clip_low_frac, clip_high_frac, ratio_mean, is_weight_min/mean/max, num_tokens.
     """
     if loss_agg not in LOSS_AGGREGATIONS:
         raise ValueError(f"loss_agg must be one of {LOSS_AGGREGATIONS}; got {loss_agg!r}")
@@ -135,6 +138,8 @@ def fused_linear_grpo_loss(hidden, weight, targets, advantages, mask, old_logp=N
     if beta > 0:
         delta = ref - logp
         kl = torch.exp(delta) - delta - 1
+        if kl_times_ratio:
+            kl = kl * ratio
         loss_t = loss_t + beta * kl
     if entropy_coef:
         loss_t = loss_t - entropy_coef * ent
@@ -175,9 +180,9 @@ class FusedLinearGRPOLoss(torch.nn.Module):
     Supported: beta, epsilon_low/high, temperature, loss_type in {"dapo", "bnpo", "grpo", "dr_grpo"}
     (mapped to token-mean / token-mean / seq-mean-token-mean / seq-mean-token-sum-norm),
     max_completion_length, ref_per_token_logps or (ref_input, ref_weight), old_per_token_logps,
-    vllm_is_ratio ([B, T] or [B, 1]), num_items_in_batch (dapo normaliser).
+    vllm_is_ratio ([B, T] or [B, 1]), num_items_in_batch (dapo normaliser), use_bias_correction_kl.
     Not supported (raises NotImplementedError): loss types cispo/sapo/luspo/vespo, sequence-level
-    importance sampling, delta, use_bias_correction_kl, a bias on the LM head.
+    importance sampling, delta, a bias on the LM head.
     `compiled` and `chunk_size` are accepted and ignored (our kernel needs neither).
     Returns (loss, [kl_mean if beta != 0, clip_ratio]) like Liger.
     """
@@ -191,9 +196,8 @@ class FusedLinearGRPOLoss(torch.nn.Module):
         super().__init__()
         if loss_type not in self._LOSS_TYPES:
             raise NotImplementedError(f"loss_type={loss_type!r} is not supported; use one of {list(self._LOSS_TYPES)}")
-        if importance_sampling_level != "token" or delta is not None or use_bias_correction_kl:
-            raise NotImplementedError("sequence-level importance sampling, delta and use_bias_correction_kl "
-                                      "are not supported")
+        if importance_sampling_level != "token" or delta is not None:
+            raise NotImplementedError("sequence-level importance sampling and delta are not supported")
         if unsupported:
             raise NotImplementedError(f"unsupported options: {sorted(unsupported)}")
         if loss_type == "dr_grpo" and max_completion_length is None:
@@ -201,6 +205,7 @@ class FusedLinearGRPOLoss(torch.nn.Module):
         self.beta, self.use_ref_model, self.temperature, self.impl = beta, use_ref_model, temperature, impl
         self.eps_low, self.eps_high, self.loss_type = epsilon_low, epsilon_high, loss_type
         self.max_completion_length = max_completion_length
+        self.use_bias_correction_kl = use_bias_correction_kl
 
     def forward(self, _input, lin_weight, selected_token_ids, attention_mask, advantages, bias=None,
                 ref_per_token_logps=None, old_per_token_logps=None, ref_input=None, ref_weight=None,
@@ -225,7 +230,7 @@ class FusedLinearGRPOLoss(torch.nn.Module):
             old_logp=old_per_token_logps, ref_logp=ref_per_token_logps if beta else None,
             eps_low=self.eps_low, eps_high=self.eps_high, beta=beta, temperature=self.temperature,
             loss_agg=self._LOSS_TYPES[self.loss_type], max_len=self.max_completion_length,
-            is_weight=vllm_is_ratio, impl=self.impl)
+            is_weight=vllm_is_ratio, kl_times_ratio=self.use_bias_correction_kl, impl=self.impl)
         if self.loss_type == "dapo" and num_items_in_batch is not None:
             loss = loss * m["num_tokens"].to(loss.device) / num_items_in_batch
         clip_ratio = m["clip_low_frac"] + m["clip_high_frac"]

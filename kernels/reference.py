@@ -134,7 +134,7 @@ def chunked_logprob_entropy(hidden, weight, targets, temperature=1.0, ignore_ind
 
 def naive_grpo_loss(hidden, weight, targets, advantages, mask, old_logp=None, ref_logp=None, rollout_logp=None,
                     *, eps_low=0.2, eps_high=0.2, beta=0.0, entropy_coef=0.0, temperature=1.0,
-                    rollout_is_cap=None, loss_agg="token-mean", max_len=None):
+                    rollout_is_cap=None, loss_agg="token-mean", max_len=None, kl_times_ratio=False):
     """Full-logits GRPO loss on the padded [B, T] layout (the reference for `fused_linear_grpo_loss`).
 
     hidden [B, T, H]; targets, mask, old/ref/rollout log-probs [B, T]; advantages [B] or [B, T].
@@ -153,7 +153,7 @@ def naive_grpo_loss(hidden, weight, targets, advantages, mask, old_logp=None, re
         per_token = per_token * torch.clamp(torch.exp(old - rollout_logp.to(logp.dtype)), max=rollout_is_cap).detach()
     if beta > 0:
         d = ref_logp.to(logp.dtype) - logp
-        per_token = per_token + beta * (torch.exp(d) - d - 1)
+        per_token = per_token + beta * (torch.exp(d) - d - 1) * (ratio if kl_times_ratio else 1)
     per_token = per_token - entropy_coef * ent
     if loss_agg == "token-mean":
         loss = (per_token * m).sum() / m.sum().clamp(min=1)

@@ -50,7 +50,7 @@ def run_ref(hidden, weight, targets, adv, mask, old_logp=None, ref_logp=None, ro
 
 OPTIONS = [
     dict(),
-    dict(use_old=True, beta=0.04, temperature=0.7),
+    dict(use_old=True, beta=0.04, temperature=0.7, kl_times_ratio=True),
     dict(use_old=True, entropy_coef=0.01, rollout_is_cap=2.0),
     dict(use_old=True, beta=0.001, entropy_coef=0.02, rollout_is_cap=1.5, eps_high=0.28, per_token_adv=True),
 ]
@@ -146,13 +146,13 @@ def test_bad_arguments_fail_clearly():
 
 
 @pytest.mark.parametrize("loss_type", ["dapo", "bnpo", "grpo", "dr_grpo"])
-@pytest.mark.parametrize("beta", [0.0, 0.05])
-def test_parity_with_liger(loss_type, beta):
+@pytest.mark.parametrize("beta, bias_correction_kl", [(0.0, False), (0.05, False), (0.05, True)])
+def test_parity_with_liger(loss_type, beta, bias_correction_kl):
     liger = pytest.importorskip("liger_kernel.chunked_loss")
     hidden, weight, targets, adv, mask, old, ref, _ = make_batch(4, 9, 32, 101, torch.float32, seed=8)
     b, t, h = hidden.shape
     kw = dict(beta=beta, epsilon_low=0.2, epsilon_high=0.28, loss_type=loss_type, max_completion_length=t,
-              temperature=0.9, use_ref_model=beta > 0)
+              temperature=0.9, use_ref_model=beta > 0, use_bias_correction_kl=bias_correction_kl)
     outs = []
     for module in [liger.LigerFusedLinearGRPOLoss(compiled=False, **kw), kernels.FusedLinearGRPOLoss(**kw)]:
         x, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
