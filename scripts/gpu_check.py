@@ -16,6 +16,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -148,11 +149,15 @@ def _tail(path: Path, n: int) -> list[str]:
 
 
 def _pytest_lines(path: Path) -> list[str]:
-    """The FAILED/ERROR lines and the closing line of a pytest log."""
-    lines = _tail(path, 400)
-    keep = [x for x in lines if x.startswith(("FAILED", "ERROR"))]
-    closing = [x for x in lines if " passed" in x or " failed" in x or " error" in x or "no tests ran" in x]
-    return keep[:30] + (closing[-1:] or ["(no closing line: pytest was cut off; its last lines are below)"])
+    """The FAILED/ERROR lines and the closing line of a `pytest -v -rfE` log; for a run cut off before its
+    closing line, the failures and a count of the tests that passed."""
+    lines = _tail(path, 5000)
+    closing = [x for x in lines if re.match(r"=* ?(\d+ (passed|failed|errors?|skipped|deselected)|no tests ran)", x)]
+    if closing:
+        return [x for x in lines if x.startswith(("FAILED", "ERROR"))][:30] + closing[-1:]
+    failed = [x.split(" ")[0] for x in lines if " FAILED" in x or " ERROR" in x]
+    passed = sum(" PASSED" in x for x in lines)
+    return [f"FAILED {x}" for x in failed[:30]] + [f"(cut off: {passed} passed, {len(failed)} failed so far)"]
 
 
 def _num(value: str, fmt: str) -> str:

@@ -8,7 +8,8 @@
 #   options: --out DIR (default: $OUT if set, else runs/gpu_check/<mode>-<time>)
 #   environment: PYTHON (default python3), FCTRAIN_GIT_SHA (recorded when the tree has no .git),
 #                GPU_CHECK_BUDGET_S (whole run; default 470 s on a GPU: 8 minutes with room to bundle the logs,
-#                1800 s for the dry run on a shared 2-core CPU, where it takes 1-2 minutes when quiet)
+#                1800 s for the dry run on a shared 2-core CPU, where it takes 30-60 s when quiet),
+#                GPU_CHECK_CAPS (the stages' limits, below)
 #
 # Stages, in order, each under `timeout` with its own cap and never past the overall budget (a stage that
 # hangs is killed with all its children and the next one runs; one without time left is "skipped"):
@@ -21,7 +22,8 @@
 #                   bf16 tile of each kernel for sm_90 with ptxas
 #   tests           tests/test_logprob_entropy.py + tests/test_grpo_loss.py (CUDA shapes on a GPU) with
 #                   FCTRAIN_AUTOTUNE=0: one tile per kernel, so that compiling fits the budget
-#   tests_autotune  the bf16 Triton float64-reference tests with autotuning on (the configs the benchmark uses)
+#   tests_autotune  the bf16 Triton float64-reference test at the largest CUDA shape with autotuning on (the
+#                   tiles the benchmark times)
 #   bench_fwd_bwd   benchmarks/bench_kernels.py forward+backward at N=16384, H=4096, V=151936 (every provider
 #   bench_fwd       but torch.compile), then forward only; a tiny CPU shape in the dry run
 #
@@ -43,13 +45,42 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
+PY=${PYTHON:-python3}
+command -v "$PY" >/dev/null || { echo "gpu_check: no python at '$PY' (set PYTHON)" >&2; exit 2; }
+
+# What each stage runs: GPU mode, then the dry run's tiny versions.
+PYTEST=("$PY" -m pytest -v -rfE -p no:cacheprovider)  # -v: a run cut off by its limit still names what passed
+KERNEL_TESTS=(tests/test_logprob_entropy.py tests/test_grpo_loss.py)
+BENCH=("$PY" benchmarks/bench_kernels.py --no-plot)
+if [ "$MODE" = gpu ]; then
+  COMPILE_ARGS=(--targets native --driver)
+  TEST_SELECT=()
+  # dtype1 = bf16, shape3 = (4096, 2048, 151936): the specialisation (multiples of 16) the benchmark launches
+  AUTOTUNE_SELECT=(-k "test_matches_float64_reference and dtype1 and triton and shape3")
+  BENCH_ARGS=(--device cuda --plan target
+              --providers lm-head-matmul,fctrain-triton,fctrain-torch,naive-eager,liger-grpo,liger-flce,cce)
+  CAPS=(60 90 120 150 90 150 90)
+else
+  COMPILE_ARGS=(--kernels fwd,bwd --dtypes bf16 --targets sm_90 --configs 0)
+  TEST_SELECT=(-k "test_ignored_rows_get_no_gradient or test_zero_advantages_give_zero_policy_gradient or (test_parity_with_liger and dapo)")
+  AUTOTUNE_SELECT=(-k "test_matches_float64_reference and dtype1 and triton and shape1")
+  BENCH_ARGS=(--device cpu --shapes 256,32,512 --providers lm-head-matmul,fctrain-torch,naive-eager,liger-grpo
+              --min-reps 1 --min-time 0 --no-isolate)
+  CAPS=(600 600 600 600 600 600 600)  # generous: on a busy shared 2-core machine even `import torch` can take minutes
+fi
+# GPU_CHECK_CAPS="env wheels compile tests tests_autotune bench_fwd_bwd bench_fwd" in seconds overrides the caps
+# (0 skips a stage), e.g. to rerun only the benchmark: GPU_CHECK_CAPS="60 90 0 0 0 300 90"
+[ -n "${GPU_CHECK_CAPS:-}" ] && read -ra CAPS <<<"$GPU_CHECK_CAPS"
+if [ "${#CAPS[@]}" != 7 ] || [[ ! "${CAPS[*]}" =~ ^[0-9\ ]+$ ]]; then
+  echo "gpu_check: GPU_CHECK_CAPS wants 7 whole numbers of seconds, got '${GPU_CHECK_CAPS:-}'" >&2
+  exit 2
+fi
+
 OUT_DIR=${OUT_DIR:-runs/gpu_check/$MODE-$(date -u +%Y%m%dT%H%M%SZ)}
 mkdir -p "$OUT_DIR" || exit 2
 OUT_DIR=$(cd "$OUT_DIR" && pwd)
 if [ -n "$(ls -A "$OUT_DIR")" ]; then echo "gpu_check: $OUT_DIR is not empty" >&2; exit 2; fi
 
-PY=${PYTHON:-python3}
-command -v "$PY" >/dev/null || { echo "gpu_check: no python at '$PY' (set PYTHON)" >&2; exit 2; }
 BUDGET=${GPU_CHECK_BUDGET_S:-$([ "$MODE" = gpu ] && echo 470 || echo 1800)}
 RESERVE=10  # seconds kept for the summary and the log bundle
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
@@ -70,7 +101,7 @@ stage() {
   start=$SECONDS
   if [ "$limit" -lt 5 ]; then
     status=skipped
-    echo "no time left in the ${BUDGET} s budget" >"$LOGS/$name.log"
+    echo "skipped: limit $cap s (GPU_CHECK_CAPS), $left s left of the $BUDGET s budget" >"$LOGS/$name.log"
   else
     timeout -k 10 "$limit" "$@" >"$LOGS/$name.log" 2>&1
     rc=$?
@@ -97,25 +128,6 @@ finish() {
 }
 
 echo "[gpu_check] $MODE run, budget $BUDGET s, output $OUT_DIR"
-PYTEST=("$PY" -m pytest -q -rfE -p no:cacheprovider)
-KERNEL_TESTS=(tests/test_logprob_entropy.py tests/test_grpo_loss.py)
-BENCH=("$PY" benchmarks/bench_kernels.py --no-plot)
-if [ "$MODE" = gpu ]; then
-  COMPILE_ARGS=(--targets native --driver)
-  TEST_SELECT=()
-  AUTOTUNE_SELECT=(-k "test_matches_float64_reference and dtype1 and triton")  # dtype1: bf16, all 4 shapes
-  BENCH_ARGS=(--device cuda --plan target
-              --providers lm-head-matmul,fctrain-triton,fctrain-torch,naive-eager,liger-grpo,liger-flce,cce)
-  CAPS=(60 90 120 150 90 150 90)  # env wheels compile tests tests_autotune bench_fwd_bwd bench_fwd
-else
-  COMPILE_ARGS=(--kernels fwd,bwd --dtypes bf16 --targets sm_90 --configs 0)
-  TEST_SELECT=(-k "test_ignored_rows_get_no_gradient or test_zero_advantages_give_zero_policy_gradient or (test_parity_with_liger and dapo)")
-  AUTOTUNE_SELECT=(-k "test_matches_float64_reference and dtype1 and triton and shape1")
-  BENCH_ARGS=(--device cpu --shapes 256,32,512 --providers lm-head-matmul,fctrain-torch,naive-eager,liger-grpo
-              --min-reps 1 --min-time 0 --no-isolate)
-  CAPS=(600 600 600 600 600 600 600)  # generous: on a busy shared 2-core machine even `import torch` can take minutes
-fi
-
 stage env "${CAPS[0]}" "$PY" scripts/gpu_check.py env --mode "$MODE" --out "$OUT_DIR/env.json" || finish
 stage wheels "${CAPS[1]}" "$PY" scripts/gpu_check.py wheels --site "$WORK/site"
 stage compile "${CAPS[2]}" "$PY" benchmarks/gpu_compile.py "${COMPILE_ARGS[@]}" --out "$OUT_DIR/compile.csv"

@@ -106,3 +106,17 @@ def test_gpu_mode_without_a_gpu_stops_at_the_first_stage(tmp_path):
     log = logs(out)
     assert "torch sees no CUDA GPU" in log["env.log"] and "--dry-run" in log["env.log"]
     assert [line.split("\t")[0] for line in log["stages.tsv"].splitlines()] == ["env"]
+
+
+def test_summary_reads_a_pytest_log_cut_off_by_its_limit(tmp_path):
+    sys.path.insert(0, str(REPO / "scripts"))
+    import gpu_check
+
+    log = tmp_path / "tests.log"
+    log.write_text("tests/a.py::test_x[0] PASSED [ 1%]\ntests/a.py::test_x[1] FAILED [ 2%]\n"
+                   "tests/a.py::test_y PASSED [ 3%]\n")
+    assert gpu_check._pytest_lines(log) == ["FAILED tests/a.py::test_x[1]", "(cut off: 2 passed, 1 failed so far)"]
+    log.write_text(log.read_text() + "FAILED tests/a.py::test_x[1] - AssertionError\n"
+                   "==== 1 failed, 2 passed in 3.00s ====\n")
+    assert gpu_check._pytest_lines(log) == ["FAILED tests/a.py::test_x[1] - AssertionError",
+                                            "==== 1 failed, 2 passed in 3.00s ===="]
