@@ -43,7 +43,8 @@ def package_version(name: str) -> str:
 
 
 def git_sha() -> str:
-    """Short sha of HEAD, with "+dirty" when tracked files differ from it ("" outside a git checkout)."""
+    """Short sha of HEAD, with "+dirty" when tracked files differ from it; outside a git checkout (a copy of
+    the tree on a GPU machine) the FCTRAIN_GIT_SHA environment variable, else ""."""
     try:
         sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True,
                              text=True, check=True).stdout.strip()
@@ -51,7 +52,7 @@ def git_sha() -> str:
                                capture_output=True, text=True).stdout.strip()
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        return ""
+        return os.environ.get("FCTRAIN_GIT_SHA", "")
 
 
 def device_name(device: str) -> str:

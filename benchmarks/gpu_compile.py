@@ -8,6 +8,12 @@ cannot launch there (`kernels._triton.SHARED_MEMORY_LIMIT`; the autotuners prune
 
     python benchmarks/gpu_compile.py                       # all builds -> results/gpu_compile_cpu.csv
     python benchmarks/gpu_compile.py --kernels fwd --dtypes bf16 --targets sm_90 --configs 0 --json
+    python3 benchmarks/gpu_compile.py --targets native --driver --out DIR/compile.csv   # on a GPU
+
+On a GPU, `--targets native` builds for the device's own compute capability and `--driver` loads each cubin
+through the CUDA driver (Triton's `CompiledKernel._init_handles`): `driver_registers` and
+`driver_spill_bytes` are what the driver reports (CU_FUNC_ATTRIBUTE_NUM_REGS and LOCAL_SIZE_BYTES), next
+to cuobjdump's REG and STACK, and a config the device cannot launch gets a `driver:` status.
 
 Specialisation follows a real launch on contiguous tensors: pointers and multiples of 16 (H, V, strides)
 carry tt.divisibility=16, unit strides become the constant 1, N does not (RL's token counts vary). The
@@ -40,7 +46,8 @@ WIDTH = {"bf16": 2, "fp32": 4}
 KERNEL_NAMES = ("fwd", "bwd")  # the GRPO loss runs on these two kernels (kernels/grpo_loss.py)
 COLUMNS = common.META_COLUMNS + ["kernel", "config", "BLOCK_N", "BLOCK_V", "BLOCK_H", "num_warps", "num_stages",
                                  "tuned_for", "dtype", "target", "specialized", "registers", "spill_bytes", "shared_bytes",
-                                 "shared_estimate", "shared_limit", "fits", "kept", "build_s", "status"]
+                                 "shared_estimate", "shared_limit", "fits", "kept", "build_s", "driver_registers",
+                                 "driver_spill_bytes", "status"]
 # Specialisation values of a typical launch (Qwen-like shape: H, V and strides multiples of 16).
 _DIVISIBLE = {"N_BUCKET", "V", "H", "V_PER_SPLIT", "v_lo", "v_hi", "stride_xn", "stride_wv"}
 _UNIT = {"stride_xh", "stride_wh"}
@@ -100,9 +107,10 @@ def _resource_usage(cubin: bytes) -> tuple[int, int]:
     return int(reg.group(1)), int(stack.group(1))
 
 
-def build(kernel_name: str, config, dtype: str, target: str, specialize: bool = True) -> dict:
+def build(kernel_name: str, config, dtype: str, target: str, specialize: bool = True, driver: bool = False) -> dict:
     """Build one config (an index into the autotuner's list, or a triton.Config); returns registers,
-    spill_bytes (stack), shared_bytes, shared_limit, fits, build_s."""
+    spill_bytes (stack), shared_bytes, shared_limit, fits, build_s; with driver=True (a CUDA device of
+    this target's compute capability) also driver_registers and driver_spill_bytes."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -121,8 +129,28 @@ def build(kernel_name: str, config, dtype: str, target: str, specialize: bool = 
     build_s = time.perf_counter() - t0
     registers, spill = _resource_usage(compiled.asm["cubin"])
     shared, limit = int(compiled.metadata.shared), _t.SHARED_MEMORY_LIMIT[cc]
-    return {"registers": registers, "spill_bytes": spill, "shared_bytes": shared, "shared_limit": limit,
-            "fits": shared <= limit, "build_s": build_s}
+    result = {"registers": registers, "spill_bytes": spill, "shared_bytes": shared, "shared_limit": limit,
+              "fits": shared <= limit, "build_s": build_s}
+    if driver:  # cuModuleLoadData + cuFuncGetAttribute (NUM_REGS, LOCAL_SIZE_BYTES / 4 as n_spills)
+        try:
+            compiled._init_handles()
+            result.update(driver_registers=compiled.n_regs, driver_spill_bytes=4 * compiled.n_spills)
+        except Exception as e:  # noqa: BLE001 - e.g. OutOfResources: this device cannot launch the config
+            result["status"] = _error_status(e, "driver: ")
+    return result
+
+
+def native_target() -> str:
+    """The CUDA device's compute capability as a target name ("sm_90" on an H100/H200), registered in
+    TARGETS, with the device's own shared-memory limit where the table lacks it."""
+    import torch
+
+    from kernels import _triton as _t
+
+    cc, limit = _t.shared_memory_limit(torch.device("cuda"))
+    TARGETS[f"sm_{cc}"] = cc
+    _t.SHARED_MEMORY_LIMIT.setdefault(cc, limit)
+    return f"sm_{cc}"
 
 
 def pruning(kernel_name: str, config_index: int, dtype: str, target: str) -> dict:
@@ -138,6 +166,10 @@ def pruning(kernel_name: str, config_index: int, dtype: str, target: str) -> dic
     return {"shared_estimate": estimate(config), "kept": any(c is config for c in kept)}
 
 
+def _error_status(e: Exception, prefix: str) -> str:
+    return f"{prefix}{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+
+
 def _config_row(kernel_name, index):
     config = _kernels()[kernel_name].configs[index]
     tuned_for = {None: "any", 2: "16-bit", 4: "fp32"}[getattr(config, "operand_bytes", None)]
@@ -146,15 +178,18 @@ def _config_row(kernel_name, index):
 
 
 def markdown_summary(rows: list[dict]) -> str:
+    driver = any(r.get("driver_registers") not in (None, "") for r in rows)
     lines = ["| kernel | config (BN, BV, BH, warps, stages) | tuned for | dtype | target | REG | STACK (spill) "
-             "| shared KB (estimate) | fits | kept by pruning |", "|" + " --- |" * 10]
+             + ("| driver REG / spill B " if driver else "") + "| shared KB (estimate) | fits | kept by pruning |",
+             "|" + " --- |" * (11 if driver else 10)]
     for r in rows:
         cfg = f"{r['config']}: {r['BLOCK_N']}, {r['BLOCK_V']}, {r['BLOCK_H']}, {r['num_warps']}, {r['num_stages']}"
         head = f"| {r['kernel']} | {cfg} | {r['tuned_for']} | {r['dtype']} | {r['target']} |"
         if r["status"] != "ok":
-            lines.append(f"{head} | | | | | {r['status']} |")
+            lines.append(f"{head}{' |' * (5 if driver else 4)} {r['status']} |")
             continue
-        lines.append(f"{head} {r['registers']} | {r['spill_bytes']} | {int(r['shared_bytes']) / 1024:.0f} "
+        by_driver = f" {r['driver_registers']} / {r['driver_spill_bytes']} |" if driver else ""
+        lines.append(f"{head} {r['registers']} | {r['spill_bytes']} |{by_driver} {int(r['shared_bytes']) / 1024:.0f} "
                      f"({int(r['shared_estimate']) / 1024:.0f}) | {'yes' if r['fits'] else 'NO'} "
                      f"| {'yes' if r['kept'] else 'no'} |")
     ok = [r for r in rows if r["status"] == "ok"]
@@ -169,16 +204,24 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--kernels", default=",".join(KERNEL_NAMES))
     parser.add_argument("--dtypes", default=",".join(DTYPES))
-    parser.add_argument("--targets", default=",".join(TARGETS))
+    parser.add_argument("--targets", default=",".join(TARGETS), help="comma-separated, or 'native' (the GPU's own)")
     parser.add_argument("--configs", default="", help="comma-separated config indices (default: all)")
     parser.add_argument("--out", default=str(common.RESULTS / "gpu_compile_cpu.csv"))
     parser.add_argument("--generic", action="store_true",
                         help="build as for strided, unaligned tensors (no unit strides, no divisibility by 16)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of writing a CSV")
+    parser.add_argument("--driver", action="store_true", help="also load each cubin on this machine's GPU and "
+                        "record the registers and spills the driver reports (needs --targets native)")
     args = parser.parse_args(argv)
 
     import torch
 
+    if (args.driver or args.targets == "native") and not torch.cuda.is_available():
+        parser.error("--driver and --targets native need a CUDA GPU (torch sees none)")
+    if args.targets == "native":
+        args.targets = native_target()
+    elif args.driver:
+        parser.error("--driver needs --targets native: the driver loads only cubins built for its GPU")
     meta = common.run_metadata("cuda" if torch.cuda.is_available() else "cpu")
     rows = []
     for kernel_name in args.kernels.split(","):
@@ -191,17 +234,21 @@ def main(argv=None):
                            "dtype": dtype, "target": target, "specialized": not args.generic,
                            **pruning(kernel_name, index, dtype, target)}
                     try:
-                        row.update(build(kernel_name, index, dtype, target, not args.generic), status="ok")
+                        row.update({"status": "ok", **build(kernel_name, index, dtype, target, not args.generic,
+                                                            args.driver)})
                     except Exception as e:  # noqa: BLE001 - a failing build is a result, not a crash
-                        row["status"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                        row["status"] = _error_status(e, "error: ")
+                    driver = f" (driver: {row['driver_registers']} reg, {row['driver_spill_bytes']} B spilled)" \
+                        if "driver_registers" in row else ""
                     print(f"{kernel_name} cfg{index} {dtype} {target}: {row.get('registers')} reg, "
-                          f"{row.get('spill_bytes')} B stack, {row.get('shared_bytes')} B shared, {row['status']}",
-                          file=sys.stderr, flush=True)
+                          f"{row.get('spill_bytes')} B stack, {row.get('shared_bytes')} B shared{driver}, "
+                          f"{row['status']}", file=sys.stderr, flush=True)
                     rows.append(row)
+                    if not args.json:  # after every build: a run stopped early keeps what it built
+                        common.write_csv(Path(args.out), rows, COLUMNS)
     if args.json:
         print(json.dumps(rows))
     else:
-        common.write_csv(Path(args.out), rows, COLUMNS)
         print(markdown_summary(rows))
     return rows
 
