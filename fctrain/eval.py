@@ -199,16 +199,8 @@ def judge(text: str, example, fmt: str) -> Record:
 
 def engine_context_length(engine) -> int | None:
     """The longest sequence (prompt + completion) `engine` accepts, when it can tell."""
-    for get in (lambda e: e.max_model_len,
-                lambda e: e.llm.llm_engine.model_config.max_model_len,   # VLLMEngine
-                lambda e: e.model.config.max_position_embeddings):       # HFEngine
-        try:
-            value = get(engine)
-        except AttributeError:
-            continue
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
+    value = getattr(engine, "max_model_len", None)
+    return value if isinstance(value, int) and value > 0 else None
 
 
 def generate_records(engine, tokenizer, examples, fmt: str = "python", max_tokens: int = 256,
@@ -540,15 +532,6 @@ def _make_engine(kind: str, model_path: Path, dtype: str | None, max_model_len: 
         return rollout.make_engine("hf", model_path, **hf_kw)
 
 
-def _engine_dtype(engine) -> str | None:
-    for get in (lambda e: e.llm.llm_engine.model_config.dtype, lambda e: e.model.dtype):
-        try:
-            return str(get(engine)).replace("torch.", "")
-        except AttributeError:
-            continue
-    return None
-
-
 class UsageError(ValueError):
     """A bad input from the user (a path, a model, settings that do not match a run): main prints it as one
     `error:` line instead of a traceback."""
@@ -630,7 +613,7 @@ def run_cli(args) -> dict:
     engine = _make_engine(args.engine, model_path, args.dtype, max_model_len, args.kv_cache_gib) if todo else None
     t_load = time.perf_counter() - t0
     meta |= {"engine_class": type(engine).__name__ if engine else None,
-             "dtype": _engine_dtype(engine) if engine else args.dtype, "max_model_len": max_model_len}
+             "dtype": engine.dtype if engine else args.dtype, "max_model_len": max_model_len}
     records: list[Record] = list(done)
 
     def save_progress(generate_s):
