@@ -119,7 +119,7 @@ def worker_fctrain(spec: dict, work: dict) -> dict:
     model.config.use_cache = False
     ref = models.load_model(work["model"]).eval().requires_grad_(False)
     tok = models.load_tokenizer(work["model"])
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay,
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=run.ADAMW_BETAS, weight_decay=cfg.weight_decay,
                             foreach=True)
     seqs = [packing.Seq(s["prompt"], s["completion"], s["group"]) for s in work["seqs"]]
     thinks = [run.think_token_mask(tok, s["completion"], s["text"], cfg.fmt) for s in work["seqs"]]
@@ -163,7 +163,7 @@ def worker_trl(spec: dict, work: dict) -> dict:
     trainer.create_optimizer_and_scheduler(num_training_steps=10)
     opt, model = trainer.optimizer, trainer.model
     for g in opt.param_groups:  # same AdamW as fctrain's (betas, constant lr)
-        g["betas"], g["lr"] = (0.9, 0.99), cfg.lr
+        g["betas"], g["lr"] = run.ADAMW_BETAS, cfg.lr
     trainer.current_gradient_accumulation_steps = n // per_device  # set by Trainer's own loop otherwise
     model.train()
     pad = trainer.processing_class.pad_token_id or 0

@@ -114,7 +114,7 @@ class Config:
     liger: str = "auto"                    # Liger-Kernel RMSNorm/RoPE/SwiGLU: on | off | auto (CUDA + installed)
     grad_checkpointing: bool = False       # recompute decoder layers in the backward (less activation memory)
     impl: str = "auto"                     # fused loss implementation: auto | triton | torch | naive
-    reward_processes: int = 2
+    reward_processes: int = 2              # deprecated, ignored: rewards are scored in-process (reward.RewardScorer)
     seed: int = 0
     out_dir: str = "runs/default"
     eval_every: int = 0                    # RL steps between evaluations (0 = after SFT and at the end)
@@ -1142,7 +1142,7 @@ def main(argv: list[str] | None = None) -> int:
     data = load_data(cfg, tokenizer, say)
     step, history = restore(ckpt, ctx, model, optimizer, data, say) if ckpt is not None else (0, [])
     engine = start_engine(cfg, ctx, use_vllm, model, tokenizer, model_path)
-    scorer = freward.RewardScorer(cfg.reward, cfg.fmt, processes=cfg.reward_processes)
+    scorer = freward.RewardScorer(cfg.reward, cfg.fmt)
     log = MetricsLog(cfg, out, history, ctx.is_main, step)
     tr = Trainer(cfg, ctx, out, tokenizer, model, ref_model, optimizer, engine, scorer, data, log, layout, varlen,
                  step)
@@ -1180,7 +1180,6 @@ def main(argv: list[str] | None = None) -> int:
         say(f"interrupted at step {tr.step}; resume with: python -m fctrain.run --resume {out}")
     elif data.eval_examples and cfg.steps > 0:
         evaluate(tr, "after")
-    scorer.close()
     engine.close()
     log.close()
     fdist.shutdown()

@@ -372,7 +372,7 @@ def test_score_irrelevance_and_relevance(small_set):
     assert score(render_target(rel), rel).correct and not score("<think></think><answer>[]</answer>", rel).correct
 
 
-def test_scorer_pool_matches_in_process_and_isolates_failures(bfcl_examples):
+def test_scorer_scores_each_pair_once_and_isolates_failures(bfcl_examples):
     examples = [e for e in bfcl_examples[::7]][:400]
     texts = []
     for i, ex in enumerate(examples):
@@ -381,16 +381,12 @@ def test_scorer_pool_matches_in_process_and_isolates_failures(bfcl_examples):
     broken = Example("broken", "simple_python", [], None, [{"f": {"a": [1]}}])  # tools=None: check raises
     texts.append("<think>x</think><answer>[f(a=1)]</answer>")
     examples = examples + [broken]
-    in_process = [score(t, e) if e is not broken else None for t, e in zip(texts, examples)]
-    with RewardScorer("binary", "python", processes=2, min_parallel=16) as scorer:
-        pooled = scorer(texts, examples)
-        assert scorer._pool is not None
-    assert scorer._pool is None
-    assert pooled[:-1] == in_process[:-1]
-    assert pooled[-1].failed and pooled[-1].reward == 0.0 and "scorer raised" in pooled[-1].error
-    assert sum(r.correct for r in pooled) == len(examples) - 1 - len(range(0, len(examples) - 1, 3))
-    small = RewardScorer("partial", "python", processes=2)
-    assert small(texts[:4], examples[:4]) == [score(t, e, "partial") for t, e in zip(texts[:4], examples[:4])]
-    assert small._pool is None  # small batches stay in-process
+    one_by_one = [score(t, e) if e is not broken else None for t, e in zip(texts, examples)]
+    scored = RewardScorer("binary", "python")(texts + texts[:2], examples + examples[:2])  # two repeated pairs
+    assert scored[:-3] == one_by_one[:-1] and scored[-2:] == scored[:2] and scored[-2] is scored[0]
+    assert scored[-3].failed and scored[-3].reward == 0.0 and "scorer raised" in scored[-3].error
+    assert sum(r.correct for r in scored[:-2]) == len(examples) - 1 - len(range(0, len(examples) - 1, 3))
+    partial = RewardScorer("partial", "python")
+    assert partial(texts[:4], examples[:4]) == [score(t, e, "partial") for t, e in zip(texts[:4], examples[:4])]
     with pytest.raises(ValueError):
-        small(texts[:2], examples[:3])
+        partial(texts[:2], examples[:3])
