@@ -21,7 +21,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from fctrain.data import BFCL_CATEGORIES, BFCL_WHEEL, load_bfcl, render_target  # noqa: E402
+from fctrain.data import BFCL_CATEGORIES, BFCL_WHEEL, load_bfcl  # noqa: E402
+from fctrain.prompts import render_target  # noqa: E402
 from fctrain.reward import RewardScorer, score  # noqa: E402
 
 COLUMNS = common.META_COLUMNS + [

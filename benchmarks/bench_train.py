@@ -57,11 +57,12 @@ def make_workload(model_dir: str, prompts: int, group: int, max_new_tokens: int,
     import torch
 
     from fctrain import data, models, rollout, run
+    from fctrain.prompts import build_prompt_ids, filter_by_length
     cfg = run.Config(**SETTINGS)
     tok = models.load_tokenizer(model_dir)
-    examples = data.filter_by_length(data.load_any(cfg.train_data), tok, cfg.max_prompt_tokens, cfg.fmt)
+    examples = filter_by_length(data.load_any(cfg.train_data), tok, cfg.max_prompt_tokens, cfg.fmt)
     examples = data.shuffle(examples, seed)[:prompts]
-    prompt_ids = [data.build_prompt_ids(e, tok, cfg.fmt) for e in examples]
+    prompt_ids = [build_prompt_ids(e, tok, cfg.fmt) for e in examples]
     engine = rollout.HFEngine(models.load_model(model_dir), tokenizer=tok)
     groups = engine.generate(prompt_ids, n=group, temperature=cfg.temperature, top_p=1.0,
                              max_tokens=max_new_tokens, seed=seed)

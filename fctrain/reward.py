@@ -301,8 +301,9 @@ def parse(text: str, fmt: str = "python") -> Parsed:
 # ---------------------------------------------------------------------------------------------------------
 # check: port of BFCL's ast_checker (Python), same verdicts and error types
 
-_PY_TYPES = {"string": str, "integer": int, "float": float, "boolean": bool, "array": list, "tuple": list,
-             "dict": dict, "any": str}
+# schema type -> the Python type BFCL's checker accepts for it (cleaning.validate refuses other types)
+PY_TYPES = {"string": str, "integer": int, "float": float, "boolean": bool, "array": list, "tuple": list,
+            "dict": dict, "any": str}
 _NESTED_TYPES = ("array", "tuple")
 _STD_RE = re.compile(r"[ ,./\-_*^]")
 
@@ -387,15 +388,15 @@ def _list_dict_check(param, value: list, allowed: list):
     return False, error_type, error
 
 
-def _check_param(param: str, value, spec: dict, allowed: list):
+def check_param(param: str, value, spec: dict, allowed: list):
     """One argument against its schema entry and allowed values: (valid, error_type, error)."""
     type_desc = spec.get("type")
-    if type_desc not in _PY_TYPES:
+    if type_desc not in PY_TYPES:
         return False, "checker:unsupported_type", f"Schema type {type_desc!r} of {param!r} is not a BFCL type."
-    expected = _PY_TYPES[type_desc]
+    expected = PY_TYPES[type_desc]
     nested = None
     if type_desc in _NESTED_TYPES:
-        nested = _PY_TYPES.get(spec.get("items", {}).get("type"))
+        nested = PY_TYPES.get(spec.get("items", {}).get("type"))
         if nested is None:
             return False, "checker:unsupported_type", f"Array parameter {param!r} has no BFCL items type."
     if type_desc == "tuple" and type(value) == tuple:
@@ -445,7 +446,7 @@ def _check_one(function: dict, call: dict, answer: dict) -> dict:
     for p, value in args.items():
         if p not in properties or p not in allowed_by_param:
             return _invalid("simple_function_checker:unexpected_param", f"Unexpected parameter: {p!r}.")
-        ok, error_type, error = _check_param(p, value, properties[p], allowed_by_param[p])
+        ok, error_type, error = check_param(p, value, properties[p], allowed_by_param[p])
         if not ok:
             return _invalid(error_type, error)
     for p, allowed in allowed_by_param.items():
@@ -572,7 +573,7 @@ def _param_ok(function: dict | None, name: str, value, allowed: list) -> bool:
     if function is None or name not in function["parameters"]["properties"]:
         return False
     try:
-        return _check_param(name, value, function["parameters"]["properties"][name], allowed)[0]
+        return check_param(name, value, function["parameters"]["properties"][name], allowed)[0]
     except (KeyError, TypeError):
         return False
 

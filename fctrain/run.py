@@ -52,6 +52,8 @@ import kernels
 from fctrain import data as fdata
 from fctrain import dist as fdist
 from fctrain import packing
+from fctrain import prompts
+from fctrain import rollout
 from fctrain import reward as freward
 
 
@@ -129,7 +131,7 @@ class Config:
             (self.algo in ("egpo", "grpo"), f"algo must be egpo or grpo, got {self.algo!r}"),
             (self.reward in freward.KINDS, f"reward must be one of {freward.KINDS}, got {self.reward!r}"),
             (self.fmt in ("python", "hermes"), f"fmt must be python or hermes, got {self.fmt!r}"),
-            (self.sft_think in fdata.THINK_STYLES, f"sft_think must be one of {fdata.THINK_STYLES}"),
+            (self.sft_think in prompts.THINK_STYLES, f"sft_think must be one of {prompts.THINK_STYLES}"),
             (self.time_budget_s >= 0, "time_budget_s must be >= 0"),
             (0 <= self.max_bad_rows <= 1, "max_bad_rows must be a fraction in [0, 1]"),
             (self.loss_agg in kernels.LOSS_AGGREGATIONS, f"loss_agg must be one of {kernels.LOSS_AGGREGATIONS}"),
@@ -326,7 +328,7 @@ class Trainer:
     model: torch.nn.Module
     ref_model: torch.nn.Module | None  # frozen KL reference (beta > 0)
     optimizer: torch.optim.Optimizer
-    engine: object                     # fctrain.rollout.HFEngine or VLLMEngine
+    engine: rollout.Engine             # VLLMEngine, or HFEngine sharing `model`
     scorer: freward.RewardScorer
     data: TrainData
     log: MetricsLog
@@ -389,12 +391,12 @@ def load_data(cfg: Config, tokenizer, say) -> TrainData:
     skipped = Counter()  # malformed rows skipped (each file printed them with their line numbers)
     with usage_error(f"train_data {cfg.train_data!r}"):
         examples = fdata.load_any(cfg.train_data, on_error="skip", skipped=skipped, max_bad=cfg.max_bad_rows)
-    examples = fdata.filter_by_length(examples, tokenizer, cfg.max_prompt_tokens, cfg.fmt)
+    examples = prompts.filter_by_length(examples, tokenizer, cfg.max_prompt_tokens, cfg.fmt)
     eval_sets = {}
     for part in ([] if cfg.eval_data.lower() in ("", "none") else cfg.eval_data.split("+")):
         with usage_error(f"eval_data {part.strip()!r}"):
             found = fdata.load_any(part.strip(), on_error="skip", skipped=skipped, max_bad=cfg.max_bad_rows)
-        found = fdata.filter_by_length(found, tokenizer, cfg.max_prompt_tokens, cfg.fmt)
+        found = prompts.filter_by_length(found, tokenizer, cfg.max_prompt_tokens, cfg.fmt)
         eval_sets[part.strip()] = fdata.shuffle(found, cfg.seed)[:cfg.eval_limit or None]
     data = TrainData(examples, {}, eval_sets, cfg.seed)
     train_ids = {e.id for e in examples}
@@ -402,7 +404,7 @@ def load_data(cfg: Config, tokenizer, say) -> TrainData:
         raise SystemExit("error: eval_data overlaps train_data; evaluation must be held out")
     if not examples:
         raise SystemExit(f"error: no training examples in {cfg.train_data!r} within {cfg.max_prompt_tokens} tokens")
-    data.prompt_ids = {e.id: fdata.build_prompt_ids(e, tokenizer, cfg.fmt) for e in examples}
+    data.prompt_ids = {e.id: prompts.build_prompt_ids(e, tokenizer, cfg.fmt) for e in examples}
     say(f"data: {len(examples)} train examples ({cfg.train_data}), {len(data.eval_examples)} eval ({cfg.eval_data})"
         + (f"; skipped {sum(skipped.values())} malformed rows (listed above)" if skipped else ""))
     return data
@@ -419,8 +421,8 @@ def restore(ckpt: Path, ctx: fdist.DistContext, model, optimizer, data: TrainDat
     return state["step"], state["history"]
 
 
-def start_engine(cfg: Config, ctx: fdist.DistContext, use_vllm: bool, model, tokenizer, model_path: Path):
-    from fctrain import rollout
+def start_engine(cfg: Config, ctx: fdist.DistContext, use_vllm: bool, model, tokenizer,
+                 model_path: Path) -> rollout.Engine:
     if not use_vllm:
         return rollout.HFEngine(model, tokenizer=tokenizer)  # shares the policy: nothing to sync
     # one engine per rank under torchrun, each with its own sampling seed
@@ -697,7 +699,7 @@ def sft_step(tr: Trainer):
     t_step, lr = time.perf_counter(), lr_at(cfg, tr.step)
     tr.model.train()
     batch = fdist.split_for_rank(tr.data.next_batch(cfg.sft_batch_size), ctx.rank, ctx.world_size)  # my share
-    targets = [tr.tokenizer.encode(fdata.render_target(ex, cfg.fmt, cfg.sft_think), add_special_tokens=False)
+    targets = [tr.tokenizer.encode(prompts.render_target(ex, cfg.fmt, cfg.sft_think), add_special_tokens=False)
                + [tr.tokenizer.eos_token_id] for ex in batch]
     seqs = [packing.Seq(tr.data.prompt_ids[ex.id], target) for ex, target in zip(batch, targets)]
     loss = sft_loss_backward(cfg, tr.model, seqs, tr.layout, tr.varlen, ctx.device)

@@ -12,7 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fctrain import reward
-from fctrain.data import BFCL_CATEGORIES, Example, _call_text, load_bfcl, render_target, validate
+from fctrain.cleaning import validate
+from fctrain.data import BFCL_CATEGORIES, Example, load_bfcl
+from fctrain.prompts import call_text, render_target
 from fctrain.reward import FORMATS, Parsed, RewardScorer, check, parse, score
 from tests.bfcl_ref import bfcl_ast_check, bfcl_decode_python, bfcl_verdict
 
@@ -139,7 +141,7 @@ def _perturbations(ex: Example):
 
 
 def _text(calls):
-    return "[" + ", ".join(_call_text(*next(iter(c.items()))) for c in calls) + "]"
+    return "[" + ", ".join(call_text(*next(iter(c.items()))) for c in calls) + "]"
 
 
 def test_perturbations_match_bfcl_checker(bfcl_examples):
@@ -336,11 +338,11 @@ def test_score_kinds(small_set):
     calls = parse(good).calls
     (name, args), = calls[0].items()
     p = next(iter(args))
-    wrong = f"<think>x</think><answer>[{_call_text(name, {**args, p: 'zzz'})}]</answer>"
+    wrong = f"<think>x</think><answer>[{call_text(name, {**args, p: 'zzz'})}]</answer>"
     r = score(wrong, ex, "partial")
     assert not r.correct and r.format_ok and reward.FORMAT_CREDIT < r.reward < 1.0
     assert score(wrong, ex).reward == 0.0 and score(wrong, ex, "format").reward == 1.0
-    misnamed = f"<think>x</think><answer>[{_call_text(name + '_x', args)}]</answer>"
+    misnamed = f"<think>x</think><answer>[{call_text(name + '_x', args)}]</answer>"
     assert score(misnamed, ex, "partial").reward == pytest.approx(reward.FORMAT_CREDIT)
     assert score(misnamed, ex, "partial").reward < r.reward
     for kind in reward.KINDS:
@@ -354,7 +356,7 @@ def test_score_kinds(small_set):
     assert r.format_ok and not r.correct and r.reward == 0.0 and score(abstain, ex, "format").reward == 1.0
     irr = small_set["irrelevance"][0]
     assert score(abstain, irr, "partial").reward == 1.0
-    call = f"<think>x</think><answer>[{_call_text(irr.tools[0]['name'], {})}]</answer>"
+    call = f"<think>x</think><answer>[{call_text(irr.tools[0]['name'], {})}]</answer>"
     r = score(call, irr, "partial")
     assert r.format_ok and not r.correct and r.reward == 0.0
 
