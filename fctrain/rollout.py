@@ -296,21 +296,24 @@ def _reload_weights(llm, named_tensors: Iterable[tuple[str, torch.Tensor]], on_g
     """Stream (name, tensor) pairs into the worker's model: `reload_weights(weights_iterator=...)`, which
     also re-packs the CPU GEMM layouts (plain `load_weights` breaks on CPU).
 
-    A layer that shares its weight with another (a tied LM head is the embedding table) receives no tensor
-    of its own. vLLM then warns "ParallelLMHead: Failed to load weights" although the shared weight did
-    load: that false warning is dropped. On a CPU the tied layer's packed GEMM copy is stale (we measured
-    log-prob errors of ~1 nat), so its weight processing is run again on the new values."""
+    Two kinds of layer receive no tensor of their own: one that shares its weight with another (a tied LM
+    head is the embedding table) and one without parameters (RoPE's computed cos/sin cache). vLLM warns
+    "<Layer>: Failed to load weights" for both at every reload although nothing is missing: those false
+    warnings are dropped. On a CPU the tied layer's packed GEMM copy is stale (we measured log-prob errors
+    of ~1 nat), so its weight processing is run again on the new values."""
     executor = getattr(llm.llm_engine, "model_executor", None)
     worker = getattr(getattr(executor, "driver_worker", None), "worker", None)
     if worker is None:
         raise RuntimeError("vLLM's worker is not in this process (VLLM_ENABLE_V1_MULTIPROCESSING must be 0 "
                            "before the engine starts); in-process weight sync is impossible")
-    tied = _tied_layers(worker.model_runner.get_model())
-    tied_names = {type(layer).__name__ for layer in tied}
+    model = worker.model_runner.get_model()
+    tied = _tied_layers(model)
+    no_own_tensor = {type(m).__name__ for m in tied} | {type(m).__name__ for m in model.modules()
+                                                         if not _own_parameters(m) and m._buffers}
     logger = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
 
     def true_warnings_only(record: logging.LogRecord) -> bool:
-        return not (record.msg == "%s: Failed to load weights" and record.args and record.args[0] in tied_names)
+        return not (record.msg == "%s: Failed to load weights" and record.args and record.args[0] in no_own_tensor)
 
     logger.addFilter(true_warnings_only)
     try:
@@ -323,10 +326,14 @@ def _reload_weights(llm, named_tensors: Iterable[tuple[str, torch.Tensor]], on_g
                 layer.quant_method.process_weights_after_loading(layer)
 
 
+def _own_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in module._parameters.values() if p is not None]
+
+
 def _tied_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The layers whose weight is also another layer's weight."""
     def weight(module):
-        return module._parameters.get("weight") if hasattr(module, "_parameters") else None
+        return module._parameters.get("weight")
 
     owners: dict[int, int] = {}
     for module in model.modules():
