@@ -74,9 +74,10 @@ SFT_ARM_ARGS = ["--sft_steps", "100000", "--sft_batch_size", "8", "--sft_lr", "5
 def build_sets(tokenizer) -> dict:
     """{set name: [Example]} for train, val, test_in, test_ood, test_irr (deterministic)."""
     from fctrain import data
+    from fctrain.prompts import filter_by_length
 
     def fit(examples):
-        return data.filter_by_length(examples, tokenizer, MAX_PROMPT_TOKENS, "python")
+        return filter_by_length(examples, tokenizer, MAX_PROMPT_TOKENS, "python")
 
     pool = data.shuffle(fit(data.load_bfcl("live_simple,simple_python")), SPLIT_SEED)
     neg = data.shuffle(fit(data.load_bfcl("live_irrelevance")), SPLIT_SEED)
@@ -180,12 +181,13 @@ TEST_SETS = EVAL_SETS[1:]  # the arms: validation is for pilots (choosing settin
 def evaluate_checkpoint(ckpt: Path, out: Path, names=EVAL_SETS) -> None:
     """(Run in its own process.) Greedy outputs and BFCL-compatible verdicts on the evaluation sets."""
     from fctrain import eval as feval
-    from fctrain import data, models, rollout
+    from fctrain import models, rollout
+    from fctrain.prompts import build_prompt_ids
 
     tokenizer = models.load_tokenizer(ckpt)
     sets = build_sets(tokenizer)
     examples = [e for n in names for e in sets[n]]
-    prompts = [data.build_prompt_ids(e, tokenizer, "python") for e in examples]
+    prompts = [build_prompt_ids(e, tokenizer, "python") for e in examples]
     t0 = time.perf_counter()
     engine = rollout.VLLMEngine(ckpt, dtype="auto", max_model_len=max(map(len, prompts)) + EVAL_MAX_TOKENS,
                                 kv_cache_gib=4.0)

@@ -57,11 +57,12 @@ def make_workload(model_dir: str, prompts: int, group: int, max_new_tokens: int,
     import torch
 
     from fctrain import data, models, rollout, run
+    from fctrain.prompts import build_prompt_ids, filter_by_length
     cfg = run.Config(**SETTINGS)
     tok = models.load_tokenizer(model_dir)
-    examples = data.filter_by_length(data.load_any(cfg.train_data), tok, cfg.max_prompt_tokens, cfg.fmt)
+    examples = filter_by_length(data.load_any(cfg.train_data), tok, cfg.max_prompt_tokens, cfg.fmt)
     examples = data.shuffle(examples, seed)[:prompts]
-    prompt_ids = [data.build_prompt_ids(e, tok, cfg.fmt) for e in examples]
+    prompt_ids = [build_prompt_ids(e, tok, cfg.fmt) for e in examples]
     engine = rollout.HFEngine(models.load_model(model_dir), tokenizer=tok)
     groups = engine.generate(prompt_ids, n=group, temperature=cfg.temperature, top_p=1.0,
                              max_tokens=max_new_tokens, seed=seed)
@@ -119,7 +120,7 @@ def worker_fctrain(spec: dict, work: dict) -> dict:
     model.config.use_cache = False
     ref = models.load_model(work["model"]).eval().requires_grad_(False)
     tok = models.load_tokenizer(work["model"])
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay,
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=run.ADAMW_BETAS, weight_decay=cfg.weight_decay,
                             foreach=True)
     seqs = [packing.Seq(s["prompt"], s["completion"], s["group"]) for s in work["seqs"]]
     thinks = [run.think_token_mask(tok, s["completion"], s["text"], cfg.fmt) for s in work["seqs"]]
@@ -163,7 +164,7 @@ def worker_trl(spec: dict, work: dict) -> dict:
     trainer.create_optimizer_and_scheduler(num_training_steps=10)
     opt, model = trainer.optimizer, trainer.model
     for g in opt.param_groups:  # same AdamW as fctrain's (betas, constant lr)
-        g["betas"], g["lr"] = (0.9, 0.99), cfg.lr
+        g["betas"], g["lr"] = run.ADAMW_BETAS, cfg.lr
     trainer.current_gradient_accumulation_steps = n // per_device  # set by Trainer's own loop otherwise
     model.train()
     pad = trainer.processing_class.pad_token_id or 0

@@ -48,6 +48,17 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def is_main() -> bool:
+    """Rank 0 under torchrun (it alone prints and writes logs and checkpoints); always true in one process."""
+    return not is_distributed() or dist.get_rank() == 0
+
+
+def barrier():
+    """Wait for every rank; a no-op in a single process."""
+    if is_distributed():
+        dist.barrier()
+
+
 def init(backend: str | None = None) -> DistContext:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
 
@@ -155,6 +166,25 @@ def dummy_backward(model, device):
     (h.sum() * 0.0 + weight.sum() * 0.0).backward()
 
 
+def dummy_pass(model, ref_model, device):
+    """What a rank with fewer micro-batches than its peers runs instead of one, so that the FSDP collectives
+    of all ranks stay in the same order: the reference forward (when there is one), then a zero-loss policy
+    forward/backward. Single-process runs never call it."""
+    if ref_model is not None:
+        with torch.no_grad():
+            ids = torch.zeros(1, 2, dtype=torch.long, device=device)
+            forward_hidden(ref_model, input_ids=ids, attention_mask=torch.ones_like(ids))
+        reshard(ref_model)
+    dummy_backward(model, device)
+
+
+def reshard(model):
+    """Free the root's gathered parameters after a forward that has no backward (the frozen reference):
+    FSDP keeps the embeddings and LM head gathered after a forward, for the backward. A no-op unsharded."""
+    if is_sharded(model):
+        model.reshard()
+
+
 # ------------------------------------------------------------------------------------------------ collectives
 
 def all_reduce_sum(x):
@@ -177,6 +207,24 @@ def _all_reduce(x, op):
     return type(x)(y.item())  # host sync
 
 
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is true on any (e.g. a Ctrl-C that reached some ranks only)."""
+    return bool(all_reduce_max(int(flag)))
+
+
+def reduce_metrics(values: dict, summed: tuple, minimised: tuple = (), maximised: tuple = (),
+                   device="cpu") -> dict:
+    """`values` with the `summed` keys summed and the `minimised` / `maximised` ones reduced over ranks, each
+    cast back to its type (two all-reduces); `values` itself in a single process."""
+    if not is_distributed():
+        return values
+    sums = all_reduce_sum(torch.tensor([values[k] for k in summed], dtype=torch.float64, device=device))
+    extremes = all_reduce_max(torch.tensor([-values[k] for k in minimised] + [values[k] for k in maximised],
+                                           dtype=torch.float64, device=device)).tolist()  # host sync
+    return {**values, **{k: type(values[k])(v) for k, v in zip(summed, sums.tolist())},
+            **{k: -v for k, v in zip(minimised, extremes)}, **dict(zip(maximised, extremes[len(minimised):]))}
+
+
 def all_gather_list(items: list) -> list:
     """Every rank's `items` (picklable, e.g. reward results for logging) concatenated in rank order, on every
     rank; `items` itself in a single process. Host objects through the CPU: for small per-step records."""
@@ -185,6 +233,13 @@ def all_gather_list(items: list) -> list:
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, list(items))
     return [x for part in gathered for x in part]
+
+
+def concat_over_ranks(lists: dict[str, list]) -> dict[str, list]:
+    """Each key's list concatenated over ranks in rank order, on every rank (one gather of host objects);
+    `lists` itself in a single process."""
+    parts = all_gather_list([lists])
+    return {key: [x for part in parts for x in part[key]] for key in lists}
 
 
 def split_for_rank(items: list, rank: int, world_size: int) -> list:
@@ -236,7 +291,7 @@ def save_pretrained(model, directory, tokenizer=None, max_shard_size: str = "5GB
     from huggingface_hub import save_torch_state_dict
 
     state = full_state_dict(model)
-    if not (is_distributed() and dist.get_rank() != 0):
+    if is_main():
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tied = _tied_output_key(model)
@@ -251,8 +306,7 @@ def save_pretrained(model, directory, tokenizer=None, max_shard_size: str = "5GB
                               max_shard_size=max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(directory)
-    if is_distributed():
-        dist.barrier()  # nobody reads the directory before it is complete
+    barrier()  # nobody reads the directory before it is complete
 
 
 def _read_safetensors(directory) -> dict:
@@ -271,9 +325,8 @@ def load_pretrained_weights(model, directory):
     """Load a Hugging Face safetensors directory (from one process or a distributed run) into `model`,
     sharded or not. Distributed: only rank 0 reads the files; each tensor is broadcast and every rank keeps
     its shard. Raises on missing or unexpected keys. Collective."""
-    main = not is_distributed() or dist.get_rank() == 0
-    state = _read_safetensors(directory) if main else {}
-    if main:
+    state = _read_safetensors(directory) if is_main() else {}
+    if is_main():
         tied = _tied_output_key(model)
         if tied is not None and tied[0] not in state:
             state[tied[0]] = state[tied[1]]
@@ -290,6 +343,17 @@ def load_pretrained_weights(model, directory):
 
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return model
+
+
+def copy_weights(src, dst, directory):
+    """`dst` takes `src`'s weights, which are also saved as a model directory (for a later --resume).
+    Under torchrun rank 0 writes the directory and every rank reads its shards from it. Collective."""
+    if is_distributed():
+        save_pretrained(src, directory)
+        load_pretrained_weights(dst, directory)
+    else:
+        dst.load_state_dict(src.state_dict())
+        src.save_pretrained(directory, safe_serialization=True)
 
 
 def optimizer_state_dict(model, optimizer) -> dict:

