@@ -9,13 +9,18 @@ Every rank runs the same loop on its share of the prompts; these helpers are the
     ...                                                  #   update as one process on the whole batch
     grad_norm = fdist.clip_grad_norm_(model, 1.0)        # global norm over every rank's shards
     for name, full in fdist.full_parameters(model): ...  # weight sync: one parameter gathered at a time
+    stats = fdist.reduce_metrics(stats, summed, maximised=("is_max",))  # a step's metrics over all ranks
+    record = fdist.concat_over_ranks({"rewards": [...], ...})            # per-completion logs, rank order
+    stop = fdist.any_rank(ctrl_c_seen)                   # every rank stops after the same step
     fdist.save_pretrained(model, path)                   # rank 0 writes HF safetensors (any world size loads)
     fdist.load_pretrained_weights(model, path)           # a single-process (or any) checkpoint into shards
 
 Gradients are summed over ranks (`set_gradient_divide_factor(1)`), not averaged: each rank divides its
 loss by the GLOBAL normaliser (all-reduced token or sequence count), so K ranks give the update one process
 gives on the same batch. Every FSDP forward/backward is a collective: all ranks must run the same number
-of micro-batches (`all_reduce_max` the count; a rank with fewer runs `dummy_backward`).
+of micro-batches (`all_reduce_max` the count; a rank with fewer runs `dummy_pass`). Every gather and
+reduction the trainer makes across ranks is a function here; each is the identity in a single process, so
+fctrain.run's step functions call them unconditionally (only setup, sharding, branches on torchrun).
 """
 from __future__ import annotations
 
