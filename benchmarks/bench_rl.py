@@ -352,6 +352,23 @@ def bootstrap(matrix_a, matrix_b=None, reps: int = 10000, seed: int = 0):
     return paired_change(b, a, reps, seed)
 
 
+def bootstrap_seeds(matrix_a, matrix_b, reps: int = 10000, seed: int = 0):
+    """Like `bootstrap` for a paired difference, but resampling seeds as well as examples (two levels): the
+    interval to read when seeds disagree, as they do here. Needs >= 2 seeds; None otherwise."""
+    import numpy as np
+
+    a, b = np.asarray(matrix_a, dtype=float), np.asarray(matrix_b, dtype=float)
+    k, n = a.shape
+    if k < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    d = a - b
+    stats = np.empty(reps)
+    for r in range(reps):
+        stats[r] = d[rng.integers(0, k, k)][:, rng.integers(0, n, n)].mean()
+    return float(d.mean()), float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))
+
+
 SET_LABELS = {"test_in": "(a) in-distribution", "test_ood": "(b) out-of-category (multiple)",
               "test_irr": "(c) irrelevance", "val": "validation"}
 
@@ -437,7 +454,7 @@ def report() -> str:
             return None
         a = [c["eval"]["sets"][s]["valid"] for k in keys for c in a_cells if (c["seed"], c["base_sha"]) == k]
         b = [c["eval"]["sets"][s]["valid"] for k in keys for c in b_cells if (c["seed"], c["base_sha"]) == k]
-        return (*bootstrap(a, b), len(keys))
+        return (*bootstrap(a, b), len(keys), bootstrap_seeds(a, b))
 
     lines += ["| comparison | " + " | ".join(SET_LABELS[s] for s in ("test_in", "test_ood", "test_irr")) + " |",
               "| --- | --- | --- | --- |"]
@@ -447,10 +464,13 @@ def report() -> str:
         cols = []
         for s in ("test_in", "test_ood", "test_irr"):
             r = paired(by_arm[a], by_arm[b], s)
-            cols.append("-" if r is None else f"{100 * r[0]:+.1f} [{100 * r[1]:+.1f}, {100 * r[2]:+.1f}] ({r[3]} seeds)")
+            two = "" if r is None or r[4] is None else f"; seeds too [{100 * r[4][1]:+.1f}, {100 * r[4][2]:+.1f}]"
+            cols.append("-" if r is None else f"{100 * r[0]:+.1f} [{100 * r[1]:+.1f}, {100 * r[2]:+.1f}]{two} "
+                                              f"({r[3]} seeds)")
             if r is not None:
                 diff_rows.append({"comparison": f"{a}-{b}", "set": s, "diff": r[0], "lo": r[1], "hi": r[2],
-                                  "seeds": r[3]})
+                                  "seeds": r[3], "lo_seeds_too": r[4][1] if r[4] else "",
+                                  "hi_seeds_too": r[4][2] if r[4] else ""})
         lines.append(f"| {a} - {b} | " + " | ".join(cols) + " |")
     for arm in ARMS:
         cols = []
@@ -463,12 +483,14 @@ def report() -> str:
             diff_rows.append({"comparison": f"{arm}-base", "set": s, "diff": r[0], "lo": r[1], "hi": r[2],
                               "seeds": r[3]})
         lines.append(f"| {arm} - SFT checkpoint | " + " | ".join(cols) + " |")
-    lines += ["", "Differences in accuracy points, paired by example and seed, 95% bootstrap CI.", ""]
+    lines += ["", "Differences in accuracy points, paired by example and seed: 95% bootstrap CI over examples; "
+              "\"seeds too\": resampling seeds and examples (two levels), the interval to read when seeds "
+              "disagree (with 2-3 seeds it is itself rough).", ""]
     text = "\n".join(lines) + "\n"
     (RESULTS / "report.md").write_text(text)
     common.write_csv(RESULTS / "summary.csv", rows, list(rows[0]))
     common.write_csv(RESULTS / "differences.csv", diff_rows or [{"comparison": ""}],
-                     ["comparison", "set", "diff", "lo", "hi", "seeds"])
+                     ["comparison", "set", "diff", "lo", "hi", "seeds", "lo_seeds_too", "hi_seeds_too"])
     plot(used, by_arm)
     print(text)
     return text

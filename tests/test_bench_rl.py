@@ -109,7 +109,7 @@ def test_report_and_sft_budget_on_synthetic_cells(tmp_path, monkeypatch):
     monkeypatch.undo()
     monkeypatch.setattr(bench, "RESULTS", tmp_path)
     text = bench.report()
-    assert "| grpo - sft | +100.0 [+100.0, +100.0] (2 seeds)" in text
+    assert "| grpo - sft | +100.0 [+100.0, +100.0]; seeds too [+100.0, +100.0] (2 seeds)" in text
     assert "| egpo - grpo | -50.0 [" in text
     # each arm is paired with its own base: grpo vs b1 (0%) and b2 (50%) = +75 points
     assert "| grpo - SFT checkpoint | +75.0 [" in text
@@ -118,3 +118,13 @@ def test_report_and_sft_budget_on_synthetic_cells(tmp_path, monkeypatch):
     rows = {r["arm"]: r for r in __import__("csv").DictReader(open(tmp_path / "summary.csv"))}
     assert rows["grpo"]["seeds"] == "2" and float(rows["egpo"]["test_in_acc"]) == 0.5
     assert (tmp_path / "heldout_vs_time.png").stat().st_size > 0
+
+
+def test_bootstrap_over_seeds_widens_when_seeds_disagree():
+    n = 40
+    a, b = [[1] * n, [0] * n], [[0] * n, [0] * n]  # seed 0: +100 points, seed 1: 0
+    m, lo, hi = bench.bootstrap(a, b)
+    assert (m, lo, hi) == pytest.approx((0.5, 0.5, 0.5))  # examples alone see no uncertainty
+    m2, lo2, hi2 = bench.bootstrap_seeds(a, b)
+    assert m2 == pytest.approx(0.5) and lo2 == pytest.approx(0.0) and hi2 == pytest.approx(1.0)
+    assert bench.bootstrap_seeds(a[:1], b[:1]) is None
