@@ -304,9 +304,9 @@ hostile_text = st.one_of(
                                                                   HealthCheck.data_too_large])
 @given(text=hostile_text, fmt=st.sampled_from(FORMATS))
 def test_parse_fuzz_never_crashes_or_hangs(text, fmt):
-    t0 = time.perf_counter()
+    t0 = time.thread_time()  # CPU time of this thread: a hang guard that a busy machine cannot trip
     p = parse(text, fmt)
-    assert time.perf_counter() - t0 < 0.25
+    assert time.thread_time() - t0 < 0.25
     assert isinstance(p, Parsed) and (p.ok == (p.calls is not None))
     if p.ok:
         assert all(isinstance(c, dict) and len(c) == 1 for c in p.calls)
@@ -314,10 +314,10 @@ def test_parse_fuzz_never_crashes_or_hangs(text, fmt):
 
 
 def test_megabyte_string_is_rejected_fast():
-    t0 = time.perf_counter()
+    t0 = time.thread_time()
     for fmt in FORMATS:
         assert not parse("<think>" + "x" * 2_000_000, fmt).ok
-    assert time.perf_counter() - t0 < 0.1
+    assert time.thread_time() - t0 < 0.1
 
 
 # ------------------------------------------------------------------------------------------ rewards
