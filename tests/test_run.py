@@ -411,7 +411,8 @@ def test_sigkill_anywhere_then_resume_equals_the_uninterrupted_run(tiny, uninter
         assert code == -signal.SIGKILL, output[-3000:]
     ckpt = run.latest_checkpoint(out)  # the latest complete checkpoint loads
     assert ckpt is not None and run.load_trainer_state(ckpt)["step"] == (resumes_at or ckpt_step(ckpt)), fault
-    assert (out / ".tmp-ckpt-000006").exists() == (fault == "ckpt_write:2")  # the write it cut short
+    if not fault.startswith("random"):  # a random kill may also land inside a checkpoint write
+        assert (out / ".tmp-ckpt-000006").exists() == (fault == "ckpt_write:2")  # the write it cut short
     logged = [r["step"] for r in _metrics(out) if r["phase"] in ("sft", "rl")]
     if resumes_at == 3 and fault != "eval:1":
         assert max(logged) > 3  # steps were logged after the checkpoint: resuming must drop them
