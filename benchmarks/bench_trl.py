@@ -1,7 +1,8 @@
 """TRL's GRPOTrainer.train() with and without fctrain's kernels (`kernels.trl.use_fctrain_kernels`).
 
     python benchmarks/bench_trl.py [--prompts 4] [--group 4] [--max-new-tokens 96] [--steps 3]
-                                   [--micro-batch-tokens 4096] [--model DIR] [--out benchmarks/results/trl_cpu.csv]
+                                   [--micro-batch-tokens 4096] [--model DIR] [--workload work.json]
+                                   [--out benchmarks/results/trl_cpu.csv]
 
 Work: bench_train.py's (SmolLM2-135M-Instruct in fp32, `--prompts` BFCL prompts x `--group` completions
 sampled once from the model at T=0.7 and shared by both providers, fixed binary rewards with variance in
@@ -15,10 +16,12 @@ Providers: trl (TRL 1.16's own chunked fused LM head) and trl+fctrain (the same 
 `use_fctrain_kernels(trainer)`: the chunked torch path of our kernels on CPU).
 
 Each provider runs in its own process. Step time: the median over the timed steps (after one warm-up
-step) between the Trainer's on_step_begin and on_step_end. Memory: process peak RSS, and the peak above
-the RSS at the start of the first timed step (the optimizer state exists by then). The first step's loss
-and gradient norm check that both providers computed the same step (later steps drift apart through
-AdamW's ~sign(g) update, see tests/equivalence.py; tests/test_trl.py is the equality check).
+step) between the Trainer's on_step_begin and on_step_end, as wall time and as the process's CPU time
+(all threads; on a machine shared with other jobs the CPU time is the steadier figure). Memory: process
+peak RSS, and the peak above the RSS at the start of the first timed step (the optimizer state exists by
+then). The first step's loss and gradient norm check that both providers computed the same step (later
+steps drift apart through AdamW's ~sign(g) update, see tests/equivalence.py; tests/test_trl.py is the
+equality check).
 """
 from __future__ import annotations
 
@@ -36,8 +39,8 @@ import common  # noqa: E402
 COLUMNS = common.META_COLUMNS + [
     "provider", "transformers", "trl", "prompts", "group", "sequences", "prompt_tokens_mean", "completion_tokens_mean",
     "micro_batch_tokens", "per_device_batch", "micro_batches", "computed_tokens", "steps", "step_s", "step_p20_s",
-    "step_p80_s", "rss_loaded_mb", "peak_rss_mb", "train_peak_extra_mb", "loss_first_step", "grad_norm_first_step",
-    "time_vs_trl", "peak_rss_vs_trl", "train_mem_vs_trl", "status"]
+    "step_p80_s", "step_cpu_s", "cpu_vs_trl", "rss_loaded_mb", "peak_rss_mb", "train_peak_extra_mb",
+    "loss_first_step", "grad_norm_first_step", "time_vs_trl", "peak_rss_vs_trl", "train_mem_vs_trl", "status"]
 PROVIDERS = ("trl", "trl+fctrain")
 
 
@@ -93,16 +96,17 @@ def worker(spec: dict) -> dict:
 
     class Timer(TrainerCallback):
         def __init__(self):
-            self.times, self.rss_loaded, self.t0 = [], None, 0.0
+            self.times, self.cpu_times, self.rss_loaded, self.t0, self.cpu0 = [], [], None, 0.0, 0.0
 
         def on_step_begin(self, args, state, control, **kwargs):
             if state.global_step == 1:  # after the warm-up step: AdamW's state exists
                 self.rss_loaded = common.reset_peak_rss()
-            self.t0 = time.perf_counter()
+            self.t0, self.cpu0 = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step >= 2:
                 self.times.append(time.perf_counter() - self.t0)
+                self.cpu_times.append(time.process_time() - self.cpu0)
 
     timer = Timer()
     trainer.add_callback(timer)
@@ -113,7 +117,8 @@ def worker(spec: dict) -> dict:
             "micro_batches": n // per_device,
             "computed_tokens": 2 * n * (p_len + c_len),  # reference + policy forwards, padded tokens
             "steps": len(timer.times), "step_s": sp["time_ms"], "step_p20_s": sp["time_p20_ms"],
-            "step_p80_s": sp["time_p80_ms"], "rss_loaded_mb": timer.rss_loaded / 2**20,
+            "step_p80_s": sp["time_p80_ms"], "step_cpu_s": statistics.median(timer.cpu_times),
+            "rss_loaded_mb": timer.rss_loaded / 2**20,
             "train_peak_extra_mb": (common.peak_rss() - timer.rss_loaded) / 2**20,
             "peak_rss_mb": common._status_kib("VmHWM") / 1024, "loss_first_step": first["loss"],
             "grad_norm_first_step": first["grad_norm"], "status": "ok"}
@@ -127,6 +132,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3, help="timed steps per provider (after one warm-up step)")
     p.add_argument("--micro-batch-tokens", type=int, default=4096, help="padded-token budget of a micro-batch")
     p.add_argument("--model", default="", help="model dir (default: the offline SmolLM2-135M-Instruct)")
+    p.add_argument("--workload", type=Path, help="reuse a work.json written by an earlier run (same options)")
     p.add_argument("--out", type=Path, default=common.RESULTS / "trl_cpu.csv")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -142,8 +148,14 @@ def main() -> None:
     from fctrain import models
     model_dir = str(models.resolve_model(args.model or None))
     tmp = Path(tempfile.mkdtemp(prefix="bench_trl_"))
-    print(f"sampling the workload: {args.prompts} prompts x {args.group} completions ...", flush=True)
-    work = bench_train.make_workload(model_dir, args.prompts, args.group, args.max_new_tokens)
+    if args.workload:
+        work = json.loads(args.workload.read_text())
+        if (len(work["seqs"]), work["group"], work["max_new_tokens"]) != (args.prompts * args.group, args.group,
+                                                                          args.max_new_tokens):
+            p.error(f"{args.workload} was sampled with other --prompts / --group / --max-new-tokens")
+    else:
+        print(f"sampling the workload: {args.prompts} prompts x {args.group} completions ...", flush=True)
+        work = bench_train.make_workload(model_dir, args.prompts, args.group, args.max_new_tokens)
     (tmp / "work.json").write_text(json.dumps(work))
     seqs = work["seqs"]
     meta = common.run_metadata("cpu")
@@ -160,12 +172,14 @@ def main() -> None:
         result = common.run_isolated(Path(__file__), spec, env={"TRANSFORMERS_VERBOSITY": "error",
                                                                 "TRL_EXPERIMENTAL_SILENCE": "1"}, timeout_s=7200)
         rows.append({**meta, **shape, "provider": name, "load_avg": f"{load} -> {common.load_avg()}", **result})
-        print("   ", {k: rows[-1].get(k) for k in ("step_s", "peak_rss_mb", "train_peak_extra_mb", "loss_first_step",
-                                                   "grad_norm_first_step", "load_avg", "status")}, flush=True)
+        print("   ", {k: rows[-1].get(k) for k in ("step_s", "step_cpu_s", "peak_rss_mb", "train_peak_extra_mb",
+                                                   "loss_first_step", "grad_norm_first_step", "load_avg", "status")},
+              flush=True)
         base = rows[0] if rows[0].get("status") == "ok" else None
         for r in rows:
             if base and r.get("status") == "ok":
                 r["time_vs_trl"] = r["step_s"] / base["step_s"]
+                r["cpu_vs_trl"] = r["step_cpu_s"] / base["step_cpu_s"]
                 r["peak_rss_vs_trl"] = r["peak_rss_mb"] / base["peak_rss_mb"]
                 r["train_mem_vs_trl"] = r["train_peak_extra_mb"] / base["train_peak_extra_mb"]
         common.write_csv(args.out, rows, COLUMNS)  # after every provider: a killed run keeps what it measured

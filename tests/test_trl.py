@@ -97,15 +97,16 @@ def trainer_pair(model_dir, tmp_path_factory):
 
 def make_inputs(trainer, case, seed=0):
     """A micro-batch as GRPOTrainer._prepare_inputs hands it to the loss: prompts left-padded, completions
-    right-padded (one row empty), old / reference log-probs 0.3 N(0,1) away from the policy's so ratios
-    fall on both sides of both clip edges."""
+    right-padded (one row empty), advantages of both signs, old log-probs placed so that each row's ratios
+    run through 0.6 ... 1.5 (below 1 - epsilon, between the edges, between 1 + epsilon and 1 + epsilon_high,
+    above), reference log-probs 0.3 N(0,1) away from the policy's."""
     g = torch.Generator().manual_seed(seed)
     b, p, k = 6, 5, 8
     prompt_ids, completion_ids = torch.randint(2, 258, (b, p), generator=g), torch.randint(2, 258, (b, k), generator=g)
     prompt_mask = (torch.arange(p)[None] >= torch.tensor([0, 2, 1, 0, 3, 0])[:, None]).long()
     completion_mask = (torch.arange(k)[None] < torch.tensor([8, 3, 0, 5, 8, 1])[:, None]).long()
     inputs = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
-              "completion_mask": completion_mask, "advantages": torch.randn(b, generator=g),
+              "completion_mask": completion_mask, "advantages": torch.tensor([1.0, -0.5, 0.3, -1.2, 0.8, -0.7]),
               "num_items_in_batch": 2 * completion_mask.sum()}  # the generation batch spans 2 micro-batches
     if case.get("tool_mask"):
         inputs["tool_mask"] = (torch.rand(b, k, generator=g) > 0.3).long()
@@ -113,7 +114,8 @@ def make_inputs(trainer, case, seed=0):
         logp, _, _ = trl.GRPOTrainer._get_per_token_logps_and_entropies(
             trainer, trainer.model, torch.cat([prompt_ids, completion_ids], 1),
             torch.cat([prompt_mask, completion_mask], 1), k)
-    inputs["old_per_token_logps"] = logp + 0.3 * torch.randn(b, k, generator=g)
+    ratios = torch.stack([torch.linspace(0.6, 1.5, k).roll(i) for i in range(b)])  # 1.243: only eps_high keeps it
+    inputs["old_per_token_logps"] = logp - ratios.log()
     inputs["ref_per_token_logps"] = logp + 0.3 * torch.randn(b, k, generator=g)
     if case.get("vllm"):
         shape = (b, k) if case["vllm"] == "token" else (b, 1)
