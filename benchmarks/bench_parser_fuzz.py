@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 from fctrain import data, reward  # noqa: E402
+from fctrain.prompts import render_target  # noqa: E402
 
 FORMATS = ("python", "hermes", "bfcl")
 ALPHABET = string.printable + "\x00\x1b\u00e9\u4e2d\U0001f600\ud800\u202e<>[](){}'\"=,.:_\\"
@@ -94,7 +95,7 @@ def _code(rng: random.Random, fmt: str) -> str:
 
 
 def generators(examples):
-    targets = {fmt: [data.render_target(e, fmt) for e in examples] for fmt in FORMATS}
+    targets = {fmt: [render_target(e, fmt) for e in examples] for fmt in FORMATS}
     return {
         "random": lambda rng, fmt: _random_text(rng),
         "mutated_answer": lambda rng, fmt: _mutate(rng, rng.choice(targets[fmt])),

@@ -125,3 +125,11 @@ def test_bench_train_fctrain_and_trl_do_identical_work(tmp_path):
     assert int(rows["fctrain"]["computed_tokens"]) < int(rows["fctrain-padded"]["computed_tokens"])
     assert float(rows["trl"]["time_vs_trl"]) == 1.0 and float(rows["fctrain"]["time_vs_trl"]) > 0
     assert plot.plot_train(out).stat().st_size > 0
+
+
+def test_parser_fuzz_benchmark_runs(tmp_path):
+    """The fuzzing benchmark's plumbing (a few inputs per generator and format; the 1M run is a benchmark)."""
+    import bench_parser_fuzz
+    assert bench_parser_fuzz.main(["--n", "105", "--out", str(tmp_path / "fuzz.csv")]) == 0
+    rows = (tmp_path / "fuzz.csv").read_text().splitlines()
+    assert len(rows) == 1 + 7 * 3 and (tmp_path / "fuzz.json").exists()
