@@ -122,18 +122,20 @@ def plot_train(csv_path: Path, png_path: Path | None = None, title: str = "RL tr
     csv_path, png_path, rows = _measured(csv_path, png_path)
     names = [r["provider"] for r in rows]
     colors = ["#b2182b" if n == "trl" else "#1b7837" if n == "fctrain" else "#7fbf7b" for n in names]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
     panels = [("step_s", "time_vs_trl", "training-phase step (s)"),
               ("peak_rss_mb", "peak_rss_vs_trl", "process peak RSS (MiB)"),
               ("train_peak_extra_mb", "train_mem_vs_trl", "peak above loaded models (MiB)")]
-    for ax, (key, ratio, title) in zip(axes, panels):
+    if rows[0].get("step_cpu_s"):  # bench_trl.py: CPU time per step too
+        panels.insert(1, ("step_cpu_s", "cpu_vs_trl", "step CPU time, all threads (s)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.3 * len(panels), 4.2))
+    for ax, (key, ratio, panel) in zip(axes, panels):
         vals = [float(r[key]) for r in rows]
         bars = ax.bar(names, vals, color=colors)
         for bar, r in zip(bars, rows):
             if r.get(ratio):
                 ax.annotate(f"{float(r[ratio]):.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                             ha="center", va="bottom", fontsize=8)
-        ax.set_title(title, fontsize=10)
+        ax.set_title(panel, fontsize=10)
         ax.tick_params(axis="x", labelrotation=30, labelsize=8)
     r0 = rows[0]
     fig.suptitle(f"{title}, {r0['device']} | {r0['prompts']} prompts x {r0['group']} completions, prompt "

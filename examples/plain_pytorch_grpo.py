@@ -4,10 +4,9 @@
 
 Only `kernels` is imported: the loss goes from the base model's hidden states and `lm_head.weight`
 straight to the clipped GRPO loss, so the [tokens x vocab] logits never exist.
-From a TRL GRPOTrainer subclass, the same two calls replace the logits path: override the method that
-computes per-token log-probs (and entropies) to return `kernels.hf_logprob_entropy(model, input_ids,
-attention_mask, logits_to_keep=..., temperature=self.temperature)`, or compute the loss with
-`kernels.FusedLinearGRPOLoss`, which takes the same arguments as Liger-Kernel's LigerFusedLinearGRPOLoss.
+TRL's GRPOTrainer needs no code of yours: `kernels.trl.use_fctrain_kernels(trainer)` routes its loss and
+its log-prob passes through these kernels (README, "Use the kernels from TRL / verl"). Liger-Kernel users
+can swap in `kernels.FusedLinearGRPOLoss`, which takes the same arguments as LigerFusedLinearGRPOLoss.
 """
 import argparse
 
