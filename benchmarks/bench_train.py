@@ -262,11 +262,8 @@ def main() -> None:
         print("   ", {k: row.get(k) for k in ("step_s", "peak_rss_mb", "train_peak_extra_mb", "computed_tokens",
                                                "loss_first_step", "load_avg", "status")}, flush=True)
         trl = next((r for r in rows if r["provider"] == "trl" and r.get("status") == "ok"), None)
-        for r in rows:
-            if trl and r.get("status") == "ok":
-                r["time_vs_trl"] = r["step_s"] / trl["step_s"]
-                r["peak_rss_vs_trl"] = r["peak_rss_mb"] / trl["peak_rss_mb"]
-                r["train_mem_vs_trl"] = r["train_peak_extra_mb"] / trl["train_peak_extra_mb"]
+        common.add_ratios(rows, trl, {"time_vs_trl": "step_s", "peak_rss_vs_trl": "peak_rss_mb",
+                                      "train_mem_vs_trl": "train_peak_extra_mb"})
         common.write_csv(args.out, rows, COLUMNS)  # after every provider: a killed run keeps what it measured
     import plot
     print(f"wrote {args.out} and {plot.plot_train(args.out)}")

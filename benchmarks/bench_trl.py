@@ -176,12 +176,8 @@ def main() -> None:
                                                    "loss_first_step", "grad_norm_first_step", "load_avg", "status")},
               flush=True)
         base = rows[0] if rows[0].get("status") == "ok" else None
-        for r in rows:
-            if base and r.get("status") == "ok":
-                r["time_vs_trl"] = r["step_s"] / base["step_s"]
-                r["cpu_vs_trl"] = r["step_cpu_s"] / base["step_cpu_s"]
-                r["peak_rss_vs_trl"] = r["peak_rss_mb"] / base["peak_rss_mb"]
-                r["train_mem_vs_trl"] = r["train_peak_extra_mb"] / base["train_peak_extra_mb"]
+        common.add_ratios(rows, base, {"time_vs_trl": "step_s", "cpu_vs_trl": "step_cpu_s",
+                                       "peak_rss_vs_trl": "peak_rss_mb", "train_mem_vs_trl": "train_peak_extra_mb"})
         common.write_csv(args.out, rows, COLUMNS)  # after every provider: a killed run keeps what it measured
     import plot
     print(f"wrote {args.out} and {plot.plot_train(args.out, title='TRL GRPOTrainer.train() steps')}")

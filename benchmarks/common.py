@@ -211,6 +211,13 @@ def report_from_worker(result: dict) -> None:
 
 # ---------------------------------------------------------------------------- CSV
 
+def add_ratios(rows: list[dict], base: dict | None, columns: dict[str, str]) -> None:
+    """Side-by-side ratios: for every finished row, row[name] = row[col] / base[col] for {name: col}."""
+    for r in rows:
+        if base and r.get("status") == "ok":
+            r.update({name: r[col] / base[col] for name, col in columns.items()})
+
+
 def write_csv(path: Path, rows: list[dict], columns: list[str]) -> Path:
     """Write rows (missing keys -> empty cells; unknown keys are an error) to `path`, replacing it."""
     path = Path(path)
