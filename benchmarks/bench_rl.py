@@ -178,7 +178,7 @@ EVAL_SETS = ("val", "test_in", "test_ood", "test_irr")
 TEST_SETS = EVAL_SETS[1:]  # the arms: validation is for pilots (choosing settings), the base is measured on it too
 
 
-def evaluate_checkpoint(ckpt: Path, out: Path, names=EVAL_SETS) -> None:
+def evaluate_checkpoint(ckpt: Path, out: Path, names=EVAL_SETS, max_tokens: int = EVAL_MAX_TOKENS) -> None:
     """(Run in its own process.) Greedy outputs and BFCL-compatible verdicts on the evaluation sets."""
     from fctrain import eval as feval
     from fctrain import models, rollout
@@ -189,10 +189,10 @@ def evaluate_checkpoint(ckpt: Path, out: Path, names=EVAL_SETS) -> None:
     examples = [e for n in names for e in sets[n]]
     prompts = [build_prompt_ids(e, tokenizer, "python") for e in examples]
     t0 = time.perf_counter()
-    engine = rollout.VLLMEngine(ckpt, dtype="auto", max_model_len=max(map(len, prompts)) + EVAL_MAX_TOKENS,
+    engine = rollout.VLLMEngine(ckpt, dtype="auto", max_model_len=max(map(len, prompts)) + max_tokens,
                                 kv_cache_gib=4.0)
     t_load = time.perf_counter() - t0
-    records = feval.generate_records(engine, tokenizer, examples, fmt="python", max_tokens=EVAL_MAX_TOKENS,
+    records = feval.generate_records(engine, tokenizer, examples, fmt="python", max_tokens=max_tokens,
                                      batch_size=1024, prompts=prompts)
     engine.close()
     labels = [n for n in names for _ in sets[n]]
@@ -203,9 +203,10 @@ def evaluate_checkpoint(ckpt: Path, out: Path, names=EVAL_SETS) -> None:
                                 "tokens": rec.output_tokens, "finish": rec.finish_reason, "text": rec.text}) + "\n")
 
 
-def evaluate(cell: str, ckpt: Path, names=EVAL_SETS) -> dict:
+def evaluate(cell: str, ckpt: Path, names=EVAL_SETS, max_tokens: int = EVAL_MAX_TOKENS) -> dict:
     out = WORK / cell / "eval.jsonl"
-    subprocess.run([sys.executable, __file__, "eval-one", str(ckpt), str(out), *names], cwd=REPO, check=True)
+    subprocess.run([sys.executable, __file__, "eval-one", str(ckpt), str(out), *names, "--max-tokens", str(max_tokens)],
+                   cwd=REPO, check=True)
     lines = [json.loads(line) for line in open(out)]
     timing, recs = lines[0], lines[1:]
     outputs = RESULTS / "outputs"
@@ -313,29 +314,54 @@ def save_base(result: dict) -> None:
     (RESULTS / "cells" / "bases" / f"{result['base_sha']}.json").write_text(json.dumps(result) + "\n")
 
 
-def run_pilot(name: str, sft: bool, overrides: list[str]) -> dict:
-    """Settings are chosen here, on the validation set alone; the test sets are never looked at."""
-    base = load_cell("sft-base")
-    if base is None:
-        raise SystemExit("run the sft-base cell first")
-    args = ["--model", base["train"]["checkpoint"], "--seed", "0"] + (SFT_ARM_ARGS if sft else RL_ARGS) + overrides
+def run_pilot(name: str, sft: bool, overrides: list[str], start: str = "base", eval_max_tokens: int = 0) -> dict:
+    """Settings are chosen here, on the validation set alone; the test sets are never looked at.
+
+    start: "base" (the sft-base cell's checkpoint), "scratch" (SFT from the original model with SFT_BASE_ARGS:
+    a candidate base recipe, whose checkpoint is kept) or the name of an earlier scratch pilot."""
+    if start == "scratch":
+        args = SFT_BASE_ARGS + overrides
+    else:
+        if start == "base":
+            origin = load_cell("sft-base")
+            if origin is None:
+                raise SystemExit("run the sft-base cell first")
+        else:
+            origin = json.loads((RESULTS / "pilots" / f"{start}.json").read_text())
+        args = ["--model", origin["train"]["checkpoint"], "--seed", "0"] + (SFT_ARM_ARGS if sft else RL_ARGS) + overrides
     t0 = time.time()
-    result = {"pilot": name, "overrides": overrides, "sft": sft, "arm_version": ARM_VERSION,
+    result = {"pilot": name, "start": start, "overrides": overrides, "sft": sft, "arm_version": ARM_VERSION,
               "train": train(f"pilot-{name}", args)}
-    result["eval"] = evaluate(f"pilot-{name}", Path(result["train"]["checkpoint"]), ("val",))
-    result["base_sha"] = base["base_sha"]
+    result["eval"] = evaluate(f"pilot-{name}", Path(result["train"]["checkpoint"]), ("val",),
+                              eval_max_tokens or EVAL_MAX_TOKENS)
+    result["val_split"] = val_breakdown(f"pilot-{name}")
     result["meta"] = common.run_metadata("cpu") | {"load_avg_end": common.load_avg(), "wall_s": time.time() - t0}
     path = RESULTS / "pilots" / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result) + "\n")
-    for path in (WORK / f"pilot-{name}").glob("ckpt-*"):
-        shutil.rmtree(path, ignore_errors=True)
+    if start != "scratch":  # a scratch pilot's checkpoint may start later pilots
+        for path in (WORK / f"pilot-{name}").glob("ckpt-*"):
+            shutil.rmtree(path, ignore_errors=True)
     v = result["eval"]["sets"]["val"]
     rl = result["train"]["rl_reward"]
-    print(f"[bench_rl] pilot {name}: val {v['accuracy']:.3f} (base {base['eval']['sets']['val']['accuracy']:.3f}) | "
+    print(f"[bench_rl] pilot {name}: val {v['accuracy']:.3f} {result['val_split']} | "
           f"train {result['train']['train_s']:.0f} s, {result['train']['steps']} steps | reward "
           f"{rl[:3]} .. {rl[-3:]}", flush=True)
     return result
+
+
+def val_breakdown(cell: str) -> dict:
+    """Validation accuracy on the call prompts and on the no-call prompts, how often each abstains, and the
+    balanced accuracy of the call / no-call decision alone (0.5 = no separation)."""
+    from fctrain import data, reward
+    recs = [json.loads(line) for line in open(RESULTS / "outputs" / f"{cell}.jsonl")]
+    neg = {e.id for e in data.load_split("val") if reward.is_irrelevance(e.category)}
+    out = {}
+    for kind, rs in (("call", [r for r in recs if r["id"] not in neg]), ("no_call", [r for r in recs if r["id"] in neg])):
+        out[f"{kind}_acc"] = round(sum(r["valid"] for r in rs) / len(rs), 3)
+        out[f"{kind}_abstain"] = round(sum(answered_no_call(r["text"]) for r in rs) / len(rs), 3)
+    out["decision_bacc"] = round((1 - out["call_abstain"] + out["no_call_abstain"]) / 2, 3)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -375,17 +401,21 @@ SET_LABELS = {"test_in": "(a) in-distribution", "test_ood": "(b) out-of-category
 
 def no_call_rates(cell: str) -> dict | None:
     """{set: share of that cell's greedy outputs that parse as an answer with no call}, from outputs/."""
-    from fctrain import reward
     path = RESULTS / "outputs" / f"{cell}.jsonl"
     if not path.exists():
         return None
     counts: dict = {}
     for line in open(path):
         r = json.loads(line)
-        parsed = reward.parse(r["text"], "python")
         n, k = counts.get(r["set"], (0, 0))
-        counts[r["set"]] = (n + 1, k + (parsed.ok and not parsed.calls))
+        counts[r["set"]] = (n + 1, k + answered_no_call(r["text"]))
     return {s: k / n for s, (n, k) in counts.items()}
+
+
+def answered_no_call(text: str) -> bool:
+    from fctrain import reward
+    parsed = reward.parse(text, "python")
+    return bool(parsed.ok and not parsed.calls)
 
 
 def report() -> str:
@@ -537,17 +567,21 @@ def main(argv=None) -> int:
     e.add_argument("ckpt")
     e.add_argument("out")
     e.add_argument("sets", nargs="*", default=list(EVAL_SETS))
+    e.add_argument("--max-tokens", type=int, default=EVAL_MAX_TOKENS)
     t = sub.add_parser("pilot", help="tuning: train from the base with RL_ARGS (or SFT_ARM_ARGS with --sft) "
                                      "plus overrides, evaluate on val ONLY")
     t.add_argument("name")
     t.add_argument("--sft", action="store_true", help="a continued-SFT pilot (give --time_budget_s)")
+    t.add_argument("--start", default="base", help="base (default) | scratch (a candidate base recipe: "
+                                                   "SFT_BASE_ARGS + overrides) | the name of a scratch pilot")
+    t.add_argument("--eval-max-tokens", type=int, default=0, help=f"default {EVAL_MAX_TOKENS}")
     t.add_argument("overrides", nargs=argparse.REMAINDER, help="trainer options after --")
     args = p.parse_args(argv)
     if args.cmd == "eval-one":
-        evaluate_checkpoint(Path(args.ckpt), Path(args.out), tuple(args.sets))
+        evaluate_checkpoint(Path(args.ckpt), Path(args.out), tuple(args.sets), args.max_tokens)
         return 0
     if args.cmd == "pilot":
-        run_pilot(args.name, args.sft, [a for a in args.overrides if a != "--"])
+        run_pilot(args.name, args.sft, [a for a in args.overrides if a != "--"], args.start, args.eval_max_tokens)
         return 0
     if args.cmd == "report":
         report()

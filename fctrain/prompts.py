@@ -166,7 +166,25 @@ def call_text(name: str, args: dict) -> str:
     return f"{name}(" + ", ".join(f"{p}={_py(v)}" for p, v in args.items()) + ")"
 
 
-THINK_STYLES = ("plan", "restate")
+THINK_STYLES = ("plan", "restate", "evidence")
+EVIDENCE_WORDS, EVIDENCE_TOOLS = 10, 3  # "evidence" think: words kept of the request and of each description
+
+
+def _words(text: str, n: int) -> str:
+    """The first n words of text as a phrase ending in "." (or "..." when cut)."""
+    words = " ".join(str(text).split()).split(" ")
+    return " ".join(words[:n]).rstrip(".,;:") + ("..." if len(words) > n else ".")
+
+
+def evidence(example: Example, called: list[str]) -> str:
+    """The evidence a call / no-call decision rests on, restated next to it: the request (its first words)
+    and what each tool does (up to EVIDENCE_TOOLS, the called ones first)."""
+    request = next((m["content"] for m in reversed(example.messages) if m["role"] == "user"), "")
+    names = list(dict.fromkeys(called + [t["name"] for t in example.tools]))[:EVIDENCE_TOOLS]
+    by_name = {t["name"]: t for t in example.tools}
+    tools = " ".join(f"{n}: {_words(by_name[n].get('description', ''), EVIDENCE_WORDS)}"
+                     for n in sorted(names, key=[t["name"] for t in example.tools].index))
+    return f"The user asks: {_words(request, EVIDENCE_WORDS)} Tools: {tools} "
 
 
 def _and(words: list[str]) -> str:
@@ -178,11 +196,20 @@ def render_target(example: Example, fmt: str = "python", think: str = "plan") ->
 
     think="plan": the think names the function(s) chosen and the parameters to fill, leaving the values to
     the answer ("I call f with a and b."): short (about half the tokens of "restate") and a decision, not
-    a copy. think="restate": the think spells out the whole answer ("I need to call f with a=1, b='x'.")."""
+    a copy. think="restate": the think spells out the whole answer ("I need to call f with a=1, b='x'.").
+    think="evidence": the think first restates the request and what each tool does, so the call / no-call
+    decision ("f fits, so I call f with a and b." / "None of them fits, so I make no call.") is taken next to
+    its evidence rather than on the first token."""
     if think not in THINK_STYLES:
         raise ValueError(f"unknown think style {think!r}; expected one of {THINK_STYLES}")
     calls = _target_calls(example)
-    if calls and think == "plan":
+    if think == "evidence":
+        names = list(dict.fromkeys(n for n, _ in calls))
+        think = evidence(example, names) + (
+            f"{_and(names)} {'fits' if len(names) == 1 else 'fit'}, so I call " + ", then ".join(
+                f"{name} with " + (_and(list(args)) or "no arguments") for name, args in calls) + "."
+            if calls else "None of them fits, so I make no call.")
+    elif calls and think == "plan":
         think = "I call " + ", then ".join(
             f"{name} with " + (_and(list(args)) or "no arguments") for name, args in calls) + "."
     elif calls:

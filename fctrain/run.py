@@ -104,7 +104,7 @@ class Config:
     sft_steps: int = 60                    # cold-start SFT steps before RL (0 = none)
     sft_batch_size: int = 8
     sft_lr: float = 5e-5
-    sft_think: str = "plan"                # SFT target's think: plan (names function + parameters) | restate
+    sft_think: str = "plan"                # SFT target's think: plan (names function + parameters) | restate | evidence
     time_budget_s: float = 0.0             # stop after the step that brings the training time (sum of step
                                            # times, evaluation excluded) to this many seconds (0 = no limit)
     # system

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from fctrain import reward
+from fctrain import prompts, reward
 from fctrain.cleaning import calls_to_ground_truth, main, parse_verdict, validate
 from fctrain.data import BFCL_CATEGORIES, Example, load_any, load_bfcl, load_jsonl, load_xlam, save_jsonl, shuffle, split
 from fctrain.prompts import build_messages, build_prompt_ids, filter_by_length, render_target
@@ -214,6 +214,28 @@ def test_render_target_matches_bfcl(bfcl):
     e = next(x for x in bfcl if x.category == "irrelevance")
     assert render_target(e, "python").endswith("<answer>[]</answer>")
     assert reward.parse(render_target(e, "hermes"), "hermes").calls == []
+
+
+def test_evidence_think_states_request_and_tools_before_deciding(bfcl):
+    """think="evidence": the request's first words and each tool's description come before the decision,
+    the targets stay correct in every format, and a cut phrase says so."""
+    kept, _ = validate(bfcl)
+    for e in kept[::7]:
+        for fmt in ("python", "hermes"):
+            assert reward.score(render_target(e, fmt, "evidence"), e, fmt=fmt).correct, (e.id, fmt)
+    e = next(x for x in kept if x.category == "multiple")
+    think = reward.parse(render_target(e, "python", "evidence"), "python").think
+    names = [t["name"] for t in e.tools][:prompts.EVIDENCE_TOOLS]
+    called = next(iter(e.ground_truth[0]))
+    decision = think.index(f"{called} fits, so I call {called} with ")
+    assert think.startswith("The user asks: ") and all(0 < think.index(f"{n}: ") < decision for n in names)
+    question = next(m["content"] for m in e.messages if m["role"] == "user").split()
+    assert " ".join(question[:prompts.EVIDENCE_WORDS]).rstrip(".,;:") in think
+    assert ("..." in think) == (len(question) > prompts.EVIDENCE_WORDS or any(
+        len(t.get("description", "").split()) > prompts.EVIDENCE_WORDS for t in e.tools[:prompts.EVIDENCE_TOOLS]))
+    neg = next(x for x in bfcl if x.category == "irrelevance")
+    assert render_target(neg, "python", "evidence").endswith("None of them fits, so I make no call.</think>"
+                                                             "<answer>[]</answer>")
 
 
 def test_validate_bfcl_report(bfcl):
