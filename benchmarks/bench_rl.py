@@ -469,14 +469,16 @@ def report() -> str:
               "resamples] (mean ± sd over seeds).", ""]
     lines += ["How often each arm answers \"no call\" (a well-formed empty answer), in % of each set, mean over seeds "
               "(from outputs/; the right answer only on (c)):", "",
-              "| arm | " + " | ".join(SET_LABELS[s] for s in ("test_in", "test_ood", "test_irr")) + " |",
-              "| --- | --- | --- | --- |"]
+              "| arm | " + " | ".join(SET_LABELS[s] for s in ("test_in", "test_ood", "test_irr")) + " | decision |",
+              "| --- | --- | --- | --- | --- |"]
     for arm, cs in [("sft-base", [{"cell": "sft-base"}])] + list(by_arm.items()):
         rates = [no_call_rates(c["cell"]) for c in cs]
         if cs and all(rates):
-            lines.append(f"| {arm} | " + " | ".join(
-                f"{100 * np.mean([r[s] for r in rates]):.1f}" for s in ("test_in", "test_ood", "test_irr")) + " |")
-    lines.append("")
+            mean = {s: np.mean([r[s] for r in rates]) for s in ("test_in", "test_ood", "test_irr")}
+            lines.append(f"| {arm} | " + " | ".join(f"{100 * v:.1f}" for v in mean.values())
+                         + f" | {100 * (1 - mean['test_in'] + mean['test_irr']) / 2:.1f} |")
+    lines += ["", "decision: the balanced accuracy of the call / no-call decision alone, (calls on (a) + abstains on "
+              "(c)) / 2; 50 = no separation (always or never calling, or deciding at random).", ""]
 
     def paired(a_cells, b_cells, s):  # cells of one seed on one base are paired
         keys = sorted({(c["seed"], c["base_sha"]) for c in a_cells} & {(c["seed"], c["base_sha"]) for c in b_cells})
