@@ -51,20 +51,25 @@ SPLIT_SEED = 16
 MAX_PROMPT_TOKENS = 512
 TEST_IN, VAL_IN, VAL_NEG, NEG_TRAIN, TEST_IRR = 150, 60, 30, 80, 120
 SYN_TRAIN, SYN_VAL = 160, 30  # swapped-tool negatives (data.swapped_tools_negative) in train / val
-EVAL_MAX_TOKENS = 96
+# The SFT target's think (fctrain.prompts.render_target): "evidence" restates the request and each tool's
+# purpose before the call / no-call decision (v4; chosen on val over "plan", whose base never abstained:
+# results/rl_cpu/pilots/evidence-base.json). Its completions are about twice as long, hence 160 tokens.
+THINK, MAX_NEW_TOKENS = "evidence", 160
+EVAL_MAX_TOKENS = MAX_NEW_TOKENS
 SEEDS = (0, 1, 2)
 ARMS = ("grpo", "egpo", "sft")
 
-COMMON_ARGS = ["--fmt", "python", "--max_prompt_tokens", str(MAX_PROMPT_TOKENS), "--max_new_tokens", "96",
-               "--eval_data", "none", "--save_every", "0", "--keep_last", "1", "--sft_think", "plan"]
+COMMON_ARGS = ["--fmt", "python", "--max_prompt_tokens", str(MAX_PROMPT_TOKENS), "--max_new_tokens",
+               str(MAX_NEW_TOKENS), "--eval_data", "none", "--save_every", "0", "--keep_last", "1", "--sft_think", THINK]
 SFT_BASE_ARGS = ["--sft_steps", "60", "--sft_batch_size", "8", "--sft_lr", "5e-5", "--steps", "0",
                  "--beta", "0", "--engine", "hf", "--seed", "0"]
 RL_ARGS = ["--sft_steps", "0", "--steps", "10", "--prompts_per_step", "4", "--group_size", "8",
            "--lr", "2e-5", "--warmup_steps", "2", "--temperature", "0.7", "--beta", "0", "--reward", "partial"]
 # Bump when the arms' training changes in a way their arguments do not show; finished cells of another
 # version are neither skipped nor pooled. 3: the partial reward pays nothing for the wrong kind of answer
-# (v2 results: benchmarks/results/rl_cpu_v2/).
-ARM_VERSION = 3
+# (v2 results: benchmarks/results/rl_cpu_v2/). 4: the "evidence" think and 160 new tokens (v3 results:
+# benchmarks/results/rl_cpu_v3/).
+ARM_VERSION = 4
 SFT_ARM_ARGS = ["--sft_steps", "100000", "--sft_batch_size", "8", "--sft_lr", "5e-5", "--steps", "0",
                 "--beta", "0", "--engine", "hf"]
 
