@@ -19,8 +19,8 @@ This is a bound-based model, not a simulator: it ranks providers, names each one
 shows why the backward's atomics decide the fused kernel's distance from the matmul floor. The measured
 GPU rows (bench_kernels.py on a GPU) calibrate it; until then, its numbers are predictions only.
 
-`design:split` is not a provider but a candidate backward (two atomic-free kernels, see count()): the model
-is how issue 17 picks the backward's accumulation scheme.
+`design:dz-chunks` is not a provider but a candidate backward (atomic-free: dz in bf16 per chunk of rows,
+then cuBLAS; see count()): the model is how issue 17 picks the backward's accumulation scheme.
 
 Device figures are the vendors' dense peaks (no sparsity). L2 bandwidth is not published; 5.5 TB/s is a
 typical microbenchmark reading of Hopper's L2 (an assumption, the same for H100 and H200, one die).
@@ -55,6 +55,7 @@ EAGER_BWD = {"on": 90, "off": 38}
 # log_softmax etc. (r8 w4), the gradient (r8 w4), back to the GEMMs (r4) = 36.
 LIGER_PER_ELEM = 36
 GRPO_SEQ_LEN = 256  # LigerFusedLinearGRPOLoss chunks by sequence (chunk_size=1): N / 256 chunks
+DZ_CHUNK = 4096  # rows per chunk of the design:dz-chunks backward (its bf16 dz: 4096 x V x 2 bytes = 1.2 GB)
 SKIP = {"on": 0.24, "off": 0.24}  # tiles skipped at filter_eps 2**-12, Qwen-shaped, T=0.7 (tile_skip_cpu.csv)
 
 
@@ -92,12 +93,17 @@ def count(provider: str, op: str, mode: str, entropy: str, n: int, h: int, v: in
             kernels.append((gemm + 2 * gemm * (1 - skip), 2 * io + F32 * nh))  # + the fp32 dX buffer
             l2_ops += stream(n, h, v, bn, bv) * (1 + 2 * (1 - skip))
             atomics = 2 * acc * (nh * -(-v // bv) + vh * -(-n // bn)) * (1 - skip)  # read + write each
-    elif provider == "design:split":
-        # A design, not a provider: the backward as two atomic-free kernels, dX (programs own X rows, loop
-        # over V) and dW (programs own W rows, loop over N), each recomputing z: one more logit GEMM, no atomics.
+    elif provider == "design:dz-chunks":
+        # A design, not a provider. An atomic-free backward cannot own whole rows of dX in one program (a
+        # [BLOCK_N, H] fp32 accumulator is 1 MB at H 4096, beyond registers and shared memory), so: per chunk
+        # of DZ_CHUNK rows, a fused kernel recomputes z and writes dz in bf16, then two cuBLAS GEMMs form
+        # dX = dz W and dW += dz^T X (fp32 accumulator read and written once per chunk).
+        chunks = max(1, -(-n // DZ_CHUNK))
         kernels.append((gemm, io))
         if bwd:
-            kernels += [(2 * gemm, io + F32 * nh), (2 * gemm, io + F32 * vh)]
+            kernels += [(gemm, io + B16 * e),                              # z recomputed, dz written
+                        (gemm, B16 * e + chunks * B16 * vh + B16 * nh),    # dX GEMMs
+                        (gemm, B16 * e + B16 * nh + chunks * 3 * F32 * vh)]  # dW GEMMs into the fp32 acc
     elif provider in ("liger-grpo", "liger-flce"):
         # gradients formed inside forward, chunk by chunk; backward only scales them
         chunks = max(1, n // GRPO_SEQ_LEN) if provider == "liger-grpo" else max(1, -(-v // h))
@@ -142,7 +148,7 @@ def device_key(name: str) -> str | None:
 PROVIDER_CASES = [("lm-head-matmul", "lm-head-matmul", "n/a"), ("fctrain-triton", "grpo", "on"),
                   ("fctrain-triton", "grpo", "off"), ("fctrain-torch", "grpo", "on"), ("naive-eager", "grpo", "on"),
                   ("liger-grpo", "grpo", "off"), ("liger-flce", "logprob", "off"), ("cce", "logprob", "off"),
-                  ("fctrain-triton", "logprob", "off"), ("design:split", "grpo", "on")]
+                  ("fctrain-triton", "logprob", "off"), ("design:dz-chunks", "grpo", "on")]
 COLUMNS = ["device", "provider", "op", "mode", "entropy", "N", "H", "V", "skip", "flops", "hbm_bytes",
            "l2_atomic_bytes", "l2_operand_bytes", "flop_bound_ms", "hbm_bound_ms", "atomic_ms", "pred_ms", "bound",
            "ratio_floor", "l2_operand_ms"]
