@@ -72,7 +72,7 @@ class Config:
     eval_limit: int = 0                    # eval examples per "+"-part of eval_data (0 = all)
     fmt: str = "python"                    # output format: python (<think><answer>[calls]) | hermes
     max_prompt_tokens: int = 512           # longer prompts are dropped
-    max_new_tokens: int = 96               # completion budget per sample
+    max_new_tokens: int = 160              # completion budget per sample (the "evidence" think needs ~90 tokens)
     max_bad_rows: float = 0.01             # malformed rows of a JSONL/xLAM file are skipped, counted and reported by
                                            # line; more than this fraction of a file's rows stops the run
     # algorithm
@@ -105,7 +105,9 @@ class Config:
     sft_steps: int = 60                    # cold-start SFT steps before RL (0 = none)
     sft_batch_size: int = 8
     sft_lr: float = 5e-5
-    sft_think: str = "plan"                # SFT target's think: plan (names function + parameters) | restate | evidence
+    sft_think: str = "evidence"            # SFT target's think: evidence (restates the request and what each tool does,
+                                           # then decides: chosen on val, bench_rl v4) | plan (names function +
+                                           # parameters) | restate (spells out the whole answer)
     time_budget_s: float = 0.0             # stop after the step that brings the training time (sum of step
                                            # times, evaluation excluded) to this many seconds (0 = no limit)
     # system
