@@ -2,6 +2,7 @@
 
     python benchmarks/bench_kernels.py --device cpu                       # CPU mode: minutes, torch paths
     python benchmarks/bench_kernels.py --device cuda --wheels .whl        # GPU mode: one command, offline
+    python benchmarks/bench_kernels.py --model                            # predicted H100/H200 times only
 
 Providers (each measured on identical inputs in the same run):
   lm-head-matmul   the floor: z = hidden @ weight.T, then dX and dW (forward+backward) - no loss at all
@@ -357,6 +358,8 @@ def parse_args(argv=None):
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--wheels", type=Path, help="folder of peer wheels to install offline if not importable")
     p.add_argument("--fetch-wheels", type=Path, help="download the pinned peer wheels into this folder; exit")
+    p.add_argument("--model", action="store_true", help="print traffic_model's H100/H200 predictions at the "
+                   "target shape and exit (a GPU run prints them beside the measured times)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     for name, allowed in (("providers", PROVIDERS), ("ops", OPS), ("modes", MODES), ("entropy", ["on", "off"])):
@@ -370,6 +373,10 @@ def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     if args.fetch_wheels:
         fetch_wheels(args.fetch_wheels)
+        return []
+    if args.model:  # no GPU here: the predictions alone
+        import traffic_model
+        print(traffic_model.markdown(traffic_model.table([TARGET])))
         return []
     timing = {"min_reps": args.min_reps, "min_time_s": args.min_time}
     if args.worker:  # isolated child: one configuration, one result line
@@ -415,11 +422,28 @@ def main(argv=None) -> list[dict]:
               f"{spec['provider']:<15} N={spec['N']} H={spec['H']} V={spec['V']}: {shown}  (load {load})", flush=True)
         add_ratios(rows)
         common.write_csv(out, rows, COLUMNS)  # after every row: a killed run keeps what it measured
+    print_predictions(rows, meta["device"])
     if not args.no_plot:
         import plot
 
         print("plot:", plot.plot_kernels(out))
     return rows
+
+
+def print_predictions(rows: list[dict], device_name: str) -> None:
+    """Measured GPU times beside traffic_model's predictions for the same configurations (H100/H200)."""
+    import traffic_model
+    key = traffic_model.device_key(device_name)
+    ok = [r for r in rows if r["status"] == "ok" and r["dtype"] == "bfloat16"]
+    if key is None or not ok:
+        return
+    print(f"\nmeasured vs traffic_model ({key}; bf16):")
+    for r in ok:
+        p = traffic_model.predict(r["provider"], r["op"], r["mode"], "off" if r["entropy"] == "n/a" else r["entropy"],
+                                  r["N"], r["H"], r["V"], key, skip=0.0)
+        print(f"  {r['op']:>14} {r['mode']:>7} ent={r['entropy']:<3} {r['provider']:<15} N={r['N']} H={r['H']} "
+              f"V={r['V']}: measured {r['time_ms']:9.2f} ms, predicted {p['pred_ms']:9.2f} ms ({p['bound']}-bound), "
+              f"measured / predicted {r['time_ms'] / p['pred_ms']:.2f}")
 
 
 if __name__ == "__main__":

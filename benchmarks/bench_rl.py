@@ -51,20 +51,25 @@ SPLIT_SEED = 16
 MAX_PROMPT_TOKENS = 512
 TEST_IN, VAL_IN, VAL_NEG, NEG_TRAIN, TEST_IRR = 150, 60, 30, 80, 120
 SYN_TRAIN, SYN_VAL = 160, 30  # swapped-tool negatives (data.swapped_tools_negative) in train / val
-EVAL_MAX_TOKENS = 96
+# The SFT target's think (fctrain.prompts.render_target): "evidence" restates the request and each tool's
+# purpose before the call / no-call decision (v4; chosen on val over "plan", whose base never abstained:
+# results/rl_cpu/pilots/evidence-base.json). Its completions are about twice as long, hence 160 tokens.
+THINK, MAX_NEW_TOKENS = "evidence", 160
+EVAL_MAX_TOKENS = MAX_NEW_TOKENS
 SEEDS = (0, 1, 2)
 ARMS = ("grpo", "egpo", "sft")
 
-COMMON_ARGS = ["--fmt", "python", "--max_prompt_tokens", str(MAX_PROMPT_TOKENS), "--max_new_tokens", "96",
-               "--eval_data", "none", "--save_every", "0", "--keep_last", "1", "--sft_think", "plan"]
+COMMON_ARGS = ["--fmt", "python", "--max_prompt_tokens", str(MAX_PROMPT_TOKENS), "--max_new_tokens",
+               str(MAX_NEW_TOKENS), "--eval_data", "none", "--save_every", "0", "--keep_last", "1", "--sft_think", THINK]
 SFT_BASE_ARGS = ["--sft_steps", "60", "--sft_batch_size", "8", "--sft_lr", "5e-5", "--steps", "0",
                  "--beta", "0", "--engine", "hf", "--seed", "0"]
 RL_ARGS = ["--sft_steps", "0", "--steps", "10", "--prompts_per_step", "4", "--group_size", "8",
            "--lr", "2e-5", "--warmup_steps", "2", "--temperature", "0.7", "--beta", "0", "--reward", "partial"]
 # Bump when the arms' training changes in a way their arguments do not show; finished cells of another
 # version are neither skipped nor pooled. 3: the partial reward pays nothing for the wrong kind of answer
-# (v2 results: benchmarks/results/rl_cpu_v2/).
-ARM_VERSION = 3
+# (v2 results: benchmarks/results/rl_cpu_v2/). 4: the "evidence" think and 160 new tokens (v3 results:
+# benchmarks/results/rl_cpu_v3/).
+ARM_VERSION = 4
 SFT_ARM_ARGS = ["--sft_steps", "100000", "--sft_batch_size", "8", "--sft_lr", "5e-5", "--steps", "0",
                 "--beta", "0", "--engine", "hf"]
 
@@ -469,14 +474,16 @@ def report() -> str:
               "resamples] (mean ± sd over seeds).", ""]
     lines += ["How often each arm answers \"no call\" (a well-formed empty answer), in % of each set, mean over seeds "
               "(from outputs/; the right answer only on (c)):", "",
-              "| arm | " + " | ".join(SET_LABELS[s] for s in ("test_in", "test_ood", "test_irr")) + " |",
-              "| --- | --- | --- | --- |"]
+              "| arm | " + " | ".join(SET_LABELS[s] for s in ("test_in", "test_ood", "test_irr")) + " | decision |",
+              "| --- | --- | --- | --- | --- |"]
     for arm, cs in [("sft-base", [{"cell": "sft-base"}])] + list(by_arm.items()):
         rates = [no_call_rates(c["cell"]) for c in cs]
         if cs and all(rates):
-            lines.append(f"| {arm} | " + " | ".join(
-                f"{100 * np.mean([r[s] for r in rates]):.1f}" for s in ("test_in", "test_ood", "test_irr")) + " |")
-    lines.append("")
+            mean = {s: np.mean([r[s] for r in rates]) for s in ("test_in", "test_ood", "test_irr")}
+            lines.append(f"| {arm} | " + " | ".join(f"{100 * v:.1f}" for v in mean.values())
+                         + f" | {100 * (1 - mean['test_in'] + mean['test_irr']) / 2:.1f} |")
+    lines += ["", "decision: the balanced accuracy of the call / no-call decision alone, (calls on (a) + abstains on "
+              "(c)) / 2; 50 = no separation (always or never calling, or deciding at random).", ""]
 
     def paired(a_cells, b_cells, s):  # cells of one seed on one base are paired
         keys = sorted({(c["seed"], c["base_sha"]) for c in a_cells} & {(c["seed"], c["base_sha"]) for c in b_cells})

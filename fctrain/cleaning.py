@@ -336,7 +336,10 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--input", required=True, help="X.jsonl, an xLAM file, or bfcl:<category,...>")
         p.add_argument("--output", required=True)
         p.add_argument("--report", default=None)
-        p.add_argument("--on-error", default="raise", choices=("raise", "skip"))
+        p.add_argument("--on-error", default="skip", choices=("raise", "skip"),
+                       help="malformed rows: skip them (counted, with their line numbers, in the report) or stop")
+        p.add_argument("--max-bad-rows", type=float, default=0.01,
+                       help="with --on-error skip: fail when more than this fraction of a file's rows is malformed")
     j.add_argument("--model", default=None, help="model dir or hub id (default: fctrain.rollout.resolve_model())")
     j.add_argument("--engine", default="auto", help="engine kind for fctrain.rollout.make_engine")
     j.add_argument("--max-tokens", type=int, default=256)
@@ -344,15 +347,19 @@ def main(argv: list[str] | None = None) -> int:
     j.add_argument("--limit", type=int, default=None)
     args = ap.parse_args(argv)
 
+    if not 0 <= args.max_bad_rows <= 1:
+        ap.error("--max-bad-rows must be a fraction in [0, 1]")
     skipped = Counter()
-    examples = load_any(args.input, on_error=args.on_error, skipped=skipped)
+    try:
+        examples = load_any(args.input, on_error=args.on_error, skipped=skipped, max_bad=args.max_bad_rows)
+    except (OSError, ValueError) as e:  # a missing file, too many malformed rows, an unknown category
+        raise SystemExit(f"error: --input {args.input}: {e}") from None
 
     if args.cmd == "validate":
         kept, report = validate(examples)
     else:
         from fctrain import models, rollout  # heavy (torch, transformers, vLLM): only the judge needs them
-        resolve = getattr(rollout, "resolve_model", None) or models.resolve_model
-        model_path = resolve(args.model)
+        model_path = models.resolve_model(args.model)
         tokenizer = models.load_tokenizer(model_path)
         engine = rollout.make_engine(args.engine, model_path)
         try:
@@ -372,6 +379,3 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     sys.exit(main())
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -29,6 +29,7 @@ from __future__ import annotations
 import ast
 import json
 import re
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
@@ -157,7 +158,9 @@ def _call(node: ast.AST, depth: int, lenient: bool) -> dict:
 
 def _parse_call_list(src: str, lenient: bool) -> list[dict]:
     try:
-        tree = ast.parse(src, mode="eval")
+        with warnings.catch_warnings():  # model text: "invalid escape sequence" and the like are its problem, not the log's
+            warnings.simplefilter("ignore", (SyntaxWarning, DeprecationWarning))
+            tree = ast.parse(src, mode="eval")
     except (SyntaxError, ValueError, RecursionError, MemoryError) as e:  # ValueError: null bytes, huge ints
         raise _ParseError(f"not a python call list: {type(e).__name__}: {str(e)[:200]}") from None
     body = tree.body

@@ -43,6 +43,7 @@ import shutil
 import signal
 import sys
 import time
+import traceback
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,7 +74,7 @@ class Config:
     eval_limit: int = 0                    # eval examples per "+"-part of eval_data (0 = all)
     fmt: str = "python"                    # output format: python (<think><answer>[calls]) | hermes
     max_prompt_tokens: int = 512           # longer prompts are dropped
-    max_new_tokens: int = 96               # completion budget per sample
+    max_new_tokens: int = 160              # completion budget per sample (the "evidence" think needs ~90 tokens)
     max_bad_rows: float = 0.01             # malformed rows of a JSONL/xLAM file are skipped, counted and reported by
                                            # line; more than this fraction of a file's rows stops the run
     # algorithm
@@ -106,7 +107,9 @@ class Config:
     sft_steps: int = 60                    # cold-start SFT steps before RL (0 = none)
     sft_batch_size: int = 8
     sft_lr: float = 5e-5
-    sft_think: str = "plan"                # SFT target's think: plan (names function + parameters) | restate | evidence
+    sft_think: str = "evidence"            # SFT target's think: evidence (restates the request and what each tool does,
+                                           # then decides: chosen on val, bench_rl v4) | plan (names function +
+                                           # parameters) | restate (spells out the whole answer)
     time_budget_s: float = 0.0             # stop after the step that brings the training time (sum of step
                                            # times, evaluation excluded) to this many seconds (0 = no limit)
     # system
@@ -446,6 +449,7 @@ def sample_rollouts(tr: Trainer, batch: list) -> Rollout:
     seed differs per step and per rank."""
     cfg, ctx = tr.cfg, tr.ctx
     t0 = time.perf_counter()
+    fault_point("rollout")
     groups = tr.engine.generate([tr.data.prompt_ids[ex.id] for ex in batch], n=cfg.group_size,
                                 temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,
                                 seed=(cfg.seed * 1_000_003 + tr.step) * ctx.world_size + ctx.rank)
@@ -1082,13 +1086,34 @@ def fault_point(name: str):
     """Fault injection for tests, off unless FCTRAIN_FAULT is set: FCTRAIN_FAULT=<name>:<k> makes the k-th
     arrival at fault_point(<name>) SIGKILL this process. Points: step (inside a training step, after the
     update, before it is logged), ckpt_write (between a checkpoint's weight and state files), eval (inside
-    an evaluation)."""
+    an evaluation), and rollout, where the engine raises instead (RuntimeError, as a failing vLLM would)."""
     spec = os.environ.get("FCTRAIN_FAULT", "")
     point, _, k = spec.partition(":")
     if point == name:
         _fault_arrivals[name] = _fault_arrivals.get(name, 0) + 1
         if _fault_arrivals[name] == int(k or 1):
+            if name == "rollout":
+                raise RuntimeError("injected engine failure (FCTRAIN_FAULT)")
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def engine_failed(tr: Trainer, position: dict, error: Exception):
+    """The rollout engine raised: checkpoint the steps trained so far (with the data position before the
+    failed step's prompts, so a resume draws them again), then end with the traceback and one error line.
+    Under torchrun the failing rank cannot checkpoint alone (saving is collective): the error propagates and
+    torchrun stops the job; resume from the last periodic checkpoint."""
+    if tr.ctx.world_size > 1:
+        raise error
+    traceback.print_exception(error)
+    tr.data.position = position
+    tr.log.end_progress()
+    path = save_checkpoint(tr.cfg, tr.out, tr.step, tr.model, tr.tokenizer, tr.optimizer, tr.data.position,
+                           tr.log.history)
+    with contextlib.suppress(Exception):  # a broken engine may fail to close too
+        tr.engine.close()
+    tr.log.close()
+    raise SystemExit(f"error: the rollout engine failed in step {tr.step + 1} ({type(error).__name__}: {error}); "
+                     f"steps 1-{tr.step} are saved in {path}; resume with: python -m fctrain.run --resume {tr.out}")
 
 
 _fault_arrivals: dict[str, int] = {}
@@ -1167,8 +1192,12 @@ def main(argv: list[str] | None = None) -> int:
         t_step, lr = time.perf_counter(), lr_at(cfg, tr.step)
         model.train()
         # every rank draws the same prompts and keeps its share of whole groups (advantages stay local)
+        position = dict(data.position)
         batch = fdist.split_for_rank(data.next_batch(cfg.prompts_per_step), ctx.rank, ctx.world_size)
-        roll = sample_rollouts(tr, batch)                                       # 1. rollout
+        try:
+            roll = sample_rollouts(tr, batch)                                   # 1. rollout
+        except Exception as e:  # the engine failed (out of memory, a vLLM error): keep what was trained
+            engine_failed(tr, position, e)
         results, rewards, reward_s = score_rollouts(tr, roll)                   # 2. reward
         adv = compute_advantages(tr, roll, rewards)                             # 3. advantage
         update = policy_update(tr, roll, adv, lr)                               # 4. loss and update

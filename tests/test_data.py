@@ -289,6 +289,22 @@ def test_validate_repairs_and_drops(tmp_path):
                                            "schema_type_alias": 1}
 
 
+def test_data_cli_skips_malformed_rows_within_the_bound(tmp_path, capsys):
+    good = Example("g", "simple", [{"role": "user", "content": "q"}], [_tool()], [{"f": {"a": [1]}}])
+    src, out, rep = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "report.json"
+    save_jsonl([good, good], src)
+    src.write_text(src.read_text() + '{"id": "broken"\n')
+    with pytest.raises(SystemExit, match=r"^error: --input .*in.jsonl: .*1 of 3 lines malformed, more than 1.0%"):
+        main(["validate", "--input", str(src), "--output", str(out)])  # the default bound: 1%
+    assert not out.exists()
+    assert main(["validate", "--input", str(src), "--output", str(out), "--report", str(rep),
+                 "--max-bad-rows", "0.5"]) == 0
+    assert json.loads(rep.read_text())["skipped_rows"] == {"JSONDecodeError": 1} and len(load_jsonl(out)) == 2
+    assert "(lines 3)" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="^error: --input .*missing.jsonl"):
+        main(["validate", "--input", str(tmp_path / "missing.jsonl"), "--output", str(out)])
+
+
 def test_validate_cli_on_bfcl(tmp_path):
     out, rep = tmp_path / "o.jsonl", tmp_path / "r.json"
     assert main(["validate", "--input", "bfcl:simple_python,live_multiple", "--output", str(out),

@@ -392,3 +392,14 @@ def test_scorer_scores_each_pair_once_and_isolates_failures(bfcl_examples):
     assert partial(texts[:4], examples[:4]) == [score(t, e, "partial") for t, e in zip(texts[:4], examples[:4])]
     with pytest.raises(ValueError):
         partial(texts[:2], examples[:3])
+
+
+def test_parse_is_silent_on_warnings_in_model_text():
+    """Invalid escapes in model text make ast.parse warn (SyntaxWarning from 3.12); the parse stays quiet."""
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        parsed = parse('<think>x</think><answer>[f(a="\\d", b=1 is 1)]</answer>', "python")
+        ok = parse('<think>x</think><answer>[f(a="\\d")]</answer>', "python")
+    assert parsed.calls is None and ok.calls == [{"f": {"a": "\\d"}}]
+    assert not caught, [str(w.message) for w in caught]

@@ -429,6 +429,26 @@ def test_sigkill_anywhere_then_resume_equals_the_uninterrupted_run(tiny, uninter
     assert not list(out.glob(".tmp-*"))
 
 
+@pytest.mark.slow
+def test_engine_failure_mid_rollout_checkpoints_and_resumes(tiny, uninterrupted):
+    """The engine raising in the second RL step's rollout: one error line naming the step and the checkpoint
+    of steps 1-5 (the failed step's prompts not consumed), and a resume equal to the uninterrupted run."""
+    root, model_dir = tiny
+    out = root / "engine-failed"
+    code, output = _finish(_train(_fault_args(root, model_dir, out), "rollout:2"))
+    assert code == 1, output[-3000:]
+    assert "RuntimeError: injected engine failure" in output  # the engine's traceback is kept
+    assert output.rstrip().splitlines()[-1] == (
+        f"error: the rollout engine failed in step 6 (RuntimeError: injected engine failure (FCTRAIN_FAULT)); "
+        f"steps 1-5 are saved in {out / 'ckpt-000005'}; resume with: python -m fctrain.run --resume {out}")
+    assert run.load_trainer_state(out / "ckpt-000005")["step"] == 5
+    code, output = _finish(_train(["--resume", str(out)]))
+    assert code == 0, output[-3000:]
+    assert _metrics(out) == _metrics(uninterrupted)
+    final, reference = _weights(out / "ckpt-000007"), _weights(uninterrupted / "ckpt-000007")
+    assert all(torch.equal(final[k], reference[k]) for k in reference)
+
+
 def ckpt_step(ckpt: Path) -> int:
     return int(ckpt.name.split("-")[1])
 

@@ -1,15 +1,18 @@
 """kernels.verl: verl's fused-kernel contract on our kernels, against verl's own torch implementation.
 
-Skipped where verl is not importable. verl 0.9.1 is not in the project's environment (it pins
-transformers < 5.11 and pulls Ray); to run these tests, install it beside it:
-
-    pip download verl==0.9.1 --no-deps -d /tmp/verl
-    pip install --no-deps --target /work/verl-pkgs /tmp/verl/verl-0.9.1-py3-none-any.whl \
-        ray==2.52.0 tensordict==0.10.0 codetiming msgpack pyvers omegaconf
-    PYTHONPATH=.:/work/verl-pkgs pytest tests/test_verl.py
+verl 0.9.1 is not in the project's environment (it pins transformers < 5.11 and pulls Ray): scripts/setup.sh
+installs it beside it, into <venv>/verl-pkgs (`pip install --no-deps --target`), and this module appends that
+folder to sys.path (after the environment's own packages). Skipped where verl is still not importable.
 """
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+VERL_PKGS = Path(sys.prefix) / "verl-pkgs"
+if VERL_PKGS.is_dir() and str(VERL_PKGS) not in sys.path:
+    sys.path.append(str(VERL_PKGS))
 
 from tests.equivalence import assert_grad_close
 from tests.kernel_utils import assert_verbose_close, within_budget
