@@ -203,14 +203,13 @@ def make_call(spec: dict):
             nll = linear_cross_entropy(c["hidden"], weight, c["targets"], reduction="sum")
             return torch.autograd.grad(nll, [c["hidden"], weight]) if backward else nll
     elif op == "grpo" and provider in ("fctrain-triton", "fctrain-torch", "naive-eager", "naive-compile"):
-        coef = GRPO_ENTROPY_COEF if entropy else 0.0
+        config = kernels.GRPOLossConfig(beta=GRPO_BETA, entropy_coef=GRPO_ENTROPY_COEF if entropy else 0.0)
         if provider.startswith("fctrain"):
             def fn(x, w, t, adv, mask, ref):
-                return kernels.fused_linear_grpo_loss(x, w, t, adv, mask, ref_logp=ref, beta=GRPO_BETA,
-                                                      entropy_coef=coef, impl=impl)[0]
+                return kernels.fused_linear_grpo_loss(x, w, t, adv, mask, ref_logp=ref, config=config, impl=impl)[0]
         else:
             fn = compile_(lambda x, w, t, adv, mask, ref: naive_grpo_loss(
-                x, w, t, adv, mask, ref_logp=ref, beta=GRPO_BETA, entropy_coef=coef)[0])
+                x, w, t, adv, mask, ref_logp=ref, config=config)[0])
 
         def run(c):
             x = c["hidden"].view(b, t_len, h)

@@ -15,9 +15,11 @@ Algorithm (arXiv 2508.05118, FunRL/EGPO), per step:
     and left out of the loss. EGPO: A_i' = A_i + lambda * clip(H_i, -|A_i|/alpha, |A_i|/alpha), H_i the
     mean (detached) entropy of completion i's <think> tokens, from step 4's first forward pass.
     `algo=grpo` keeps A_i.
- 4. Loss and update: kernels.fused_linear_grpo_loss (clipped ratio, k3 KL to a frozen reference when
-    beta > 0, truncated importance weight for the engine/trainer mismatch), micro-batched by a token
-    budget, never materialising [tokens x vocab] logits. AdamW, gradient clipping, warm-up + cosine LR.
+ 4. Loss and update: the two layers of kernels.fused_linear_grpo_loss, fused_linear_logprob_entropy then
+    grpo_objective (clipped ratio, k3 KL to a frozen reference when beta > 0, truncated importance weight
+    for the engine/trainer mismatch), micro-batched by a token budget, never materialising [tokens x vocab]
+    logits; one LM-head pass per micro-batch gives the old log-probs, the EGPO entropy and the loss. AdamW,
+    gradient clipping, warm-up + cosine LR.
  5. Sync: push the new weights into the engine (no files).
  6. Log, evaluate (every `eval_every` steps), checkpoint (every `save_every` steps).
 main() runs these as one call each, in its RL loop; the sections below follow the same numbers.
@@ -590,6 +592,9 @@ def train_on_rollouts(cfg: Config, model, ref_model, optimizer, lr: float, seqs:
     plan = packing.plan(seqs, cfg.micro_batch_tokens, layout)
     batches = [packing.build(seqs, units, layout, device, varlen) for units in plan]
     n_passes = fdist.all_reduce_max(len(batches))  # FSDP: every rank runs as many forward/backward passes
+    loss_config = kernels.GRPOLossConfig(eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta,
+                                         entropy_coef=cfg.entropy_coef, rollout_is_cap=cfg.rollout_is_cap or None,
+                                         loss_agg=cfg.loss_agg, max_len=cfg.max_new_tokens)
     old_logps = {}
     for update in range(cfg.updates_per_batch):
         for k in range(n_passes):
@@ -609,28 +614,26 @@ def train_on_rollouts(cfg: Config, model, ref_model, optimizer, lr: float, seqs:
             with autocast(cfg, device):
                 h = packing.hidden_rows(model, mb)
             w = lm_head(cfg, model)  # after the forward: under FSDP it is gathered there
-            h = h.to(w.dtype)
             stats["computed_tokens"] += mb.num_tokens
+            # The loss's two layers, split so that one LM-head pass serves the old log-probs, EGPO's entropy
+            # and the loss: before the first optimizer step the policy is the one that sampled.
+            logp, ent = kernels.fused_linear_logprob_entropy(h.to(w.dtype), w, mb.targets,
+                                                             temperature=cfg.temperature, impl=cfg.impl)
             if update == 0:
-                with torch.no_grad():  # old log-probs and entropy of the policy that sampled
-                    old_lp, ent = kernels.fused_linear_logprob_entropy(
-                        h.detach(), w, mb.targets, temperature=cfg.temperature, impl=cfg.impl)
-                old_logps[k] = old_lp
+                old_logps[k] = logp.detach()  # old log-probs of the policy that sampled
                 if thinks is not None:  # EGPO: mean entropy of each completion's <think> tokens
                     think = packing.per_token(thinks, mb, torch.bool)
                     n = len(mb.seqs)
-                    ent_sum = torch.zeros(n, device=device).index_add_(0, mb.seq_ids, ent * think)
+                    ent_sum = torch.zeros(n, device=device).index_add_(0, mb.seq_ids, ent.detach() * think)
                     n_think = torch.zeros(n, device=device).index_add_(0, mb.seq_ids, think.float())
                     h_seq = (ent_sum / n_think.clamp(min=1)).cpu()
                     think_entropy[mb.seqs] = torch.where(n_think.cpu() > 0, h_seq, float("nan"))
                     final_adv[mb.seqs] = egpo_advantages(adv[mb.seqs], h_seq, cfg.egpo_lambda, cfg.egpo_alpha)
-            loss, m = kernels.fused_linear_grpo_loss(
-                h, w, mb.targets, final_adv[mb.seqs].to(device), torch.ones_like(mb.targets, dtype=torch.bool),
+            loss, m = kernels.grpo_objective(
+                logp, ent, final_adv[mb.seqs].to(device), torch.ones_like(mb.targets, dtype=torch.bool),
                 old_logp=old_logps[k], ref_logp=ref_lp,
                 rollout_logp=packing.per_token(rollout_logps, mb) if cfg.rollout_is_cap > 0 else None,
-                eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta, entropy_coef=cfg.entropy_coef,
-                temperature=cfg.temperature, rollout_is_cap=cfg.rollout_is_cap or None,
-                loss_agg=cfg.loss_agg, seq_ids=mb.seq_ids, max_len=cfg.max_new_tokens, impl=cfg.impl)
+                seq_ids=mb.seq_ids, config=loss_config)
             n_mb = len(mb.targets)
             share = n_mb / n_total if cfg.loss_agg == "token-mean" else len(mb.seqs) / n_seqs
             loss = loss * share  # global normalisation over the whole batch

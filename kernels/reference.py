@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from . import _vocab_parallel as vp
+from .objective import GRPOLossConfig, grpo_objective
 
 # Rows per chunk are picked so that one chunk's fp32 logits stay near this many elements (16 MiB):
 # measured on CPU, 2**22 costs no time against 2**24 and 2**20 is far slower.
@@ -22,8 +23,9 @@ CHUNK_ELEMENTS = 1 << 22
 
 
 def naive_logprob_entropy(hidden, weight, targets, temperature=1.0, ignore_index=-100):
-    """Full-logits reference: z = (hidden @ weight.T).float() / T, then log_softmax, gather, entropy."""
-    z = (hidden @ weight.T).float() / temperature  # (N, V)
+    """Full-logits reference: z = (hidden @ weight.T) / T in fp32 (fp64 for fp64 input), then log_softmax,
+    gather, entropy."""
+    z = (hidden @ weight.T).to(torch.promote_types(hidden.dtype, torch.float32)) / temperature  # (N, V), >= fp32
     logz = z.log_softmax(-1)
     valid = targets != ignore_index
     safe_targets = torch.where(valid, targets, 0).long()
@@ -133,34 +135,13 @@ def chunked_logprob_entropy(hidden, weight, targets, temperature=1.0, ignore_ind
 
 
 def naive_grpo_loss(hidden, weight, targets, advantages, mask, old_logp=None, ref_logp=None, rollout_logp=None,
-                    *, eps_low=0.2, eps_high=0.2, beta=0.0, entropy_coef=0.0, temperature=1.0,
-                    rollout_is_cap=None, loss_agg="token-mean", max_len=None, kl_times_ratio=False):
-    """Full-logits GRPO loss on the padded [B, T] layout (the reference for `fused_linear_grpo_loss`).
+                    is_weight=None, seq_ids=None, *, config: GRPOLossConfig = GRPOLossConfig(), temperature=1.0):
+    """Full-logits GRPO loss: the specification of `fused_linear_grpo_loss`, whose docstring quotes this body.
 
-    hidden [B, T, H]; targets, mask, old/ref/rollout log-probs [B, T]; advantages [B] or [B, T].
-    Returns (loss, per-token logp [B, T], per-token entropy [B, T]).
+    Same arguments, layouts and returns (loss, metrics); runs in float64 when given float64.
     """
-    b, t, h = hidden.shape
-    logp, ent = naive_logprob_entropy(hidden.reshape(b * t, h), weight, targets.reshape(-1), temperature)
-    logp, ent = logp.reshape(b, t), ent.reshape(b, t)
-    m = mask.to(logp.dtype)
-    adv = advantages[:, None].expand(b, t) if advantages.dim() == 1 else advantages
-    adv = adv.to(logp.dtype)
-    old = logp.detach() if old_logp is None else old_logp.to(logp.dtype)
-    ratio = torch.exp(logp - old)
-    per_token = -torch.minimum(ratio * adv, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv)
-    if rollout_logp is not None and rollout_is_cap is not None:
-        per_token = per_token * torch.clamp(torch.exp(old - rollout_logp.to(logp.dtype)), max=rollout_is_cap).detach()
-    if beta > 0:
-        d = ref_logp.to(logp.dtype) - logp
-        per_token = per_token + beta * (torch.exp(d) - d - 1) * (ratio if kl_times_ratio else 1)
-    per_token = per_token - entropy_coef * ent
-    if loss_agg == "token-mean":
-        loss = (per_token * m).sum() / m.sum().clamp(min=1)
-    elif loss_agg == "seq-mean-token-mean":
-        loss = ((per_token * m).sum(1) / m.sum(1).clamp(min=1)).sum() / b
-    elif loss_agg == "seq-mean-token-sum-norm":
-        loss = (per_token * m).sum() / (b * (t if max_len is None else max_len))
-    else:
-        raise ValueError(loss_agg)
-    return loss, logp * m, ent * m
+    z = (hidden @ weight.T).to(torch.promote_types(hidden.dtype, torch.float32)) / temperature
+    logp = z.log_softmax(-1).gather(-1, targets.where(mask.bool(), 0)[..., None]).squeeze(-1)
+    entropy = -(z.softmax(-1) * z.log_softmax(-1)).sum(-1)
+    return grpo_objective(logp, entropy, advantages, mask, old_logp, ref_logp, rollout_logp, is_weight,
+                          seq_ids, config=config)

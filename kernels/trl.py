@@ -34,6 +34,7 @@ import torch
 
 from .grpo_loss import fused_linear_grpo_loss
 from .logprob_entropy import fused_linear_logprob_entropy
+from .objective import GRPOLossConfig, grpo_token_loss
 
 # TRL loss type -> (our aggregation, max_len): the per-token loss is the same clipped GRPO term for all five
 AGGREGATION = {"grpo": ("seq-mean-token-mean", None), "bnpo": ("token-mean", None), "dapo": ("token-mean", None),
@@ -192,16 +193,16 @@ def _compute_loss(self, model, inputs):
         w = scale / (n_tokens if agg == "token-mean" else b * max_len)
         entropy_coef = float(self.entropy_coef / (n_tokens * accumulation * w))  # host sync
 
+    config = GRPOLossConfig(eps_low=self.epsilon_low, eps_high=self.epsilon_high, beta=self.beta,
+                            kl_times_ratio=self.args.use_bias_correction_kl, entropy_coef=entropy_coef,
+                            loss_agg=agg, max_len=max_len)
     input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
     attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
     extra = {key: inputs[key] for key in ("token_type_ids", "mm_token_type_ids") if inputs.get(key) is not None}
     with self.accelerator.autocast():
         out = model(input_ids=input_ids, attention_mask=attention_mask, fused_lm_head=True, **extra,
                     grpo_loss=dict(targets=completion_ids, advantages=advantages, mask=mask, old_logp=old,
-                                   ref_logp=ref, is_weight=is_weight, eps_low=self.epsilon_low,
-                                   eps_high=self.epsilon_high, beta=self.beta,
-                                   kl_times_ratio=self.args.use_bias_correction_kl, entropy_coef=entropy_coef,
-                                   loss_agg=agg, max_len=max_len))
+                                   ref_logp=ref, is_weight=is_weight, config=config))
     loss = out.loss * scale
 
     # ---- TRL's metrics, from the per-token log-probs and entropies the loss computed (detached)
@@ -223,13 +224,12 @@ def _compute_loss(self, model, inputs):
         self._metrics[mode]["policy_loss"].append(self.accelerator.gather(policy_loss).nanmean().item())
         if mode == "train" and self.accelerator.sync_gradients:
             self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
-    ratio = torch.exp(torch.where(valid, per_token_logps - old, 0.0))
-    if self.beta != 0.0:
-        delta = torch.where(valid, ref - per_token_logps, 0.0)
-        kl = torch.exp(delta) - delta - 1
-        self._metrics[mode]["kl"].append(global_masked_mean(kl * ratio if self.args.use_bias_correction_kl else kl))
-    self._metrics[mode]["entropy"].append(global_masked_mean(out.entropy))
     adv = advantages if advantages.dim() == 2 else advantages[:, None]
+    masked = lambda x: None if x is None else torch.where(valid, x, 0.0)  # noqa: E731
+    _, ratio, kl = grpo_token_loss(masked(per_token_logps), out.entropy, adv, masked(old), masked(ref), config=config)
+    if kl is not None:  # the KL term as weighted in the loss (times the ratio under use_bias_correction_kl)
+        self._metrics[mode]["kl"].append(global_masked_mean(kl))
+    self._metrics[mode]["entropy"].append(global_masked_mean(out.entropy))
     is_low_clipped = (ratio < 1 - self.epsilon_low) & (adv < 0)
     is_high_clipped = (ratio > 1 + self.epsilon_high) & (adv > 0)
     self._metrics[mode]["clip_ratio/low_mean"].append(global_masked_mean(is_low_clipped.float()))

@@ -95,7 +95,8 @@ def train_step(model, optimizer, batch, micro_batches):
                                                              temperature=TEMPERATURE, impl="torch")
         old = torch.zeros(comp.shape)
         old[comp] = old_lp + noise[comp]
-        loss, _ = kernels.fused_linear_grpo_loss(h, weight, targets, adv, comp, old_logp=old, entropy_coef=0.01,
+        loss, _ = kernels.fused_linear_grpo_loss(h, weight, targets, adv, comp, old_logp=old,
+                                                 config=kernels.GRPOLossConfig(entropy_coef=0.01),
                                                  temperature=TEMPERATURE, impl="torch")
         loss = loss * int(comp.sum()) / n_global
         loss.backward()

@@ -1,5 +1,8 @@
 """fused_linear_grpo_loss and its adapters vs a float64 full-logits reference and Liger-Kernel."""
+import dataclasses
+import inspect
 import math
+import textwrap
 
 import pytest
 import torch
@@ -25,27 +28,35 @@ def make_batch(b, t, h, v, dtype, seed, per_seq_adv=True):
     adv = torch.randn(b, generator=g) if per_seq_adv else torch.randn(b, t, generator=g)
     noise = lambda: 0.3 * torch.randn(b, t, generator=g)  # noqa: E731
     with torch.no_grad():  # old/ref/rollout log-probs near the current policy's
-        logp, _, _ = naive_grpo_loss(hidden.double(), weight.double(), targets, adv.double(), mask)
-        logp = logp.float()
+        logp = naive_grpo_loss(hidden.double(), weight.double(), targets, adv.double(), mask)[1]["logp"].float()
     old, ref, rollout = logp + noise(), logp + noise(), logp + noise()
     to = lambda x: x.to(DEVICE)  # noqa: E731
     return (to(hidden).to(dtype), to(weight).to(dtype), to(targets), to(adv), to(mask), to(old), to(ref), to(rollout))
 
 
+def split_options(kw):
+    """Keyword options of the old flat form -> (per-token inputs and kernel options, GRPOLossConfig)."""
+    fields = kernels.GRPOLossConfig.__dataclass_fields__
+    config = kernels.GRPOLossConfig(**{k: v for k, v in kw.items() if k in fields})
+    return {k: v for k, v in kw.items() if k not in fields}, config
+
+
 def run_fused(impl, hidden, weight, targets, adv, mask, **kw):
+    kw, config = split_options(kw)
     x, w = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
-    loss, metrics = kernels.fused_linear_grpo_loss(x, w, targets, adv, mask, impl=impl, **kw)
+    loss, metrics = kernels.fused_linear_grpo_loss(x, w, targets, adv, mask, impl=impl, config=config, **kw)
     loss.backward()
     return loss.detach(), x.grad, w.grad, metrics
 
 
 def run_ref(hidden, weight, targets, adv, mask, old_logp=None, ref_logp=None, rollout_logp=None, **kw):
+    kw, config = split_options(kw)
     x, w = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
     cast = lambda t: None if t is None else t.to(x.dtype if x.dtype == torch.float64 else torch.float32)  # noqa
-    loss, logp, ent = naive_grpo_loss(x, w, targets, cast(adv), mask, cast(old_logp), cast(ref_logp),
-                                      cast(rollout_logp), **kw)
+    loss, metrics = naive_grpo_loss(x, w, targets, cast(adv), mask, cast(old_logp), cast(ref_logp),
+                                    cast(rollout_logp), config=config, **kw)
     loss.backward()
-    return loss.detach(), x.grad, w.grad, logp.detach(), ent.detach()
+    return loss.detach(), x.grad, w.grad, metrics["logp"], metrics["entropy"]
 
 
 OPTIONS = [
@@ -75,6 +86,73 @@ def test_loss_and_grads_match_float64_reference(impl, dtype, agg, opt):
     within_budget(got[3]["logp"], same[3], want[3], dtype, "metrics.logp")
     within_budget(got[3]["entropy"], same[4], want[4], dtype, "metrics.entropy")
     assert got[3]["num_tokens"].item() == mask.sum().item()
+
+
+def docstring_spec():
+    """The code block under "Specification:" in fused_linear_grpo_loss's docstring, as a function."""
+    doc = kernels.fused_linear_grpo_loss.__doc__
+    block = doc.split("Specification:")[1].split("\n\n")[1]
+    return textwrap.dedent(block).strip()
+
+
+def test_docstring_spec_is_the_reference_function():
+    """The docstring quotes naive_grpo_loss's body verbatim, so the spec that tests run is the one readers see."""
+    body = textwrap.dedent(inspect.getsource(naive_grpo_loss).split('"""')[2])
+    assert docstring_spec() in body, f"docstring spec:\n{docstring_spec()}\nnaive_grpo_loss body:\n{body}"
+
+
+SPEC_CONFIG = kernels.GRPOLossConfig(eps_low=0.2, eps_high=0.28, beta=0.04, kl_times_ratio=True, entropy_coef=0.01,
+                                     rollout_is_cap=1.5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_docstring_spec_equals_the_implementation(impl, layout, dtype):
+    """The docstring's code, run in float64, vs fused_linear_grpo_loss on odd shapes (B, T, H, V) = (3, 13, 31, 123):
+    loss, metrics and gradients, every aggregation. Budget (ml-cross-entropy): the kernel's error vs float64
+    may exceed the spec's own error when run in the input dtype by the dtype's tolerance only. Clip fractions
+    are counts: they may differ by the tokens whose ratio lies within the log-prob error of a clip edge."""
+    namespace = {"torch": torch, "grpo_objective": kernels.grpo_objective}
+    args = "hidden, weight, targets, advantages, mask, old_logp, ref_logp, rollout_logp, is_weight, seq_ids, config, " \
+           "temperature"
+    exec(f"def spec({args}):\n" + textwrap.indent(docstring_spec(), "    "), namespace)
+    hidden, weight, targets, adv, mask, old, ref, rollout = make_batch(3, 13, 31, 123, dtype, seed=21)
+    b, t, h = hidden.shape
+    seq_ids = None
+    if layout == "packed":  # the same sequences, end to end
+        hidden, targets, mask, old, ref, rollout = (x.reshape(b * t, *x.shape[2:]) for x in
+                                                    (hidden, targets, mask, old, ref, rollout))
+        seq_ids = torch.arange(b, device=DEVICE).repeat_interleave(t)
+
+    def spec(x, w, config, cast):
+        x, w = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+        loss, metrics = namespace["spec"](x, w, targets, cast(adv), mask, cast(old), cast(ref), cast(rollout), None,
+                                          seq_ids, config, 0.7)
+        loss.backward()
+        return loss.detach(), x.grad, w.grad, metrics
+
+    for agg in AGGS:
+        config = dataclasses.replace(SPEC_CONFIG, loss_agg=agg, max_len=t)
+        x, w = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+        loss, metrics = kernels.fused_linear_grpo_loss(x, w, targets, adv, mask, old, ref, rollout, seq_ids=seq_ids,
+                                                       config=config, temperature=0.7, impl=impl)
+        loss.backward()
+        want = spec(hidden.double(), weight.double(), config, lambda v: v.double())
+        same = spec(hidden, weight, config, lambda v: v.float())
+        name = f"{impl} {layout} {dtype} {agg}"
+        for what, got, w64, wd in zip(["loss", "grad_hidden", "grad_weight"], [loss, x.grad, w.grad], want, same):
+            within_budget(got, wd, w64, dtype, f"{name} {what}")
+        for key in ("logp", "entropy", "entropy_mean", "kl_mean", "ratio_mean", "is_weight_min", "is_weight_mean",
+                    "is_weight_max"):
+            within_budget(metrics[key], same[3][key], want[3][key], dtype, f"{name} metrics.{key}")
+        assert metrics["num_tokens"].item() == want[3]["num_tokens"].item() == mask.sum().item()
+        valid = mask.bool()
+        ratio = torch.exp(want[3]["logp"] - old.double())[valid]
+        dr = ratio * (metrics["logp"].double() - want[3]["logp"]).abs().max()  # ratio error from the logp error
+        near = ((ratio - 0.8).abs() <= dr) | ((ratio - 1.28).abs() <= dr)
+        for key in ("clip_low_frac", "clip_high_frac"):
+            assert abs(metrics[key].item() - want[3][key].item()) <= near.sum().item() / valid.sum().item(), key
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -132,15 +210,22 @@ def test_zero_advantages_give_zero_policy_gradient(impl):
 
 def test_bad_arguments_fail_clearly():
     hidden, weight, targets, adv, mask, old, ref, rollout = make_batch(2, 4, 16, 20, torch.float32, seed=6)
+    config = kernels.GRPOLossConfig
     with pytest.raises(ValueError, match="ref_logp"):
-        kernels.fused_linear_grpo_loss(hidden, weight, targets, adv, mask, beta=0.1)
+        kernels.fused_linear_grpo_loss(hidden, weight, targets, adv, mask, config=config(beta=0.1))
     with pytest.raises(ValueError, match="loss_agg"):
-        kernels.fused_linear_grpo_loss(hidden, weight, targets, adv, mask, loss_agg="sum")
+        config(loss_agg="sum")
+    with pytest.raises(ValueError, match="eps_low"):
+        config(eps_low=1.0)
+    with pytest.raises(ValueError, match="rollout_logp"):
+        kernels.fused_linear_grpo_loss(hidden, weight, targets, adv, mask, config=config(rollout_is_cap=2.0))
     with pytest.raises(ValueError, match="advantages"):
         kernels.fused_linear_grpo_loss(hidden, weight, targets, adv[:1], mask)
+    with pytest.raises(ValueError, match="hidden must be"):
+        kernels.fused_linear_grpo_loss(hidden, weight, targets.reshape(-1), adv, mask)
     with pytest.raises(ValueError, match="max_len"):
         kernels.fused_linear_grpo_loss(hidden.reshape(8, 16), weight, targets.reshape(-1), torch.ones(8),
-                                       mask.reshape(-1), loss_agg="seq-mean-token-sum-norm")
+                                       mask.reshape(-1), config=config(loss_agg="seq-mean-token-sum-norm"))
     with pytest.raises(NotImplementedError, match="cispo"):
         kernels.FusedLinearGRPOLoss(loss_type="cispo")
 

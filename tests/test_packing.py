@@ -1,5 +1,6 @@
 """Packed and shared-prompt micro-batches give the log-probs, loss and gradients of one sequence per row."""
 import copy
+import math
 
 import pytest
 import torch
@@ -166,3 +167,61 @@ def test_gradients_match_float64_reference(llama):
     for (name, p64), p32 in zip(m64.named_parameters(), m32.parameters()):
         scale = p64.grad.abs().max().item() + 1e-12
         assert (p32.grad.double() - p64.grad).abs().max().item() / scale < 1e-4, name
+
+
+def _two_pass_update(cfg, model, optimizer, seqs, adv, rollout, thinks):
+    """The RL update as run.py made it before the loss was split into its two layers: a separate no-grad
+    LM-head pass for the old log-probs (and EGPO's entropy), then fused_linear_grpo_loss."""
+    config = kernels.GRPOLossConfig(eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=0.0, entropy_coef=cfg.entropy_coef,
+                                    rollout_is_cap=cfg.rollout_is_cap, loss_agg=cfg.loss_agg, max_len=cfg.max_new_tokens)
+    batches = [packing.build(seqs, units, "packed") for units in packing.plan(seqs, cfg.micro_batch_tokens, "packed")]
+    final_adv, n_total, old = adv.clone(), sum(len(s.completion) for s in seqs), {}
+    for update in range(cfg.updates_per_batch):
+        for k, mb in enumerate(batches):
+            h = packing.hidden_rows(model, mb)
+            w = model.get_output_embeddings().weight
+            if update == 0:
+                with torch.no_grad():
+                    old[k], ent = kernels.fused_linear_logprob_entropy(h.detach(), w, mb.targets,
+                                                                       temperature=cfg.temperature)
+                think = packing.per_token(thinks, mb, torch.bool)
+                n_think = torch.zeros(len(mb.seqs)).index_add_(0, mb.seq_ids, think.float())
+                h_seq = torch.zeros(len(mb.seqs)).index_add_(0, mb.seq_ids, ent * think) / n_think.clamp(min=1)
+                final_adv[mb.seqs] = run.egpo_advantages(adv[mb.seqs], h_seq, cfg.egpo_lambda, cfg.egpo_alpha)
+            loss, _ = kernels.fused_linear_grpo_loss(h, w, mb.targets, final_adv[mb.seqs],
+                                                     torch.ones_like(mb.targets, dtype=torch.bool), old_logp=old[k],
+                                                     rollout_logp=packing.per_token(rollout, mb), seq_ids=mb.seq_ids,
+                                                     config=config, temperature=cfg.temperature)
+            (loss * (len(mb.targets) / n_total)).backward()  # run.py's share of the global token mean
+        run.clip_and_step(cfg, model, optimizer, cfg.lr)
+
+
+@pytest.mark.parametrize("updates_per_batch", [1, 2])
+def test_one_lm_head_pass_per_micro_batch_gives_the_two_pass_update(llama, monkeypatch, updates_per_batch):
+    """train_on_rollouts takes the old log-probs from its own loss pass (the policy has not moved before the
+    first optimizer step): one LM-head pass per micro-batch and update instead of an extra no-grad one at the
+    first update, and bit for bit the weights of the two-pass update."""
+    g = torch.Generator().manual_seed(5)
+    seqs = _random_seqs(g, 3)
+    adv = torch.randn(len(seqs), generator=g)
+    rollout = [(-torch.rand(len(s.completion), generator=g) * 3).tolist() for s in seqs]
+    thinks = [(torch.rand(len(s.completion), generator=g) < 0.6).tolist() for s in seqs]
+    cfg = run.Config(micro_batch_tokens=150, max_prompt_tokens=40, max_new_tokens=30, temperature=0.7, lr=1e-3,
+                     entropy_coef=0.01, updates_per_batch=updates_per_batch, impl="torch")
+    calls = []
+    fused = kernels.fused_linear_logprob_entropy
+    monkeypatch.setattr(kernels, "fused_linear_logprob_entropy", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    model = copy.deepcopy(llama).train()
+    res = run.train_on_rollouts(cfg, model, None, torch.optim.SGD(model.parameters(), lr=cfg.lr), cfg.lr, seqs, adv,
+                                rollout, thinks, "packed", False, "cpu")
+    n_micro_batches = len(packing.plan(seqs, cfg.micro_batch_tokens, "packed"))
+    assert n_micro_batches > 1 and len(calls) == n_micro_batches * updates_per_batch
+    assert res["stats"]["nan_loss"] == 0 and math.isfinite(res["stats"]["grad_norm"])
+    monkeypatch.undo()
+    want = copy.deepcopy(llama).train()
+    _two_pass_update(cfg, want, torch.optim.SGD(want.parameters(), lr=cfg.lr), seqs, adv, rollout, thinks)
+    changed = 0
+    for (name, p), q in zip(model.named_parameters(), want.parameters()):
+        assert torch.equal(p, q), f"{name}: max diff {(p - q).abs().max().item():.3g}"
+        changed += not torch.equal(p, llama.get_parameter(name))
+    assert changed > 0

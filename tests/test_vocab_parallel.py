@@ -22,8 +22,8 @@ SPLITS = {"even": (125, 125), "uneven": (100, 150)}  # rows per rank; "even" use
 TEMPERATURE = 0.7
 CASES = [(impl, dtype, split) for impl in ("triton", "torch") for dtype in ("float32", "bfloat16")
          for split in SPLITS]
-GRPO = dict(eps_low=0.2, eps_high=0.28, beta=0.04, entropy_coef=0.01, temperature=TEMPERATURE,
-            rollout_is_cap=2.0, loss_agg="token-mean")
+GRPO = dict(config=kernels.GRPOLossConfig(eps_low=0.2, eps_high=0.28, beta=0.04, entropy_coef=0.01,
+                                          rollout_is_cap=2.0, loss_agg="token-mean"), temperature=TEMPERATURE)
 
 
 def case_inputs(dtype, seed):
