@@ -22,7 +22,8 @@ def run(impl, hidden, weight, targets, temperature, g_logp, g_ent):
     x = hidden.detach().clone().requires_grad_()
     w = weight.detach().clone().requires_grad_()
     logp, ent = kernels.fused_linear_logprob_entropy(x, w, targets, temperature=temperature, impl=impl)
-    assert logp.dtype == ent.dtype == torch.float32 and logp.shape == ent.shape == targets.shape
+    out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32  # fp32, fp64 kept by "naive"
+    assert logp.dtype == ent.dtype and logp.dtype in (torch.float32, out_dtype) and logp.shape == targets.shape
     (logp * g_logp + ent * g_ent).sum().backward()
     return logp.detach(), ent.detach(), x.grad, w.grad
 
