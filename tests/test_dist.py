@@ -464,7 +464,7 @@ def test_torchrun_fctrain_run_with_vllm_engines(tmp_path):
                 eval_data=tmp_path / "eval.jsonl", eval_limit=2, sft_steps=30, sft_batch_size=2, sft_lr=5e-3,
                 steps=3, prompts_per_step=2, group_size=4, max_new_tokens=40, reward="partial", lr=1e-3,
                 temperature=1.0, warmup_steps=1, save_every=0, reward_processes=1, beta=0.001, out_dir=out,
-                updates_per_batch=2)  # the second pass over a batch follows an update: its KL is > 0
+                updates_per_batch=2, sft_think="plan")  # 2nd pass follows an update: KL > 0; short targets
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(WORLD)]
     proc = subprocess.run([*torchrun, "-m", "fctrain.run", *[x for k, v in args.items() for x in (f"--{k}", str(v))]],
                           capture_output=True, text=True, timeout=400, env=dict(os.environ, PYTHONUNBUFFERED="1"))

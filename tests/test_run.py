@@ -237,7 +237,8 @@ def _args(root, model_dir, out, **over):
     cfg = dict(model=model_dir, engine="hf", train_data=root / "train.jsonl", eval_data=root / "eval.jsonl",
                eval_limit=1, sft_steps=30, sft_batch_size=2, sft_lr=5e-3, steps=2, prompts_per_step=2,
                group_size=4, max_new_tokens=40, reward="partial", lr=1e-3, temperature=1.0, warmup_steps=1,
-               save_every=1, keep_last=4, eval_every=0, reward_processes=1, beta=0.001, out_dir=out)
+               save_every=1, keep_last=4, eval_every=0, reward_processes=1, beta=0.001, out_dir=out,
+               sft_think="plan")  # short targets that fit max_new_tokens 40 (the default think needs ~90)
     cfg.update(over)
     return [x for k, v in cfg.items() for x in (f"--{k}", str(v))]
 
