@@ -1113,7 +1113,8 @@ def engine_failed(tr: Trainer, position: dict, error: Exception):
         tr.engine.close()
     tr.log.close()
     raise SystemExit(f"error: the rollout engine failed in step {tr.step + 1} ({type(error).__name__}: {error}); "
-                     f"steps 1-{tr.step} are saved in {path}; resume with: python -m fctrain.run --resume {tr.out}")
+                     f"{f'steps 1-{tr.step}' if tr.step else 'the start'} saved in {path}; resume with: "
+                     f"python -m fctrain.run --resume {tr.out}")
 
 
 _fault_arrivals: dict[str, int] = {}

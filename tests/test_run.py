@@ -441,7 +441,7 @@ def test_engine_failure_mid_rollout_checkpoints_and_resumes(tiny, uninterrupted)
     assert "RuntimeError: injected engine failure" in output  # the engine's traceback is kept
     assert output.rstrip().splitlines()[-1] == (
         f"error: the rollout engine failed in step 6 (RuntimeError: injected engine failure (FCTRAIN_FAULT)); "
-        f"steps 1-5 are saved in {out / 'ckpt-000005'}; resume with: python -m fctrain.run --resume {out}")
+        f"steps 1-5 saved in {out / 'ckpt-000005'}; resume with: python -m fctrain.run --resume {out}")
     assert run.load_trainer_state(out / "ckpt-000005")["step"] == 5
     code, output = _finish(_train(["--resume", str(out)]))
     assert code == 0, output[-3000:]
