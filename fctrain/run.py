@@ -85,6 +85,8 @@ class Config:
     egpo_alpha: float = 2.0                # EGPO clip: |H term| <= |A| / alpha
     group_size: int = 8                    # completions per prompt (G)
     prompts_per_step: int = 4
+    no_call_share: float = -1.0            # share of each RL step's prompts whose answer is no call (-1 = the data's
+                                           # own mix, drawn in one shuffled order)
     steps: int = 10                        # RL steps (after the SFT warm start)
     temperature: float = 0.7               # sampling temperature (also used for trainer log-probs)
     top_p: float = 1.0
@@ -138,6 +140,7 @@ class Config:
             (self.fmt in ("python", "hermes"), f"fmt must be python or hermes, got {self.fmt!r}"),
             (self.sft_think in prompts.THINK_STYLES, f"sft_think must be one of {prompts.THINK_STYLES}"),
             (self.time_budget_s >= 0, "time_budget_s must be >= 0"),
+            (self.no_call_share == -1 or 0 <= self.no_call_share <= 1, "no_call_share must be -1 or in [0, 1]"),
             (0 <= self.max_bad_rows <= 1, "max_bad_rows must be a fraction in [0, 1]"),
             (self.loss_agg in kernels.LOSS_AGGREGATIONS, f"loss_agg must be one of {kernels.LOSS_AGGREGATIONS}"),
             (self.engine in ("vllm", "hf", "auto"), f"engine must be vllm, hf or auto, got {self.engine!r}"),
@@ -310,16 +313,30 @@ class TrainData:
     def eval_examples(self) -> list:
         return [e for exs in self.eval_sets.values() for e in exs]
 
-    def next_batch(self, k: int) -> list:
-        """The next `k` training examples (every rank draws the same ones)."""
+    def next_batch(self, k: int, no_call_share: float = -1.0) -> list:
+        """The next `k` training examples (every rank draws the same ones). no_call_share >= 0: round(k * share)
+        of them come from the examples whose answer is no call and the rest from the others, each kind drawn in
+        its own seeded per-epoch order (so every step sees both kinds, in the same proportion)."""
+        if no_call_share < 0:
+            return self._draw("", self.examples, k)
+        no_call = [e for e in self.examples if freward.is_irrelevance(e.category)]
+        call = [e for e in self.examples if not freward.is_irrelevance(e.category)]
+        n = round(k * no_call_share)
+        if (n and not no_call) or (k - n and not call):
+            raise SystemExit(f"error: no_call_share={no_call_share} needs training examples with {'no' if n else 'a'} "
+                             f"call; the training data has {len(call)} with a call and {len(no_call)} without")
+        return self._draw("call_", call, k - n) + self._draw("no_call_", no_call, n)
+
+    def _draw(self, stream: str, examples: list, k: int) -> list:
+        pos, epoch = f"{stream}pos", f"{stream}epoch"  # flat ints: the checkpoint stores them as plain data
         batch = []
         while len(batch) < k:
-            order = fdata.shuffle(self.examples, self.seed + self.position["epoch"])
-            if self.position["pos"] >= len(order):
-                self.position.update(epoch=self.position["epoch"] + 1, pos=0)
+            order = fdata.shuffle(examples, self.seed + self.position.setdefault(epoch, 0) + 7919 * len(stream))
+            if self.position.setdefault(pos, 0) >= len(order):
+                self.position.update({epoch: self.position[epoch] + 1, pos: 0})
                 continue
-            batch.append(order[self.position["pos"]])
-            self.position["pos"] += 1
+            batch.append(order[self.position[pos]])
+            self.position[pos] += 1
         return batch
 
 
@@ -1194,7 +1211,8 @@ def main(argv: list[str] | None = None) -> int:
         model.train()
         # every rank draws the same prompts and keeps its share of whole groups (advantages stay local)
         position = dict(data.position)
-        batch = fdist.split_for_rank(data.next_batch(cfg.prompts_per_step), ctx.rank, ctx.world_size)
+        batch = fdist.split_for_rank(data.next_batch(cfg.prompts_per_step, cfg.no_call_share),
+                                     ctx.rank, ctx.world_size)
         try:
             roll = sample_rollouts(tr, batch)                                   # 1. rollout
         except Exception as e:  # the engine failed (out of memory, a vLLM error): keep what was trained
