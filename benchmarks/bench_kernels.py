@@ -6,7 +6,9 @@
 
 Providers (each measured on identical inputs in the same run):
   lm-head-matmul   the floor: z = hidden @ weight.T, then dX and dW (forward+backward) - no loss at all
-  fctrain-triton   kernels.* with impl="triton" (CUDA only; the Triton interpreter is never timed)
+  fctrain-triton   kernels.* with impl="triton" (CUDA only; the Triton interpreter is never timed): the
+                   chunked backward (default: dz per row chunk, then cuBLAS GEMMs)
+  fctrain-triton-atomic  the same with backward="atomic" (per-tile fp32 atomics into dX / dW)
   fctrain-torch    kernels.* with impl="torch" (token-chunked, recompute in backward)
   naive-eager      kernels.reference naive versions: full [N, V] logits, what a user would write
   naive-compile    the same under torch.compile (compile time excluded: it happens in the warm-up)
@@ -37,7 +39,7 @@ from pathlib import Path
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
 import common  # noqa: E402
 
-PROVIDERS = ["lm-head-matmul", "fctrain-triton", "fctrain-torch", "naive-eager", "naive-compile",
+PROVIDERS = ["lm-head-matmul", "fctrain-triton", "fctrain-triton-atomic", "fctrain-torch", "naive-eager", "naive-compile",
              "liger-grpo", "liger-flce", "cce"]
 OPS = ["logprob", "grpo"]
 MODES = ["fwd", "fwd+bwd"]
@@ -78,7 +80,7 @@ CPU_PLAN = [
 # fwd+bwd with entropy: each compile takes about a minute there); then sweeps over N, H and V, one axis
 # at a time from the target, for the fused providers and their peers in forward+backward. A subset of the
 # 3 x 3 x 4 grid, chosen to show each axis; `--shapes` runs any other shape with every configuration.
-_SWEEP_PROVIDERS = ["lm-head-matmul", "fctrain-triton", "liger-grpo", "liger-flce", "cce"]
+_SWEEP_PROVIDERS = ["lm-head-matmul", "fctrain-triton", "fctrain-triton-atomic", "liger-grpo", "liger-flce", "cce"]
 _SWEEP_SHAPES = [(2048, 4096, 151936), (8192, 4096, 151936), (16384, 576, 151936), (16384, 2048, 151936),
                  (16384, 4096, 32000), (16384, 4096, 49152), (16384, 4096, 128256), (16384, 576, 49152)]
 GPU_PLANS = {
@@ -95,7 +97,7 @@ def applicable(provider: str, op: str, mode: str, entropy: str, device: str) -> 
     """None if the configuration is measured, else why not (never a row: these are by design)."""
     if (provider == "lm-head-matmul") != (op == "lm-head-matmul"):
         return "the floor is its own op"
-    if provider in ("fctrain-triton", "liger-flce", "cce") and device != "cuda":
+    if provider in ("fctrain-triton", "fctrain-triton-atomic", "liger-flce", "cce") and device != "cuda":
         return "CUDA only (the Triton interpreter is never timed)"
     if provider in ("liger-flce", "cce") and (op != "logprob" or entropy != "off"):
         return "log-probs only (no entropy output, no GRPO loss)"
@@ -168,15 +170,17 @@ def make_call(spec: dict):
         })
     grad_logits = torch.randn(n, v, device=dev, dtype=dtype) if provider == "lm-head-matmul" and backward else None
     compile_ = torch.compile if provider == "naive-compile" else (lambda f: f)
-    impl = {"fctrain-triton": "triton", "fctrain-torch": "torch"}.get(provider)
+    impl = {"fctrain-triton": "triton", "fctrain-triton-atomic": "triton", "fctrain-torch": "torch"}.get(provider)
+    scheme = "atomic" if provider == "fctrain-triton-atomic" else "auto"  # the Triton backward's
 
     if provider == "lm-head-matmul":
         def run(c):
             z = c["hidden"] @ weight.T  # (N, V) in the input dtype
             return torch.autograd.grad(z, [c["hidden"], weight], grad_logits) if backward else z
-    elif op == "logprob" and provider in ("fctrain-triton", "fctrain-torch", "naive-eager", "naive-compile"):
+    elif op == "logprob" and provider in ("fctrain-triton", "fctrain-triton-atomic", "fctrain-torch", "naive-eager",
+                                     "naive-compile"):
         if provider.startswith("fctrain"):
-            fn = lambda x, w, t: kernels.fused_linear_logprob_entropy(x, w, t, impl=impl)  # noqa: E731
+            fn = lambda x, w, t: kernels.fused_linear_logprob_entropy(x, w, t, impl=impl, backward=scheme)  # noqa: E731
         else:
             fn = compile_(naive_logprob_entropy if entropy else naive_logprob)
 
@@ -202,11 +206,13 @@ def make_call(spec: dict):
         def run(c):
             nll = linear_cross_entropy(c["hidden"], weight, c["targets"], reduction="sum")
             return torch.autograd.grad(nll, [c["hidden"], weight]) if backward else nll
-    elif op == "grpo" and provider in ("fctrain-triton", "fctrain-torch", "naive-eager", "naive-compile"):
+    elif op == "grpo" and provider in ("fctrain-triton", "fctrain-triton-atomic", "fctrain-torch", "naive-eager",
+                                     "naive-compile"):
         config = kernels.GRPOLossConfig(beta=GRPO_BETA, entropy_coef=GRPO_ENTROPY_COEF if entropy else 0.0)
         if provider.startswith("fctrain"):
             def fn(x, w, t, adv, mask, ref):
-                return kernels.fused_linear_grpo_loss(x, w, t, adv, mask, ref_logp=ref, config=config, impl=impl)[0]
+                return kernels.fused_linear_grpo_loss(x, w, t, adv, mask, ref_logp=ref, config=config, impl=impl,
+                                              backward=scheme)[0]
         else:
             fn = compile_(lambda x, w, t, adv, mask, ref: naive_grpo_loss(
                 x, w, t, adv, mask, ref_logp=ref, config=config)[0])

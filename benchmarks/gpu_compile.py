@@ -43,13 +43,14 @@ import common  # noqa: E402
 TARGETS = {"sm_80": 80, "sm_90": 90}
 DTYPES = {"bf16": "*bf16", "fp32": "*fp32"}
 WIDTH = {"bf16": 2, "fp32": 4}
-KERNEL_NAMES = ("fwd", "bwd")  # the GRPO loss runs on these two kernels (kernels/grpo_loss.py)
+KERNEL_NAMES = ("fwd", "dz", "bwd")  # the GRPO loss runs on these (kernels/grpo_loss.py): fwd, then dz (the
+                                      # chunked backward, default) or bwd (the atomic backward)
 COLUMNS = common.META_COLUMNS + ["kernel", "config", "BLOCK_N", "BLOCK_V", "BLOCK_H", "num_warps", "num_stages",
                                  "tuned_for", "dtype", "target", "specialized", "registers", "spill_bytes", "shared_bytes",
                                  "shared_estimate", "shared_limit", "fits", "kept", "build_s", "driver_registers",
                                  "driver_spill_bytes", "status"]
 # Specialisation values of a typical launch (Qwen-like shape: H, V and strides multiples of 16).
-_DIVISIBLE = {"N_BUCKET", "V", "H", "V_PER_SPLIT", "v_lo", "v_hi", "stride_xn", "stride_wv"}
+_DIVISIBLE = {"N_BUCKET", "V", "H", "V_PER_SPLIT", "v_lo", "v_hi", "stride_xn", "stride_wv", "stride_dzn"}
 _UNIT = {"stride_xh", "stride_wh"}
 _FP32_POINTERS = {"STATS", "LSE", "MEAN_Z", "G_LOGP", "G_ENT", "DX", "DW"}
 
@@ -57,7 +58,7 @@ _FP32_POINTERS = {"STATS", "LSE", "MEAN_Z", "G_LOGP", "G_ENT", "DX", "DW"}
 def _kernels():
     from kernels import logprob_entropy as le
 
-    return {"fwd": le._fwd_kernel, "bwd": le._bwd_kernel}
+    return {"fwd": le._fwd_kernel, "dz": le._dz_kernel, "bwd": le._bwd_kernel}
 
 
 def _signature(jit_fn, ptr_type, meta, specialize=True):
@@ -74,7 +75,7 @@ def _signature(jit_fn, ptr_type, meta, specialize=True):
             constexprs[(i,)] = 1 if name in _UNIT else meta[name]
         elif name == "TARGETS":
             signature[name] = "*i64"
-        elif name in ("X", "W"):
+        elif name in ("X", "W", "DZ"):  # dz is written in the input dtype
             signature[name] = ptr_type
         elif name in _FP32_POINTERS:  # work buffers and per-row vectors
             signature[name] = "*fp32"

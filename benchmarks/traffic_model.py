@@ -19,8 +19,8 @@ This is a bound-based model, not a simulator: it ranks providers, names each one
 shows why the backward's atomics decide the fused kernel's distance from the matmul floor. The measured
 GPU rows (bench_kernels.py on a GPU) calibrate it; until then, its numbers are predictions only.
 
-`design:dz-chunks` is not a provider but a candidate backward (atomic-free: dz in bf16 per chunk of rows,
-then cuBLAS; see count()): the model is how issue 17 picks the backward's accumulation scheme.
+fctrain-triton's backward is "chunked" (atomic-free: dz in bf16 per chunk of rows, then cuBLAS GEMMs; see
+count()), chosen by this model over the per-tile fp32 atomics of fctrain-triton-atomic (backward="atomic").
 
 Device figures are the vendors' dense peaks (no sparsity). L2 bandwidth is not published; 5.5 TB/s is a
 typical microbenchmark reading of Hopper's L2 (an assumption, the same for H100 and H200, one die).
@@ -42,7 +42,7 @@ DEVICES = {  # dense bf16 TFLOP/s, HBM TB/s, L2 TB/s (assumed)
 }
 B16, F32 = 2, 4  # bytes per element
 # Tiles: fctrain's default bf16 config (kernels/logprob_entropy.py), cuBLAS-like (128, 256) for the floor.
-TILES = {"fctrain-triton": (64, 128), "cce": (128, 128), "lm-head-matmul": (128, 256)}
+TILES = {"fctrain-triton": (64, 128), "fctrain-triton-atomic": (64, 128), "cce": (128, 128), "lm-head-matmul": (128, 256)}
 # Bytes per [N, V] element of eager PyTorch (naive-eager; fctrain-torch chunks the same kernels):
 # forward, logprob + entropy: z (w2), .float() (r2 w4), / T (r4 w4), log_softmax (r8 w4: max and sum
 #   passes), exp (r4 w4), p * logz (r8 w4), sum (r4) = 52; without entropy, up to log_softmax: 28.
@@ -55,7 +55,7 @@ EAGER_BWD = {"on": 90, "off": 38}
 # log_softmax etc. (r8 w4), the gradient (r8 w4), back to the GEMMs (r4) = 36.
 LIGER_PER_ELEM = 36
 GRPO_SEQ_LEN = 256  # LigerFusedLinearGRPOLoss chunks by sequence (chunk_size=1): N / 256 chunks
-DZ_CHUNK = 4096  # rows per chunk of the design:dz-chunks backward (its bf16 dz: 4096 x V x 2 bytes = 1.2 GB)
+DZ_CHUNK_BYTES = 1 << 30  # kernels.logprob_entropy.DZ_CHUNK_BYTES: the chunked backward's dz buffer bound
 SKIP = {"on": 0.24, "off": 0.24}  # tiles skipped at filter_eps 2**-12, Qwen-shaped, T=0.7 (tile_skip_cpu.csv)
 
 
@@ -84,23 +84,26 @@ def count(provider: str, op: str, mode: str, entropy: str, n: int, h: int, v: in
                 kernels.append((0, EAGER_BWD[entropy] * e - 2 * B16 * e))
             kernels += [(gemm, B16 * e + io), (gemm, B16 * e + io)]  # dX = dz W, dW = dz^T X
             l2_ops += stream(n, v, h, bn, bv) + stream(v, n, h, bn, bv)
-    elif provider in ("fctrain-triton", "cce"):
+    elif provider in ("fctrain-triton-atomic", "cce"):
         bn, bv = TILES[provider]
         kernels.append((gemm, io))  # logits live in registers / shared memory only
         l2_ops = stream(n, h, v, bn, bv)
         if bwd:  # z tiles recomputed; dX/dW matmuls and their atomics only for tiles not skipped
-            acc = F32 if provider == "fctrain-triton" else B16  # CCE accumulates in the input dtype
+            acc = F32 if provider == "fctrain-triton-atomic" else B16  # CCE accumulates in the input dtype
             kernels.append((gemm + 2 * gemm * (1 - skip), 2 * io + F32 * nh))  # + the fp32 dX buffer
             l2_ops += stream(n, h, v, bn, bv) * (1 + 2 * (1 - skip))
             atomics = 2 * acc * (nh * -(-v // bv) + vh * -(-n // bn)) * (1 - skip)  # read + write each
-    elif provider == "design:dz-chunks":
-        # A design, not a provider. An atomic-free backward cannot own whole rows of dX in one program (a
+    elif provider == "fctrain-triton":
+        # The chunked backward. An atomic-free backward cannot own whole rows of dX in one program (a
         # [BLOCK_N, H] fp32 accumulator is 1 MB at H 4096, beyond registers and shared memory), so: per chunk
-        # of DZ_CHUNK rows, a fused kernel recomputes z and writes dz in bf16, then two cuBLAS GEMMs form
-        # dX = dz W and dW += dz^T X (fp32 accumulator read and written once per chunk).
-        chunks = max(1, -(-n // DZ_CHUNK))
+        # of rows (dz <= DZ_CHUNK_BYTES), _dz_kernel recomputes z and writes dz in bf16, then two cuBLAS GEMMs
+        # form dX = dz W and dW += dz^T X (fp32 accumulator read and written once per chunk).
+        chunks = max(1, -(-n // max(1, DZ_CHUNK_BYTES // (B16 * v))))
+        bn, bv = TILES[provider]
         kernels.append((gemm, io))
+        l2_ops = stream(n, h, v, bn, bv)
         if bwd:
+            l2_ops += stream(n, h, v, bn, bv)  # the recomputed tiles (the GEMMs' streams are cuBLAS's)
             kernels += [(gemm, io + B16 * e),                              # z recomputed, dz written
                         (gemm, B16 * e + chunks * B16 * vh + B16 * nh),    # dX GEMMs
                         (gemm, B16 * e + B16 * nh + chunks * 3 * F32 * vh)]  # dW GEMMs into the fp32 acc
@@ -146,9 +149,10 @@ def device_key(name: str) -> str | None:
 
 # The configurations bench_kernels.py measures on a GPU: its target shape (all providers) and sweeps.
 PROVIDER_CASES = [("lm-head-matmul", "lm-head-matmul", "n/a"), ("fctrain-triton", "grpo", "on"),
-                  ("fctrain-triton", "grpo", "off"), ("fctrain-torch", "grpo", "on"), ("naive-eager", "grpo", "on"),
+                  ("fctrain-triton", "grpo", "off"), ("fctrain-triton-atomic", "grpo", "on"),
+                  ("fctrain-torch", "grpo", "on"), ("naive-eager", "grpo", "on"),
                   ("liger-grpo", "grpo", "off"), ("liger-flce", "logprob", "off"), ("cce", "logprob", "off"),
-                  ("fctrain-triton", "logprob", "off"), ("design:dz-chunks", "grpo", "on")]
+                  ("fctrain-triton", "logprob", "off"), ("fctrain-triton-atomic", "logprob", "off")]
 COLUMNS = ["device", "provider", "op", "mode", "entropy", "N", "H", "V", "skip", "flops", "hbm_bytes",
            "l2_atomic_bytes", "l2_operand_bytes", "flop_bound_ms", "hbm_bound_ms", "atomic_ms", "pred_ms", "bound",
            "ratio_floor", "l2_operand_ms"]
@@ -163,7 +167,7 @@ def table(shapes, devices=tuple(DEVICES)) -> list[dict]:
                 for provider, op, ent in PROVIDER_CASES:
                     if provider.startswith("liger") and mode == "fwd":
                         continue  # their forward already computes the gradients
-                    skips = [0.0, SKIP["on"]] if provider in ("fctrain-triton", "cce") and mode == "fwd+bwd" else [0.0]
+                    skips = [0.0, SKIP["on"]] if provider in ("fctrain-triton-atomic", "cce") and mode == "fwd+bwd" else [0.0]
                     for skip in skips:
                         p = predict(provider, op, mode, "off" if ent == "n/a" else ent, n, h, v, device, skip)
                         rows.append({"device": device, "provider": provider, "op": op, "mode": mode, "entropy": ent,

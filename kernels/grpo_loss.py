@@ -25,7 +25,7 @@ LOSS_AGGREGATIONS = tuple(AGGREGATIONS)
 def fused_linear_grpo_loss(hidden, weight, targets, advantages, mask, old_logp=None, ref_logp=None,
                            rollout_logp=None, is_weight=None, seq_ids=None, *,
                            config: GRPOLossConfig = GRPOLossConfig(), temperature=1.0, impl="auto",
-                           process_group=None, vocab_start=None, filter_eps=None):
+                           process_group=None, vocab_start=None, filter_eps=None, backward="auto"):
     """Clipped GRPO/EGPO loss straight from hidden states. Returns (loss: scalar, metrics: dict).
 
     Specification: the loss, metrics and gradients of this runnable PyTorch, which forms the [..., V]
@@ -45,7 +45,8 @@ def fused_linear_grpo_loss(hidden, weight, targets, advantages, mask, old_logp=N
     Only rows with mask=1 reach the fused op (padding costs nothing); gradients flow to hidden and weight.
     `temperature`, `impl`, `process_group` / `vocab_start` (`weight` is this rank's vocabulary shard of a
     tensor-parallel LM head; every other input, the loss and the metrics are the same on all ranks) and
-    `filter_eps` (the Triton backward's tile skipping, with its error bound) go to
+    `filter_eps` (the Triton backward's tile skipping, with its error bound) and `backward` ("chunked" /
+    "atomic" / "auto", the Triton backward's scheme) go to
     `fused_linear_logprob_entropy`.
     """
     if hidden.shape[:-1] != mask.shape or targets.shape != mask.shape or mask.dim() not in (1, 2):
@@ -56,7 +57,7 @@ def fused_linear_grpo_loss(hidden, weight, targets, advantages, mask, old_logp=N
     logp, entropy = fused_linear_logprob_entropy(
         hidden.reshape(n, -1).index_select(0, rows), weight, targets.reshape(-1).index_select(0, rows),
         temperature=temperature, impl=impl, process_group=process_group, vocab_start=vocab_start,
-        filter_eps=filter_eps)
+        filter_eps=filter_eps, backward=backward)
     # back to the input layout (0 where masked) for the objective: O(N), differentiable
     logp, entropy = (x.new_zeros(n).index_copy(0, rows, x).reshape(mask.shape) for x in (logp, entropy))
     return grpo_objective(logp, entropy, advantages, mask, old_logp, ref_logp, rollout_logp, is_weight, seq_ids,

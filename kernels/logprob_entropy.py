@@ -11,7 +11,12 @@ merges the SPLITS partials (O(SPLITS * N) work): lse = m + log s, E[z] = m + t /
 entropy = log s - t / s. Tracking (z - m) instead of z keeps peaky rows (entropy ~ 0) exact in fp32.
 FLOPs 2NHV; memory traffic ~ (N/BLOCK_N) * V * H reads of W plus N * H reads of X.
 
-Backward: grid (N / BLOCK_N, V_slab / BLOCK_V) per vocabulary slab. Each program recomputes its logit
+Backward, "chunked" (default): per chunk of rows, `_dz_kernel` recomputes each logit tile (2NHV) and
+writes dz (below) in the input dtype to a [rows, V] buffer (<= DZ_CHUNK_BYTES); two GEMMs then form
+dX = dz W and dW += dz^T X (4NHV, cuBLAS on a GPU). No atomics.
+
+Backward, "atomic" (opt-in; tile skipping needs it): grid (N / BLOCK_N, V_slab / BLOCK_V) per vocabulary
+slab. Each program recomputes its logit
 tile (2NHV), forms
     dz = g_logp * (onehot(t) - p) - g_ent * p * (z - E[z])            # p = exp(z - lse), never log p
 on chip, then adds dz @ W into dX (2NHV) and dz^T @ X into dW (2NHV) with fp32 atomics, unless every
@@ -19,8 +24,10 @@ on chip, then adds dz @ W into dX (2NHV) and dz^T @ X into dW (2NHV) with fp32 a
 8 N*H*V FLOPs: 6 would need the whole row's logits on chip when the loss gradient is known (it depends
 on lse, which is only known after the full-vocabulary sweep), so the tile is recomputed instead.
 
-Workspace (documented bound, no [N, V] tensor ever): fp32 dX accumulator [N, H] when hidden is not fp32,
-one fp32 dW slab [V_slab, H] with V_slab * H <= 2**25 when weight is not fp32, and [SPLITS, N] stats.
+Workspace (documented bound, no [N, V] tensor ever): fp32 dX accumulator [N, H], [SPLITS, N] stats, and
+chunked: the dz buffer (<= DZ_CHUNK_BYTES) and, with several chunks, an fp32 dW [V, H] plus one chunk's dW
+product in the input dtype;
+atomic: one fp32 dW slab [V_slab, H] with V_slab * H <= 2**25 when weight is not fp32.
 """
 from __future__ import annotations
 
@@ -32,7 +39,9 @@ from ._triton import jit, tl, triton
 from .reference import chunked_logprob_entropy, naive_logprob_entropy
 
 POISON_OUTPUTS = False  # tests set this: work buffers start as NaN so an unwritten element shows up
-DW_SLAB_ELEMENTS = 1 << 25  # fp32 dW slab bound: 128 MiB
+DW_SLAB_ELEMENTS = 1 << 25  # fp32 dW slab bound: 128 MiB (atomic backward)
+DZ_CHUNK_BYTES = 1 << 30  # dz buffer bound of the chunked backward: 1 GiB (3533 rows at V 151936 in bf16)
+BACKWARDS = ("auto", "chunked", "atomic")
 
 
 # Autotune tiles (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages) per operand width in bytes. Every one
@@ -41,6 +50,9 @@ DW_SLAB_ELEMENTS = 1 << 25  # fp32 dW slab bound: 128 MiB
 # bf16 tiles spill 0.2-13 KB there. `_prune` keeps the tiles of the call's width that fit in shared memory.
 _FWD_TILES = {2: [(64, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 256, 64, 8, 3), (128, 64, 64, 8, 4)],
               4: [(64, 128, 16, 8, 4), (64, 128, 32, 8, 3)]}
+# The dz kernel keeps one logit tile live, like the forward, and stores it: the forward's bf16 tiles; of its
+# fp32 tiles, (64, 128, 16) spills 16 B on sm_90 there.
+_DZ_TILES = {2: _FWD_TILES[2], 4: [(64, 128, 32, 8, 3)]}
 _BWD_TILES = {2: [(64, 128, 64, 8, 3), (128, 128, 32, 8, 3), (128, 64, 64, 8, 3), (128, 64, 32, 8, 4)],
               4: [(64, 128, 16, 8, 4)]}
 
@@ -59,6 +71,10 @@ def _fwd_configs():
 
 def _bwd_configs():
     return _configs(_BWD_TILES)
+
+
+def _dz_configs():
+    return _configs(_DZ_TILES)
 
 
 def shared_memory_bytes(config, operand_bytes: int, cc: int, backward: bool) -> int:
@@ -150,6 +166,37 @@ def _fwd_kernel(
     tl.store(STATS + 3 * plane + row, zt, mask=n_mask)
 
 
+@jit
+def _dz_tile(X, W, TARGETS, LSE, MEAN_Z, G_LOGP, G_ENT, offs_n, offs_v, n_mask, v_mask, H,
+             stride_xn, stride_xh, stride_wv, stride_wh, inv_temp,
+             DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+    """The (BLOCK_N, BLOCK_V) tile of dz = d loss / d (hidden @ weight.T) in fp32: the logit tile
+    recomputed (fp32 accumulation), then dz = (g_logp * (onehot(t) - p) - g_ent * p * (z - E[z])) / T."""
+    tgt = tl.load(TARGETS + offs_n, mask=n_mask, other=-1).to(tl.int64)
+    lse = tl.load(LSE + offs_n, mask=n_mask, other=0.0)
+    mean_z = tl.load(MEAN_Z + offs_n, mask=n_mask, other=0.0)
+    g_logp = tl.load(G_LOGP + offs_n, mask=n_mask, other=0.0)  # 0 on ignored rows (host)
+    g_ent = tl.load(G_ENT + offs_n, mask=n_mask, other=0.0)
+    acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        offs_h = h0 + tl.arange(0, BLOCK_H)
+        h_mask = offs_h < H
+        x = tl.load(X + offs_n[:, None] * stride_xn + offs_h[None, :] * stride_xh,
+                    mask=n_mask[:, None] & h_mask[None, :], other=0.0)
+        w = tl.load(W + offs_v[:, None] * stride_wv + offs_h[None, :] * stride_wh,
+                    mask=v_mask[:, None] & h_mask[None, :], other=0.0)
+        if UPCAST:
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    z = acc * inv_temp
+    p = tl.where(v_mask[None, :], tl.exp(z - lse[:, None]), 0.0)  # (BLOCK_N, BLOCK_V)
+    dz = -p * (g_logp[:, None] + g_ent[:, None] * (z - mean_z[:, None]))
+    dz += tl.where(offs_v[None, :] == tgt[:, None], g_logp[:, None], 0.0)
+    return dz * inv_temp
+
+
 @_t.autotune(configs=_bwd_configs, key=["H", "V", "N_BUCKET"], reset_to_zero=["DX", "DW"],
              prune_configs_by={"early_config_prune": _prune(True)})
 @jit
@@ -172,29 +219,10 @@ def _bwd_kernel(
     offs_v = (v_lo + pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
     n_mask = offs_n < N
     v_mask = offs_v < v_hi
-    tgt = tl.load(TARGETS + offs_n, mask=n_mask, other=-1).to(tl.int64)
-    lse = tl.load(LSE + offs_n, mask=n_mask, other=0.0)
-    mean_z = tl.load(MEAN_Z + offs_n, mask=n_mask, other=0.0)
-    g_logp = tl.load(G_LOGP + offs_n, mask=n_mask, other=0.0)  # 0 on ignored rows (host)
+    dz = _dz_tile(X, W, TARGETS, LSE, MEAN_Z, G_LOGP, G_ENT, offs_n, offs_v, n_mask, v_mask, H,
+                  stride_xn, stride_xh, stride_wv, stride_wh, inv_temp, DOT_PRECISION, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H)
+    g_logp = tl.load(G_LOGP + offs_n, mask=n_mask, other=0.0)
     g_ent = tl.load(G_ENT + offs_n, mask=n_mask, other=0.0)
-
-    acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
-    for h0 in range(0, H, BLOCK_H):  # recompute the logit tile
-        offs_h = h0 + tl.arange(0, BLOCK_H)
-        h_mask = offs_h < H
-        x = tl.load(X + offs_n[:, None] * stride_xn + offs_h[None, :] * stride_xh,
-                    mask=n_mask[:, None] & h_mask[None, :], other=0.0)
-        w = tl.load(W + offs_v[:, None] * stride_wv + offs_h[None, :] * stride_wh,
-                    mask=v_mask[:, None] & h_mask[None, :], other=0.0)
-        if UPCAST:
-            x = x.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
-    z = acc * inv_temp
-    p = tl.where(v_mask[None, :], tl.exp(z - lse[:, None]), 0.0)  # (BLOCK_N, BLOCK_V)
-    dz = -p * (g_logp[:, None] + g_ent[:, None] * (z - mean_z[:, None]))
-    dz += tl.where(offs_v[None, :] == tgt[:, None], g_logp[:, None], 0.0)
-    dz = dz * inv_temp  # d loss / d (hidden @ weight.T)
     if UPCAST:
         dz_op = dz
     else:
@@ -226,6 +254,35 @@ def _bwd_kernel(
                 dw = tl.dot(tl.trans(dz_op), x, input_precision=DOT_PRECISION)  # (BLOCK_V, BLOCK_H)
                 tl.atomic_add(DW + (offs_v - v_lo)[:, None] * H + offs_h[None, :], dw,
                               mask=v_mask[:, None] & h_mask[None, :])
+
+
+@_t.autotune(configs=_dz_configs, key=["H", "V", "N_BUCKET"], prune_configs_by={"early_config_prune": _prune(False)})
+@jit
+def _dz_kernel(
+    # pointers
+    X, W, TARGETS, LSE, MEAN_Z, G_LOGP, G_ENT, DZ,  # X etc. start at the chunk's first row; DZ (rows, V)
+    # sizes
+    N, V, H, N_BUCKET,
+    # strides
+    stride_xn, stride_xh, stride_wv, stride_wh, stride_dzn,
+    # runtime scalars
+    inv_temp,
+    # meta-parameters
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """The chunked backward's first half: dz of a chunk of rows, written in the input dtype (the cuBLAS
+    GEMMs dX = dz W and dW += dz^T X follow on the host). No atomics, no tile skipping."""
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    offs_v = (pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+    n_mask = offs_n < N
+    v_mask = offs_v < V
+    dz = _dz_tile(X, W, TARGETS, LSE, MEAN_Z, G_LOGP, G_ENT, offs_n, offs_v, n_mask, v_mask, H,
+                  stride_xn, stride_xh, stride_wv, stride_wh, inv_temp, DOT_PRECISION, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H)
+    tl.store(DZ + offs_n[:, None] * stride_dzn + offs_v[None, :], dz.to(DZ.dtype.element_ty),
+             mask=n_mask[:, None] & v_mask[None, :])
 
 
 # ---------------------------------------------------------------------------- host launchers
@@ -310,9 +367,52 @@ def _backward(hidden, weight, targets, lse, mean_z, g_logp, g_ent, temperature, 
     return dx, dw  # dx in fp32
 
 
+def _chunk_rows(n: int, v: int, element_size: int) -> int:
+    """Rows per chunk of the chunked backward: its dz buffer [rows, V] stays within DZ_CHUNK_BYTES."""
+    return max(1, min(n, DZ_CHUNK_BYTES // max(v * element_size, 1)))
+
+
+def _backward_chunked(hidden, weight, targets, lse, mean_z, g_logp, g_ent, temperature, need_x, need_w):
+    """Atomic-free backward: per chunk of rows, `_dz_kernel` writes dz in the input dtype, then two GEMMs
+    (cuBLAS on a GPU) form dX[chunk] = dz W and dW += dz^T X[chunk]. Traffic: dz written and read twice per
+    element instead of (N/BLOCK_N) V H + (V/BLOCK_V) N H fp32 atomic adds (benchmarks/traffic_model.py,
+    design dz-chunks). dW of several chunks is summed in fp32 (each chunk's product rounded once to the
+    input dtype by the GEMM)."""
+    n, h = hidden.shape
+    v = weight.shape[0]
+    dx = torch.zeros((n, h), dtype=torch.float32, device=hidden.device) if need_x else None
+    dw = None
+    rows = _chunk_rows(n, v, hidden.element_size())
+    alloc = torch.full if POISON_OUTPUTS else (lambda shape, _, **kw: torch.empty(shape, **kw))
+    dz = alloc((min(rows, n), v), float("nan"), dtype=hidden.dtype, device=hidden.device) if n else None
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        x = hidden[r0:r1]
+        dz_c = dz[:r1 - r0]
+        grid = lambda meta: (triton.cdiv(r1 - r0, meta["BLOCK_N"]), triton.cdiv(v, meta["BLOCK_V"]))  # noqa: E731
+        _dz_kernel[grid](
+            x, weight, targets[r0:r1], lse[r0:r1], mean_z[r0:r1], g_logp[r0:r1], g_ent[r0:r1], dz_c,
+            r1 - r0, v, h, _t.n_bucket(r1 - r0),
+            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), dz_c.stride(0),
+            1.0 / temperature,
+            DOT_PRECISION=_dot_precision(hidden.dtype), UPCAST=_t.INTERPRET,
+        )
+        if need_x:
+            dx[r0:r1] = dz_c @ weight
+        if need_w:
+            part = dz_c.T @ x
+            if dw is None:
+                dw = part if r1 == n else part.float()
+            else:
+                dw += part
+    if need_w:
+        dw = torch.zeros_like(weight) if dw is None else dw.to(weight.dtype)
+    return dx, dw
+
+
 class _LogprobEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, ignore_index, group, vocab_start, filter_eps):
+    def forward(ctx, hidden, weight, targets, temperature, ignore_index, group, vocab_start, filter_eps, backward):
         kernel_targets, owned = targets, None
         # unit inner strides: the kernels then build with vectorised, pipelined loads and no spills
         # (benchmarks/gpu_compile.py --generic shows the strided builds spilling)
@@ -323,22 +423,23 @@ class _LogprobEntropy(torch.autograd.Function):
         logp, entropy, lse, mean_z = _forward(hidden, weight, targets, temperature, ignore_index,
                                               group, kernel_targets, owned)
         ctx.save_for_backward(hidden, weight, targets, kernel_targets, lse, mean_z)
-        ctx.args = (temperature, ignore_index, group, filter_eps)
+        ctx.args = (temperature, ignore_index, group, filter_eps, backward)
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
         hidden, weight, targets, kernel_targets, lse, mean_z = ctx.saved_tensors
-        temperature, ignore_index, group, filter_eps = ctx.args
+        temperature, ignore_index, group, filter_eps, backward = ctx.args
         valid = targets != ignore_index
         zeros = torch.zeros_like(lse)
         g_logp = torch.where(valid, grad_logp.float(), 0.0).contiguous() if grad_logp is not None else zeros
         g_ent = torch.where(valid, grad_entropy.float(), 0.0).contiguous() if grad_entropy is not None else zeros
-        dx, dw = _backward(hidden, weight, kernel_targets, lse, mean_z, g_logp, g_ent, temperature,
-                           ctx.needs_input_grad[0], ctx.needs_input_grad[1], filter_eps)
+        args = (hidden, weight, kernel_targets, lse, mean_z, g_logp, g_ent, temperature,
+                ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        dx, dw = _backward_chunked(*args) if backward == "chunked" else _backward(*args, filter_eps)
         if dx is not None:
             dx = (dx if group is None else vp.all_reduce_sum_(dx, group)).to(hidden.dtype)
-        return dx, dw, None, None, None, None, None, None
+        return dx, dw, None, None, None, None, None, None, None
 
 
 def _check_inputs(hidden, weight, targets, temperature):
@@ -365,7 +466,7 @@ def _check_targets(targets, vocab, ignore_index):
 
 
 def fused_linear_logprob_entropy(hidden, weight, targets, temperature=1.0, ignore_index=-100, impl="auto",
-                                 process_group=None, vocab_start=None, filter_eps=None):
+                                 process_group=None, vocab_start=None, filter_eps=None, backward="auto"):
     """Per-token log p(target) and entropy straight from hidden states, without [N, V] logits.
 
     Specification (runnable PyTorch; `kernels.reference.naive_logprob_entropy`):
@@ -384,6 +485,11 @@ def fused_linear_logprob_entropy(hidden, weight, targets, temperature=1.0, ignor
     the target). Error bound: grad hidden[n, h] moves by at most filter_eps * s[n] * sum_v |weight[v, h]|,
     grad weight[v, h] by at most filter_eps * sum_n s[n] |hidden[n, h]|. Cut Cross-Entropy's "auto" filter
     is finfo(dtype).eps / 32 (2**-12 for bf16) on the softmax.
+    backward (impl "triton" only): "chunked" = per chunk of rows (dz buffer <= DZ_CHUNK_BYTES) a kernel writes
+    dz in the input dtype and two GEMMs form dX and dW, no atomics; "atomic" = each tile adds its dX/dW share
+    with fp32 atomics, no dz buffer, and can skip tiles (filter_eps); "auto" = atomic when filter_eps is
+    set, else chunked (benchmarks/traffic_model.py predicts 1.3x the matmul floor for chunked, ~7x for
+    atomic at N 16384, H 4096, V 151936 on an H100; not yet measured on a GPU).
 
     Vocabulary parallel (tensor-parallel LM head): with `process_group`, `weight` is this rank's
     contiguous shard [V_local, H] = full_weight[vocab_start : vocab_start + V_local] (default
@@ -405,8 +511,13 @@ def fused_linear_logprob_entropy(hidden, weight, targets, temperature=1.0, ignor
     if impl == "triton":
         if not _t.HAVE_TRITON:
             raise RuntimeError("impl='triton' needs the triton package; use impl='torch'")
+        if backward not in BACKWARDS:
+            raise ValueError(f"backward must be one of {BACKWARDS}; got {backward!r}")
+        if backward == "chunked" and filter_eps:
+            raise ValueError("filter_eps (tile skipping) needs backward='atomic' (the chunked backward's GEMMs are dense)")
+        backward = backward if backward != "auto" else ("atomic" if filter_eps else "chunked")
         return _LogprobEntropy.apply(hidden, weight, targets, float(temperature), int(ignore_index),
-                                     process_group, vocab_start, float(filter_eps or 0.0))
+                                     process_group, vocab_start, float(filter_eps or 0.0), backward)
     if impl == "torch":
         return chunked_logprob_entropy(hidden, weight, targets, temperature, ignore_index,
                                        process_group=process_group, vocab_start=vocab_start)

@@ -58,7 +58,7 @@ if [ "$MODE" = gpu ]; then
   # dtype1 = bf16, shape3 = (4096, 2048, 151936): the specialisation (multiples of 16) the benchmark launches
   AUTOTUNE_SELECT=(-k "test_matches_float64_reference and dtype1 and triton and shape3")
   BENCH_ARGS=(--device cuda --plan target
-              --providers lm-head-matmul,fctrain-triton,fctrain-torch,naive-eager,liger-grpo,liger-flce,cce)
+              --providers lm-head-matmul,fctrain-triton,fctrain-triton-atomic,fctrain-torch,naive-eager,liger-grpo,liger-flce,cce)
   CAPS=(60 90 120 150 90 150 90)
 else
   COMPILE_ARGS=(--kernels fwd,bwd --dtypes bf16 --targets sm_90 --configs 0)

@@ -89,11 +89,11 @@ def test_plan_covers_issue_targets():
     at = {(s["provider"], s["op"], s["mode"], s["entropy"]) for s in cpu if (s["N"], s["H"], s["V"]) == bench.SMOLLM2}
     assert {("fctrain-torch", "grpo", "fwd+bwd", "on"), ("naive-eager", "grpo", "fwd+bwd", "on"),
             ("lm-head-matmul", "lm-head-matmul", "fwd+bwd", "n/a")} <= at
-    assert not any(s["provider"] in ("fctrain-triton", "cce", "liger-flce") for s in cpu)  # never on CPU
+    assert not any(s["provider"] in ("fctrain-triton", "fctrain-triton-atomic", "cce", "liger-flce") for s in cpu)
     gpu = bench.expand(bench.GPU_PLAN, "cuda", "bfloat16", {})
     target = {(s["provider"], s["op"], s["mode"], s["entropy"]) for s in gpu if (s["N"], s["H"], s["V"]) == bench.TARGET}
     assert {("fctrain-triton", "grpo", "fwd+bwd", "on"), ("fctrain-triton", "logprob", "fwd+bwd", "on"),
-            ("liger-grpo", "grpo", "fwd+bwd", "off"), ("lm-head-matmul", "lm-head-matmul", "fwd+bwd", "n/a"),
+            ("fctrain-triton-atomic", "grpo", "fwd+bwd", "on"), ("liger-grpo", "grpo", "fwd+bwd", "off"), ("lm-head-matmul", "lm-head-matmul", "fwd+bwd", "n/a"),
             ("cce", "logprob", "fwd+bwd", "off"), ("liger-flce", "logprob", "fwd+bwd", "off")} <= target
 
 
@@ -138,7 +138,8 @@ def test_parser_fuzz_benchmark_runs(tmp_path):
 def test_traffic_model_bounds_and_design_choice():
     """The model's arithmetic at the target shape: the floor is FLOP-bound at 2NHV (6NHV with backward),
     the fused forward equals it, the backward's atomics are counted per tile and shrink with skipping, and
-    the atomic-free design (bf16 dz per row chunk, then GEMMs) costs its FLOPs, 8NHV / 6NHV of the floor."""
+    the atomic-free chunked backward (bf16 dz per row chunk, then GEMMs) costs its FLOPs, 8NHV / 6NHV of the
+    floor."""
     tm = _load("traffic_model")
     n, h, v = bench.TARGET
     peak = tm.DEVICES["H100-SXM"]["bf16_tflops"] * 1e12
@@ -148,12 +149,12 @@ def test_traffic_model_bounds_and_design_choice():
     assert floor_bwd == pytest.approx(3 * floor["pred_ms"])
     fused = tm.predict("fctrain-triton", "grpo", "fwd", "on", n, h, v, "H100-SXM")
     assert fused["pred_ms"] == pytest.approx(floor["pred_ms"]) and fused["l2_atomic_bytes"] == 0
-    bn, bv = tm.TILES["fctrain-triton"]
-    full = tm.count("fctrain-triton", "grpo", "fwd+bwd", "on", n, h, v, skip=0.0)["l2_atomic_bytes"]
+    bn, bv = tm.TILES["fctrain-triton-atomic"]
+    full = tm.count("fctrain-triton-atomic", "grpo", "fwd+bwd", "on", n, h, v, skip=0.0)["l2_atomic_bytes"]
     assert full == 2 * 4 * (n * h * -(-v // bv) + v * h * (n // bn))  # fp32 read + write per atomic add
-    assert tm.count("fctrain-triton", "grpo", "fwd+bwd", "on", n, h, v, skip=0.25)["l2_atomic_bytes"] == 0.75 * full
-    design = tm.predict("design:dz-chunks", "grpo", "fwd+bwd", "on", n, h, v, "H200-SXM")  # FLOP-bound GEMMs
-    assert design["l2_atomic_bytes"] == 0 and design["pred_ms"] == pytest.approx(floor_bwd * 8 / 6)
+    assert tm.count("fctrain-triton-atomic", "grpo", "fwd+bwd", "on", n, h, v, skip=0.25)["l2_atomic_bytes"] == 0.75 * full
+    chunked = tm.predict("fctrain-triton", "grpo", "fwd+bwd", "on", n, h, v, "H200-SXM")  # FLOP-bound GEMMs
+    assert chunked["l2_atomic_bytes"] == 0 and chunked["pred_ms"] == pytest.approx(floor_bwd * 8 / 6)
     naive = tm.predict("naive-eager", "grpo", "fwd", "on", n, h, v, "H100-SXM")  # + 52 B per logit, HBM-bound
     assert naive["pred_ms"] > floor["pred_ms"] and naive["hbm_bytes"] >= tm.EAGER_FWD["on"] * n * v
     assert tm.device_key("NVIDIA H100 80GB HBM3") == "H100-SXM" and tm.device_key("NVIDIA H200") == "H200-SXM"

@@ -25,10 +25,10 @@ REPORT = REPO / "benchmarks" / "results" / "gpu_compile_cpu.csv"
 
 
 def _build_default_tiles(target):
-    """Build config 0 (the default tile) of both kernels for bf16 in a process without TRITON_INTERPRET."""
+    """Build config 0 (the default tile) of every kernel for bf16 in a process without TRITON_INTERPRET."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    cmd = [sys.executable, str(REPO / "benchmarks" / "gpu_compile.py"), "--kernels", "fwd,bwd", "--dtypes", "bf16",
+    cmd = [sys.executable, str(REPO / "benchmarks" / "gpu_compile.py"), "--kernels", "fwd,dz,bwd", "--dtypes", "bf16",
            "--targets", target, "--configs", "0", "--json"]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
@@ -38,8 +38,8 @@ def _build_default_tiles(target):
 
 def test_default_bf16_tiles_build_spill_free_for_sm90():
     rows, seconds = _build_default_tiles("sm_90")
-    print(f"2 sm_90 builds in {seconds:.1f} s")
-    assert [r["kernel"] for r in rows] == ["fwd", "bwd"]
+    print(f"3 sm_90 builds in {seconds:.1f} s")
+    assert [r["kernel"] for r in rows] == ["fwd", "dz", "bwd"]
     for r in rows:
         assert r["status"] == "ok", r
         assert (r["BLOCK_N"], r["BLOCK_V"], r["BLOCK_H"], r["num_warps"], r["num_stages"]) == (64, 128, 64, 8, 3)
@@ -101,7 +101,7 @@ def _report():
 
 def test_report_covers_todays_tiles():
     rows = _report()
-    for kernel, tiles in [("fwd", le._FWD_TILES), ("bwd", le._BWD_TILES)]:
+    for kernel, tiles in [("fwd", le._FWD_TILES), ("dz", le._DZ_TILES), ("bwd", le._BWD_TILES)]:
         want = {(tile, dtype, target) for shapes in tiles.values() for tile in shapes
                 for dtype in ("bf16", "fp32") for target in ("sm_80", "sm_90")}
         got = {(tuple(int(r[k]) for k in ("BLOCK_N", "BLOCK_V", "BLOCK_H", "num_warps", "num_stages")),

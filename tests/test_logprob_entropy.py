@@ -10,7 +10,7 @@ from tests.kernel_utils import DEVICE, assert_verbose_close, make_inputs, within
 CPU_SHAPES = [(1, 32, 123), (37, 48, 123), (65, 80, 300), (3, 16, 1000), (0, 32, 64)]
 CUDA_SHAPES = [(1, 128, 1000), (1000, 576, 49152), (2049, 1024, 50257), (4096, 2048, 151936)]
 SHAPES = CUDA_SHAPES if DEVICE == "cuda" else CPU_SHAPES
-IMPLS = ["triton", "torch"]
+IMPLS = ["triton", "triton-atomic", "torch"]  # triton: the chunked backward (default)
 
 
 @pytest.fixture(autouse=True)
@@ -18,10 +18,16 @@ def poison(monkeypatch):
     monkeypatch.setattr(le, "POISON_OUTPUTS", True)  # an unwritten work element becomes NaN and fails
 
 
+def fle(*args, impl, **kw):
+    """fused_linear_logprob_entropy with IMPLS' names ("triton-atomic": the atomic backward)."""
+    impl, backward = ("triton", "atomic") if impl == "triton-atomic" else (impl, "auto")
+    return kernels.fused_linear_logprob_entropy(*args, impl=impl, backward=backward, **kw)
+
+
 def run(impl, hidden, weight, targets, temperature, g_logp, g_ent):
     x = hidden.detach().clone().requires_grad_()
     w = weight.detach().clone().requires_grad_()
-    logp, ent = kernels.fused_linear_logprob_entropy(x, w, targets, temperature=temperature, impl=impl)
+    logp, ent = fle(x, w, targets, temperature=temperature, impl=impl)
     out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32  # fp32, fp64 kept by "naive"
     assert logp.dtype == ent.dtype and logp.dtype in (torch.float32, out_dtype) and logp.shape == targets.shape
     (logp * g_logp + ent * g_ent).sum().backward()
@@ -48,12 +54,27 @@ def test_matches_float64_reference(impl, dtype, shape, seed, temperature, peaky)
     assert (got[0][ignored] == 0).all() and (got[1][ignored] == 0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_backward_over_several_chunks(monkeypatch, dtype):
+    n, h, v = (3000, 256, 4000) if DEVICE == "cuda" else (70, 48, 300)
+    monkeypatch.setattr(le, "DZ_CHUNK_BYTES", 16 * v * 4)  # 16 fp32 / 32 bf16 rows per chunk: 5 or 3 chunks
+    assert le._chunk_rows(n, v, torch.tensor([], dtype=dtype).element_size()) < n
+    hidden, weight, targets = make_inputs(n, h, v, dtype, 4, peaky=True)
+    g = torch.Generator().manual_seed(5)
+    g_logp, g_ent = torch.randn(n, generator=g).to(DEVICE), torch.randn(n, generator=g).to(DEVICE)
+    got = run("triton", hidden, weight, targets, 0.7, g_logp, g_ent)
+    want = run("naive", hidden.double(), weight.double(), targets, 0.7, g_logp.double(), g_ent.double())
+    same = run("naive", hidden, weight, targets, 0.7, g_logp, g_ent)
+    for name, a, b, c in zip(["logp", "entropy", "grad_hidden", "grad_weight"], got, want, same):
+        within_budget(a, c, b, dtype, f"chunked {dtype} {name}")
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_ignored_rows_get_no_gradient(impl):
     hidden, weight, targets = make_inputs(9, 32, 130, torch.float32, 3)
     targets[::2] = -100
     x = hidden.clone().requires_grad_()
-    logp, ent = kernels.fused_linear_logprob_entropy(x, weight, targets, impl=impl)
+    logp, ent = fle(x, weight, targets, impl=impl)
     (logp + ent).sum().backward()
     assert (x.grad[::2] == 0).all() and (x.grad[1::2] != 0).any()
 
@@ -78,7 +99,7 @@ def test_non_contiguous_inputs_and_tied_embeddings(impl):
     # hidden: a non-contiguous (transposed) view; weight: the embedding table itself (tied LM head)
     hidden = (emb(tokens) * 1.5).transpose(0, 1).reshape(t * b, h)[::2]
     targets = torch.randint(0, v, (hidden.shape[0],), device=DEVICE)
-    logp, ent = kernels.fused_linear_logprob_entropy(hidden, emb.weight, targets, impl=impl)
+    logp, ent = fle(hidden, emb.weight, targets, impl=impl)
     (logp.sum() + 0.5 * ent.sum()).backward()
     got_grad = emb.weight.grad.clone()
     emb.weight.grad = None
@@ -96,7 +117,7 @@ def test_column_major_inputs(impl):
     x = hidden.t().contiguous().t().requires_grad_()
     w = weight.t().contiguous().t().requires_grad_()
     assert x.stride(-1) != 1 and w.stride(-1) != 1
-    logp, ent = kernels.fused_linear_logprob_entropy(x, w, targets, impl=impl)
+    logp, ent = fle(x, w, targets, impl=impl)
     (logp.sum() + 0.5 * ent.sum()).backward()
     x64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
     ref_logp, ref_ent = naive_logprob_entropy(x64, w64, targets)
@@ -172,6 +193,10 @@ def test_auto_dispatch_and_errors():
         kernels.fused_linear_logprob_entropy(hidden, weight.double(), targets)
     with pytest.raises(ValueError, match="temperature"):
         kernels.fused_linear_logprob_entropy(hidden, weight, targets, temperature=0.0)
+    with pytest.raises(ValueError, match="backward must be one of"):
+        kernels.fused_linear_logprob_entropy(hidden, weight, targets, impl="triton", backward="fast")
+    with pytest.raises(ValueError, match="needs backward='atomic'"):
+        kernels.fused_linear_logprob_entropy(hidden, weight, targets, impl="triton", backward="chunked", filter_eps=1e-3)
 
 
 def test_fp16_torch_path():
