@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -313,24 +314,36 @@ class TrainData:
     def eval_examples(self) -> list:
         return [e for exs in self.eval_sets.values() for e in exs]
 
+    @functools.cached_property
+    def kinds(self) -> tuple[list, list]:
+        """(examples whose answer is a call, examples whose answer is no call)."""
+        no_call = [freward.is_irrelevance(e.category) for e in self.examples]
+        return ([e for e, nc in zip(self.examples, no_call) if not nc], [e for e, nc in zip(self.examples, no_call) if nc])
+
+    def check_share(self, k: int, no_call_share: float):
+        """A clear error before any training when `next_batch(k, no_call_share)` would need a missing kind."""
+        call, no_call = self.kinds
+        n = round(k * no_call_share) if no_call_share >= 0 else 0
+        if (n and not no_call) or (no_call_share >= 0 and k - n and not call):
+            raise SystemExit(f"error: no_call_share={no_call_share} needs training examples with {'no' if n else 'a'} "
+                             f"call; the training data has {len(call)} with a call and {len(no_call)} without")
+
     def next_batch(self, k: int, no_call_share: float = -1.0) -> list:
         """The next `k` training examples (every rank draws the same ones). no_call_share >= 0: round(k * share)
         of them come from the examples whose answer is no call and the rest from the others, each kind drawn in
         its own seeded per-epoch order (so every step sees both kinds, in the same proportion)."""
         if no_call_share < 0:
             return self._draw("", self.examples, k)
-        no_call = [e for e in self.examples if freward.is_irrelevance(e.category)]
-        call = [e for e in self.examples if not freward.is_irrelevance(e.category)]
+        self.check_share(k, no_call_share)
         n = round(k * no_call_share)
-        if (n and not no_call) or (k - n and not call):
-            raise SystemExit(f"error: no_call_share={no_call_share} needs training examples with {'no' if n else 'a'} "
-                             f"call; the training data has {len(call)} with a call and {len(no_call)} without")
+        call, no_call = self.kinds
         return self._draw("call_", call, k - n) + self._draw("no_call_", no_call, n)
 
     def _draw(self, stream: str, examples: list, k: int) -> list:
         pos, epoch = f"{stream}pos", f"{stream}epoch"  # flat ints: the checkpoint stores them as plain data
         batch = []
         while len(batch) < k:
+            # each stream its own order: the seed offset differs by stream name ("" keeps the original order)
             order = fdata.shuffle(examples, self.seed + self.position.setdefault(epoch, 0) + 7919 * len(stream))
             if self.position.setdefault(pos, 0) >= len(order):
                 self.position.update({epoch: self.position[epoch] + 1, pos: 0})
@@ -426,6 +439,8 @@ def load_data(cfg: Config, tokenizer, say) -> TrainData:
         raise SystemExit("error: eval_data overlaps train_data; evaluation must be held out")
     if not examples:
         raise SystemExit(f"error: no training examples in {cfg.train_data!r} within {cfg.max_prompt_tokens} tokens")
+    if cfg.steps:
+        data.check_share(cfg.prompts_per_step, cfg.no_call_share)
     data.prompt_ids = {e.id: prompts.build_prompt_ids(e, tokenizer, cfg.fmt) for e in examples}
     say(f"data: {len(examples)} train examples ({cfg.train_data}), {len(data.eval_examples)} eval ({cfg.eval_data})"
         + (f"; skipped {sum(skipped.values())} malformed rows (listed above)" if skipped else ""))

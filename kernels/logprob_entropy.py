@@ -376,7 +376,7 @@ def _backward_chunked(hidden, weight, targets, lse, mean_z, g_logp, g_ent, tempe
     """Atomic-free backward: per chunk of rows, `_dz_kernel` writes dz in the input dtype, then two GEMMs
     (cuBLAS on a GPU) form dX[chunk] = dz W and dW += dz^T X[chunk]. Traffic: dz written and read twice per
     element instead of (N/BLOCK_N) V H + (V/BLOCK_V) N H fp32 atomic adds (benchmarks/traffic_model.py,
-    design dz-chunks). dW of several chunks is summed in fp32 (each chunk's product rounded once to the
+    provider fctrain-triton). dW of several chunks is summed in fp32 (each chunk's product rounded once to the
     input dtype by the GEMM)."""
     n, h = hidden.shape
     v = weight.shape[0]
@@ -505,16 +505,16 @@ def fused_linear_logprob_entropy(hidden, weight, targets, temperature=1.0, ignor
         vocab_start = vp.resolve_vocab_start(weight, process_group, vocab_start)
         if weight.shape[0] == 0:
             raise ValueError("a vocabulary shard must hold at least one row")
+    if backward not in BACKWARDS:
+        raise ValueError(f"backward must be one of {BACKWARDS}; got {backward!r}")
+    if backward == "chunked" and filter_eps:
+        raise ValueError("filter_eps (tile skipping) needs backward='atomic' (the chunked backward's GEMMs are dense)")
     targets = targets.contiguous()
     if impl == "auto":
         impl = "triton" if (hidden.is_cuda and _t.HAVE_TRITON) else "torch"
     if impl == "triton":
         if not _t.HAVE_TRITON:
             raise RuntimeError("impl='triton' needs the triton package; use impl='torch'")
-        if backward not in BACKWARDS:
-            raise ValueError(f"backward must be one of {BACKWARDS}; got {backward!r}")
-        if backward == "chunked" and filter_eps:
-            raise ValueError("filter_eps (tile skipping) needs backward='atomic' (the chunked backward's GEMMs are dense)")
         backward = backward if backward != "auto" else ("atomic" if filter_eps else "chunked")
         return _LogprobEntropy.apply(hidden, weight, targets, float(temperature), int(ignore_index),
                                      process_group, vocab_start, float(filter_eps or 0.0), backward)

@@ -145,7 +145,8 @@ def test_usage_errors_are_one_error_line(tiny, tmp_path):
              (dict(train_data=tmp_path / "missing.jsonl"), "train_data .*No such file"),
              (dict(train_data=tmp_path / "bad.jsonl"), "train_data .*bad.jsonl: 1 of 1 lines malformed.*line 1"),
              (dict(eval_data=f"{root / 'eval.jsonl'}+split:nope"), "eval_data 'split:nope': .* no set 'nope'"),
-             (dict(out_dir=root / "train.jsonl"), "out_dir .*train.jsonl")]
+             (dict(out_dir=root / "train.jsonl"), "out_dir .*train.jsonl"),
+             (dict(no_call_share=0.5), "no_call_share=0.5 needs training examples with no call")]  # before SFT
     for over, message in cases:
         with pytest.raises(SystemExit, match="^error: " + message) as info:
             run.main(_args(root, model_dir, tmp_path / "out", **over))
