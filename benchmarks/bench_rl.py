@@ -355,6 +355,25 @@ def run_pilot(name: str, sft: bool, overrides: list[str], start: str = "base", e
     return result
 
 
+def checkpoint_curve(name: str) -> dict:
+    """Val accuracy of every checkpoint a scratch pilot kept (give it --save_every N --keep_last K): how the
+    base improves with SFT steps, measured on the validation set only. Skips checkpoints already scored."""
+    path = RESULTS / "pilots" / f"{name}-curve.json"
+    curve = json.loads(path.read_text()) if path.exists() else {"pilot": name, "points": {}}
+    for ckpt in sorted((WORK / f"pilot-{name}").glob("ckpt-*")):
+        step = int(ckpt.name.split("-")[1])
+        if str(step) in curve["points"]:
+            continue
+        cell = f"pilot-{name}-step{step}"
+        (WORK / cell).mkdir(parents=True, exist_ok=True)
+        ev = evaluate(cell, ckpt, ("val",))
+        curve["points"][str(step)] = {"val": ev["sets"]["val"]["accuracy"], **val_breakdown(cell),
+                                      "eval_s": ev["eval_s"]}
+        path.write_text(json.dumps(curve, indent=1) + "\n")
+        print(f"[bench_rl] {name} step {step}: {curve['points'][str(step)]}", flush=True)
+    return curve
+
+
 def val_breakdown(cell: str) -> dict:
     """Validation accuracy on the call prompts and on the no-call prompts, how often each abstains, and the
     balanced accuracy of the call / no-call decision alone (0.5 = no separation)."""
@@ -583,7 +602,12 @@ def main(argv=None) -> int:
                                                    "SFT_BASE_ARGS + overrides) | the name of a scratch pilot")
     t.add_argument("--eval-max-tokens", type=int, default=0, help=f"default {EVAL_MAX_TOKENS}")
     t.add_argument("overrides", nargs=argparse.REMAINDER, help="trainer options after --")
+    c = sub.add_parser("curve", help="val accuracy of every checkpoint a scratch pilot kept")
+    c.add_argument("name")
     args = p.parse_args(argv)
+    if args.cmd == "curve":
+        checkpoint_curve(args.name)
+        return 0
     if args.cmd == "eval-one":
         evaluate_checkpoint(Path(args.ckpt), Path(args.out), tuple(args.sets), args.max_tokens)
         return 0

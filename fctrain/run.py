@@ -107,7 +107,8 @@ class Config:
     grad_clip: float = 1.0
     micro_batch_tokens: int = 4096         # tokens computed per forward/backward (padding included)
     packing: str = "auto"                  # shared | packed | padded; auto = shared (SDPA) or packed (flash-attn)
-    sft_steps: int = 60                    # cold-start SFT steps before RL (0 = none)
+    sft_steps: int = 40                    # cold-start SFT steps before RL (0 = none). 40: val 51.7 (60: 45.0),
+                                           # decision 67.5 (66.6): benchmarks/results/rl_cpu/pilots/evidence-sft90-curve.json
     sft_batch_size: int = 8
     sft_lr: float = 5e-5
     sft_think: str = "evidence"            # SFT target's think: evidence (restates the request and what each tool does,
