@@ -61,15 +61,19 @@ ARMS = ("grpo", "egpo", "sft")
 
 COMMON_ARGS = ["--fmt", "python", "--max_prompt_tokens", str(MAX_PROMPT_TOKENS), "--max_new_tokens",
                str(MAX_NEW_TOKENS), "--eval_data", "none", "--save_every", "0", "--keep_last", "1", "--sft_think", THINK]
-SFT_BASE_ARGS = ["--sft_steps", "60", "--sft_batch_size", "8", "--sft_lr", "5e-5", "--steps", "0",
+# 90 SFT steps (v6): the call / no-call decision keeps separating with SFT (val decision 66.6 at 60 steps, 77.5
+# at 90: results/rl_cpu/pilots/evidence-sft90-curve.json); 90 steps + an arm + evaluation fit the hour.
+SFT_BASE_ARGS = ["--sft_steps", "90", "--sft_batch_size", "8", "--sft_lr", "5e-5", "--steps", "0",
                  "--beta", "0", "--engine", "hf", "--seed", "0"]
 RL_ARGS = ["--sft_steps", "0", "--steps", "10", "--prompts_per_step", "4", "--group_size", "8",
            "--lr", "2e-5", "--warmup_steps", "2", "--temperature", "0.7", "--beta", "0", "--reward", "partial"]
 # Bump when the arms' training changes in a way their arguments do not show; finished cells of another
 # version are neither skipped nor pooled. 3: the partial reward pays nothing for the wrong kind of answer
 # (v2 results: benchmarks/results/rl_cpu_v2/). 4: the "evidence" think and 160 new tokens (v3 results:
-# benchmarks/results/rl_cpu_v3/).
-ARM_VERSION = 4
+# benchmarks/results/rl_cpu_v3/). 5: the 90-step base (v4 results, on the 60-step base:
+# benchmarks/results/rl_cpu_v4/).
+ARM_VERSION = 5
+SAVE_ONLY = ("out_dir", "save_every", "keep_last")  # trainer options that change what is kept, not what is trained
 SFT_ARM_ARGS = ["--sft_steps", "100000", "--sft_batch_size", "8", "--sft_lr", "5e-5", "--steps", "0",
                 "--beta", "0", "--engine", "hf"]
 
@@ -151,12 +155,40 @@ def final_checkpoint(run_dir: Path) -> Path:
     return found[-1]
 
 
+def trainer_config(args: list[str], run_dir: Path) -> dict:
+    """The trainer's resolved configuration for a cell's arguments, less the options that only decide what
+    is saved."""
+    import dataclasses
+
+    from fctrain.run import parse_config
+    cmd = [*COMMON_ARGS, "--train_data", str(WORK / "train.jsonl"), *args, "--out_dir", str(run_dir)]
+    return {k: v for k, v in dataclasses.asdict(parse_config(cmd)[0]).items() if k not in SAVE_ONLY}
+
+
+def same_run(cell: str, args: list[str]) -> dict | None:
+    """A finished run under WORK (a scratch pilot, typically) that trained exactly what `args` would train
+    from the original model (same resolved trainer configuration, saving options aside): its summary, so
+    the base cell reuses that checkpoint instead of training it again."""
+    if "--model" in args:  # only runs from the original model: an arm's --model names its base's path
+        return None
+    want = trainer_config(args, WORK / cell)
+    for done in sorted(WORK.glob("*/train_done.json")):
+        info = json.loads(done.read_text())
+        if done.parent.name != cell and "args" in info and trainer_config(info["args"], done.parent) == want:
+            return info["summary"] | {"reused_from": done.parent.name}
+    return None
+
+
 def train(cell: str, args: list[str]) -> dict:
     """Run the trainer for one cell in a fresh process; returns its metrics summary."""
     run_dir = WORK / cell
     done = run_dir / "train_done.json"
     if done.exists() and json.loads(done.read_text()).get("key") == [ARM_VERSION, args]:  # evaluation was cut short
         return json.loads(done.read_text())["summary"]
+    if cell == "sft-base" and (earlier := same_run(cell, args)) is not None:
+        print(f"[bench_rl] {cell}: {earlier['reused_from']} trained exactly this; reusing its checkpoint "
+              f"{earlier['checkpoint']}", flush=True)
+        return earlier
     if run_dir.exists():  # an interrupted training restarts from scratch
         shutil.rmtree(run_dir)
     cmd = [sys.executable, "-m", "fctrain.run", *COMMON_ARGS, "--train_data", str(WORK / "train.jsonl"),

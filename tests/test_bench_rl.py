@@ -128,3 +128,24 @@ def test_bootstrap_over_seeds_widens_when_seeds_disagree():
     m2, lo2, hi2 = bench.bootstrap_seeds(a, b)
     assert m2 == pytest.approx(0.5) and lo2 == pytest.approx(0.0) and hi2 == pytest.approx(1.0)
     assert bench.bootstrap_seeds(a[:1], b[:1]) is None
+
+
+def test_base_cell_reuses_a_run_that_trained_exactly_its_arguments(tmp_path, monkeypatch):
+    """A scratch pilot that ran the base recipe (saving options aside, later options winning) stands in for
+    the base; one training option different, or an arm's --model, does not."""
+    monkeypatch.setattr(bench, "WORK", tmp_path)
+    base = bench.SFT_BASE_ARGS
+
+    def finished(name, args, steps):
+        (tmp_path / name).mkdir()
+        summary = {"checkpoint": str(tmp_path / name / f"ckpt-{steps:06d}"), "steps": steps}
+        (tmp_path / name / "train_done.json").write_text(json.dumps({"key": [4, args], "args": args,
+                                                                     "summary": summary}))
+
+    finished("pilot-other-lr", base + ["--sft_lr", "1e-4"], 90)
+    finished("pilot-same", [*base[:1], "60", *base[2:], "--sft_steps", base[1], "--save_every", "10",
+                            "--keep_last", "20"], int(base[1]))
+    found = bench.same_run("sft-base", base)
+    assert found is not None and found["reused_from"] == "pilot-same" and found["steps"] == int(base[1])
+    assert bench.same_run("sft-base", base + ["--seed", "1"]) is None
+    assert bench.same_run("grpo-s0", ["--model", str(tmp_path), "--seed", "0"] + bench.RL_ARGS) is None
