@@ -167,14 +167,15 @@ def trainer_config(args: list[str], run_dir: Path) -> dict:
 
 def same_run(cell: str, args: list[str]) -> dict | None:
     """A finished run under WORK (a scratch pilot, typically) that trained exactly what `args` would train
-    from the original model (same resolved trainer configuration, saving options aside): its summary, so
-    the base cell reuses that checkpoint instead of training it again."""
+    from the original model (same resolved trainer configuration, saving options aside, same train.jsonl,
+    checkpoint still there): its summary, so the base cell reuses that checkpoint instead of training again."""
     if "--model" in args:  # only runs from the original model: an arm's --model names its base's path
         return None
     want = trainer_config(args, WORK / cell)
     for done in sorted(WORK.glob("*/train_done.json")):
         info = json.loads(done.read_text())
-        if done.parent.name != cell and "args" in info and trainer_config(info["args"], done.parent) == want:
+        if (done.parent.name != cell and "args" in info and info.get("train_sha") == sha256(WORK / "train.jsonl")
+                and Path(info["summary"]["checkpoint"]).exists() and trainer_config(info["args"], done.parent) == want):
             return info["summary"] | {"reused_from": done.parent.name}
     return None
 
@@ -207,7 +208,8 @@ def train(cell: str, args: list[str]) -> dict:
             "rl_reward": [r["reward"] for r in rl], "rl_accuracy": [r["accuracy"] for r in rl],
             "rl_kl": [r.get("kl") for r in rl], "sft_loss": [r["loss"] for r in steps if r["phase"] == "sft"],
             "checkpoint": str(final_checkpoint(run_dir))}
-    done.write_text(json.dumps({"key": [ARM_VERSION, args], "args": args, "summary": summary}))
+    done.write_text(json.dumps({"key": [ARM_VERSION, args], "args": args, "summary": summary,
+                                "train_sha": sha256(WORK / "train.jsonl")}))  # the data it trained on
     return summary
 
 

@@ -136,11 +136,16 @@ def test_base_cell_reuses_a_run_that_trained_exactly_its_arguments(tmp_path, mon
     monkeypatch.setattr(bench, "WORK", tmp_path)
     base = bench.SFT_BASE_ARGS
 
-    def finished(name, args, steps):
-        (tmp_path / name).mkdir()
+    (tmp_path / "train.jsonl").write_text("{}\n")
+    data_sha = bench.sha256(tmp_path / "train.jsonl")
+
+    def finished(name, args, steps, train_sha=data_sha):
+        (tmp_path / name / f"ckpt-{steps:06d}").mkdir(parents=True)
         summary = {"checkpoint": str(tmp_path / name / f"ckpt-{steps:06d}"), "steps": steps}
         (tmp_path / name / "train_done.json").write_text(json.dumps({"key": [4, args], "args": args,
-                                                                     "summary": summary}))
+                                                                     "summary": summary, "train_sha": train_sha}))
+
+    finished("pilot-other-data", base, int(base[1]), train_sha="0" * 64)  # trained on another train.jsonl
 
     finished("pilot-other-lr", base + ["--sft_lr", "1e-4"], 90)
     finished("pilot-same", [*base[:1], "60", *base[2:], "--sft_steps", base[1], "--save_every", "10",
