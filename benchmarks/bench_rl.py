@@ -424,6 +424,10 @@ def val_breakdown(cell: str) -> dict:
 
 # ------------------------------------------------------------------------------------------------ report
 
+def n_seeds(n: int) -> str:
+    return f"{n} seed" + "s" * (n != 1)
+
+
 def bootstrap(matrix_a, matrix_b=None, reps: int = 10000, seed: int = 0):
     """Mean over examples of the per-example seed-mean of A (minus B's, paired), and its 95% percentile
     interval from resampling examples (fctrain.run.paired_change). matrix_*: [seeds][examples] of 0/1."""
@@ -500,7 +504,8 @@ def report() -> str:
         m, lo, hi = bootstrap(matrix)
         per_seed = np.asarray(matrix, dtype=float).mean(1)
         sd = per_seed.std(ddof=1) if len(per_seed) > 1 else float("nan")
-        return m, lo, hi, sd, f"{100 * m:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] ({100 * per_seed.mean():.1f} ± {100 * sd:.1f})"
+        spread = f"{100 * per_seed.mean():.1f} ± {100 * sd:.1f}" if len(per_seed) > 1 else "1 seed"
+        return m, lo, hi, sd, f"{100 * m:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] ({spread})"
 
     for arm, cs in [("sft-base", used)] + list(by_arm.items()):
         if not cs:
@@ -556,7 +561,7 @@ def report() -> str:
             r = paired(by_arm[a], by_arm[b], s)
             two = "" if r is None or r[4] is None else f"; seeds too [{100 * r[4][1]:+.1f}, {100 * r[4][2]:+.1f}]"
             cols.append("-" if r is None else f"{100 * r[0]:+.1f} [{100 * r[1]:+.1f}, {100 * r[2]:+.1f}]{two} "
-                                              f"({r[3]} seeds)")
+                                              f"({n_seeds(r[3])})")
             if r is not None:
                 diff_rows.append({"comparison": f"{a}-{b}", "set": s, "diff": r[0], "lo": r[1], "hi": r[2],
                                   "seeds": r[3], "lo_seeds_too": r[4][1] if r[4] else "",
@@ -569,7 +574,7 @@ def report() -> str:
                 cols.append("-")
                 continue
             r = paired(by_arm[arm], [dict(all_bases[c["base_sha"]], seed=c["seed"]) for c in by_arm[arm]], s)
-            cols.append(f"{100 * r[0]:+.1f} [{100 * r[1]:+.1f}, {100 * r[2]:+.1f}] ({r[3]} seeds)")
+            cols.append(f"{100 * r[0]:+.1f} [{100 * r[1]:+.1f}, {100 * r[2]:+.1f}] ({n_seeds(r[3])})")
             diff_rows.append({"comparison": f"{arm}-base", "set": s, "diff": r[0], "lo": r[1], "hi": r[2],
                               "seeds": r[3]})
         lines.append(f"| {arm} - SFT checkpoint | " + " | ".join(cols) + " |")
@@ -603,7 +608,7 @@ def plot(used_bases, by_arm):
             xs = [c["train"]["train_s"] / 60 for c in cs]
             ys = [100 * c["eval"]["sets"][s]["accuracy"] for c in cs]
             ax.scatter(xs, ys, color=colors[arm], alpha=0.5)
-            ax.plot([0, np.mean(xs)], [100 * b, np.mean(ys)], color=colors[arm], label=f"{arm} ({len(cs)} seeds)")
+            ax.plot([0, np.mean(xs)], [100 * b, np.mean(ys)], color=colors[arm], label=f"{arm} ({n_seeds(len(cs))})")
         ax.set_title(SET_LABELS[s])
         ax.set_xlabel("training wall time after the SFT checkpoint (min)")
         ax.set_ylabel("accuracy (%)")
