@@ -634,7 +634,7 @@ def main(argv=None) -> int:
     e.add_argument("sets", nargs="*", default=list(EVAL_SETS))
     e.add_argument("--max-tokens", type=int, default=EVAL_MAX_TOKENS)
     t = sub.add_parser("pilot", help="tuning: train from the base with RL_ARGS (or SFT_ARM_ARGS with --sft) "
-                                     "plus overrides, evaluate on val ONLY")
+                                     "plus overrides (RL: the trainer's default --algo, egpo), evaluate on val ONLY")
     t.add_argument("name")
     t.add_argument("--sft", action="store_true", help="a continued-SFT pilot (give --time_budget_s)")
     t.add_argument("--start", default="base", help="base (default) | scratch (a candidate base recipe: "
