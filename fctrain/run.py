@@ -88,6 +88,9 @@ class Config:
     prompts_per_step: int = 4
     no_call_share: float = -1.0            # share of each RL step's prompts whose answer is no call (-1 = the data's
                                            # own mix, drawn in one shuffled order)
+    contrast_pairs: bool = False           # each RL step's prompts are pairs: a swapped-tool negative ("neg:Q|T",
+                                           # no call) and its question Q beside its own tools (a call), so the
+                                           # call / no-call push of one cancels the other's except where they differ
     steps: int = 10                        # RL steps (after the SFT warm start)
     temperature: float = 0.7               # sampling temperature (also used for trainer log-probs)
     top_p: float = 1.0
@@ -143,6 +146,8 @@ class Config:
             (self.sft_think in prompts.THINK_STYLES, f"sft_think must be one of {prompts.THINK_STYLES}"),
             (self.time_budget_s >= 0, "time_budget_s must be >= 0"),
             (self.no_call_share == -1 or 0 <= self.no_call_share <= 1, "no_call_share must be -1 or in [0, 1]"),
+            (not self.contrast_pairs or (self.prompts_per_step % 2 == 0 and self.no_call_share == -1),
+             "contrast_pairs needs an even prompts_per_step and no no_call_share"),
             (0 <= self.max_bad_rows <= 1, "max_bad_rows must be a fraction in [0, 1]"),
             (self.loss_agg in kernels.LOSS_AGGREGATIONS, f"loss_agg must be one of {kernels.LOSS_AGGREGATIONS}"),
             (self.engine in ("vllm", "hf", "auto"), f"engine must be vllm, hf or auto, got {self.engine!r}"),
@@ -316,6 +321,13 @@ class TrainData:
         return [e for exs in self.eval_sets.values() for e in exs]
 
     @functools.cached_property
+    def pairs(self) -> list[tuple]:
+        """(swapped-tool negative "neg:Q|T", Q): each negative whose question Q is itself a training example."""
+        by_id = {e.id: e for e in self.examples}
+        return [(e, by_id[q]) for e in self.examples if e.id.startswith("neg:")
+                and (q := e.id[len("neg:"):].split("|", 1)[0]) in by_id]
+
+    @functools.cached_property
     def kinds(self) -> tuple[list, list]:
         """(examples whose answer is a call, examples whose answer is no call)."""
         no_call = [freward.is_irrelevance(e.category) for e in self.examples]
@@ -329,10 +341,16 @@ class TrainData:
             raise SystemExit(f"error: no_call_share={no_call_share} needs training examples with {'no' if n else 'a'} "
                              f"call; the training data has {len(call)} with a call and {len(no_call)} without")
 
-    def next_batch(self, k: int, no_call_share: float = -1.0) -> list:
+    def next_batch(self, k: int, no_call_share: float = -1.0, pairs: bool = False) -> list:
         """The next `k` training examples (every rank draws the same ones). no_call_share >= 0: round(k * share)
         of them come from the examples whose answer is no call and the rest from the others, each kind drawn in
-        its own seeded per-epoch order (so every step sees both kinds, in the same proportion)."""
+        its own seeded per-epoch order (so every step sees both kinds, in the same proportion). pairs: k // 2
+        swapped-tool negatives in their own order, each followed by its question with its own tools."""
+        if pairs:
+            if not self.pairs:
+                raise SystemExit("error: contrast_pairs needs swapped-tool negatives (ids \"neg:<question>|<tools>\") "
+                                 "whose question is also a training example; the training data has none")
+            return [e for pair in self._draw("pair_", self.pairs, k // 2) for e in pair]
         if no_call_share < 0:
             return self._draw("", self.examples, k)
         self.check_share(k, no_call_share)
@@ -442,6 +460,8 @@ def load_data(cfg: Config, tokenizer, say) -> TrainData:
         raise SystemExit(f"error: no training examples in {cfg.train_data!r} within {cfg.max_prompt_tokens} tokens")
     if cfg.steps:
         data.check_share(cfg.prompts_per_step, cfg.no_call_share)
+        if cfg.contrast_pairs:
+            data.next_batch(0, pairs=True)  # the clear error before any model loads
     data.prompt_ids = {e.id: prompts.build_prompt_ids(e, tokenizer, cfg.fmt) for e in examples}
     say(f"data: {len(examples)} train examples ({cfg.train_data}), {len(data.eval_examples)} eval ({cfg.eval_data})"
         + (f"; skipped {sum(skipped.values())} malformed rows (listed above)" if skipped else ""))
@@ -1227,7 +1247,7 @@ def main(argv: list[str] | None = None) -> int:
         model.train()
         # every rank draws the same prompts and keeps its share of whole groups (advantages stay local)
         position = dict(data.position)
-        batch = fdist.split_for_rank(data.next_batch(cfg.prompts_per_step, cfg.no_call_share),
+        batch = fdist.split_for_rank(data.next_batch(cfg.prompts_per_step, cfg.no_call_share, cfg.contrast_pairs),
                                      ctx.rank, ctx.world_size)
         try:
             roll = sample_rollouts(tr, batch)                                   # 1. rollout
