@@ -288,6 +288,14 @@ def swapped_tools_negative(question: Example, tools_from: Example) -> Example:
                    copy.deepcopy(tools_from.tools), [])
 
 
+def negative_sources(example_id: str) -> tuple[str, str] | None:
+    """(question id, tools id) of a swapped-tool negative's id ("neg:<question id>|<tools id>"), else None."""
+    if not example_id.startswith("neg:"):
+        return None
+    question, _, tools = example_id[len("neg:"):].partition("|")
+    return question, tools
+
+
 SPLITS_DIR = Path(__file__).resolve().parent / "splits"
 DEFAULT_SPLITS = "bfcl_v4_seed16"  # written by benchmarks/bench_rl.py (its build_sets), checked by its test
 
@@ -305,13 +313,12 @@ def load_split(spec: str) -> list[Example]:
         raise ValueError(f"{path.name} has no set {name!r}; its sets: {sorted(info['sets'])}")
     ids = info["sets"][name]
     by_id = {e.id: e for e in load_bfcl(info["categories"])}
-    sources = [i for i in ids if not i.startswith("neg:")]
-    sources += [part for i in ids if i.startswith("neg:") for part in i[len("neg:"):].split("|", 1)]
+    sources = [part for i in ids for part in (negative_sources(i) or (i,))]
     missing = [i for i in sources if i not in by_id]
     if missing:
         raise ValueError(f"{path.name}:{name}: {len(missing)} ids not in BFCL {BFCL_WHEEL}, e.g. {missing[:3]}")
-    return [swapped_tools_negative(*(by_id[x] for x in i[len("neg:"):].split("|", 1))) if i.startswith("neg:")
-            else by_id[i] for i in ids]
+    return [swapped_tools_negative(*(by_id[x] for x in pair)) if (pair := negative_sources(i)) else by_id[i]
+            for i in ids]
 
 
 def load_any(spec: str, on_error: str = "raise", skipped: Counter | None = None,

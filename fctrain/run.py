@@ -324,8 +324,13 @@ class TrainData:
     def pairs(self) -> list[tuple]:
         """(swapped-tool negative "neg:Q|T", Q): each negative whose question Q is itself a training example."""
         by_id = {e.id: e for e in self.examples}
-        return [(e, by_id[q]) for e in self.examples if e.id.startswith("neg:")
-                and (q := e.id[len("neg:"):].split("|", 1)[0]) in by_id]
+        return [(e, by_id[src[0]]) for e in self.examples if (src := fdata.negative_sources(e.id)) and src[0] in by_id]
+
+    def check_pairs(self):
+        """A clear error before any training when `next_batch(k, pairs=True)` would have nothing to draw."""
+        if not self.pairs:
+            raise SystemExit("error: contrast_pairs needs swapped-tool negatives (ids \"neg:<question>|<tools>\") "
+                             "whose question is also a training example; the training data has none")
 
     @functools.cached_property
     def kinds(self) -> tuple[list, list]:
@@ -347,9 +352,7 @@ class TrainData:
         its own seeded per-epoch order (so every step sees both kinds, in the same proportion). pairs: k // 2
         swapped-tool negatives in their own order, each followed by its question with its own tools."""
         if pairs:
-            if not self.pairs:
-                raise SystemExit("error: contrast_pairs needs swapped-tool negatives (ids \"neg:<question>|<tools>\") "
-                                 "whose question is also a training example; the training data has none")
+            self.check_pairs()
             return [e for pair in self._draw("pair_", self.pairs, k // 2) for e in pair]
         if no_call_share < 0:
             return self._draw("", self.examples, k)
@@ -461,7 +464,7 @@ def load_data(cfg: Config, tokenizer, say) -> TrainData:
     if cfg.steps:
         data.check_share(cfg.prompts_per_step, cfg.no_call_share)
         if cfg.contrast_pairs:
-            data.next_batch(0, pairs=True)  # the clear error before any model loads
+            data.check_pairs()
     data.prompt_ids = {e.id: prompts.build_prompt_ids(e, tokenizer, cfg.fmt) for e in examples}
     say(f"data: {len(examples)} train examples ({cfg.train_data}), {len(data.eval_examples)} eval ({cfg.eval_data})"
         + (f"; skipped {sum(skipped.values())} malformed rows (listed above)" if skipped else ""))
