@@ -317,7 +317,7 @@ def run_pieces(out, rank=None):
     model and optimizer; rank None = one process on all sequences, else this rank's share (FSDP2)."""
     import dataclasses
 
-    from fctrain import run
+    from fctrain import checkpoint, run
 
     model, ref = tiny_llama(seed=0), tiny_llama(seed=7).eval().requires_grad_(False)
     if rank is not None:
@@ -351,8 +351,8 @@ def run_pieces(out, rank=None):
         result["sft"] = {"loss": loss, "grad_norm": run.clip_and_step(base, model, optimizer, LR),
                          "weights": full_weights(model)}
     # checkpoint: torch's optimizer format from one process, name-keyed from 2 ranks
-    ckpt = run.save_checkpoint(base, Path(out) / ("single" if rank is None else "ranks"), 1, model,
-                               _NoTokenizer(), optimizer, {"epoch": 0, "pos": 0}, [])
+    ckpt = checkpoint.save_checkpoint(base, Path(out) / ("single" if rank is None else "ranks"), 1, model,
+                                      _NoTokenizer(), optimizer, {"epoch": 0, "pos": 0}, [])
     result["optimizer"] = fdist.optimizer_state_dict(model, optimizer)
     result["records"] = optimizer.records
     if rank is not None:  # the single process's checkpoint (saved before the spawn) into fresh shards
@@ -361,7 +361,7 @@ def run_pieces(out, rank=None):
         fdist.load_pretrained_weights(fresh, single)
         fresh_optimizer = make_optimizer(fresh)
         state = torch.load(single / "trainer_state.pt", weights_only=False) if rank == 0 else {}
-        run.load_optimizer_state(fresh, fresh_optimizer, state.get("optimizer", {}))
+        checkpoint.load_optimizer_state(fresh, fresh_optimizer, state.get("optimizer", {}))
         result["loaded_single"] = {"weights": full_weights(fresh),
                                    "optimizer": fdist.optimizer_state_dict(fresh, fresh_optimizer)}
     return result
@@ -370,7 +370,7 @@ def run_pieces(out, rank=None):
 def test_run_training_functions_on_two_ranks_equal_one_process(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from fctrain import run
+    from fctrain import checkpoint
 
     single = run_pieces(tmp_path)
     ranks = spawn(tmp_path, phase=3)
@@ -431,7 +431,7 @@ def test_run_training_functions_on_two_ranks_equal_one_process(tmp_path):
     loaded_optimizer = make_optimizer(loaded)
     saved = torch.load(ckpt / "trainer_state.pt", weights_only=False)["optimizer"]
     assert all(isinstance(key, str) for key in saved["state"])  # keyed by parameter name
-    run.load_optimizer_state(loaded, loaded_optimizer, saved)
+    checkpoint.load_optimizer_state(loaded, loaded_optimizer, saved)
     assert_state_equal(fdist.optimizer_state_dict(loaded, loaded_optimizer)["state"], ranks[0]["optimizer"]["state"],
                        "2 ranks -> 1 optimizer")
     # ... and the single-process one (torch's own optimizer format) into 2 ranks' shards

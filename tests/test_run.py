@@ -11,11 +11,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from fctrain import data, run
+from fctrain import checkpoint, data, run
 from fctrain.run import Config, egpo_advantages, group_advantages, parse_config
 
 
@@ -203,86 +202,6 @@ def test_think_token_mask(tiny):
     assert "call f now" in inside and "answer" not in inside
 
 
-def test_checkpoint_reloads_to_identical_logits(tiny, tmp_path):
-    from transformers import AutoModelForCausalLM
-    from fctrain.models import load_model, load_tokenizer
-    model, tok = load_model(tiny[1]), load_tokenizer(tiny[1])
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.01 * torch.randn_like(p))
-    opt = torch.optim.AdamW(model.parameters())
-    path = run.save_checkpoint(Config(keep_last=1), tmp_path, 7, model, tok, opt, {"epoch": 0, "pos": 3}, [])
-    ids = torch.randint(0, 1000, (2, 9))
-    again = AutoModelForCausalLM.from_pretrained(path)
-    with torch.no_grad():
-        assert torch.equal(model(ids).logits, again(ids).logits)
-    assert json.loads((path / "fctrain_config.json").read_text())["keep_last"] == 1
-    assert not list(tmp_path.glob(".tmp-*"))  # atomic: no temporary directory left behind
-    state = run.load_trainer_state(path)  # weights_only=True: tensors and plain types
-    assert state["step"] == 7 and state["data"] == {"epoch": 0, "pos": 3}
-    opt.load_state_dict(state["optimizer"])
-    run.set_rng_state(state["rng"])
-    drawn = (random.random(), np.random.rand(), torch.rand(1))
-    run.set_rng_state(state["rng"])
-    assert drawn == (random.random(), np.random.rand(), torch.rand(1))
-
-
-class _Payload:
-    """Unpickling it would create `marker`: what a hostile checkpoint would do with os.system instead."""
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return open, (self.marker, "w")
-
-
-def test_checkpoint_with_a_pickle_payload_is_refused_without_running_it(tmp_path):
-    marker = tmp_path / "pwned"
-    ckpt = tmp_path / "ckpt-000001"
-    ckpt.mkdir()
-    torch.save({"step": 1, "optimizer": {}, "data": {}, "history": [], "rng": _Payload(marker)},
-               ckpt / "trainer_state.pt")
-    with pytest.raises(SystemExit, match=r"^error: .*trainer_state.pt refused: .*not loaded.*Unsupported global"):
-        run.load_trainer_state(ckpt)
-    assert not marker.exists()
-    torch.load(ckpt / "trainer_state.pt", weights_only=False)  # the payload is live: the old loader ran it
-    assert marker.exists()
-    (ckpt / "trainer_state.pt").write_bytes((ckpt / "trainer_state.pt").read_bytes()[:100])  # truncated
-    with pytest.raises(SystemExit, match="cannot be read"):
-        run.load_trainer_state(ckpt)
-    # the format before this one (NumPy's RNG state as an array) still loads
-    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    torch.save({"step": 1, "rng": rng}, ckpt / "trainer_state.pt")
-    run.set_rng_state(run.load_trainer_state(ckpt)["rng"])
-    drawn = (random.random(), np.random.rand(), torch.rand(1))
-    run.set_rng_state(rng)
-    assert drawn == (random.random(), np.random.rand(), torch.rand(1))
-    (ckpt / "trainer_state.pt").write_bytes(b"not a zip")
-    with pytest.raises(SystemExit, match="^error: .*trainer_state.pt (refused|cannot be read)"):
-        run.load_trainer_state(ckpt)
-
-
-def test_full_disk_during_a_checkpoint_write_keeps_the_previous_one(tiny, tmp_path, monkeypatch):
-    import errno
-    from fctrain.models import load_model, load_tokenizer
-    model, tok = load_model(tiny[1]), load_tokenizer(tiny[1])
-    opt = torch.optim.AdamW(model.parameters())
-    cfg = Config(keep_last=2)
-    first = run.save_checkpoint(cfg, tmp_path, 1, model, tok, opt, {"epoch": 0, "pos": 1}, [{"step": 1}])
-    before = {p.name: p.read_bytes() for p in first.iterdir()}
-
-    def full_disk(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(torch, "save", full_disk)  # the weights are written, then the disk is full
-    with pytest.raises(SystemExit, match=r"^error: checkpoint .*ckpt-000002 not written \(.*No space left on "
-                                         r"device\); ckpt-000001 is intact, resume with --resume"):
-        run.save_checkpoint(cfg, tmp_path, 2, model, tok, opt, {"epoch": 0, "pos": 2}, [{"step": 2}])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-000001"]  # no partial directory left
-    assert {p.name: p.read_bytes() for p in first.iterdir()} == before
-    assert run.latest_checkpoint(tmp_path) == first
-
-
 def _args(root, model_dir, out, **over):
     cfg = dict(model=model_dir, engine="hf", train_data=root / "train.jsonl", eval_data=root / "eval.jsonl",
                eval_limit=1, sft_steps=30, sft_batch_size=2, sft_lr=5e-3, steps=2, prompts_per_step=2,
@@ -460,8 +379,8 @@ def test_sigkill_anywhere_then_resume_equals_the_uninterrupted_run(tiny, uninter
     else:
         code, output = _finish(_train(args, fault))
         assert code == -signal.SIGKILL, output[-3000:]
-    ckpt = run.latest_checkpoint(out)  # the latest complete checkpoint loads
-    assert ckpt is not None and run.load_trainer_state(ckpt)["step"] == (resumes_at or ckpt_step(ckpt)), fault
+    ckpt = checkpoint.latest_checkpoint(out)  # the latest complete checkpoint loads
+    assert ckpt is not None and checkpoint.load_trainer_state(ckpt)["step"] == (resumes_at or ckpt_step(ckpt)), fault
     if not fault.startswith("random"):  # a random kill may also land inside a checkpoint write
         assert (out / ".tmp-ckpt-000006").exists() == (fault == "ckpt_write:2")  # the write it cut short
     logged = [r["step"] for r in _metrics(out) if r["phase"] in ("sft", "rl")]
@@ -492,7 +411,7 @@ def test_engine_failure_mid_rollout_checkpoints_and_resumes(tiny, uninterrupted)
     assert output.rstrip().splitlines()[-1] == (
         f"error: the rollout engine failed in step 6 (RuntimeError: injected engine failure (FCTRAIN_FAULT)); "
         f"steps 1-5 saved in {out / 'ckpt-000005'}; resume with: python -m fctrain.run --resume {out}")
-    assert run.load_trainer_state(out / "ckpt-000005")["step"] == 5
+    assert checkpoint.load_trainer_state(out / "ckpt-000005")["step"] == 5
     code, output = _finish(_train(["--resume", str(out)]))
     assert code == 0, output[-3000:]
     assert _metrics(out) == _metrics(uninterrupted)
