@@ -11,6 +11,10 @@ irrelevance and live_irrelevance are right iff no function call decodes from the
 is right iff at least one call decodes (BFCL does not check it against its ground truth).
 A malformed output therefore counts as "no call": right for irrelevance, wrong everywhere else (the
 training reward is stricter: fctrain.reward.score gives a malformed python/hermes answer 0 everywhere).
+`hermes` is judged with untagged_json=True (fctrain.reward's docstring: an answer made only of JSON calls
+without <tool_call> tags, bare or in ```json fences, is read as those calls, as BFCL's handlers for
+JSON-emitting models read them); each category's "untagged" counts such answers and "correct_tags_only" is
+its score with the tags required (BFCL's QwenFCHandler reading: an untagged answer is no call).
 The table's "format %" column is the share of outputs that parsed in the prompted format. A prompt
 longer than the model's context is not generated and scores as an empty output ("prompt_too_long").
 
@@ -111,6 +115,7 @@ class Record:
     prompt_tokens: int = 0
     output_tokens: int = 0
     finish_reason: str = ""
+    untagged: bool = False    # hermes: read as calls only because untagged JSON calls are accepted
 
 
 def _renderable_name(name: str) -> bool:
@@ -154,10 +159,11 @@ def render_calls(calls: list[dict]) -> str:
     return "[" + ", ".join(rendered) + "]"
 
 
-def judge(text: str, example, fmt: str) -> Record:
-    """Score one completion of `example` prompted in `fmt`, exactly as `bfcl evaluate` scores its result."""
+def judge(text: str, example, fmt: str, untagged_json: bool = True) -> Record:
+    """Score one completion of `example` prompted in `fmt`, exactly as `bfcl evaluate` scores its result.
+    `untagged_json` (hermes): also read untagged JSON calls (module docstring)."""
     fmt = normalize_format(fmt)
-    parsed = reward.parse(text, fmt)
+    parsed = reward.parse(text, fmt, untagged_json=untagged_json and fmt == "hermes")
     calls = parsed.calls if parsed.ok else None
     if fmt == "bfcl":
         result = text
@@ -165,7 +171,7 @@ def judge(text: str, example, fmt: str) -> Record:
         result = render_calls(calls) if calls is not None else ""
     category = example.category
     rec = Record(id=example.id, category=category, text=text, result=result, valid=False,
-                 format_ok=bool(parsed.ok))
+                 format_ok=bool(parsed.ok), untagged=parsed.untagged)
     if calls is None:
         # BFCL: an output that does not decode holds no call - right for irrelevance, wrong otherwise.
         rec.valid = category in IRRELEVANCE
@@ -293,13 +299,24 @@ def summarize(records: list[Record]) -> dict:
     per_category = {}
     for cat in order:
         recs = [r for r in records if r.category == cat]
+        untagged = [r for r in recs if r.untagged]
         per_category[cat] = {
             "correct": sum(r.valid for r in recs),
             "total": len(recs),
             "format_ok": sum(r.format_ok for r in recs),
+            # hermes: answers read as untagged JSON calls, and the score were tags required (they would be
+            # no call: right for irrelevance, wrong elsewhere)
+            "untagged": len(untagged),
+            "correct_tags_only": sum(r.valid for r in recs) - sum(r.valid for r in untagged)
+            + (len(untagged) - sum(r.valid for r in untagged) if cat in IRRELEVANCE else 0),
             "error_types": dict(Counter(r.error_type for r in recs if not r.valid).most_common()),
         }
     summary = aggregate(per_category)
+    if any(v["untagged"] for v in per_category.values()):  # hermes: the same aggregates with tags required
+        strict = aggregate({c: {"correct": v["correct_tags_only"], "total": v["total"]}
+                            for c, v in per_category.items()})
+        summary["tags_only"] = {k: strict[k] for k in ("non_live_ast", "live_ast", "overall", "irrelevance",
+                                                       "relevance", "correct")}
     summary["finish_reasons"] = dict(Counter(r.finish_reason for r in records).most_common())
     summary["tokens"] = {"prompt": sum(r.prompt_tokens for r in records),
                          "generated": sum(r.output_tokens for r in records)}
@@ -355,6 +372,12 @@ def format_table(summary: dict) -> str:
         lines.append(f"{label:<59}{_pct(acc):>8}")
     if any("*" in label for _, label, _ in _group_rows(summary)):
         lines.append("* not all categories of this group were evaluated; the mean is over those present")
+    if summary.get("tags_only"):
+        n = sum(v.get("untagged", 0) for v in summary["categories"].values())
+        strict = summary["tags_only"]
+        lines.append(f"hermes: {n} answers were untagged JSON calls, read as calls; with <tool_call> tags required "
+                     f"(no call): Overall {_pct(strict['overall']).strip()}, Irrelevance "
+                     f"{_pct(strict['irrelevance']).strip()}")
     return "\n".join(lines)
 
 
@@ -423,6 +446,8 @@ def write_result_files(records: list[Record], out_dir: str | os.PathLike, name: 
             for r in recs:
                 ours = {"valid": r.valid, "error_type": r.error_type, "error": r.error,
                         "format_ok": r.format_ok, "finish_reason": r.finish_reason}
+                if r.untagged:
+                    ours["untagged"] = True
                 if r.result != r.text:
                     ours["raw"] = r.text
                 entry = {"id": r.id, "result": r.result, "input_token_count": r.prompt_tokens,

@@ -5,6 +5,22 @@ Three output formats (`FORMATS`):
   hermes  Hermes/Qwen   <think>...</think> (optional) then <tool_call>{"name": ..., "arguments": {...}}</tool_call> ...
   bfcl    BFCL's default prompting output: a bare call list [f(a=1)], decoded the way BFCL decodes it
 
+Untagged JSON calls in hermes (`parse(text, "hermes", untagged_json=True)`, what fctrain.eval does by default):
+Qwen2.5-Coder-0.5B-Instruct, asked for <tool_call> blocks, mostly writes the JSON call bare, often in a
+```json fence. With untagged_json the whole answer (after an optional <think> block) may instead be one or
+more such call objects, or JSON lists of them, each bare or in its own ``` / ```json fence, separated by
+whitespace only: `{"name": "f", "arguments": {"a": 1}}`, "```json\n[{...}, {...}]\n```". Each object must be
+exactly {"name": str, "arguments": object or JSON string}, as inside a tag. Anything else stays what it was:
+prose around or between the JSON (an explanation, "Sure:"), a JSON object of another shape, or broken JSON is
+a plain-text reply, i.e. no call. This is how BFCL reads JSON-emitting models: its Hammer and xLAM handlers
+json.loads the whole output after removing ``` and take a list of {"name", "arguments"}; its Llama 3.1 handler
+reads JSON objects separated by ";"; its Phi handler drops a leading ```json. (BFCL's QwenFCHandler, written
+for Qwen3's tagged calls, reads only <tool_call>\n...\n</tool_call> blocks and would count these answers as no
+call; eval summaries report how many answers were read untagged, and the count with tags required.)
+Without untagged_json (the training reward, RewardScorer), a whole-answer untagged JSON call is malformed
+(reward 0), neither a call nor a decline: the policy is rewarded only for the template's tagged calls, and a
+wrong call on an irrelevance prompt cannot pass as a "plain-text" decline by leaving out the tags.
+
     parsed = parse(text, "python")            # Parsed(calls=[{"f": {"a": 1}}], think="...", ...)
     check(parsed.calls, ex.tools, ex.ground_truth, ex.category)   # {"valid", "error_type", "error"}
     score(text, ex, kind="binary")            # RewardResult(reward=1.0, ...)
@@ -55,6 +71,7 @@ class Parsed:
                                         # set whenever a closed <think>...</think> opens the text, even if
                                         # the answer after it is broken (then calls is None)
     error: str | None                 # why the text did not parse; None when it did
+    untagged: bool = False            # hermes: the calls were read as untagged JSON (untagged_json=True)
 
     @property
     def ok(self) -> bool:
@@ -197,6 +214,10 @@ def _parse_tool_call(body: str) -> dict:
         obj = json.loads(body)
     except (ValueError, RecursionError) as e:  # ValueError covers JSONDecodeError and huge ints
         raise _ParseError(f"tool_call is not JSON: {str(e)[:200]}") from None
+    return _tool_call_object(obj)
+
+
+def _tool_call_object(obj: Any) -> dict:
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
         raise _ParseError('tool_call must be a JSON object with a string "name"')
     extra = set(obj) - {"name", "arguments"}
@@ -245,14 +266,70 @@ def _parse_python(text: str, pos: int) -> list[dict]:
     return _parse_call_list(body, lenient=False)
 
 
-def _parse_hermes(text: str, pos: int) -> list[dict]:
+_FENCE_RE = re.compile(r"```(?:json)?[ \t]*\n(.*?)\n?[ \t]*```", re.DOTALL)
+_JSON = json.JSONDecoder()
+
+
+def _json_values(src: str) -> list | None:
+    """The JSON values that make up all of `src`, separated by whitespace only; None if anything else is there."""
+    values, i = [], 0
+    while True:
+        while i < len(src) and src[i].isspace():
+            i += 1
+        if i == len(src):
+            return values
+        try:
+            value, i = _JSON.raw_decode(src, i)
+        except (ValueError, RecursionError):
+            return None
+        values.append(value)
+
+
+def _untagged_calls(rest: str) -> list[dict] | None:
+    """The calls if all of `rest` is untagged JSON calls (module docstring), else None (a plain-text reply)."""
+    objects, i = [], 0
+    while True:  # bare JSON values and ```/```json fenced blocks of them, separated by whitespace only
+        while i < len(rest) and rest[i].isspace():
+            i += 1
+        if i == len(rest):
+            break
+        if rest.startswith("```", i):
+            m = _FENCE_RE.match(rest, i)
+            values = _json_values(m.group(1)) if m else None
+            if not values:
+                return None
+            i = m.end()
+        else:
+            try:
+                value, i = _JSON.raw_decode(rest, i)
+            except (ValueError, RecursionError):
+                return None
+            values = [value]
+        for value in values:
+            objects.extend(value if isinstance(value, list) else [value])
+        if len(objects) > MAX_CALLS:
+            return None
+    if not objects:
+        return None
+    try:
+        return [_tool_call_object(obj) for obj in objects]
+    except _ParseError:  # JSON of another shape: not a call
+        return None
+
+
+def _parse_hermes(text: str, pos: int, untagged_json: bool = False) -> list[dict]:
     rest = text[pos:]
     if "<tool_call>" not in rest:
         # A plain-text reply (no call): how a Hermes model declines. Tags here mean a broken attempt.
         for tag in _TAGS:
             if tag in rest:
                 raise _ParseError(f"stray {tag}")
-        return []
+        calls = _untagged_calls(rest) if "{" in rest else None
+        if calls is None:
+            return []
+        if untagged_json:
+            return calls
+        raise _ParseError("a JSON call without <tool_call> tags")
     calls = []
     i = pos
     while i < len(text):
@@ -279,8 +356,9 @@ def _parse_bfcl(text: str, pos: int) -> list[dict]:
 _PARSERS = {"python": _parse_python, "hermes": _parse_hermes, "bfcl": _parse_bfcl}
 
 
-def parse(text: str, fmt: str = "python") -> Parsed:
-    """Parse one completion. Never raises on bad text (only on a bad `fmt`); never evaluates it."""
+def parse(text: str, fmt: str = "python", untagged_json: bool = False) -> Parsed:
+    """Parse one completion. Never raises on bad text (only on a bad `fmt`); never evaluates it.
+    `untagged_json` (hermes only) also reads an answer made only of untagged JSON calls (module docstring)."""
     if fmt not in _PARSERS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
     if not isinstance(text, str):
@@ -291,6 +369,10 @@ def parse(text: str, fmt: str = "python") -> Parsed:
     try:
         if fmt != "bfcl":
             think, span, pos = _split_think(text, required=(fmt == "python"))
+        if fmt == "hermes":
+            calls = _parse_hermes(text, pos, untagged_json)
+            untagged = bool(calls) and "<tool_call>" not in text
+            return Parsed(calls, think, span, None, untagged)
         calls = _PARSERS[fmt](text, pos)
     except _ParseError as e:
         # A closed think block is reported even when the answer is broken: the trainer's EGPO entropy

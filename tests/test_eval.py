@@ -252,6 +252,12 @@ def _known_texts(ex, fmt: str) -> list[str]:
     if fmt == "hermes":
         texts.append(right.replace(f'"name": "{name}"', f'"name": "{name}_typo"'))
         texts.append(f'<tool_call>\n{{"name": "{name}", "arguments": {{}}}}\n</tool_call>')
+        # untagged JSON calls (judged as calls by default), and the same after prose (no call)
+        bodies = [b.split("</tool_call>")[0].strip() for b in right.split("<tool_call>")[1:]]
+        if bodies:
+            texts.append("```json\n" + "\n".join(bodies) + "\n```")
+            texts.append("Here you go: " + "\n".join(bodies))
+        texts.append(f'{{"name": "{name}", "arguments": {{}}}}')
     else:
         texts.append(right.replace(f"{name}(", f"{name}_typo("))
         call = f"[{name}()]"
@@ -278,6 +284,13 @@ def test_known_completions_match_bfcl_and_recount(fmt, tmp_path):
     # Our own recount from the files' "result" fields alone reproduces the summary too.
     rescored = ev.rescore(tmp_path)
     _assert_summary_matches(rescored, counts)
+    # hermes: the untagged JSON answers are counted, and the tags-required score is what judging them
+    # without untagged_json gives.
+    strict = [ev.judge(text, ex, fmt, untagged_json=False) for ex in examples for text in _known_texts(ex, fmt)]
+    for cat, v in summary["categories"].items():
+        assert v["correct_tags_only"] == sum(r.valid for r in strict if r.category == cat), cat
+    assert (sum(v["untagged"] for v in summary["categories"].values()) > 0) == (fmt == "hermes")
+    assert ("tags_only" in summary) == (fmt == "hermes") == ("untagged JSON calls" in ev.format_table(summary))
 
 
 # ----------------------------------------------------------------------------------------------------------

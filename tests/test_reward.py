@@ -261,6 +261,62 @@ def test_parse_hermes_format():
         assert not parse(bad, "hermes").ok, bad
 
 
+def test_parse_hermes_untagged_json_calls():
+    """What Qwen2.5-Coder-0.5B writes instead of <tool_call> blocks: read as calls only with untagged_json
+    (the evaluation's reading); the training reward's strict parse calls it malformed, not a decline."""
+    call_f, call_g = '{"name": "f", "arguments": {"a": 1}}', '{"name": "g.h", "arguments": "{\\"b\\": [2, \\"x\\"]}"}'
+    f, g = {"f": {"a": 1}}, {"g.h": {"b": [2, "x"]}}
+    accepted = {
+        call_f: [f],                                                       # bare (simple_python_0's form)
+        f"```json\n{call_f}\n```": [f],                                   # fenced, the most frequent form
+        f"```\n{call_f}\n```\n": [f],
+        f"  \n```json\n[{call_f}, {call_g}]\n```": [f, g],                # a list of calls in one fence
+        f"```json\n{call_f}\n```\n\n```json\n{call_g}\n```": [f, g],     # one fence per call
+        f"{call_f}\n{call_g}": [f, g],
+        f"<think>f fits</think>\n```json\n{call_f}\n```": [f],
+    }
+    for text, calls in accepted.items():
+        p = parse(text, "hermes", untagged_json=True)
+        assert p.ok and p.calls == calls and p.untagged, (text, p)
+        strict = parse(text, "hermes")
+        assert not strict.ok and "without <tool_call> tags" in strict.error, text
+    # Everything else without tags stays a plain-text reply (no call), with or without untagged_json:
+    for text in [f"Sure: {call_f}", f"```json\n{call_f}\n```\nThis calls f.", f"{call_f} and {call_g}",
+                 '{"name": "f", "parameters": {"a": 1}}', '{"name": "f", "arguments": {"a": 1}, "id": 3}',
+                 '{"name": "f", "arguments": {"a": 1}', '{"name": 3, "arguments": {}}', '{"result": 3}',
+                 "[]", "[1, 2]", '"f"', "```python\nf(a=1)\n```", f"```json\n{call_f}", "I cannot help."]:
+        for lenient in (True, False):
+            p = parse(text, "hermes", untagged_json=lenient)
+            assert p.ok and p.calls == [] and not p.untagged, (text, lenient, p)
+    # Tagged answers read the same either way, and are not "untagged"; tags still rule out loose text.
+    tagged = f"<tool_call>\n{call_f}\n</tool_call>"
+    assert parse(tagged, "hermes", untagged_json=True) == parse(tagged, "hermes")
+    assert not parse(tagged, "hermes", untagged_json=True).untagged
+    assert not parse(f"{call_g}\n{tagged}", "hermes", untagged_json=True).ok
+    many = "\n".join([call_f] * (reward.MAX_CALLS + 1))
+    assert parse(many, "hermes", untagged_json=True).calls == []
+    assert not parse("```json\n{\"name\": \"f\", \"arguments\": {\"a\": " + "[" * 5000 + "]" * 5000 + "}}\n```",
+                     "hermes", untagged_json=True).calls
+
+
+def test_untagged_calls_earn_no_training_reward(small_set):
+    """The training reward stays strict: an untagged call scores 0 on a call-needing prompt AND on an
+    irrelevance prompt (it is no decline); only a plain-text reply declines."""
+    ex = small_set["simple_python"][0]
+    tagged = render_target(ex, "hermes")
+    assert score(tagged, ex, "binary", "hermes").reward == 1.0
+    body = tagged[tagged.index("<tool_call>") + len("<tool_call>"):tagged.index("</tool_call>")].strip()
+    for kind in ("binary", "partial", "format"):
+        r = score(f"```json\n{body}\n```", ex, kind, "hermes")
+        assert r.reward == 0.0 and not r.format_ok, (kind, r)
+    irr = small_set["irrelevance"][0]
+    wrong = json.dumps({"name": irr.tools[0]["name"], "arguments": {}})
+    for kind in ("binary", "partial"):
+        assert score(wrong, irr, kind, "hermes").reward == 0.0
+        assert score("None of these tools fits.", irr, kind, "hermes").reward == 1.0
+    assert RewardScorer("binary", "hermes")([wrong], [irr])[0].reward == 0.0
+
+
 def test_parse_bfcl_format_follows_bfcl_decoder():
     for text in ["[f(a=1)]", "f(a=1)", "f(a=1), g(b='x')", "```\n[f(a=1)]\n```",
                  "[f(a=x, b=g(), c=h(k=1), d=-3, e=+4, z=...)]", "[a.b.c(q=[1, {'k': (1, 2)}])]", "[f(1, a=2)]"]:
@@ -296,16 +352,19 @@ hostile_text = st.one_of(
     st.builds(lambda n: '<tool_call>{"name": "f", "arguments": {"a": ' + "[" * n + "]" * n + "}}</tool_call>",
               st.integers(0, 3000)),
     st.builds(lambda n: "<think>x</think><answer>[f(a=" + "1" * n + ")]</answer>", st.integers(1, 10_000)),
+    st.builds(lambda n, s: "```json\n" + '{"name": "f", "arguments": {"a": ' + "[" * n + s + "]" * n + "}}\n```",
+              st.integers(0, 3000), st.text(max_size=20)),
+    st.builds(lambda n: '{"name": "f", "arguments": {}}' * n + "```" * n, st.integers(0, 3000)),
 )
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                   HealthCheck.large_base_example,
                                                                   HealthCheck.data_too_large])
-@given(text=hostile_text, fmt=st.sampled_from(FORMATS))
-def test_parse_fuzz_never_crashes_or_hangs(text, fmt):
+@given(text=hostile_text, fmt=st.sampled_from(FORMATS), untagged_json=st.booleans())
+def test_parse_fuzz_never_crashes_or_hangs(text, fmt, untagged_json):
     t0 = time.thread_time()  # CPU time of this thread: a hang guard that a busy machine cannot trip
-    p = parse(text, fmt)
+    p = parse(text, fmt, untagged_json=untagged_json)
     assert time.thread_time() - t0 < 0.25
     assert isinstance(p, Parsed) and (p.ok == (p.calls is not None))
     if p.ok:
