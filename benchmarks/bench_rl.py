@@ -160,7 +160,7 @@ def trainer_config(args: list[str], run_dir: Path) -> dict:
     is saved."""
     import dataclasses
 
-    from fctrain.run import parse_config
+    from fctrain.config import parse_config
     cmd = [*COMMON_ARGS, "--train_data", str(WORK / "train.jsonl"), *args, "--out_dir", str(run_dir)]
     return {k: v for k, v in dataclasses.asdict(parse_config(cmd)[0]).items() if k not in SAVE_ONLY}
 

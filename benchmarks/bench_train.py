@@ -56,9 +56,10 @@ def make_workload(model_dir: str, prompts: int, group: int, max_new_tokens: int,
 
     import torch
 
-    from fctrain import data, models, rollout, run
+    from fctrain import data, models, rollout
+    from fctrain.config import Config
     from fctrain.prompts import build_prompt_ids, filter_by_length
-    cfg = run.Config(**SETTINGS)
+    cfg = Config(**SETTINGS)
     tok = models.load_tokenizer(model_dir)
     examples = filter_by_length(data.load_any(cfg.train_data), tok, cfg.max_prompt_tokens, cfg.fmt)
     examples = data.shuffle(examples, seed)[:prompts]
@@ -112,15 +113,16 @@ def worker_fctrain(spec: dict, work: dict) -> dict:
     import torch
 
     from fctrain import models, packing, run
+    from fctrain.config import ADAMW_BETAS, Config
     layout = {"fctrain-packed": "packed", "fctrain-padded": "padded"}.get(spec["provider"], "shared")
-    cfg = dataclasses.replace(run.Config(**SETTINGS), impl="naive" if spec["provider"] == "fctrain-naive" else "auto",
+    cfg = dataclasses.replace(Config(**SETTINGS), impl="naive" if spec["provider"] == "fctrain-naive" else "auto",
                               max_new_tokens=work["max_new_tokens"],
                               train_dtype="amp-bf16" if spec["provider"] == "fctrain-amp-bf16" else "float32")
     model = models.load_model(work["model"]).train()
     model.config.use_cache = False
     ref = models.load_model(work["model"]).eval().requires_grad_(False)
     tok = models.load_tokenizer(work["model"])
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=run.ADAMW_BETAS, weight_decay=cfg.weight_decay,
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=ADAMW_BETAS, weight_decay=cfg.weight_decay,
                             foreach=True)
     seqs = [packing.Seq(s["prompt"], s["completion"], s["group"]) for s in work["seqs"]]
     thinks = [run.think_token_mask(tok, s["completion"], s["text"], cfg.fmt) for s in work["seqs"]]
@@ -144,8 +146,9 @@ def worker_trl(spec: dict, work: dict) -> dict:
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    from fctrain import models, run
-    cfg = run.Config(**SETTINGS)
+    from fctrain import models
+    from fctrain.config import ADAMW_BETAS, Config
+    cfg = Config(**SETTINGS)
     seqs = work["seqs"]
     n, group = len(seqs), work["group"]
     p_len = max(len(s["prompt"]) for s in seqs)
@@ -164,7 +167,7 @@ def worker_trl(spec: dict, work: dict) -> dict:
     trainer.create_optimizer_and_scheduler(num_training_steps=10)
     opt, model = trainer.optimizer, trainer.model
     for g in opt.param_groups:  # same AdamW as fctrain's (betas, constant lr)
-        g["betas"], g["lr"] = run.ADAMW_BETAS, cfg.lr
+        g["betas"], g["lr"] = ADAMW_BETAS, cfg.lr
     trainer.current_gradient_accumulation_steps = n // per_device  # set by Trainer's own loop otherwise
     model.train()
     pad = trainer.processing_class.pad_token_id or 0

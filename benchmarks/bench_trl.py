@@ -51,14 +51,15 @@ def worker(spec: dict) -> dict:
     from trl import GRPOConfig, GRPOTrainer
 
     import bench_train
-    from fctrain import models, run
+    from fctrain import models
+    from fctrain.config import Config
     from kernels.trl import use_fctrain_kernels
 
     torch.set_num_threads(os.cpu_count() or 1)
     work = json.loads(Path(spec["workload"]).read_text())
     seqs, group = work["seqs"], work["group"]
     n = len(seqs)
-    cfg = run.Config(**bench_train.SETTINGS)
+    cfg = Config(**bench_train.SETTINGS)
     p_len = max(len(s["prompt"]) for s in seqs)
     c_len = max(len(s["completion"]) for s in seqs)
     # bench_train's micro-batching: the largest divisor of the batch whose padded tokens fit the budget

@@ -318,13 +318,14 @@ def run_pieces(out, rank=None):
     import dataclasses
 
     from fctrain import checkpoint, run
+    from fctrain.config import Config
 
     model, ref = tiny_llama(seed=0), tiny_llama(seed=7).eval().requires_grad_(False)
     if rank is not None:
         fdist.shard_model(model)
         fdist.shard_model(ref)
     optimizer = make_optimizer(model)
-    base = run.Config(group_size=GROUP, max_prompt_tokens=8, max_new_tokens=8, micro_batch_tokens=24,
+    base = Config(group_size=GROUP, max_prompt_tokens=8, max_new_tokens=8, micro_batch_tokens=24,
                       temperature=0.7, grad_clip=CLIP, impl="torch", beta=0.0, rollout_is_cap=2.0)
     result = {}
     with optimizer.watching_clip():  # the gradients before clipping are recorded too
@@ -463,7 +464,7 @@ def test_torchrun_fctrain_run_with_vllm_engines(tmp_path):
     args = dict(model=model_dir, engine="vllm", engine_dtype="float32", train_data=tmp_path / "train.jsonl",
                 eval_data=tmp_path / "eval.jsonl", eval_limit=2, sft_steps=30, sft_batch_size=2, sft_lr=5e-3,
                 steps=3, prompts_per_step=2, group_size=4, max_new_tokens=40, reward="partial", lr=1e-3,
-                temperature=1.0, warmup_steps=1, save_every=0, reward_processes=1, beta=0.001, out_dir=out,
+                temperature=1.0, warmup_steps=1, save_every=0, beta=0.001, out_dir=out,
                 updates_per_batch=2, sft_think="plan")  # 2nd pass follows an update: KL > 0; short targets
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(WORLD)]
     proc = subprocess.run([*torchrun, "-m", "fctrain.run", *[x for k, v in args.items() for x in (f"--{k}", str(v))]],

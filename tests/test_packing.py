@@ -7,6 +7,7 @@ import torch
 
 import kernels
 from fctrain import packing, run
+from fctrain.config import Config
 from fctrain.packing import Seq
 from tests.equivalence import FP32_REL, TERM_SCALE, RecordingAdamW, assert_scalar_close, assert_steps_equivalent
 from tests.kernel_utils import assert_verbose_close
@@ -62,7 +63,7 @@ def test_bad_batches_fail_clearly():
     with pytest.raises(ValueError, match="layout must be"):
         packing.plan(seqs, 64, "ragged")
     with pytest.raises(ValueError, match="flash_attention_2 cannot share"):
-        run.Config(attn_impl="flash_attention_2", packing="shared")
+        Config(attn_impl="flash_attention_2", packing="shared")
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +116,7 @@ def test_train_on_rollouts_is_layout_independent(llama):
     adv = torch.randn(len(seqs), generator=g)
     rollout = [(-torch.rand(len(s.completion), generator=g) * 3).tolist() for s in seqs]
     thinks = [(torch.rand(len(s.completion), generator=g) < 0.6).tolist() for s in seqs]
-    cfg = run.Config(micro_batch_tokens=150, max_prompt_tokens=40, max_new_tokens=30, beta=0.04,
+    cfg = Config(micro_batch_tokens=150, max_prompt_tokens=40, max_new_tokens=30, beta=0.04,
                      temperature=0.7, lr=1e-3, grad_clip=1e9)
     ref_model = copy.deepcopy(llama)
     with torch.no_grad():
@@ -206,7 +207,7 @@ def test_one_lm_head_pass_per_micro_batch_gives_the_two_pass_update(llama, monke
     adv = torch.randn(len(seqs), generator=g)
     rollout = [(-torch.rand(len(s.completion), generator=g) * 3).tolist() for s in seqs]
     thinks = [(torch.rand(len(s.completion), generator=g) < 0.6).tolist() for s in seqs]
-    cfg = run.Config(micro_batch_tokens=150, max_prompt_tokens=40, max_new_tokens=30, temperature=0.7, lr=1e-3,
+    cfg = Config(micro_batch_tokens=150, max_prompt_tokens=40, max_new_tokens=30, temperature=0.7, lr=1e-3,
                      entropy_coef=0.01, updates_per_batch=updates_per_batch, impl="torch")
     calls = []
     fused = kernels.fused_linear_logprob_entropy

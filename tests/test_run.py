@@ -1,5 +1,4 @@
 """The training loop: unit pieces (advantages, config, batching, think mask) and real end-to-end runs."""
-import dataclasses
 import json
 import math
 import os
@@ -15,7 +14,8 @@ import pytest
 import torch
 
 from fctrain import checkpoint, data, run
-from fctrain.run import Config, egpo_advantages, group_advantages, parse_config
+from fctrain.config import Config, parse_config
+from fctrain.run import egpo_advantages, group_advantages
 
 
 def test_group_and_egpo_advantages_match_hand_computed_values():
@@ -29,66 +29,6 @@ def test_group_and_egpo_advantages_match_hand_computed_values():
     # A' = A + 0.4 * clip(H, -|A|/2, |A|/2), by hand:
     want = [a_pos + 0.4 * 0.5, a_neg + 0.4 * (abs(a_neg) / 2), a_neg + 0.4 * 0.1, a_neg + 0.0]
     assert torch.allclose(got, torch.tensor(want), atol=1e-6)
-
-
-def test_config_cli_is_generated_and_type_checked(tmp_path):
-    cfg, resume = parse_config(["--lr", "3e-6", "--group_size", "4", "--tensorboard", "true", "--algo", "grpo"])
-    assert (cfg.lr, cfg.group_size, cfg.tensorboard, cfg.algo, resume) == (3e-6, 4, True, "grpo", False)
-    (tmp_path / "c.toml").write_text('lr = 2e-6\nreward = "partial"\n')
-    cfg, _ = parse_config(["--config", str(tmp_path / "c.toml"), "--reward", "format"])
-    assert cfg.lr == 2e-6 and cfg.reward == "format"  # the command line wins over the file
-    cfg, _ = parse_config(["--preset", "paper-7b"])
-    assert (cfg.lr, cfg.beta, cfg.temperature, cfg.algo, cfg.reward) == (1e-6, 0.001, 0.7, "egpo", "binary")
-    for argv, message in [(["--lr", "fast"], "expects float"), (["--nope", "1"], "unknown option"),
-                          (["--group_size", "1"], "group_size"), (["--tensorboard", "maybe"], "expects bool"),
-                          (["--reward", "dense"], "reward must be"), (["--preset", "x"], "unknown preset")]:
-        with pytest.raises(SystemExit, match=message):
-            parse_config(argv)
-    with pytest.raises(Exception):
-        Config().lr = 1.0  # frozen
-
-
-def _saved_run(out: Path, **values) -> Path:
-    """A run directory whose latest checkpoint holds Config(**values) (the files parse_config reads)."""
-    for step in (2, 3):
-        ckpt = out / f"ckpt-{step:06d}"
-        ckpt.mkdir(parents=True)
-        (ckpt / "fctrain_config.json").write_text(json.dumps(dataclasses.asdict(Config(**values, steps=step))))
-        (ckpt / "trainer_state.pt").write_bytes(b"")
-    return out
-
-
-def test_resume_starts_from_the_saved_config_and_allows_only_scheduling_changes(tmp_path, capsys):
-    out = _saved_run(tmp_path / "old_place", lr=1e-5, reward="binary", sft_steps=4, out_dir="elsewhere")
-    cfg, resume = parse_config(["--resume", str(out), "--steps", "28", "--eval_every", "2"])
-    assert resume and (cfg.lr, cfg.reward, cfg.sft_steps) == (1e-5, "binary", 4)  # the run's, not the defaults
-    assert (cfg.steps, cfg.eval_every, cfg.out_dir) == (28, 2, str(out))  # out_dir: where it is now
-    printed = capsys.readouterr().out
-    assert "from ckpt-000003" in printed and "steps 3 -> 28" in printed and "eval_every 0 -> 2" in printed
-    cfg, _ = parse_config(["--resume", str(out)])
-    assert cfg == Config(lr=1e-5, reward="binary", sft_steps=4, steps=3, out_dir=str(out))
-    assert "unchanged" in capsys.readouterr().out
-    # the command that started the run, plus --resume, continues it: equal values are no change
-    cfg, _ = parse_config(["--lr", "1e-5", "--reward", "binary", "--sft_steps", "4", "--resume", str(out)])
-    assert cfg.steps == 3
-    for argv, message in [
-            (["--lr", "2e-5"], r"cannot change lr \(1e-05 -> 2e-05\) mid-run"),
-            (["--reward", "partial", "--group_size", "4", "--steps", "9"], "cannot change reward .*, group_size"),
-            (["--preset", "paper-7b"], "cannot change model .* lr"),  # a preset obeys the same rule
-            (["--out_dir", str(tmp_path / "new")], "disagree")]:
-        with pytest.raises(SystemExit, match=message):
-            parse_config(["--resume", str(out), *argv])
-    (tmp_path / "same.toml").write_text('lr = 1e-5\nreward = "binary"\nsteps = 40\n')
-    (tmp_path / "other.toml").write_text('lr = 1e-5\nmodel = "Qwen/Qwen2.5-Coder-7B-Instruct"\n')
-    assert parse_config(["--config", str(tmp_path / "same.toml"), "--resume", str(out)])[0].steps == 40
-    with pytest.raises(SystemExit, match="cannot change model"):
-        parse_config(["--config", str(tmp_path / "other.toml"), "--resume", str(out)])
-    with pytest.raises(SystemExit, match="no checkpoint found"):
-        parse_config(["--resume", str(tmp_path / "empty")])
-    (tmp_path / "bad.toml").write_text("lr = = 1")
-    for argv in (["--config", str(tmp_path / "bad.toml")], ["--config", str(tmp_path / "missing.json")]):
-        with pytest.raises(SystemExit, match="^error: --config"):
-            parse_config(argv)
 
 
 def test_no_call_share_draws_each_kind_in_its_own_order_and_resumes_from_plain_ints():
@@ -206,7 +146,7 @@ def _args(root, model_dir, out, **over):
     cfg = dict(model=model_dir, engine="hf", train_data=root / "train.jsonl", eval_data=root / "eval.jsonl",
                eval_limit=1, sft_steps=30, sft_batch_size=2, sft_lr=5e-3, steps=2, prompts_per_step=2,
                group_size=4, max_new_tokens=40, reward="partial", lr=1e-3, temperature=1.0, warmup_steps=1,
-               save_every=1, keep_last=4, eval_every=0, reward_processes=1, beta=0.001, out_dir=out,
+               save_every=1, keep_last=4, eval_every=0, beta=0.001, out_dir=out,
                sft_think="plan")  # short targets that fit max_new_tokens 40 (the default think needs ~90)
     cfg.update(over)
     return [x for k, v in cfg.items() for x in (f"--{k}", str(v))]
