@@ -38,7 +38,6 @@ import json
 import math
 import os
 import random
-import resource
 import signal
 import sys
 import time
@@ -54,7 +53,8 @@ import kernels
 from fctrain import data as fdata
 from fctrain.config import ADAMW_BETAS, Config, parse_config
 from fctrain.checkpoint import (fault_point, latest_checkpoint, load_optimizer_state, load_trainer_state,
-                                rewrite, save_checkpoint, set_rng_state)
+                                save_checkpoint, set_rng_state)
+from fctrain.metrics import MetricsLog, peak_memory_mb
 from fctrain import dist as fdist
 from fctrain import packing
 from fctrain import prompts
@@ -583,72 +583,6 @@ def sync_engine(tr: Trainer) -> float:
 
 # ------------------------------------------------------------------------------------------------ 6. log and evaluate
 
-class MetricsLog:
-    """The run's record and console. `history`, every step's and evaluation's record, is saved in each
-    checkpoint; metrics.jsonl mirrors it (rewritten from it on resume, which drops the steps logged after
-    the checkpoint), plus optional TensorBoard and W&B. Rank 0 alone writes and prints."""
-
-    def __init__(self, cfg: Config, out: Path, history: list, is_main: bool, step: int):
-        self.cfg, self.history, self.is_main = cfg, history, is_main
-        self.tensorboard = self.file = self.bar = None
-        self.path = out / "metrics.jsonl"
-        if not is_main:
-            return
-        if cfg.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self.tensorboard = SummaryWriter(str(out / "tb"))
-            except ImportError:
-                print("tensorboard requested but not installed (pip install tensorboard); continuing without")
-        if cfg.wandb:
-            try:
-                import wandb
-                wandb.init(project="fctrain", config=dataclasses.asdict(cfg))
-            except ImportError:
-                print("wandb requested but not installed; continuing without")
-        rewrite(self.path, "".join(json.dumps(r) + "\n" for r in history))
-        self.file = open(self.path, "a")
-        try:
-            from tqdm import tqdm
-            self.bar = tqdm(total=cfg.sft_steps + cfg.steps, initial=step, desc="train", dynamic_ncols=True)
-        except ImportError:
-            pass
-
-    def add(self, record: dict):
-        self.history.append(record)
-        if not self.is_main:
-            return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        if self.tensorboard is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)):
-                    self.tensorboard.add_scalar(k, v, record["step"])
-        if self.cfg.wandb and "wandb" in sys.modules:
-            sys.modules["wandb"].log(record, step=record["step"])
-
-    def say(self, text: str):
-        if self.bar is not None:
-            self.bar.write(text)
-        elif self.is_main:
-            print(text)
-
-    def progress(self, **postfix):
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(**postfix)
-
-    def end_progress(self):
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-    def close(self):
-        if self.is_main:
-            self.file.close()
-            plot_curves(self.path, self.path.parent / "curves.png")
-
-
 def log_rl_step(tr: Trainer, lr: float, t_step: float, roll: Rollout, results: list, adv: Advantages,
                 update: Update, reward_s: float, sync_s: float):
     """One record and one console line for an RL step, over every rank's share (timings are rank 0's)."""
@@ -750,36 +684,6 @@ def paired_change(before, after, reps: int = 10000, seed: int = 0) -> tuple[floa
     boots = d[np.random.default_rng(seed).integers(0, d.size, size=(reps, d.size))].mean(1)
     return float(d.mean()), float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))
 
-
-def peak_memory_mb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def plot_curves(metrics_path: Path, png: Path):
-    """Reward, accuracy, entropy and KL per RL step, plus eval accuracy, as one PNG."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    rows = [json.loads(line) for line in open(metrics_path)]
-    rl = [r for r in rows if r.get("phase") == "rl"]
-    ev = [r for r in rows if r.get("phase") == "eval"]
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.5))
-    for ax, key in zip(axes, ["reward", "entropy", "kl"]):
-        pts = [(r["step"], r[key]) for r in rl if r.get(key) is not None]
-        ax.plot([s for s, _ in pts], [v for _, v in pts], marker=".")
-        ax.set_title(key)
-        ax.set_xlabel("step")
-    axes[3].plot([r["step"] for r in ev], [r["eval_accuracy"] for r in ev], marker="o")
-    axes[3].set_title("held-out eval accuracy")
-    axes[3].set_xlabel("step")
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
 
 # ------------------------------------------------------------------------------------------------ checkpoint
 
