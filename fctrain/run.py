@@ -84,8 +84,9 @@ def attention_choice(cfg: Config, device: str) -> tuple[str, str]:
     """(attn_implementation, packing layout) for this machine."""
     import importlib.util
     attn = cfg.attn_impl
-    if attn == "auto":
-        attn = "flash_attention_2" if device == "cuda" and importlib.util.find_spec("flash_attn") else "sdpa"
+    if attn == "auto":  # flash-attn takes 16-bit inputs only: float32 training (no autocast) stays on SDPA
+        flash = device == "cuda" and cfg.train_dtype != "float32" and importlib.util.find_spec("flash_attn")
+        attn = "flash_attention_2" if flash else "sdpa"
     layout = cfg.packing if cfg.packing != "auto" else ("packed" if attn == "flash_attention_2" else "shared")
     if attn == "flash_attention_2" and layout == "shared":
         raise SystemExit("error: packing=shared needs SDPA; flash_attention_2 cannot share prompts")
