@@ -80,6 +80,9 @@ class Config:
     # system
     engine: str = "auto"                   # vllm | hf | auto (vllm if installed)
     engine_dtype: str = "auto"             # vLLM weights/compute dtype; auto = bfloat16 on GPU, float32 on CPU
+    engine_check: bool = True              # at engine start and after the first weight sync, compare the engine's
+                                           # log-probs with the trainer's fp32 forward (rollout.check_engine);
+                                           # refuse (or, with engine_dtype auto, fall back to float32) if off
     train_dtype: str = "float32"           # float32 | bfloat16 (pure: half the memory, bf16 rounding in
                                            # AdamW) | amp-bf16 (fp32 master weights, bf16 autocast compute)
     attn_impl: str = "auto"                # sdpa | flash_attention_2 | auto (flash-attn on CUDA if installed)
@@ -138,10 +141,11 @@ PRESETS = {
     # Qwen2.5-Coder-0.5B-Instruct (offline, fctrain.models.QWEN_CODER_05B) on a CPU: the paper's family at
     # 0.5B. Literature settings as a start (tool-calling RL runs use lr 1e-6; 2e-6 for 0.5B, to be chosen
     # on val), beta 0.001, T 0.7, 16 prompts x 4 samples; no SFT warm start. Prompts <= 768 tokens and 256 new
-    # tokens keep a step affordable on 2 cores (README, benchmarks/results/step_cost_cpu.csv).
+    # tokens keep a step affordable on 2 cores (README, benchmarks/results/step_cost_cpu.csv); fp32 AdamW state
+    # (8 GB) + reference + vLLM fit 24 GB only with activation checkpointing and 2048-token micro-batches.
     "qwen0.5b-cpu": dict(model="qwen2.5-coder-0.5b", lr=2e-6, beta=0.001, temperature=0.7, prompts_per_step=16,
                          group_size=4, fmt="python", sft_steps=0, max_prompt_tokens=768, max_new_tokens=256,
-                         micro_batch_tokens=4096, train_dtype="float32"),
+                         micro_batch_tokens=2048, grad_checkpointing=True, train_dtype="float32"),
 }
 
 

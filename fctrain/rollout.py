@@ -604,3 +604,104 @@ def make_engine(kind: str, model_path, **kw):
     if isinstance(kw.get("dtype"), str):
         kw["dtype"] = getattr(torch, kw["dtype"])
     return HFEngine(model_path, **kw)
+
+
+# ------------------------------------------------------------------------------------------------ engine check
+
+def cpu_summary() -> str:
+    """"AMD EPYC 7B13 [avx512_bf16 -, amx_bf16 -]": the CPU model and the bf16 flags that decide which
+    kernels a CPU engine takes ("" off Linux)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
+    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+    return f"{model} [" + ", ".join(f"{f} {'+' if f in flags else '-'}" for f in ("avx512_bf16", "amx_bf16")) + "]"
+
+
+# The engine check's budget (see check_engine): at least fp32's summation-order noise, at most the clip range.
+CHECK_FLOOR = 2.0 ** 10 * 2.0 ** -24   # 6.1e-5 nats
+CHECK_CEILING = 0.1823                 # log(1.2): the clipped objective's eps 0.2, in nats
+
+
+@dataclass
+class EngineCheck:
+    """How far an engine's log-probs of its own sampled tokens are from the trainer's fp32 forward."""
+    engine_error: float    # mean |engine log-prob - fp32 forward log-prob| over all sampled tokens (nats)
+    rounding_error: float  # the same for the trainer's own forward with weights and compute in the engine's dtype
+    budget: float          # what the engine may differ by: see check_engine
+    tokens: int
+    seconds: float
+    dtype: str
+
+    @property
+    def ok(self) -> bool:
+        return self.engine_error <= self.budget
+
+    def describe(self) -> str:
+        return (f"mean |log-prob error| {self.engine_error:.4f} nats over {self.tokens} sampled tokens vs the "
+                f"trainer's float32 forward (budget {self.budget:.4f}; the trainer's own {self.dtype} forward: "
+                f"{self.rounding_error:.4f}; {self.seconds:.1f} s)")
+
+
+def _fp32_logprobs(model, prompts, completions) -> list[torch.Tensor]:
+    """Log-probs (temperature 1, float32) of each completion's tokens after its prompt, one sequence at a time
+    (no padding, so no attention-mask path can differ)."""
+    device = next(model.parameters()).device
+    out = []
+    with torch.no_grad():
+        for prompt, tokens in zip(prompts, completions):
+            ids = torch.tensor([list(prompt) + list(tokens)], device=device)
+            z = model(ids).logits[0, len(prompt) - 1:len(prompt) - 1 + len(tokens)].float()
+            out.append(z.log_softmax(-1).gather(-1, torch.tensor(tokens, device=device)[:, None])[:, 0].cpu())
+    return out
+
+
+def check_engine(engine: Engine, model: torch.nn.Module, prompts: list[list[int]], max_tokens: int = 16,
+                 seed: int = 0) -> EngineCheck:
+    """Does the engine compute what the trainer's weights say? It decodes the first prompt greedily on its
+    own (batch 1: the request that went wrong with bf16 on an AMX CPU) and samples two completions of every
+    prompt at temperature 1; the log-prob it reports for each token is compared with an fp32 forward of
+    `model` (the weights the engine was given) on the same tokens.
+
+    The budget comes from the rounding of the engine's dtype, measured on these very tokens: the same
+    forward with the weights cast to that dtype (`rounding_error`, what storing and computing in it costs
+    this model) times 4, for kernels and summation orders other than torch's. It is never below
+    CHECK_FLOOR = 2^10 fp32 unit roundoffs (6e-5 nats: fp32 forwards of the same weights differ only by
+    summation order, of order n_layers * sqrt(hidden) * 2^-24, 4e-5 for SmolLM2), and never above
+    CHECK_CEILING = log(1.2) nats: log-probs off by more than the PPO clip range on an average token make the
+    importance ratios meaningless, whatever the cause (so a bf16 path broken in torch as well cannot widen
+    its own budget). A wrong engine misses by far more: its greedy tokens are ones the model itself finds
+    unlikely (nats, not hundredths of a nat).
+
+    `model` may be float32 or bfloat16; it is not modified (a cast copy is made when the engine's dtype
+    differs from float32 and from the model's). Costs a short generation and 2-3 forwards of a few short
+    sequences: ~1-2 s on SmolLM2, a few seconds on a 0.5B model on 2 CPU cores."""
+    import copy
+    t0 = time.perf_counter()
+    prompts = [list(p) for p in prompts]
+    greedy = engine.generate(prompts[:1], temperature=0.0, max_tokens=max_tokens)
+    sampled = engine.generate(prompts, n=2, temperature=1.0, max_tokens=max_tokens, seed=seed)
+    pairs = [(p, c) for p, group in zip(prompts[:1] + prompts, greedy + sampled) for c in group if c.token_ids]
+    if not pairs:
+        raise RuntimeError("engine check: the engine returned no tokens")
+    ps, cs = [p for p, _ in pairs], [c.token_ids for _, c in pairs]
+    engine_lp = torch.cat([torch.tensor(c.logprobs, dtype=torch.float32) for _, c in pairs])
+    was_training = model.training
+    model.eval()
+    try:
+        reference = model if next(model.parameters()).dtype == torch.float32 else copy.deepcopy(model).float()
+        ref_lp = torch.cat(_fp32_logprobs(reference, ps, cs))
+        del reference
+        dtype = getattr(torch, engine.dtype)
+        rounding = 0.0
+        if dtype != torch.float32:
+            same = model if next(model.parameters()).dtype == dtype else copy.deepcopy(model).to(dtype)
+            rounding = (torch.cat(_fp32_logprobs(same, ps, cs)) - ref_lp).abs().mean().item()
+            del same
+    finally:
+        model.train(was_training)
+    error = (engine_lp - ref_lp).abs().mean().item()
+    budget = min(max(4.0 * rounding, CHECK_FLOOR), CHECK_CEILING)
+    return EngineCheck(error, rounding, budget, int(engine_lp.numel()), time.perf_counter() - t0, engine.dtype)
