@@ -430,10 +430,10 @@ def n_seeds(n: int) -> str:
 
 def bootstrap(matrix_a, matrix_b=None, reps: int = 10000, seed: int = 0):
     """Mean over examples of the per-example seed-mean of A (minus B's, paired), and its 95% percentile
-    interval from resampling examples (fctrain.run.paired_change). matrix_*: [seeds][examples] of 0/1."""
+    interval from resampling examples (fctrain.eval.paired_change). matrix_*: [seeds][examples] of 0/1."""
     import numpy as np
 
-    from fctrain.run import paired_change
+    from fctrain.eval import paired_change
 
     a = np.asarray(matrix_a, dtype=float).mean(0)
     b = np.asarray(matrix_b, dtype=float).mean(0) if matrix_b is not None else np.zeros_like(a)

@@ -57,6 +57,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from fctrain import data, reward
 from fctrain.prompts import build_prompt_ids
 
@@ -485,6 +487,28 @@ def rescore(out_dir: str | os.PathLike) -> dict:
                 raise ValueError(f"result id {item['id']!r} is not in BFCL's {cat} data")
             records.append(judge(item["result"], examples[item["id"]], "bfcl"))
     return summarize(records)
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+
+def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a binomial proportion (sound at 0 and 1 correct, unlike p +- 1.96 se)."""
+    if total == 0:
+        return 0.0, 1.0
+    p = correct / total
+    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z / (1 + z * z / total) * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def paired_change(before, after, reps: int = 10000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of after - before over the same examples (0/1 verdicts, or their means over seeds) and its 95%
+    paired-bootstrap interval (examples resampled with replacement)."""
+    d = np.asarray(after, dtype=float) - np.asarray(before, dtype=float)
+    if d.size == 0:
+        return 0.0, 0.0, 0.0
+    boots = d[np.random.default_rng(seed).integers(0, d.size, size=(reps, d.size))].mean(1)
+    return float(d.mean()), float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))
 
 
 if __name__ == "__main__":  # the command line

@@ -429,3 +429,20 @@ def test_cli_smollm2_vllm_subset_matches_bfcl(tmp_path):
     counts, unsafe = _recount_with_bfcl(out)
     assert unsafe == 0
     _assert_summary_matches(summary, counts, (out / "table.txt").read_text())
+
+
+def test_wilson_interval():
+    lo, hi = ev.wilson_interval(12, 48)
+    assert lo < 12 / 48 < hi and (lo, hi) == pytest.approx((0.14920, 0.38785), abs=1e-4)  # roots of (p - 1/4)^2 = z^2 p(1-p)/48
+    assert ev.wilson_interval(0, 10)[0] == 0.0 and ev.wilson_interval(0, 10)[1] == pytest.approx(3.8416 / 13.8416)
+    lo2, hi2 = ev.wilson_interval(36, 48)  # symmetric: k of n <-> n - k of n
+    assert (lo2, hi2) == pytest.approx((1 - hi, 1 - lo))
+    assert ev.wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_paired_change():
+    diff, lo, hi = ev.paired_change([0, 0, 1, 1], [1, 1, 1, 1])
+    assert diff == 0.5 and 0.0 <= lo <= 0.5 <= hi <= 1.0
+    diff, lo, hi = ev.paired_change([0] * 100, [1] * 30 + [0] * 70)
+    assert diff == pytest.approx(0.3) and lo < 0.3 < hi and 0.19 < lo and hi < 0.41  # +-1.96 * sqrt(.21/100)
+    assert ev.paired_change([1, 0, 1], [1, 0, 1]) == (0.0, 0.0, 0.0)

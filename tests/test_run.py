@@ -218,15 +218,6 @@ def test_end_to_end_vllm_engine_and_ctrl_c(tiny):
     assert "resume with" in output
 
 
-def test_wilson_interval():
-    lo, hi = run.wilson_interval(12, 48)
-    assert lo < 12 / 48 < hi and (lo, hi) == pytest.approx((0.14920, 0.38785), abs=1e-4)  # roots of (p - 1/4)^2 = z^2 p(1-p)/48
-    assert run.wilson_interval(0, 10)[0] == 0.0 and run.wilson_interval(0, 10)[1] == pytest.approx(3.8416 / 13.8416)
-    lo2, hi2 = run.wilson_interval(36, 48)  # symmetric: k of n <-> n - k of n
-    assert (lo2, hi2) == pytest.approx((1 - hi, 1 - lo))
-    assert run.wilson_interval(0, 0) == (0.0, 1.0)
-
-
 def test_time_budget_stops_after_the_step_that_spends_it_and_checkpoints(tiny):
     root, model_dir = tiny
     out = root / "budget"
@@ -238,14 +229,6 @@ def test_time_budget_stops_after_the_step_that_spends_it_and_checkpoints(tiny):
     assert [p.name for p in out.glob("ckpt-*")] == ["ckpt-000001"]
     with pytest.raises(SystemExit, match="sft_think"):
         parse_config(["--sft_think", "long"])
-
-
-def test_paired_change():
-    diff, lo, hi = run.paired_change([0, 0, 1, 1], [1, 1, 1, 1])
-    assert diff == 0.5 and 0.0 <= lo <= 0.5 <= hi <= 1.0
-    diff, lo, hi = run.paired_change([0] * 100, [1] * 30 + [0] * 70)
-    assert diff == pytest.approx(0.3) and lo < 0.3 < hi and 0.19 < lo and hi < 0.41  # +-1.96 * sqrt(.21/100)
-    assert run.paired_change([1, 0, 1], [1, 0, 1]) == (0.0, 0.0, 0.0)
 
 
 # ---- faults: a run SIGKILLed anywhere resumes to the uninterrupted run's weights and metrics
