@@ -13,6 +13,7 @@ No torch or transformers import.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import random
 import re
@@ -350,6 +351,78 @@ def split(examples: list[Example], eval_fraction: float, seed: int) -> tuple[lis
     shuffled = shuffle(examples, seed)
     n_eval = round(eval_fraction * len(shuffled))
     return shuffled[n_eval:], shuffled[:n_eval]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the training sampler
+
+@dataclass
+class TrainData:
+    """The trainer's sampler: the training prompts, drawn in a seeded per-epoch order (its `position` is saved
+    in every checkpoint, so a resume draws what the run would have drawn), and the held-out evaluation sets."""
+    examples: list                  # Example, each within max_prompt_tokens
+    prompt_ids: dict                # example id -> prompt token ids
+    eval_sets: dict                 # each "+"-part of eval_data -> its examples (reported on its own)
+    seed: int
+    position: dict = field(default_factory=lambda: {"epoch": 0, "pos": 0})  # saved in every checkpoint
+
+    @property
+    def eval_examples(self) -> list:
+        return [e for exs in self.eval_sets.values() for e in exs]
+
+    @functools.cached_property
+    def pairs(self) -> list[tuple]:
+        """(swapped-tool negative "neg:Q|T", Q): each negative whose question Q is itself a training example."""
+        by_id = {e.id: e for e in self.examples}
+        return [(e, by_id[src[0]]) for e in self.examples if (src := negative_sources(e.id)) and src[0] in by_id]
+
+    def check_pairs(self):
+        """A clear error before any training when `next_batch(k, pairs=True)` would have nothing to draw."""
+        if not self.pairs:
+            raise SystemExit("error: contrast_pairs needs swapped-tool negatives (ids \"neg:<question>|<tools>\") "
+                             "whose question is also a training example; the training data has none")
+
+    @functools.cached_property
+    def kinds(self) -> tuple[list, list]:
+        """(examples whose answer is a call, examples whose answer is no call)."""
+        no_call = [reward.is_irrelevance(e.category) for e in self.examples]
+        return ([e for e, nc in zip(self.examples, no_call) if not nc], [e for e, nc in zip(self.examples, no_call) if nc])
+
+    def check_share(self, k: int, no_call_share: float):
+        """A clear error before any training when `next_batch(k, no_call_share)` would need a missing kind."""
+        call, no_call = self.kinds
+        n = round(k * no_call_share) if no_call_share >= 0 else 0
+        if (n and not no_call) or (no_call_share >= 0 and k - n and not call):
+            raise SystemExit(f"error: no_call_share={no_call_share} needs training examples with {'no' if n else 'a'} "
+                             f"call; the training data has {len(call)} with a call and {len(no_call)} without")
+
+    def next_batch(self, k: int, no_call_share: float = -1.0, pairs: bool = False) -> list:
+        """The next `k` training examples (every rank draws the same ones). no_call_share >= 0: round(k * share)
+        of them come from the examples whose answer is no call and the rest from the others, each kind drawn in
+        its own seeded per-epoch order (so every step sees both kinds, in the same proportion). pairs: k // 2
+        swapped-tool negatives in their own order, each followed by its question with its own tools."""
+        if pairs:
+            self.check_pairs()
+            return [e for pair in self._draw("pair_", self.pairs, k // 2) for e in pair]
+        if no_call_share < 0:
+            return self._draw("", self.examples, k)
+        self.check_share(k, no_call_share)
+        n = round(k * no_call_share)
+        call, no_call = self.kinds
+        return self._draw("call_", call, k - n) + self._draw("no_call_", no_call, n)
+
+    def _draw(self, stream: str, examples: list, k: int) -> list:
+        pos, epoch = f"{stream}pos", f"{stream}epoch"  # flat ints: the checkpoint stores them as plain data
+        batch = []
+        while len(batch) < k:
+            # each stream its own order: the seed offset differs by stream name ("" keeps the original order)
+            order = shuffle(examples, self.seed + self.position.setdefault(epoch, 0) + 7919 * len(stream))
+            if self.position.setdefault(pos, 0) >= len(order):
+                self.position.update({epoch: self.position[epoch] + 1, pos: 0})
+                continue
+            batch.append(order[self.position[pos]])
+            self.position[pos] += 1
+        return batch
 
 
 if __name__ == "__main__":  # the data cleaning command line, under its historical name

@@ -9,7 +9,9 @@ import pytest
 
 from fctrain import prompts, reward
 from fctrain.cleaning import calls_to_ground_truth, main, parse_verdict, validate
-from fctrain.data import BFCL_CATEGORIES, Example, load_any, load_bfcl, load_jsonl, load_xlam, save_jsonl, shuffle, split
+from fctrain.config import Config
+from fctrain.data import (BFCL_CATEGORIES, Example, TrainData, load_any, load_bfcl, load_jsonl, load_xlam, save_jsonl,
+                          shuffle, split, swapped_tools_negative)
 from fctrain.prompts import build_messages, build_prompt_ids, filter_by_length, render_target
 from tests.bfcl_ref import bfcl_system_prompt, bfcl_verdict
 
@@ -366,3 +368,52 @@ def test_swapped_tools_negative_is_scored_as_irrelevance():
     assert not reward.score(render_target(a), neg, kind="binary").correct  # calling the question's own tool: wrong
     with pytest.raises(ValueError, match="share a function"):
         data.swapped_tools_negative(a, a)
+
+
+def test_no_call_share_draws_each_kind_in_its_own_order_and_resumes_from_plain_ints():
+    def ex(i, category):
+        return Example(id=f"{category}_{i}", category=category, messages=[{"role": "user", "content": "q"}],
+                            tools=[])
+    examples = [ex(i, "simple_python") for i in range(7)] + [ex(i, "live_irrelevance") for i in range(3)]
+    d = TrainData(examples=examples, prompt_ids={}, eval_sets={}, seed=5)
+    batches = [d.next_batch(4, 0.5) for _ in range(6)]
+    for b in batches:  # every step: 2 with a call, then 2 without
+        assert [e.category for e in b] == ["simple_python"] * 2 + ["live_irrelevance"] * 2
+    calls = [e.id for b in batches for e in b[:2]]
+    negs = [e.id for b in batches for e in b[2:]]
+    assert sorted(calls[:7]) == sorted(e.id for e in examples[:7])  # one epoch of each kind covers it once
+    assert sorted(negs[:3]) == sorted(negs[3:6]) == sorted(e.id for e in examples[7:])
+    assert all(type(v) is int for v in d.position.values())  # saved with torch.load(weights_only=True)
+    resumed = TrainData(examples=examples, prompt_ids={}, eval_sets={}, seed=5, position=dict(d.position))
+    assert [e.id for e in resumed.next_batch(4, 0.5)] == [e.id for e in d.next_batch(4, 0.5)]
+    assert [e.category for e in d.next_batch(4, 0.0)] == ["simple_python"] * 4
+    plain = TrainData(examples=examples, prompt_ids={}, eval_sets={}, seed=5)  # -1: the mixed stream
+    assert sorted(e.id for e in plain.next_batch(10)) == sorted(e.id for e in examples)
+    only_calls = TrainData(examples=examples[:7], prompt_ids={}, eval_sets={}, seed=5)
+    with pytest.raises(SystemExit, match="no_call_share=0.5 needs training examples with no call"):
+        only_calls.next_batch(4, 0.5)
+    with pytest.raises(ValueError, match="no_call_share"):
+        Config(no_call_share=1.5)
+
+
+def test_contrast_pairs_put_each_swapped_tool_negative_next_to_its_own_question():
+    def ex(i):
+        return Example(id=f"simple_python_{i}", category="simple_python",
+                            messages=[{"role": "user", "content": f"q{i}"}], tools=[{"name": f"f{i}"}], ground_truth=[])
+    calls = [ex(i) for i in range(5)]
+    negs = [swapped_tools_negative(calls[i], calls[(i + 1) % 5]) for i in range(3)]
+    orphan = swapped_tools_negative(ex(9), calls[0])  # its question is not a training example: never drawn
+    d = TrainData(examples=calls + negs + [orphan], prompt_ids={}, eval_sets={}, seed=3)
+    batches = [d.next_batch(4, pairs=True) for _ in range(3)]
+    drawn = [e for b in batches for e in b]
+    for neg, q in zip(drawn[::2], drawn[1::2]):
+        assert neg.id.startswith("neg:") and neg.id[4:].split("|")[0] == q.id and neg.messages == q.messages
+        assert not q.id.startswith("neg:") and q.tools != neg.tools
+    assert sorted(e.id for e in drawn[:6:2]) == sorted(e.id for e in negs)  # one epoch covers every pair once
+    resumed = TrainData(examples=d.examples, prompt_ids={}, eval_sets={}, seed=3, position=dict(d.position))
+    assert [e.id for e in resumed.next_batch(4, pairs=True)] == [e.id for e in d.next_batch(4, pairs=True)]
+    with pytest.raises(SystemExit, match="contrast_pairs needs swapped-tool negatives"):
+        TrainData(examples=calls, prompt_ids={}, eval_sets={}, seed=3).next_batch(4, pairs=True)
+    for bad in ({"prompts_per_step": 3}, {"no_call_share": 0.5}):
+        with pytest.raises(ValueError, match="contrast_pairs"):
+            Config(contrast_pairs=True, **bad)

@@ -31,55 +31,6 @@ def test_group_and_egpo_advantages_match_hand_computed_values():
     assert torch.allclose(got, torch.tensor(want), atol=1e-6)
 
 
-def test_no_call_share_draws_each_kind_in_its_own_order_and_resumes_from_plain_ints():
-    def ex(i, category):
-        return data.Example(id=f"{category}_{i}", category=category, messages=[{"role": "user", "content": "q"}],
-                            tools=[])
-    examples = [ex(i, "simple_python") for i in range(7)] + [ex(i, "live_irrelevance") for i in range(3)]
-    d = run.TrainData(examples=examples, prompt_ids={}, eval_sets={}, seed=5)
-    batches = [d.next_batch(4, 0.5) for _ in range(6)]
-    for b in batches:  # every step: 2 with a call, then 2 without
-        assert [e.category for e in b] == ["simple_python"] * 2 + ["live_irrelevance"] * 2
-    calls = [e.id for b in batches for e in b[:2]]
-    negs = [e.id for b in batches for e in b[2:]]
-    assert sorted(calls[:7]) == sorted(e.id for e in examples[:7])  # one epoch of each kind covers it once
-    assert sorted(negs[:3]) == sorted(negs[3:6]) == sorted(e.id for e in examples[7:])
-    assert all(type(v) is int for v in d.position.values())  # saved with torch.load(weights_only=True)
-    resumed = run.TrainData(examples=examples, prompt_ids={}, eval_sets={}, seed=5, position=dict(d.position))
-    assert [e.id for e in resumed.next_batch(4, 0.5)] == [e.id for e in d.next_batch(4, 0.5)]
-    assert [e.category for e in d.next_batch(4, 0.0)] == ["simple_python"] * 4
-    plain = run.TrainData(examples=examples, prompt_ids={}, eval_sets={}, seed=5)  # -1: the mixed stream
-    assert sorted(e.id for e in plain.next_batch(10)) == sorted(e.id for e in examples)
-    only_calls = run.TrainData(examples=examples[:7], prompt_ids={}, eval_sets={}, seed=5)
-    with pytest.raises(SystemExit, match="no_call_share=0.5 needs training examples with no call"):
-        only_calls.next_batch(4, 0.5)
-    with pytest.raises(ValueError, match="no_call_share"):
-        Config(no_call_share=1.5)
-
-
-def test_contrast_pairs_put_each_swapped_tool_negative_next_to_its_own_question():
-    def ex(i):
-        return data.Example(id=f"simple_python_{i}", category="simple_python",
-                            messages=[{"role": "user", "content": f"q{i}"}], tools=[{"name": f"f{i}"}], ground_truth=[])
-    calls = [ex(i) for i in range(5)]
-    negs = [data.swapped_tools_negative(calls[i], calls[(i + 1) % 5]) for i in range(3)]
-    orphan = data.swapped_tools_negative(ex(9), calls[0])  # its question is not a training example: never drawn
-    d = run.TrainData(examples=calls + negs + [orphan], prompt_ids={}, eval_sets={}, seed=3)
-    batches = [d.next_batch(4, pairs=True) for _ in range(3)]
-    drawn = [e for b in batches for e in b]
-    for neg, q in zip(drawn[::2], drawn[1::2]):
-        assert neg.id.startswith("neg:") and neg.id[4:].split("|")[0] == q.id and neg.messages == q.messages
-        assert not q.id.startswith("neg:") and q.tools != neg.tools
-    assert sorted(e.id for e in drawn[:6:2]) == sorted(e.id for e in negs)  # one epoch covers every pair once
-    resumed = run.TrainData(examples=d.examples, prompt_ids={}, eval_sets={}, seed=3, position=dict(d.position))
-    assert [e.id for e in resumed.next_batch(4, pairs=True)] == [e.id for e in d.next_batch(4, pairs=True)]
-    with pytest.raises(SystemExit, match="contrast_pairs needs swapped-tool negatives"):
-        run.TrainData(examples=calls, prompt_ids={}, eval_sets={}, seed=3).next_batch(4, pairs=True)
-    for bad in ({"prompts_per_step": 3}, {"no_call_share": 0.5}):
-        with pytest.raises(ValueError, match="contrast_pairs"):
-            Config(contrast_pairs=True, **bad)
-
-
 def test_lr_schedule():
     cfg = Config(sft_steps=2, steps=10, warmup_steps=2, lr=1e-5, sft_lr=5e-5, min_lr_ratio=0.1)
     lrs = [run.lr_at(cfg, s) for s in range(12)]
