@@ -27,10 +27,11 @@ with the training reward (`fctrain.reward.score`: correct = parsed and every cal
   and generated tokens per second.
 
 Results: RESULTS/<model tag>_T<temperature>.json per (model, temperature), with every prompt's per-sample
-rewards, call flags and lengths so the report can be recomputed; `report` writes RESULTS/summary.csv and
-RESULTS/pass_at_k.png with the device (CPU model, avx512_bf16 / amx_bf16 present or not), versions and git
-sha. A finished (model, temperature) file is never redone; an interrupted one resumes from its partial
-file under runs/headroom/ (prompts already sampled are kept when the settings match).
+rewards, call flags and lengths so the report can be recomputed, and every completion's text beside it
+(<same name>.texts.jsonl.gz); `report` writes RESULTS/summary.csv and RESULTS/pass_at_k.png with the device
+(CPU model, avx512_bf16 / amx_bf16 present or not), versions and git sha. A finished (model, temperature)
+file is never redone; an interrupted one resumes from its partial file under runs/headroom/<results dir>/
+(prompts already sampled are kept when the settings match).
 """
 from __future__ import annotations
 
@@ -241,14 +242,16 @@ def _read_partial(path: Path, settings: dict) -> list[dict]:
 
 def run_cell(engine, examples, prompt_ids, settings: dict, out: Path, batch_prompts: int, meta_extra: dict):
     """Sample and score every prompt at one temperature, resuming from runs/headroom/<name>.partial.jsonl;
-    writes `out` (and the completions' texts, gzipped, beside the partial file) when done."""
-    WORK.mkdir(parents=True, exist_ok=True)
-    partial = WORK / (out.stem + ".partial.jsonl")
-    texts_path = WORK / (out.stem + ".texts.jsonl.gz")
+    writes `out` and, beside it, every completion's text (<name>.texts.jsonl.gz) when done."""
+    work = WORK / out.parent.name
+    work.mkdir(parents=True, exist_ok=True)
+    partial = work / (out.stem + ".partial.jsonl")
+    texts_path = work / (out.stem + ".texts.jsonl.gz")
     done = _read_partial(partial, settings)
     records = {r["id"]: r for r in done}
     if not done:
         partial.write_text(json.dumps(settings) + "\n")
+        texts_path.unlink(missing_ok=True)
     n = settings["n"]
     gen_s = sum(r["gen_s"] for r in done)
     load0 = common.load_avg()
@@ -287,6 +290,7 @@ def run_cell(engine, examples, prompt_ids, settings: dict, out: Path, batch_prom
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1) + "\n")
     os.replace(tmp, out)
+    os.replace(texts_path, out.with_suffix(".texts.jsonl.gz"))  # every completion's text, for inspection
     partial.unlink()
     return result
 
