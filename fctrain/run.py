@@ -54,6 +54,7 @@ from fctrain.data import TrainData
 from fctrain.checkpoint import (fault_point, latest_checkpoint, load_optimizer_state, load_trainer_state,
                                 save_checkpoint, set_rng_state)
 from fctrain.metrics import MetricsLog, peak_memory_mb
+from fctrain.models import attention_choice, setup_model_kernels
 from fctrain import dist as fdist
 from fctrain import packing
 from fctrain import prompts
@@ -62,35 +63,6 @@ from fctrain import reward as freward
 
 
 # ------------------------------------------------------------------------------------------------ setup
-
-def setup_model_kernels(cfg: Config, model, device: str) -> dict:
-    """Apply the optional model-level switches (Liger kernels, activation checkpointing); return what is
-    on, for the start-up summary."""
-    import importlib.util
-    liger = cfg.liger == "on" or (cfg.liger == "auto" and device == "cuda"
-                                  and importlib.util.find_spec("liger_kernel") is not None)
-    if liger:
-        if device != "cuda":
-            raise SystemExit("error: liger=on needs CUDA (Liger-Kernel's Triton kernels do not run on CPU)")
-        from liger_kernel.transformers import _apply_liger_kernel_to_instance
-        _apply_liger_kernel_to_instance(model=model, cross_entropy=False, fused_linear_cross_entropy=False)
-    if cfg.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return {"liger": liger, "grad_checkpointing": cfg.grad_checkpointing}
-
-
-def attention_choice(cfg: Config, device: str) -> tuple[str, str]:
-    """(attn_implementation, packing layout) for this machine."""
-    import importlib.util
-    attn = cfg.attn_impl
-    if attn == "auto":  # flash-attn takes 16-bit inputs only: float32 training (no autocast) stays on SDPA
-        flash = device == "cuda" and cfg.train_dtype != "float32" and importlib.util.find_spec("flash_attn")
-        attn = "flash_attention_2" if flash else "sdpa"
-    layout = cfg.packing if cfg.packing != "auto" else ("packed" if attn == "flash_attention_2" else "shared")
-    if attn == "flash_attention_2" and layout == "shared":
-        raise SystemExit("error: packing=shared needs SDPA; flash_attention_2 cannot share prompts")
-    return attn, layout
-
 
 @dataclass
 class Trainer:
