@@ -217,7 +217,8 @@ def run_cli(args) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m fctrain.eval", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="model dir, checkpoint or hub id (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--model", default=None, help="model dir, checkpoint, hub id or offline name: qwen2.5-coder-0.5b "
+                   "(default: SmolLM2-135M-Instruct)")
     p.add_argument("--categories", nargs="+", default=None, metavar="CAT",
                    help=f"BFCL v4 single-turn categories (default: all {len(SINGLE_TURN)})")
     p.add_argument("--format", default="python", help="python (paper <think>/<answer>) | hermes | bfcl")
