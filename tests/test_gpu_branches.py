@@ -10,7 +10,8 @@ import types
 import pytest
 import torch
 
-from fctrain import rollout, run
+from fctrain import models, rollout
+from fctrain.config import Config
 
 GIB = 2**30
 
@@ -23,9 +24,9 @@ def test_auto_attention_on_a_gpu_with_flash_attn(monkeypatch, train_dtype, want)
     """flash-attn refuses float32 inputs: auto falls back to SDPA when the model trains in float32."""
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else real(name, *a))
-    cfg = run.Config(train_dtype=train_dtype)
-    assert run.attention_choice(cfg, "cuda") == want
-    assert run.attention_choice(cfg, "cpu") == ("sdpa", "shared")
+    cfg = Config(train_dtype=train_dtype)
+    assert models.attention_choice(cfg, "cuda") == want
+    assert models.attention_choice(cfg, "cpu") == ("sdpa", "shared")
 
 
 # ---------------------------------------------------------------------------- the engine's memory on a shared GPU
