@@ -80,6 +80,8 @@ class Config:
     # system
     engine: str = "auto"                   # vllm | hf | auto (vllm if installed)
     engine_dtype: str = "auto"             # vLLM weights/compute dtype; auto = bfloat16 on GPU, float32 on CPU
+    engine_memory: float = 0.0             # share of the GPU vLLM may take (its gpu_memory_utilization); 0 = what is
+                                           # free beside the trainer's models, gradients and optimizer state
     engine_check: bool = True              # at engine start and after the first weight sync, compare the engine's
                                            # log-probs with the trainer's fp32 forward (rollout.check_engine);
                                            # refuse (or, with engine_dtype auto, fall back to float32) if off
@@ -111,6 +113,7 @@ class Config:
             (0 <= self.max_bad_rows <= 1, "max_bad_rows must be a fraction in [0, 1]"),
             (self.loss_agg in kernels.LOSS_AGGREGATIONS, f"loss_agg must be one of {kernels.LOSS_AGGREGATIONS}"),
             (self.engine in ("vllm", "hf", "auto"), f"engine must be vllm, hf or auto, got {self.engine!r}"),
+            (0 <= self.engine_memory < 1, "engine_memory must be a share of the GPU in [0, 1)"),
             (self.train_dtype in ("float32", "bfloat16", "amp-bf16"), "train_dtype must be float32, bfloat16 or amp-bf16"),
             (self.packing in ("auto",) + packing.LAYOUTS, f"packing must be auto or one of {packing.LAYOUTS}"),
             (self.attn_impl in ("auto", "sdpa", "flash_attention_2"), "attn_impl must be auto, sdpa or flash_attention_2"),

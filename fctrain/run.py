@@ -171,13 +171,25 @@ def restore(ckpt: Path, ctx: fdist.DistContext, model, optimizer, data: TrainDat
     return state["step"], state["history"]
 
 
+def engine_share(cfg: Config, ctx: fdist.DistContext, model) -> float | None:
+    """vLLM's share of this rank's GPU (None off a GPU): --engine_memory, else what is free now that the
+    trainer's models are loaded, less the gradients and AdamW moments it will still allocate."""
+    if torch.device(ctx.device).type != "cuda":
+        return None
+    if cfg.engine_memory:
+        return cfg.engine_memory
+    free, total = torch.cuda.mem_get_info(ctx.device)
+    return rollout.colocated_memory_share(free, total, rollout.trainer_state_bytes(model))
+
+
 def start_engine(cfg: Config, ctx: fdist.DistContext, use_vllm: bool, model, tokenizer,
                  model_path: Path) -> rollout.Engine:
     if not use_vllm:
         return rollout.HFEngine(model, tokenizer=tokenizer)  # shares the policy: nothing to sync
     # one engine per rank under torchrun, each with its own sampling seed
     return rollout.VLLMEngine(model_path, dtype=cfg.engine_dtype, seed=cfg.seed * ctx.world_size + ctx.rank,
-                              max_model_len=cfg.max_prompt_tokens + cfg.max_new_tokens)
+                              max_model_len=cfg.max_prompt_tokens + cfg.max_new_tokens,
+                              gpu_memory_utilization=engine_share(cfg, ctx, model))
 
 
 # ------------------------------------------------------------------------------------------------ 1. rollout
@@ -431,6 +443,7 @@ class Update:
 
 def policy_update(tr: Trainer, roll: Rollout, adv: Advantages, lr: float) -> Update:
     """train_on_rollouts on the kept sequences (every rank joins, even one without any)."""
+    tr.engine.sleep()  # vLLM frees its GPU memory for the update (sleep mode); the next sync or rollout wakes it
     t0 = time.perf_counter()
     final_adv, think_entropy, stats = adv.adv.clone(), torch.full((len(roll.completions),), float("nan")), {}
     trained = fdist.all_reduce_sum(len(adv.keep)) > 0  # a rank without sequences still joins the passes

@@ -130,3 +130,19 @@ def test_engine_without_sleep_mode_ignores_sleep(gpu_engine, monkeypatch, tmp_pa
     engine.sleep()
     engine.generate([[1]])
     assert engine.llm.calls == ["generate"]
+
+
+def test_trainer_gives_vllm_the_share_beside_its_models(monkeypatch):
+    """run.engine_share: --engine_memory when set, else the colocated share less the trainer's state to come;
+    None off a GPU (vLLM's CPU engine sizes its KV cache in GiB instead)."""
+    from fctrain import run
+
+    model = torch.nn.Linear(1024, 1024)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (int(100 * GIB), int(139.8 * GIB)))
+    cuda = types.SimpleNamespace(device="cuda:0")
+    want = rollout.colocated_memory_share(int(100 * GIB), int(139.8 * GIB), rollout.trainer_state_bytes(model))
+    assert run.engine_share(Config(), cuda, model) == want
+    assert run.engine_share(Config(engine_memory=0.3), cuda, model) == 0.3
+    assert run.engine_share(Config(), types.SimpleNamespace(device="cpu"), model) is None
+    with pytest.raises(ValueError, match="engine_memory"):
+        Config(engine_memory=1.5)
