@@ -1,8 +1,8 @@
 """The paper's two-stage data cleaning: rule/AST validation, then an LLM judge; and its command line.
 
-    python -m fctrain.data validate --input data.jsonl|bfcl:simple_python,multiple --output clean.jsonl \
+    python -m fctrain.cleaning validate --input data.jsonl|bfcl:simple_python,multiple --output clean.jsonl \
         --report validate.json
-    python -m fctrain.data judge --input clean.jsonl --output judged.jsonl --report judge.json [--model DIR]
+    python -m fctrain.cleaning judge --input clean.jsonl --output judged.jsonl --report judge.json [--model DIR]
 
     kept, report = validate(examples)                       # stage 1, no model
     kept, report = llm_judge(kept, engine, tokenizer)       # stage 2, through a fctrain.rollout engine
@@ -10,8 +10,8 @@
 `validate` checks every ground-truth call against its schema with the reward module's own type rules, repairs
 what is unambiguous (a number written as a string, a bare value not wrapped in a list, JSON-schema type
 aliases) and drops the rest, counting every reason. `llm_judge` asks an LLM to evaluate each example, to
-correct the ones it rejects, and evaluates the corrections once more. (`python -m fctrain.cleaning` is the
-same command line.)
+correct the ones it rejects, and evaluates the corrections once more. (`python -m fctrain.data` is the same
+command line under its old name, kept as an alias for one release.)
 """
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Iterable
 
 from fctrain import reward
-from fctrain.data import Example, load_any, save_jsonl
+from fctrain.data import load_any, save_jsonl
+from fctrain.example import Example
 from fctrain.prompts import chat_prompt_ids, render_target
 
 # ---------------------------------------------------------------------------------------------------------
@@ -328,7 +329,7 @@ def _write_report(report: dict, path: str | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fctrain.data", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m fctrain.cleaning", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     v = sub.add_parser("validate", help="stage 1: rule/AST validation of ground truth against schemas")
     j = sub.add_parser("judge", help="stage 2: LLM evaluate -> correct -> final evaluation")

@@ -4,13 +4,17 @@
     examples = load_any("split:train+bfcl:live_simple")            # any source spec the trainer takes
     train, evals = split(examples, eval_fraction=0.1, seed=0)
 
-What the model sees and should answer (prompts, SFT targets) is in fctrain.prompts; the two-stage data
-cleaning (rule validation, LLM judge) and its command line, `python -m fctrain.data validate|judge ...`,
-in fctrain.cleaning.
+The Example itself is in fctrain.example; what the model sees and should answer (prompts, SFT targets) in
+fctrain.prompts; the two-stage data cleaning (rule validation, LLM judge) and its command line,
+`python -m fctrain.cleaning validate|judge ...`, in fctrain.cleaning. `TrainData` is the trainer's sampler.
 
 No torch or transformers import.
 """
 from __future__ import annotations
+
+if __name__ == "__main__":  # `python -m fctrain.data ...`: the old spelling of `python -m fctrain.cleaning ...`, kept
+    import runpy            # for one release. It runs before this module defines anything: fctrain.data loads once.
+    runpy.run_module("fctrain.cleaning", run_name="__main__", alter_sys=True)
 
 import copy
 import functools
@@ -19,81 +23,18 @@ import random
 import re
 import sys
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
 
 from fctrain import reward
 from fctrain.assets import cache_dir, extract_from_wheel, fetch_wheel
+from fctrain.example import Example
 
 BFCL_WHEEL = "bfcl-eval==2026.3.23"
 BFCL_CATEGORIES = ("simple_python", "multiple", "parallel", "parallel_multiple", "irrelevance",
                    "live_simple", "live_multiple", "live_parallel", "live_parallel_multiple",
                    "live_irrelevance", "live_relevance")
-ROLES = ("system", "user", "assistant")
-
-
-@dataclass
-class Example:
-    id: str
-    category: str                 # BFCL category name; decides how `reward.check` matches calls
-    messages: list[dict]          # [{"role": "user"|"assistant"|"system", "content": str}]
-    tools: list[dict]             # BFCL function schemas {"name", "description", "parameters": {"type": "dict", ...}}
-    ground_truth: list[dict] = field(default_factory=list)  # [{name: {param: [allowed values]}}]; "" = may omit
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), ensure_ascii=False)
-
-    @classmethod
-    def from_dict(cls, obj: Any) -> "Example":
-        if not isinstance(obj, dict):
-            raise ValueError(f"example must be a JSON object, got {type(obj).__name__}")
-        missing = [k for k in ("id", "category", "messages", "tools") if k not in obj]
-        if missing:
-            raise ValueError(f"example lacks {missing}")
-        extra = set(obj) - {"id", "category", "messages", "tools", "ground_truth"}
-        if extra:
-            raise ValueError(f"unknown example keys {sorted(extra)}")
-        ex = cls(str(obj["id"]), obj["category"], obj["messages"], obj["tools"], obj.get("ground_truth", []))
-        if not isinstance(ex.category, str):
-            raise ValueError("category must be a string")
-        if not isinstance(ex.messages, list) or not all(
-                isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)
-                for m in ex.messages):
-            raise ValueError(f"messages must be a list of {{role in {ROLES}, content: str}}")
-        if not isinstance(ex.tools, list) or not all(isinstance(t, dict) and isinstance(t.get("name"), str)
-                                                     for t in ex.tools):
-            raise ValueError("tools must be a list of objects with a string 'name'")
-        for t in ex.tools:  # the prompt, target and reward read these: a broken schema is a broken row
-            params = t.get("parameters")
-            if not isinstance(params, dict) or not isinstance(params.get("properties", {}), dict):
-                raise ValueError(f"tool {t['name'][:60]!r}: parameters must be an object with object 'properties'")
-            if _depth(params) > MAX_SCHEMA_DEPTH:
-                raise ValueError(f"tool {t['name'][:60]!r}: schema nested deeper than {MAX_SCHEMA_DEPTH}")
-        if not isinstance(ex.ground_truth, list) or not all(
-                isinstance(c, dict) and len(c) == 1 and isinstance(next(iter(c.values())), dict)
-                for c in ex.ground_truth):
-            raise ValueError("ground_truth must be a list of {name: {param: [allowed values]}}")
-        return ex
-
-    @classmethod
-    def from_json(cls, obj: str | dict) -> "Example":
-        return cls.from_dict(json.loads(obj) if isinstance(obj, str) else obj)
-
-
-MAX_SCHEMA_DEPTH = 32  # JSON levels in a tool's parameters; deeper ones are refused (recursive walks below)
-
-
-def _depth(value, limit: int = MAX_SCHEMA_DEPTH + 1) -> int:
-    """Nesting depth of a JSON value, counted no further than `limit` (iteratively: no recursion limit)."""
-    depth, level = 0, [value]
-    while level and depth < limit:
-        level = [v for x in level if isinstance(x, (dict, list)) for v in (x.values() if isinstance(x, dict) else x)]
-        depth += 1
-    return depth
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -423,9 +364,3 @@ class TrainData:
             batch.append(order[self.position[pos]])
             self.position[pos] += 1
         return batch
-
-
-if __name__ == "__main__":  # the data cleaning command line, under its historical name
-    from fctrain.cleaning import main
-
-    sys.exit(main())

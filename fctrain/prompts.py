@@ -13,7 +13,7 @@ import copy
 import json
 
 from fctrain import reward
-from fctrain.data import Example
+from fctrain.example import Example
 
 # BFCL's default system prompt for prompting models, assembled exactly as bfcl_eval.model_handler.utils.
 # formulate_system_prompt does for DEFAULT_SYSTEM_PROMPT_FORMAT ("ret_fmt=python&tool_call_tag=False&

@@ -48,10 +48,9 @@ import re
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from fctrain.data import Example
+from fctrain.example import Example
 
 FORMATS = ("python", "hermes", "bfcl")
 KINDS = ("binary", "partial", "format")
@@ -680,7 +679,7 @@ def _call_credit(call: dict, answer: dict, functions: list[dict]) -> float:
     return (1.0 + key_score + value_score) / 3.0
 
 
-def _partial_credit(calls: list[dict], example: "Example") -> float:
+def _partial_credit(calls: list[dict], example: Example) -> float:
     """Mean call credit under a greedy one-to-one pairing, divided by max(#calls, #truth calls)."""
     truth = example.ground_truth
     if not truth or not calls:
@@ -707,7 +706,7 @@ def wrong_kind(calls: list[dict], category: str) -> bool:
     return bool(calls) if is_irrelevance(category) else not calls
 
 
-def score(text: str, example: "Example", kind: str = "binary", fmt: str = "python") -> RewardResult:
+def score(text: str, example: Example, kind: str = "binary", fmt: str = "python") -> RewardResult:
     """Reward of one completion for one example.
 
     binary:  1 iff the text parses in `fmt` and `check` says valid (the paper's reward). With fmt="bfcl" the
@@ -763,7 +762,7 @@ class RewardScorer:
             raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
         self.kind, self.fmt = kind, fmt
 
-    def __call__(self, texts: list[str], examples: list["Example"]) -> list[RewardResult]:
+    def __call__(self, texts: list[str], examples: list[Example]) -> list[RewardResult]:
         if len(texts) != len(examples):
             raise ValueError(f"{len(texts)} texts but {len(examples)} examples")
         scored: dict[tuple[str, int], RewardResult] = {}
