@@ -52,8 +52,6 @@ GRPO_SEQ_LEN = 256  # completion length T of the [B, T] GRPO layout (B = N / T);
 GRPO_BETA, GRPO_ENTROPY_COEF = 0.04, 0.01
 INPUT_COPIES = 3  # inputs rotated between calls so no call reuses the previous call's hidden states
 
-SMOLLM2 = (4096, 576, 49152)  # issue 3's CPU target: SmolLM2-135M's hidden size and vocabulary
-TARGET = (16384, 4096, 151936)  # issues 2 and 3's H100 target (Qwen-sized vocabulary)
 ALL = {"ops": OPS, "modes": MODES, "entropy": ["on", "off"], "providers": PROVIDERS}
 FWD_BWD = {"modes": ["fwd+bwd"]}
 
@@ -62,18 +60,18 @@ FWD_BWD = {"modes": ["fwd+bwd"]}
 # the rest at SmolLM2's shape. "min_reps" 2 at SmolLM2's shape: one call takes tens of seconds on 2 cores.
 SMALL = (512, 576, 49152)
 CPU_PLAN = [
-    {"shape": SMOLLM2, **ALL, **FWD_BWD, "ops": ["grpo"], "entropy": ["on"], "min_reps": 2,
+    {"shape": common.SMOLLM2, **ALL, **FWD_BWD, "ops": ["grpo"], "entropy": ["on"], "min_reps": 2,
      "providers": ["lm-head-matmul", "fctrain-torch", "naive-eager"]},
-    {"shape": SMOLLM2, **ALL, **FWD_BWD, "ops": ["grpo"], "entropy": ["off"], "providers": ["liger-grpo"],
+    {"shape": common.SMOLLM2, **ALL, **FWD_BWD, "ops": ["grpo"], "entropy": ["off"], "providers": ["liger-grpo"],
      "min_reps": 2},
     {"shape": SMALL, **ALL, **FWD_BWD, "providers": [p for p in PROVIDERS if p != "naive-compile"]},
     {"shape": SMALL, **ALL, **FWD_BWD, "entropy": ["on"], "providers": ["naive-compile"]},
     {"shape": SMALL, **ALL, "modes": ["fwd"], "providers": [p for p in PROVIDERS if p != "naive-compile"]},
-    {"shape": SMOLLM2, **ALL, **FWD_BWD, "ops": ["grpo"], "entropy": ["off"], "min_reps": 2,
+    {"shape": common.SMOLLM2, **ALL, **FWD_BWD, "ops": ["grpo"], "entropy": ["off"], "min_reps": 2,
      "providers": ["fctrain-torch", "naive-eager"]},
-    {"shape": SMOLLM2, **ALL, **FWD_BWD, "ops": ["logprob"], "entropy": ["on"], "min_reps": 2,
+    {"shape": common.SMOLLM2, **ALL, **FWD_BWD, "ops": ["logprob"], "entropy": ["on"], "min_reps": 2,
      "providers": ["fctrain-torch", "naive-eager"]},
-    {"shape": SMOLLM2, **ALL, **FWD_BWD, "ops": ["grpo"], "entropy": ["on"], "min_reps": 2,
+    {"shape": common.SMOLLM2, **ALL, **FWD_BWD, "ops": ["grpo"], "entropy": ["on"], "min_reps": 2,
      "providers": ["naive-compile"]},
 ]
 # GPU mode ("--plan target" + "--plan sweep"): everything at the target shape (torch.compile only in
@@ -84,8 +82,8 @@ _SWEEP_PROVIDERS = ["lm-head-matmul", "fctrain-triton", "fctrain-triton-atomic",
 _SWEEP_SHAPES = [(2048, 4096, 151936), (8192, 4096, 151936), (16384, 576, 151936), (16384, 2048, 151936),
                  (16384, 4096, 32000), (16384, 4096, 49152), (16384, 4096, 128256), (16384, 576, 49152)]
 GPU_PLANS = {
-    "target": [{"shape": TARGET, **ALL, "providers": [p for p in PROVIDERS if p != "naive-compile"]},
-               {"shape": TARGET, **ALL, **FWD_BWD, "entropy": ["on"], "providers": ["naive-compile"]}],
+    "target": [{"shape": common.TARGET, **ALL, "providers": [p for p in PROVIDERS if p != "naive-compile"]},
+               {"shape": common.TARGET, **ALL, **FWD_BWD, "entropy": ["on"], "providers": ["naive-compile"]}],
     "sweep": [{"shape": s, **ALL, **FWD_BWD, "providers": _SWEEP_PROVIDERS} for s in _SWEEP_SHAPES],
 }
 GPU_PLAN = GPU_PLANS["target"] + GPU_PLANS["sweep"]
@@ -382,7 +380,7 @@ def main(argv=None) -> list[dict]:
         return []
     if args.model:  # no GPU here: the predictions alone
         import traffic_model
-        print(traffic_model.markdown(traffic_model.table([TARGET])))
+        print(traffic_model.markdown(traffic_model.table([common.TARGET])))
         return []
     timing = {"min_reps": args.min_reps, "min_time_s": args.min_time}
     if args.worker:  # isolated child: one configuration, one result line

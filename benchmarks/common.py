@@ -28,6 +28,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
+# (N, H, V) shapes of the LM-head kernels that bench_kernels.py measures and traffic_model.py predicts
+SMOLLM2 = (4096, 576, 49152)  # issue 3's CPU target: SmolLM2-135M's hidden size and vocabulary
+TARGET = (16384, 4096, 151936)  # issues 2 and 3's H100 target (Qwen-sized vocabulary)
 META_COLUMNS = ["date", "git_sha", "device", "torch", "triton", "liger_kernel", "cut_cross_entropy",
                 "python", "load_avg"]
 _WORKER_TAG = "BENCH_WORKER_RESULT "

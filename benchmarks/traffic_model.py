@@ -185,13 +185,12 @@ def markdown(rows) -> str:
 
 
 def main(argv=None) -> list[dict]:
-    import bench_kernels
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(common.RESULTS / "traffic_model.csv"))
     args = p.parse_args(argv)
-    rows = table([bench_kernels.TARGET, bench_kernels.SMOLLM2])
+    rows = table([common.TARGET, common.SMOLLM2])
     common.write_csv(Path(args.out), rows, COLUMNS)
-    print(markdown([r for r in rows if (r["N"], r["H"], r["V"]) == bench_kernels.TARGET]))
+    print(markdown([r for r in rows if (r["N"], r["H"], r["V"]) == common.TARGET]))
     print(f"\n-> {args.out}")
     return rows
 

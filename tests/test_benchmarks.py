@@ -86,12 +86,12 @@ def test_isolated_worker_reports_peak_memory():
 
 def test_plan_covers_issue_targets():
     cpu = bench.expand(bench.CPU_PLAN, "cpu", "bfloat16", {})
-    at = {(s["provider"], s["op"], s["mode"], s["entropy"]) for s in cpu if (s["N"], s["H"], s["V"]) == bench.SMOLLM2}
+    at = {(s["provider"], s["op"], s["mode"], s["entropy"]) for s in cpu if (s["N"], s["H"], s["V"]) == common.SMOLLM2}
     assert {("fctrain-torch", "grpo", "fwd+bwd", "on"), ("naive-eager", "grpo", "fwd+bwd", "on"),
             ("lm-head-matmul", "lm-head-matmul", "fwd+bwd", "n/a")} <= at
     assert not any(s["provider"] in ("fctrain-triton", "fctrain-triton-atomic", "cce", "liger-flce") for s in cpu)
     gpu = bench.expand(bench.GPU_PLAN, "cuda", "bfloat16", {})
-    target = {(s["provider"], s["op"], s["mode"], s["entropy"]) for s in gpu if (s["N"], s["H"], s["V"]) == bench.TARGET}
+    target = {(s["provider"], s["op"], s["mode"], s["entropy"]) for s in gpu if (s["N"], s["H"], s["V"]) == common.TARGET}
     assert {("fctrain-triton", "grpo", "fwd+bwd", "on"), ("fctrain-triton", "logprob", "fwd+bwd", "on"),
             ("fctrain-triton-atomic", "grpo", "fwd+bwd", "on"), ("liger-grpo", "grpo", "fwd+bwd", "off"), ("lm-head-matmul", "lm-head-matmul", "fwd+bwd", "n/a"),
             ("cce", "logprob", "fwd+bwd", "off"), ("liger-flce", "logprob", "fwd+bwd", "off")} <= target
@@ -141,7 +141,7 @@ def test_traffic_model_bounds_and_design_choice():
     the atomic-free chunked backward (bf16 dz per row chunk, then GEMMs) costs its FLOPs, 8NHV / 6NHV of the
     floor."""
     tm = _load("traffic_model")
-    n, h, v = bench.TARGET
+    n, h, v = common.TARGET
     peak = tm.DEVICES["H100-SXM"]["bf16_tflops"] * 1e12
     floor = tm.predict("lm-head-matmul", "lm-head-matmul", "fwd", "off", n, h, v, "H100-SXM")
     assert floor["bound"] == "flop" and floor["pred_ms"] == pytest.approx(1e3 * 2 * n * h * v / peak)

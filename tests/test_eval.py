@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from fctrain import eval as ev
-from fctrain import eval_cli
+from fctrain.eval import __main__ as eval_cli
 from fctrain.assets import fetch_wheel
 
 BFCL_WHEEL = "bfcl-eval==2026.3.23"

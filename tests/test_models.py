@@ -171,7 +171,7 @@ def test_cli_refuses_a_mismatch_with_one_error_line(tmp_path, monkeypatch, cli):
     spec, _ = _fake_offline_model(tmp_path, monkeypatch)
     monkeypatch.setattr(models, "OFFLINE_MODELS", {"fake-model": dataclasses.replace(spec, gguf_sha256="0" * 64)})
     if cli == "eval":
-        from fctrain.eval_cli import main
+        from fctrain.eval.__main__ import main
         argv = ["--model", "Fake-Model-Instruct", "--limit", "1", "--categories", "simple_python",
                 "--out", str(tmp_path / "eval")]
     else:

@@ -1,6 +1,6 @@
-"""The BFCL evaluation command line (`python -m fctrain.eval`, the same): any model or checkpoint, a
-leaderboard-style table, BFCL-format result files, a before/after comparison; scoring and aggregates
-are fctrain.eval's.
+"""The BFCL evaluation command line, `python -m fctrain.eval`: any model or checkpoint, a leaderboard-style
+table, BFCL-format result files, a before/after comparison; scoring and aggregates are the fctrain.eval
+library's (fctrain/eval/__init__.py).
 
     python -m fctrain.eval --model M [--categories ...] [--format python|hermes|bfcl] [--limit K]
                            [--engine vllm|hf|auto] [--max-tokens N] [--out DIR]

@@ -1,5 +1,6 @@
 """BFCL evaluation as a library: greedy generation, BFCL-compatible scoring, leaderboard aggregates and
-tables, BFCL-format result files. Its command line is fctrain.eval_cli (run as `python -m fctrain.eval ...`).
+tables, BFCL-format result files, and the statistics of a change (Wilson interval, paired bootstrap). Its
+command line is fctrain/eval/__main__.py: `python -m fctrain.eval ...`.
 
     records = generate_records(engine, tokenizer, examples, fmt="python")   # greedy, one per prompt, scored
     summary = summarize(records)                                             # per category and per group
@@ -509,9 +510,3 @@ def paired_change(before, after, reps: int = 10000, seed: int = 0) -> tuple[floa
         return 0.0, 0.0, 0.0
     boots = d[np.random.default_rng(seed).integers(0, d.size, size=(reps, d.size))].mean(1)
     return float(d.mean()), float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))
-
-
-if __name__ == "__main__":  # the command line
-    from fctrain.eval_cli import main
-
-    sys.exit(main())
