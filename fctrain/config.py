@@ -26,7 +26,8 @@ from fctrain.checkpoint import latest_checkpoint
 @dataclass(frozen=True)
 class Config:
     # model and data
-    model: str = ""                        # local HF dir or hub id; "" = offline SmolLM2-135M-Instruct
+    model: str = ""                        # local HF dir, hub id or offline name (qwen2.5-coder-0.5b); "" = offline
+                                           # SmolLM2-135M-Instruct
     train_data: str = "split:train"        # bfcl:<categories>, split:<set> (fctrain/splits), an xLAM file, our
                                            # JSONL, or several joined by "+"
     eval_data: str = "split:test_in+split:test_irr"  # held out, never trained on, each "+"-part reported with
