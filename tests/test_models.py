@@ -246,3 +246,13 @@ def test_qwen_calls_a_tool_greedily(qwen_dir):
     parsed = parse(text, "hermes", untagged_json=True)
     assert parsed.ok and [list(c) for c in parsed.calls] == [["get_weather"]], text
     assert parsed.calls[0]["get_weather"]["city"] == "Paris", text
+
+
+def test_qwen_preset_names_the_offline_model():
+    from fctrain.config import parse_config
+
+    cfg, _ = parse_config(["--preset", "qwen0.5b-cpu", "--steps", "5"])
+    assert offline_model(cfg.model) is models.QWEN_CODER_05B
+    assert (cfg.lr, cfg.beta, cfg.temperature, cfg.prompts_per_step, cfg.group_size, cfg.sft_steps, cfg.fmt) == \
+        (2e-6, 1e-3, 0.7, 16, 4, 0, "python")
+    assert cfg.micro_batch_tokens >= cfg.max_prompt_tokens + cfg.max_new_tokens and cfg.steps == 5
