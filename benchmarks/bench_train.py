@@ -132,8 +132,8 @@ def worker_fctrain(spec: dict, work: dict) -> dict:
 
     def step():
         res = run.train_on_rollouts(cfg, model, ref, opt, cfg.lr, seqs, adv, rollout, thinks, layout, False, "cpu")
-        info["computed_tokens"] = res["stats"]["computed_tokens"]
-        return res["stats"]["loss"]
+        info["computed_tokens"] = res.stats["computed_tokens"]
+        return res.stats["loss"]
 
     out = _time_steps(step, spec["steps"])
     out["micro_batches"] = len(packing.plan(seqs, cfg.micro_batch_tokens, layout))

@@ -242,6 +242,15 @@ def egpo_advantages(adv: torch.Tensor, think_entropy: torch.Tensor, lam: float =
     return adv + lam * torch.maximum(torch.minimum(think_entropy, bound), -bound)
 
 
+def think_entropy(entropy: torch.Tensor, think: torch.Tensor, seq_ids: torch.Tensor, n_seqs: int):
+    """EGPO's H: the mean (detached) entropy of each sequence's <think> tokens. Per token: `entropy` (N,) fp32,
+    `think` (N,) bool, `seq_ids` (N,) its sequence. Returns (H (n_seqs,), 0 where a sequence has no <think>
+    token; has_think (n_seqs,) bool)."""
+    total = torch.zeros(n_seqs, device=entropy.device).index_add_(0, seq_ids, entropy.detach() * think)
+    count = torch.zeros(n_seqs, device=entropy.device).index_add_(0, seq_ids, think.float())
+    return total / count.clamp(min=1), count > 0
+
+
 def think_token_mask(tokenizer, token_ids: list[int], text: str, fmt: str) -> list[bool]:
     """Which completion tokens lie inside the <think>...</think> span of `text` (by character offsets
     accumulated over single-token decodes; exact for text that decodes token by token)."""
@@ -305,60 +314,69 @@ def lm_head(cfg: Config, model):
     return w.to(torch.bfloat16) if cfg.train_dtype == "amp-bf16" else w
 
 
+def micro_batches(cfg: Config, model, ref_model, seqs: list[packing.Seq], layout: str, varlen: bool, device):
+    """This rank's token-budget micro-batches of `seqs`, built one at a time. Under FSDP every rank must run
+    as many forward/backward passes: a rank with fewer runs dummy passes (fdist.dummy_pass) after its own."""
+    plan = packing.plan(seqs, cfg.micro_batch_tokens, layout)
+    for k in range(fdist.all_reduce_max(len(plan))):
+        if k < len(plan):
+            yield packing.build(seqs, plan[k], layout, device, varlen)
+        else:
+            fdist.dummy_pass(model, ref_model, device)
+
+
 def sft_loss_backward(cfg: Config, model, seqs: list[packing.Seq], layout: str, varlen: bool, device) -> float:
     """Accumulate d(mean -log p of the completion tokens)/dθ over token-budget micro-batches; returns the loss.
     Under torchrun `seqs` are this rank's (possibly none); the mean and the returned loss are global."""
     n_tokens = fdist.all_reduce_sum(sum(len(s.completion) for s in seqs))  # every rank's tokens
-    plan = packing.plan(seqs, cfg.micro_batch_tokens, layout)
-    n_passes = fdist.all_reduce_max(len(plan))  # FSDP: every rank runs as many forward/backward passes
-    total = 0.0
-    for k in range(n_passes):
-        if k >= len(plan):
-            fdist.dummy_pass(model, None, device)
-            continue
-        mb = packing.build(seqs, plan[k], layout, device, varlen)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for mb in micro_batches(cfg, model, None, seqs, layout, varlen, device):
         with autocast(cfg, device):
             h = packing.hidden_rows(model, mb)
-        logp, _ = kernels.fused_linear_logprob_entropy(h.to(lm_head(cfg, model).dtype), lm_head(cfg, model),
-                                                       mb.targets, impl=cfg.impl)
+        w = lm_head(cfg, model)  # after the forward: under FSDP it is gathered there
+        logp, _ = kernels.fused_linear_logprob_entropy(h.to(w.dtype), w, mb.targets, impl=cfg.impl)
         loss = -logp.sum() / n_tokens
         loss.backward()
-        total += loss.item()  # host sync, once per micro-batch
-    return fdist.all_reduce_sum(total)
+        total += loss.detach().double()
+    return fdist.all_reduce_sum(total.item())  # host sync, once per step
+
+
+@dataclass
+class Update:
+    stats: dict                   # loss, kl, entropy, clip fractions, importance weights, grad norm; {}: none
+    adv: torch.Tensor             # (S,) each trained sequence's advantage as trained (EGPO's term added)
+    think_entropy: torch.Tensor   # (S,) each trained sequence's mean <think> entropy (nan: none, or GRPO)
+    trained: bool = True          # some rank trained on some sequence
+    train_s: float = 0.0
 
 
 def train_on_rollouts(cfg: Config, model, ref_model, optimizer, lr: float, seqs: list[packing.Seq],
                       adv: torch.Tensor, rollout_logps: list[list[float]], thinks: list[list[bool]] | None,
-                      layout: str, varlen: bool, device) -> dict:
+                      layout: str, varlen: bool, device) -> Update:
     """The RL training phase on one rollout batch: old log-probs and <think> entropy (EGPO), reference
     log-probs, the fused clipped loss with global normalisation, backward, clipping and the AdamW step,
     `updates_per_batch` times. `adv` (S,) is per sequence; `thinks` marks each completion's <think> tokens
-    (None for plain GRPO). Returns metrics, the final (EGPO) advantages and the think entropies.
+    (None for plain GRPO). Returns the metrics, the final (EGPO) advantages and the think entropies.
 
     Under torchrun each rank passes its own sequences (possibly none) and all ranks call this together:
     normalisers are all-reduced and every rank runs the same number of forward/backward passes, so the
     update equals one process's on all ranks' sequences; the metrics are global, `adv` and the think
     entropies this rank's."""
-    stats = {"loss": 0.0, "kl": 0.0, "clip_low": 0.0, "clip_high": 0.0, "entropy": 0.0,
-             "is_min": float("inf"), "is_max": 0.0, "is_mean": 0.0, "nan_loss": 0, "grad_norm": float("nan"),
-             "computed_tokens": 0}
+    adv = adv.to(device)
     final_adv = adv.clone()
-    think_entropy = torch.full((len(seqs),), float("nan"))
+    think_h = torch.full((len(seqs),), float("nan"), device=device)
     n_total = fdist.all_reduce_sum(sum(len(s.completion) for s in seqs))  # every rank's tokens
     n_seqs = fdist.all_reduce_sum(len(seqs))
-    plan = packing.plan(seqs, cfg.micro_batch_tokens, layout)
-    batches = [packing.build(seqs, units, layout, device, varlen) for units in plan]
-    n_passes = fdist.all_reduce_max(len(batches))  # FSDP: every rank runs as many forward/backward passes
     loss_config = kernels.GRPOLossConfig(eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta,
                                          entropy_coef=cfg.entropy_coef, rollout_is_cap=cfg.rollout_is_cap or None,
                                          loss_agg=cfg.loss_agg, max_len=cfg.max_new_tokens)
-    old_logps = {}
+    # the metrics stay on the device, in float64 (as Python floats would add them), until the end of the step
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    sums = {key: zero.clone() for key in ("loss", "kl", "clip_low", "clip_high", "entropy", "is_mean")}
+    is_min, is_max, n_nonfinite = zero + float("inf"), zero.clone(), zero.clone()
+    computed_tokens, grad_norm, old_logps = 0, float("nan"), {}
     for update in range(cfg.updates_per_batch):
-        for k in range(n_passes):
-            if k >= len(batches):
-                fdist.dummy_pass(model, ref_model, device)
-                continue
-            mb = batches[k]
+        for k, mb in enumerate(micro_batches(cfg, model, ref_model, seqs, layout, varlen, device)):
             ref_lp = None
             if ref_model is not None:  # before the policy's forward, as in dummy_pass (same FSDP collectives)
                 with torch.no_grad(), autocast(cfg, device):
@@ -367,56 +385,56 @@ def train_on_rollouts(cfg: Config, model, ref_model, optimizer, lr: float, seqs:
                     ref_lp, _ = kernels.fused_linear_logprob_entropy(
                         hr.to(rw.dtype), rw, mb.targets, temperature=cfg.temperature, impl=cfg.impl)
                 fdist.reshard(ref_model)
-                stats["computed_tokens"] += mb.num_tokens
+                computed_tokens += mb.num_tokens
             with autocast(cfg, device):
                 h = packing.hidden_rows(model, mb)
             w = lm_head(cfg, model)  # after the forward: under FSDP it is gathered there
-            stats["computed_tokens"] += mb.num_tokens
+            computed_tokens += mb.num_tokens
             # The loss's two layers, split so that one LM-head pass serves the old log-probs, EGPO's entropy
             # and the loss: before the first optimizer step the policy is the one that sampled.
             logp, ent = kernels.fused_linear_logprob_entropy(h.to(w.dtype), w, mb.targets,
                                                              temperature=cfg.temperature, impl=cfg.impl)
             if update == 0:
                 old_logps[k] = logp.detach()  # old log-probs of the policy that sampled
-                if thinks is not None:  # EGPO: mean entropy of each completion's <think> tokens
-                    think = packing.per_token(thinks, mb, torch.bool)
-                    n = len(mb.seqs)
-                    ent_sum = torch.zeros(n, device=device).index_add_(0, mb.seq_ids, ent.detach() * think)
-                    n_think = torch.zeros(n, device=device).index_add_(0, mb.seq_ids, think.float())
-                    h_seq = (ent_sum / n_think.clamp(min=1)).cpu()
-                    think_entropy[mb.seqs] = torch.where(n_think.cpu() > 0, h_seq, float("nan"))
-                    final_adv[mb.seqs] = egpo_advantages(adv[mb.seqs], h_seq, cfg.egpo_lambda, cfg.egpo_alpha)
+                if thinks is not None:  # EGPO: A' = A + lambda * clip(H) (a completion without <think>: H = 0)
+                    h_think, has_think = think_entropy(ent, packing.per_token(thinks, mb, torch.bool), mb.seq_ids,
+                                                       len(mb.seqs))
+                    think_h[mb.seqs] = torch.where(has_think, h_think, float("nan"))
+                    final_adv[mb.seqs] = egpo_advantages(adv[mb.seqs], h_think, cfg.egpo_lambda, cfg.egpo_alpha)
             loss, m = kernels.grpo_objective(
-                logp, ent, final_adv[mb.seqs].to(device), torch.ones_like(mb.targets, dtype=torch.bool),
+                logp, ent, final_adv[mb.seqs], torch.ones_like(mb.targets, dtype=torch.bool),
                 old_logp=old_logps[k], ref_logp=ref_lp,
                 rollout_logp=packing.per_token(rollout_logps, mb) if cfg.rollout_is_cap > 0 else None,
                 seq_ids=mb.seq_ids, config=loss_config)
             n_mb = len(mb.targets)
             share = n_mb / n_total if cfg.loss_agg == "token-mean" else len(mb.seqs) / n_seqs
             loss = loss * share  # global normalisation over the whole batch
-            if not torch.isfinite(loss):  # host sync: skip the step on a NaN/inf loss, report it
-                stats["nan_loss"] += 1
-                if fdist.is_distributed():  # FSDP's backward collectives must run; every rank skips the step
-                    loss.backward()
-                continue
+            # a NaN/inf loss skips the update (below) and its micro-batch's metrics; its backward still runs
+            # (FSDP's collectives need it on every rank, and the skip clears its gradients)
             loss.backward()
-            stats["loss"] += loss.item()
+            finite = torch.isfinite(loss)
+            n_nonfinite += ~finite
+            sums["loss"] += torch.where(finite, loss.detach().double(), 0.0)
             for key, mk in [("kl", "kl_mean"), ("clip_low", "clip_low_frac"), ("clip_high", "clip_high_frac"),
                             ("entropy", "entropy_mean"), ("is_mean", "is_weight_mean")]:
-                stats[key] += m[mk].item() * n_mb / n_total / cfg.updates_per_batch
-            stats["is_min"] = min(stats["is_min"], m["is_weight_min"].item())
-            stats["is_max"] = max(stats["is_max"], m["is_weight_max"].item())
-        n_nan = fdist.all_reduce_sum(stats["nan_loss"])  # a NaN on any rank skips the update on all
+                sums[key] += torch.where(finite, m[mk].double() * n_mb / n_total / cfg.updates_per_batch, 0.0)
+            is_min = torch.fmin(is_min, torch.where(finite, m["is_weight_min"].double(), float("nan")))
+            is_max = torch.fmax(is_max, torch.where(finite, m["is_weight_max"].double(), float("nan")))
+        # host sync, once per update: a NaN on any rank skips the update on all
+        n_nan = int(fdist.all_reduce_sum(n_nonfinite).item())
         if n_nan:
             optimizer.zero_grad(set_to_none=True)
             if fdist.is_main():
                 print(f"non-finite loss in {n_nan} micro-batch(es); update skipped")
         else:
-            stats["grad_norm"] = clip_and_step(cfg, model, optimizer, lr)
+            grad_norm = clip_and_step(cfg, model, optimizer, lr)
+    values = torch.stack([*sums.values(), is_min, is_max, n_nonfinite]).tolist()  # host sync, once per step
+    stats = dict(zip([*sums, "is_min", "is_max"], values), nan_loss=int(values[-1]), grad_norm=grad_norm,
+                 computed_tokens=computed_tokens)
     stats = fdist.reduce_metrics(  # the metrics of the whole batch, on every rank
         stats, ("loss", "kl", "clip_low", "clip_high", "entropy", "is_mean", "nan_loss", "computed_tokens"),
         minimised=("is_min",), maximised=("is_max",), device=device)
-    return {"stats": stats, "adv": final_adv, "think_entropy": think_entropy}
+    return Update(stats, final_adv.cpu(), think_h.cpu())
 
 
 def clip_and_step(cfg: Config, model, optimizer, lr: float) -> float:
@@ -432,34 +450,22 @@ def clip_and_step(cfg: Config, model, optimizer, lr: float) -> float:
     return grad_norm.item()
 
 
-@dataclass
-class Update:
-    stats: dict                   # loss, kl, entropy, clip fractions, importance weights, grad norm; {}: none
-    final_adv: torch.Tensor       # (P * G,) the advantages trained with (EGPO's term added)
-    think_entropy: torch.Tensor   # (P * G,) mean <think> entropy per trained completion (nan elsewhere)
-    trained: bool                 # some rank trained on some sequence
-    train_s: float
-
-
 def policy_update(tr: Trainer, roll: Rollout, adv: Advantages, lr: float) -> Update:
     """train_on_rollouts on the kept sequences (every rank joins, even one without any)."""
     tr.engine.sleep()  # vLLM frees its GPU memory for the update (sleep mode); the next sync or rollout wakes it
     t0 = time.perf_counter()
-    final_adv, think_entropy, stats = adv.adv.clone(), torch.full((len(roll.completions),), float("nan")), {}
-    trained = fdist.all_reduce_sum(len(adv.keep)) > 0  # a rank without sequences still joins the passes
-    if trained:
-        res = train_on_rollouts(tr.cfg, tr.model, tr.ref_model, tr.optimizer, lr, adv.seqs, adv.adv[adv.keep],
-                                [roll.completions[i].logprobs for i in adv.keep], adv.think, tr.layout,
-                                tr.varlen, tr.ctx.device)
-        stats = res["stats"]
-        final_adv[adv.keep] = res["adv"]
-        think_entropy[adv.keep] = res["think_entropy"]
-    return Update(stats, final_adv, think_entropy, trained, time.perf_counter() - t0)
+    if fdist.all_reduce_sum(len(adv.keep)) > 0:  # a rank without sequences still joins the passes
+        update = train_on_rollouts(tr.cfg, tr.model, tr.ref_model, tr.optimizer, lr, adv.seqs, adv.adv[adv.keep],
+                                   [roll.completions[i].logprobs for i in adv.keep], adv.think, tr.layout,
+                                   tr.varlen, tr.ctx.device)
+    else:  # no rank has a group with signal: nothing to train
+        update = Update({}, torch.empty(0), torch.empty(0), trained=False)
+    update.train_s = time.perf_counter() - t0
+    return update
 
 
 def sft_step(tr: Trainer):
-    """One cold-start SFT step: mean -log p of reference completions, through the same fused kernel. The
-    last one pushes its weights into the engine, makes them the KL reference and evaluates them."""
+    """One cold-start SFT step: mean -log p of reference completions, through the same fused kernel."""
     cfg, ctx = tr.cfg, tr.ctx
     t_step, lr = time.perf_counter(), lr_at(cfg, tr.step)
     tr.model.train()
@@ -473,18 +479,20 @@ def sft_step(tr: Trainer):
     tr.step += 1
     record = {"step": tr.step, "phase": "sft", "loss": loss, "lr": lr, "grad_norm": grad_norm,
               "step_s": time.perf_counter() - t_step, "peak_mem_mb": peak_memory_mb()}
-    last = tr.step == cfg.sft_steps
-    if last:
-        record["sync_s"] = sync_engine(tr)
     tr.log.add(record)
-    if last:
-        if tr.ref_model is not None:  # the KL anchor is the warm-started policy (saved for --resume)
-            fdist.copy_weights(tr.model, tr.ref_model, tr.out / "reference")
-        if tr.data.eval_examples:
-            evaluate(tr, "after-sft")
     tr.log.progress(phase="sft", loss=f"{loss:.3f}")
     tr.log.say(f"step {tr.step}/{cfg.sft_steps + cfg.steps} | sft | loss {loss:.4f} | lr {lr:.2e} | "
                f"grad {grad_norm:.2f} | {record['step_s']:.1f}s")
+
+
+def start_rl(tr: Trainer):
+    """The switch from SFT to RL, after the last SFT step: the engine gets the warm-started policy, which becomes
+    the KL reference (saved for --resume) and is evaluated."""
+    tr.log.say(f"sft -> rl: weights pushed into the engine in {sync_engine(tr):.1f}s")
+    if tr.ref_model is not None:
+        fdist.copy_weights(tr.model, tr.ref_model, tr.out / "reference")
+    if tr.data.eval_examples:
+        evaluate(tr, "after-sft")
 
 
 # ------------------------------------------------------------------------------------------------ 5. sync
@@ -505,9 +513,13 @@ def log_rl_step(tr: Trainer, lr: float, t_step: float, roll: Rollout, results: l
     """One record and one console line for an RL step, over every rank's share (timings are rank 0's)."""
     cfg, stats = tr.cfg, update.stats
     seqs = adv.seqs
+    final_adv = adv.adv.clone()  # (P * G,) as trained: EGPO's term added to the completions trained on
+    final_adv[adv.keep] = update.adv
+    think_entropy = torch.full((len(roll.completions),), float("nan"))
+    think_entropy[adv.keep] = update.think_entropy
     mine = dict(results=results, lengths=[len(c.token_ids) for c in roll.completions],
                 truncated=[c.finish_reason == "length" for c in roll.completions], zero_var=adv.zero_var.tolist(),
-                final_adv=update.final_adv.tolist(), think_entropy=update.think_entropy.tolist(),
+                final_adv=final_adv.tolist(), think_entropy=think_entropy.tolist(),
                 counts=[(len(adv.zero_var), len(adv.keep), sum(len(s.completion) for s in seqs))])
     every = fdist.concat_over_ranks(mine)  # rank order = prompt order
     results, lengths, truncated = every["results"], every["lengths"], every["truncated"]
@@ -689,6 +701,8 @@ def main(argv: list[str] | None = None) -> int:
     # -------------------------------------------------------------------------------------------- SFT warm start
     while tr.step < cfg.sft_steps and not stop:
         sft_step(tr)
+        if tr.step == cfg.sft_steps:
+            start_rl(tr)  # the engine, the KL reference and an evaluation get the warm-started policy
         stop = finish_step(tr, interrupt)
 
     # -------------------------------------------------------------------------------------------- RL loop

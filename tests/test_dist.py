@@ -343,7 +343,7 @@ def run_pieces(out, rank=None):
             res = run.train_on_rollouts(cfg, model, ref if cfg.beta > 0 else None, optimizer, LR,
                                         [m[0] for m in members], torch.tensor([m[1] for m in members]),
                                         [m[2] for m in members], thinks, layout, False, "cpu")
-            result[name] = {"stats": res["stats"], "adv": res["adv"], "weights": full_weights(model),
+            result[name] = {"stats": res.stats, "adv": res.adv, "weights": full_weights(model),
                             "steps": len(optimizer.records)}
         seqs = sft_seqs(15, 5)
         if rank is not None:

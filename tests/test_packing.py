@@ -117,7 +117,7 @@ def test_train_on_rollouts_is_layout_independent(llama):
     rollout = [(-torch.rand(len(s.completion), generator=g) * 3).tolist() for s in seqs]
     thinks = [(torch.rand(len(s.completion), generator=g) < 0.6).tolist() for s in seqs]
     cfg = Config(micro_batch_tokens=150, max_prompt_tokens=40, max_new_tokens=30, beta=0.04,
-                     temperature=0.7, lr=1e-3, grad_clip=1e9)
+                 temperature=0.7, lr=1e-3, grad_clip=1e9)
     ref_model = copy.deepcopy(llama)
     with torch.no_grad():
         for p in ref_model.parameters():
@@ -131,19 +131,19 @@ def test_train_on_rollouts_is_layout_independent(llama):
                                         "cpu")
         results[layout] = (res, opt.records)
     base_res, base_steps = results["padded"]
-    assert base_res["stats"]["nan_loss"] == 0 and base_res["stats"]["kl"] > 0
-    assert not torch.isnan(base_res["think_entropy"]).any()
+    assert base_res.stats["nan_loss"] == 0 and base_res.stats["kl"] > 0
+    assert not torch.isnan(base_res.think_entropy).any()
     assert len(base_steps) == 1
     for layout in ("packed", "shared"):
         res, steps = results[layout]
         for key in ("loss", "kl", "entropy", "clip_low", "clip_high", "is_mean", "grad_norm"):
-            assert_scalar_close(res["stats"][key], base_res["stats"][key], f"{layout} {key}")
+            assert_scalar_close(res.stats[key], base_res.stats[key], f"{layout} {key}")
         for key in ("adv", "think_entropy"):  # per-token entropies (<= log 300) averaged; A + 0.4 * clip(H)
-            assert_verbose_close(res[key], base_res[key], FP32_REL * TERM_SCALE, FP32_REL * TERM_SCALE,
+            assert_verbose_close(getattr(res, key), getattr(base_res, key), FP32_REL * TERM_SCALE, FP32_REL * TERM_SCALE,
                                  f"{layout} {key}")
         assert_steps_equivalent(steps, base_steps, f"{layout} vs padded")
     # The shared layout computes fewer tokens than packing, which computes fewer than padding.
-    tokens = {layout: results[layout][0]["stats"]["computed_tokens"] for layout in packing.LAYOUTS}
+    tokens = {layout: results[layout][0].stats["computed_tokens"] for layout in packing.LAYOUTS}
     assert tokens["shared"] < tokens["packed"] < tokens["padded"], tokens
 
 
@@ -208,7 +208,7 @@ def test_one_lm_head_pass_per_micro_batch_gives_the_two_pass_update(llama, monke
     rollout = [(-torch.rand(len(s.completion), generator=g) * 3).tolist() for s in seqs]
     thinks = [(torch.rand(len(s.completion), generator=g) < 0.6).tolist() for s in seqs]
     cfg = Config(micro_batch_tokens=150, max_prompt_tokens=40, max_new_tokens=30, temperature=0.7, lr=1e-3,
-                     entropy_coef=0.01, updates_per_batch=updates_per_batch, impl="torch")
+                 entropy_coef=0.01, updates_per_batch=updates_per_batch, impl="torch")
     calls = []
     fused = kernels.fused_linear_logprob_entropy
     monkeypatch.setattr(kernels, "fused_linear_logprob_entropy", lambda *a, **k: calls.append(1) or fused(*a, **k))
@@ -217,7 +217,7 @@ def test_one_lm_head_pass_per_micro_batch_gives_the_two_pass_update(llama, monke
                                 rollout, thinks, "packed", False, "cpu")
     n_micro_batches = len(packing.plan(seqs, cfg.micro_batch_tokens, "packed"))
     assert n_micro_batches > 1 and len(calls) == n_micro_batches * updates_per_batch
-    assert res["stats"]["nan_loss"] == 0 and math.isfinite(res["stats"]["grad_norm"])
+    assert res.stats["nan_loss"] == 0 and math.isfinite(res.stats["grad_norm"])
     monkeypatch.undo()
     want = copy.deepcopy(llama).train()
     _two_pass_update(cfg, want, torch.optim.SGD(want.parameters(), lr=cfg.lr), seqs, adv, rollout, thinks)
