@@ -73,9 +73,11 @@ def test_majority_decision_counts_a_tie_half():
 
 
 def _prompt(pid, needs_call, binary, calls, n):
+    scored = {"binary": binary, "partial": [0.2 + 0.8 * b if needs_call else b for b in binary], "calls": calls,
+              "format_ok": [1] * n}
     return {"id": pid, "category": "simple_python" if needs_call else "live_irrelevance", "needs_call": needs_call,
-            "binary": binary, "partial": [0.2 + 0.8 * b if needs_call else b for b in binary], "calls": calls,
-            "format_ok": [1] * n, "tokens": [10] * n, "cut": [0] * n, "prompt_tokens": 100, "gen_s": 1.0}
+            "strict": {k: [0] * n for k in scored}, "think_optional": scored, "tokens": [10] * n, "cut": [0] * n,
+            "prompt_tokens": 100, "gen_s": 1.0}
 
 
 def _synthetic(n=8):
@@ -92,7 +94,9 @@ def _synthetic(n=8):
 def test_summarize_is_the_mean_over_prompts():
     n = 8
     prompts = _synthetic(n)
-    s = hr.summarize(prompts, n)
+    s = hr.summarize(prompts, n, "think_optional")
+    assert hr.summarize(prompts, n, "strict")["all"]["pass@8"] == 0.0
+    prompts = [{**p, **p["think_optional"]} for p in prompts]
     call = [p for p in prompts if p["needs_call"]]
     assert s["call"]["prompts"] == 3 and s["no_call"]["prompts"] == 3 and s["all"]["prompts"] == 6
     assert s["call"]["pass@1"] == pytest.approx(sum(sum(p["binary"]) / n for p in call) / 3)
@@ -117,11 +121,27 @@ def test_report_writes_csv_and_plot(tmp_path):
     path.write_text(json.dumps(result))
     hr.main(["report", "--results", str(tmp_path)])
     rows = hr.common.read_csv(tmp_path / "summary.csv")
-    assert [r["subset"] for r in rows] == list(hr.SUBSETS)
+    assert [(r["scoring"], r["subset"]) for r in rows] == [(c, s) for c in hr.SCORINGS for s in hr.SUBSETS]
     assert list(rows[0]) == hr.SUMMARY_COLUMNS
-    assert rows[0]["pass@16"] == "" and float(rows[2]["pass@8"]) == pytest.approx(
-        sum(any(p["binary"]) for p in prompts) / 6)
+    assert rows[0]["pass@16"] == "" and float(rows[2]["pass@8"]) == 0.0
+    assert float(rows[5]["pass@8"]) == pytest.approx(sum(any(p["think_optional"]["binary"]) for p in prompts) / 6)
     assert (tmp_path / "pass_at_k.png").stat().st_size > 0
+
+
+def test_think_optional_scoring_judges_the_answer_alone():
+    from fctrain.data import Example
+
+    ex = Example("t1", "simple_python", [{"role": "user", "content": "weather in Paris"}],
+                 [{"name": "get_weather", "description": "weather", "parameters": {
+                     "type": "dict", "properties": {"city": {"type": "string"}}, "required": ["city"]}}],
+                 [{"get_weather": {"city": ["Paris"]}}])
+    texts = ["<answer>[get_weather(city='Paris')]</answer>", "<think>x</think><answer>[get_weather(city='Paris')]</answer>",
+             "<answer>[]</answer>", "Paris is sunny."]
+    strict = hr.score_texts(ex, texts)
+    lenient = hr.score_texts(ex, [hr.think_optional(t) for t in texts])
+    assert strict["binary"] == [0.0, 1.0, 0.0, 0.0] and strict["format_ok"] == [0, 1, 0, 0]
+    assert lenient["binary"] == [1.0, 1.0, 0.0, 0.0] and lenient["format_ok"] == [1, 1, 1, 0]
+    assert lenient["calls"] == [1, 1, 0, 0] and lenient["partial"][2] == 0.0  # no call where one is needed
 
 
 def test_model_tag():
