@@ -49,17 +49,18 @@ import torch
 
 import kernels
 from fctrain import data as fdata
-from fctrain.config import ADAMW_BETAS, Config, parse_config
-from fctrain.data import TrainData
-from fctrain.checkpoint import (fault_point, latest_checkpoint, load_optimizer_state, load_trainer_state,
-                                save_checkpoint, set_rng_state)
-from fctrain.metrics import MetricsLog, peak_memory_mb
-from fctrain.models import attention_choice, setup_model_kernels
 from fctrain import dist as fdist
+from fctrain import models
 from fctrain import packing
 from fctrain import prompts
-from fctrain import rollout
 from fctrain import reward as freward
+from fctrain import rollout
+from fctrain.checkpoint import (fault_point, latest_checkpoint, load_optimizer_state, load_trainer_state,
+                                save_checkpoint, set_rng_state)
+from fctrain.config import ADAMW_BETAS, Config, parse_config
+from fctrain.data import TrainData
+from fctrain.eval import generate_records, paired_change, summarize, wilson_interval
+from fctrain.metrics import MetricsLog, peak_memory_mb
 
 
 # ------------------------------------------------------------------------------------------------ setup
@@ -102,22 +103,21 @@ def load_models(cfg: Config, ctx: fdist.DistContext, model_path: Path, base_path
     """The tokenizer and the policy from `model_path` (and, when beta > 0, the frozen reference: the starting
     policy, or the warm-started one saved after SFT) on this rank's device, sharded by FSDP2 under torchrun.
     Returns (tokenizer, model, ref_model, layout, varlen)."""
-    from fctrain import models
     device_type = torch.device(ctx.device).type  # "cuda" for "cuda:3"
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "amp-bf16": torch.float32}[cfg.train_dtype]
-    attn, layout = attention_choice(cfg, device_type)
+    attn, layout = models.attention_choice(cfg, device_type)
     with usage_error(f"model {model_path}"):  # a directory without weights or tokenizer files
         tokenizer = models.load_tokenizer(model_path)
         model = models.load_model(model_path, dtype=dtype, device=ctx.device, attn_implementation=attn)
     model.config.use_cache = False
-    switches = setup_model_kernels(cfg, model, device_type)
+    switches = models.setup_model_kernels(cfg, model, device_type)
     ref_model = None
     if cfg.beta > 0:
         ref_path = out / "reference" if (out / "reference" / "config.json").exists() else base_path
         ref_model = models.load_model(ref_path, dtype=dtype, device=ctx.device, attn_implementation=attn)
         ref_model.eval().requires_grad_(False)
         if switches["liger"]:
-            setup_model_kernels(dataclasses.replace(cfg, grad_checkpointing=False), ref_model, device_type)
+            models.setup_model_kernels(dataclasses.replace(cfg, grad_checkpointing=False), ref_model, device_type)
     if ctx.distributed:  # FSDP2 data parallel: each rank keeps 1/world_size of the weights, gradients summed
         for m in (model, ref_model):
             if m is not None:
@@ -242,7 +242,7 @@ def egpo_advantages(adv: torch.Tensor, think_entropy: torch.Tensor, lam: float =
     return adv + lam * torch.maximum(torch.minimum(think_entropy, bound), -bound)
 
 
-def think_entropy(entropy: torch.Tensor, think: torch.Tensor, seq_ids: torch.Tensor, n_seqs: int):
+def mean_think_entropy(entropy: torch.Tensor, think: torch.Tensor, seq_ids: torch.Tensor, n_seqs: int):
     """EGPO's H: the mean (detached) entropy of each sequence's <think> tokens. Per token: `entropy` (N,) fp32,
     `think` (N,) bool, `seq_ids` (N,) its sequence. Returns (H (n_seqs,), 0 where a sequence has no <think>
     token; has_think (n_seqs,) bool)."""
@@ -277,7 +277,8 @@ class Advantages:
 
 def compute_advantages(tr: Trainer, roll: Rollout, rewards: torch.Tensor) -> Advantages:
     """Group-relative advantages and the sequences to train on. EGPO's entropy term needs the policy's
-    entropy of each <think> token: step 4 adds it in its first forward pass (egpo_advantages)."""
+    entropy of each <think> token: step 4 adds it in its first forward pass (mean_think_entropy,
+    egpo_advantages)."""
     cfg = tr.cfg
     adv, zero_var = group_advantages(rewards)
     comps = roll.completions
@@ -397,8 +398,8 @@ def train_on_rollouts(cfg: Config, model, ref_model, optimizer, lr: float, seqs:
             if update == 0:
                 old_logps[k] = logp.detach()  # old log-probs of the policy that sampled
                 if thinks is not None:  # EGPO: A' = A + lambda * clip(H) (a completion without <think>: H = 0)
-                    h_think, has_think = think_entropy(ent, packing.per_token(thinks, mb, torch.bool), mb.seq_ids,
-                                                       len(mb.seqs))
+                    think = packing.per_token(thinks, mb, torch.bool)
+                    h_think, has_think = mean_think_entropy(ent, think, mb.seq_ids, len(mb.seqs))
                     think_h[mb.seqs] = torch.where(has_think, h_think, float("nan"))
                     final_adv[mb.seqs] = egpo_advantages(adv[mb.seqs], h_think, cfg.egpo_lambda, cfg.egpo_alpha)
             loss, m = kernels.grpo_objective(
@@ -513,13 +514,13 @@ def log_rl_step(tr: Trainer, lr: float, t_step: float, roll: Rollout, results: l
     """One record and one console line for an RL step, over every rank's share (timings are rank 0's)."""
     cfg, stats = tr.cfg, update.stats
     seqs = adv.seqs
-    final_adv = adv.adv.clone()  # (P * G,) as trained: EGPO's term added to the completions trained on
-    final_adv[adv.keep] = update.adv
-    think_entropy = torch.full((len(roll.completions),), float("nan"))
-    think_entropy[adv.keep] = update.think_entropy
+    my_adv = adv.adv.clone()  # (P * G,) as trained: EGPO's term added to the completions trained on
+    my_adv[adv.keep] = update.adv
+    my_think = torch.full((len(roll.completions),), float("nan"))  # (P * G,) nan: not trained on, or GRPO
+    my_think[adv.keep] = update.think_entropy
     mine = dict(results=results, lengths=[len(c.token_ids) for c in roll.completions],
                 truncated=[c.finish_reason == "length" for c in roll.completions], zero_var=adv.zero_var.tolist(),
-                final_adv=final_adv.tolist(), think_entropy=think_entropy.tolist(),
+                final_adv=my_adv.tolist(), think_entropy=my_think.tolist(),
                 counts=[(len(adv.zero_var), len(adv.keep), sum(len(s.completion) for s in seqs))])
     every = fdist.concat_over_ranks(mine)  # rank order = prompt order
     results, lengths, truncated = every["results"], every["lengths"], every["truncated"]
@@ -557,7 +558,6 @@ def evaluate(tr: Trainer, tag: str) -> dict:
     """Greedy accuracy on each held-out set, with its 95% CI; after the first evaluation also the change since
     the SFT checkpoint's (or the first) evaluation, paired by example. Under torchrun each rank evaluates
     its share with its own engine and the records are gathered."""
-    from fctrain.eval import generate_records, paired_change, summarize, wilson_interval
     cfg, ctx, eval_sets = tr.cfg, tr.ctx, tr.data.eval_sets
     t0 = time.perf_counter()
     share = fdist.split_for_rank(tr.data.eval_examples, ctx.rank, ctx.world_size)
@@ -646,7 +646,6 @@ def usage_error(what: str, *also: type[Exception]):
         raise SystemExit(f"error: {what}: {e}") from None
 
 
-
 class Interrupt:
     """Ctrl-C: the first one finishes the step, checkpoints and exits (code 130); a second one aborts."""
 
@@ -672,7 +671,6 @@ def main(argv: list[str] | None = None) -> int:
     say("config:", json.dumps(dataclasses.asdict(cfg)))
 
     # -------------------------------------------------------------------------------------------- setup
-    from fctrain import models
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)

@@ -15,7 +15,7 @@ import torch
 
 from fctrain import checkpoint, data, run
 from fctrain.config import Config, parse_config
-from fctrain.run import egpo_advantages, group_advantages
+from fctrain.run import egpo_advantages, group_advantages, mean_think_entropy
 
 
 def test_group_and_egpo_advantages_match_hand_computed_values():
@@ -30,6 +30,14 @@ def test_group_and_egpo_advantages_match_hand_computed_values():
     want = [a_pos + 0.4 * 0.5, a_neg + 0.4 * (abs(a_neg) / 2), a_neg + 0.4 * 0.1, a_neg + 0.0]
     assert torch.allclose(got, torch.tensor(want), atol=1e-6)
 
+
+def test_mean_think_entropy_averages_each_sequences_think_tokens():
+    entropy = torch.tensor([1.0, 3.0, 5.0, 2.0, 4.0, 7.0], requires_grad=True)
+    think = torch.tensor([True, True, False, False, False, True])
+    seq_ids = torch.tensor([0, 0, 0, 1, 1, 2])
+    h, has_think = mean_think_entropy(entropy, think, seq_ids, 4)
+    assert h.tolist() == [2.0, 0.0, 7.0, 0.0] and has_think.tolist() == [True, False, True, False]
+    assert not h.requires_grad  # EGPO's term is detached: no gradient through the entropy
 
 def test_lr_schedule():
     cfg = Config(sft_steps=2, steps=10, warmup_steps=2, lr=1e-5, sft_lr=5e-5, min_lr_ratio=0.1)
