@@ -62,10 +62,16 @@ class Config:
     rollout_is_cap: float = 2.0            # truncated importance weight cap (0 = off)
     loss_agg: str = "token-mean"           # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
     updates_per_batch: int = 1             # optimizer passes over each rollout batch
+    adv_norm: str = "std"                  # std: A = (r - mean) / std within each group (GRPO) | none: A = r - mean
+                                           # (Dr. GRPO: a group that is nearly all right or all wrong gets small pushes)
+    dynamic_sampling: int = 0              # DAPO: up to this many extra rollout rounds per step, each on newly drawn
+                                           # prompts, until prompts_per_step groups have mixed rewards (0 = off)
     # optimisation
     lr: float = 2e-5                       # RL learning rate
     warmup_steps: int = 2                  # RL steps of linear warm-up
     min_lr_ratio: float = 0.1              # cosine decay floor
+    lr_schedule: str = "cosine"            # cosine: warm-up, then cosine to min_lr_ratio * lr at `steps` | constant:
+                                           # warm-up, then lr (independent of run length: curves of runs compare)
     weight_decay: float = 0.0
     grad_clip: float = 1.0                 # global gradient norm bound
     micro_batch_tokens: int = 4096         # tokens computed per forward/backward (padding included)
@@ -127,6 +133,10 @@ class Config:
             (self.lr > 0 and self.sft_lr > 0, "learning rates must be > 0"),
             (self.beta >= 0 and self.egpo_alpha > 0, "beta must be >= 0 and egpo_alpha > 0"),
             (self.updates_per_batch >= 1, "updates_per_batch must be >= 1"),
+            (self.adv_norm in ("std", "none"), f"adv_norm must be std or none, got {self.adv_norm!r}"),
+            (self.dynamic_sampling >= 0, "dynamic_sampling must be >= 0 (extra rollout rounds)"),
+            (not (self.dynamic_sampling and self.contrast_pairs), "dynamic_sampling cannot keep contrast pairs together"),
+            (self.lr_schedule in ("cosine", "constant"), f"lr_schedule must be cosine or constant, got {self.lr_schedule!r}"),
             (self.micro_batch_tokens >= self.max_prompt_tokens + self.max_new_tokens,
              "micro_batch_tokens must hold at least one full sequence (max_prompt_tokens + max_new_tokens)"),
         ]

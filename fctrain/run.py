@@ -98,6 +98,8 @@ def choose_engine(cfg: Config, ctx: fdist.DistContext) -> bool:
             raise SystemExit(f"error: prompts_per_step ({cfg.prompts_per_step}) and sft_batch_size "
                              f"({cfg.sft_batch_size}) must be >= world_size ({ctx.world_size}): every rank needs "
                              "a share of the batch")
+        if cfg.dynamic_sampling:  # ranks would refill different numbers of groups: uneven collectives
+            raise SystemExit("error: dynamic_sampling is not supported under torchrun")
     return use_vllm
 
 
@@ -233,15 +235,15 @@ class Rollout:
     gen_s: float
 
 
-def sample_rollouts(tr: Trainer, batch: list) -> Rollout:
+def sample_rollouts(tr: Trainer, batch: list, round: int = 0) -> Rollout:
     """group_size completions of each prompt in `batch`, with each sampled token's log-prob. The sampling
-    seed differs per step and per rank."""
+    seed differs per step, per rank and per dynamic-sampling round."""
     cfg, ctx = tr.cfg, tr.ctx
     t0 = time.perf_counter()
     fault_point("rollout")
     groups = tr.engine.generate([tr.data.prompt_ids[ex.id] for ex in batch], n=cfg.group_size,
                                 temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,
-                                seed=(cfg.seed * 1_000_003 + tr.step) * ctx.world_size + ctx.rank)
+                                seed=(cfg.seed * 1_000_003 + tr.step) * ctx.world_size + ctx.rank + round * 7_919_777)
     completions = [c for g in groups for c in g]
     owners = [ex for ex in batch for _ in range(cfg.group_size)]
     return Rollout(completions, owners, time.perf_counter() - t0)
@@ -257,15 +259,34 @@ def score_rollouts(tr: Trainer, roll: Rollout) -> tuple[list, torch.Tensor, floa
     return results, rewards, time.perf_counter() - t0
 
 
+def refill_groups(tr: Trainer, roll: Rollout, results: list, rewards: torch.Tensor, reward_s: float):
+    """DAPO's dynamic sampling: while fewer than prompts_per_step groups have mixed rewards, sample groups of
+    that many newly drawn prompts (at most dynamic_sampling more rounds) and append them. Groups whose
+    rewards are all equal stay in the batch and are logged (the reward mean stays a mean over sampled
+    prompts) but, as always, carry no advantage."""
+    cfg = tr.cfg
+    for round in range(1, cfg.dynamic_sampling + 1):
+        missing = cfg.prompts_per_step - int((~group_advantages(rewards)[1]).sum())
+        if missing <= 0:
+            break
+        more = sample_rollouts(tr, tr.data.next_batch(missing, cfg.no_call_share), round)
+        more_results, more_rewards, more_s = score_rollouts(tr, more)
+        roll = Rollout(roll.completions + more.completions, roll.owners + more.owners, roll.gen_s + more.gen_s)
+        results, rewards, reward_s = results + more_results, torch.cat([rewards, more_rewards]), reward_s + more_s
+    return roll, results, rewards, reward_s
+
+
 # ------------------------------------------------------------------------------------------------ 3. advantage
 
-def group_advantages(rewards: torch.Tensor):
+def group_advantages(rewards: torch.Tensor, norm: str = "std"):
     """rewards (P, G) -> (A (P, G), zero-variance mask (P,)): A = (r - mean) / std within each group
-    (population std); zero-variance groups get A = 0 and are left out of the loss by the caller."""
+    (population std; norm "none": A = r - mean, Dr. GRPO); zero-variance groups get A = 0 and are left out
+    of the loss by the caller."""
     mean = rewards.mean(1, keepdim=True)
     std = rewards.std(1, unbiased=False, keepdim=True)
     zero_var = std[:, 0] < 1e-6
-    return torch.where(zero_var[:, None], 0.0, (rewards - mean) / std.clamp(min=1e-6)), zero_var
+    scale = std.clamp(min=1e-6) if norm == "std" else 1.0
+    return torch.where(zero_var[:, None], 0.0, (rewards - mean) / scale), zero_var
 
 
 def egpo_advantages(adv: torch.Tensor, think_entropy: torch.Tensor, lam: float = 0.4, alpha: float = 2.0):
@@ -312,7 +333,7 @@ def compute_advantages(tr: Trainer, roll: Rollout, rewards: torch.Tensor) -> Adv
     entropy of each <think> token: step 4 adds it in its first forward pass (mean_think_entropy,
     egpo_advantages)."""
     cfg = tr.cfg
-    adv, zero_var = group_advantages(rewards)
+    adv, zero_var = group_advantages(rewards, cfg.adv_norm)
     comps = roll.completions
     keep = [i for i in range(len(comps)) if not zero_var[i // cfg.group_size] and len(comps[i].token_ids) > 0]
     seqs = [packing.Seq(tr.data.prompt_ids[roll.owners[i].id], comps[i].token_ids, i // cfg.group_size)
@@ -325,12 +346,15 @@ def compute_advantages(tr: Trainer, roll: Rollout, rewards: torch.Tensor) -> Adv
 # ------------------------------------------------------------------------------------------------ 4. loss and update
 
 def lr_at(cfg: Config, step: int) -> float:
-    """SFT steps use sft_lr; RL steps warm up linearly then decay by cosine to min_lr_ratio * lr."""
+    """SFT steps use sft_lr; RL steps warm up linearly, then stay at lr (lr_schedule constant) or decay by
+    cosine to min_lr_ratio * lr at the last step."""
     if step < cfg.sft_steps:
         return cfg.sft_lr
     s = step - cfg.sft_steps
     if s < cfg.warmup_steps:
         return cfg.lr * (s + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
     progress = (s - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
@@ -761,6 +785,11 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:  # the engine failed (out of memory, a vLLM error): keep what was trained
             engine_failed(tr, position, e)
         results, rewards, reward_s = score_rollouts(tr, roll)                   # 2. reward
+        if cfg.dynamic_sampling:                                                #    (DAPO: refill groups)
+            try:
+                roll, results, rewards, reward_s = refill_groups(tr, roll, results, rewards, reward_s)
+            except Exception as e:
+                engine_failed(tr, position, e)
         adv = compute_advantages(tr, roll, rewards)                             # 3. advantage
         update = policy_update(tr, roll, adv, lr)                               # 4. loss and update
         fault_point("step")

@@ -319,3 +319,34 @@ def test_resume_extends_a_finished_run_with_more_steps(tiny, uninterrupted, caps
     assert [(r["tag"], r["step"]) for r in rows if r["phase"] == "eval"] == [("after-sft", 4), ("after", 8)]
     assert rows[:8] == _metrics(uninterrupted)[:8]  # steps 1-7 and the SFT evaluation: the run's own
     assert json.loads((out / "ckpt-000008" / "fctrain_config.json").read_text())["steps"] == 4
+
+
+def test_recipe_options_dr_grpo_advantage_and_constant_lr():
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.5, 0.5], [0.2, 1.0, 0.2, 0.2]])
+    adv, zero_var = group_advantages(rewards, "none")  # Dr. GRPO: r - mean, no division by the group's std
+    assert torch.allclose(adv, torch.tensor([[0.75, -0.25, -0.25, -0.25], [0.0] * 4, [-0.2, 0.6, -0.2, -0.2]]))
+    assert zero_var.tolist() == [False, True, False]
+    std_adv, _ = group_advantages(rewards)
+    assert torch.allclose(std_adv[2] * rewards[2].std(unbiased=False), adv[2], atol=1e-6)
+    cfg = Config(sft_steps=2, steps=10, warmup_steps=2, lr=1e-5, lr_schedule="constant")
+    assert [run.lr_at(cfg, s) for s in range(2, 12)] == pytest.approx([0.5e-5] + [1e-5] * 9)
+    longer = Config(sft_steps=2, steps=100, warmup_steps=2, lr=1e-5, lr_schedule="constant")
+    assert [run.lr_at(longer, s) for s in range(12)] == [run.lr_at(cfg, s) for s in range(12)]  # length-free
+    for bad in (["--adv_norm", "mad"], ["--lr_schedule", "linear"], ["--dynamic_sampling", "-1"],
+                ["--dynamic_sampling", "2", "--contrast_pairs", "true", "--prompts_per_step", "2"]):
+        with pytest.raises(SystemExit):
+            parse_config(bad)
+
+
+@pytest.mark.slow
+def test_dynamic_sampling_refills_zero_variance_groups(tiny):
+    """DAPO: an untrained tiny model's groups all score 0 (no variance), so each step samples the extra
+    rounds, each on newly drawn prompts (the data position moves by prompts_per_step per round)."""
+    root, model_dir = tiny
+    out = root / "dapo"
+    args = _args(root, model_dir, out, eval_data="none", sft_steps=0, steps=2, save_every=0, dynamic_sampling=2,
+                 reward="binary", max_new_tokens=8)
+    assert run.main(args) == 0
+    rl = [r for r in _metrics(out) if r["phase"] == "rl"]
+    assert [r["groups"] for r in rl] == [6, 6]  # 2 prompts + 2 rounds of 2 new ones, per step
+    assert all(r["zero_var_groups"] == 6 and r["trained_seqs"] == 0 for r in rl)
