@@ -154,9 +154,11 @@ PRESETS = {
                      eval_data="bfcl:simple_python,multiple,parallel,parallel_multiple", eval_limit=0),
     # Qwen2.5-Coder-0.5B-Instruct (offline, fctrain.models.QWEN_CODER_05B) on a CPU: the paper's family at
     # 0.5B. Literature settings as a start (tool-calling RL runs use lr 1e-6; 2e-6 for 0.5B, to be chosen
-    # on val), beta 0.001, T 0.7, 16 prompts x 4 samples; no SFT warm start. Prompts <= 768 tokens and 256 new
-    # tokens keep a step affordable on 2 cores (README, benchmarks/results/step_cost_cpu.csv); fp32 AdamW state
-    # (8 GB) + reference + vLLM fit 24 GB only with activation checkpointing and 2048-token micro-batches.
+    # on val), beta 0.001, T 0.7, 16 prompts x 4 samples; no SFT warm start (but: asked for the python format
+    # it answers <answer>[...]</answer> without <think>, which does not parse, so add --sft_steps until a
+    # val comparison decides; README). Prompts <= 768 tokens and 256 new tokens to keep a step affordable on
+    # 2 cores; fp32 weights + gradients + AdamW moments take 7.9 GB, the reference and vLLM 2 GB each, so
+    # activation checkpointing and 2048-token micro-batches keep activations small on a shared 24 GB machine.
     "qwen0.5b-cpu": dict(model="qwen2.5-coder-0.5b", lr=2e-6, beta=0.001, temperature=0.7, prompts_per_step=16,
                          group_size=4, fmt="python", sft_steps=0, max_prompt_tokens=768, max_new_tokens=256,
                          micro_batch_tokens=2048, grad_checkpointing=True, train_dtype="float32"),
