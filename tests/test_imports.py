@@ -46,8 +46,9 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def _graph(folder: Path, prefix: str) -> dict[str, set[str]]:
+    """The import graph of a package (`prefix`: its name) or, prefix "", of a folder of scripts (not below it)."""
     files = {}
-    for path in sorted(folder.rglob("*.py")):
+    for path in sorted(folder.rglob("*.py") if prefix else folder.glob("*.py")):
         parts = list(path.relative_to(folder).with_suffix("").parts)
         if parts[-1] == "__init__":
             parts = parts[:-1]
