@@ -21,7 +21,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 import gguf
 from gguf import quants
 from fctrain.models import QWEN_CODER_05B, assemble_gguf
-p = assemble_gguf(QWEN_CODER_05B, Path(tempfile.mkdtemp()) / "qwen.gguf")
+scratch = tempfile.TemporaryDirectory()  # removed at exit (491 MB)
+p = assemble_gguf(QWEN_CODER_05B, Path(scratch.name) / "qwen.gguf")
 r = gguf.GGUFReader(str(p))
 T = {t.name: t for t in r.tensors}
 E = quants.dequantize(T["token_embd.weight"].data, T["token_embd.weight"].tensor_type)
