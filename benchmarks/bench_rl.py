@@ -5,6 +5,7 @@ confidence intervals (issue 16).
     python benchmarks/bench_rl.py run                      # every unfinished cell in order; finished ones skipped
     python benchmarks/bench_rl.py run --cells sft-base grpo-s0
     python benchmarks/bench_rl.py report                   # tables, CIs and the plot from the finished cells
+    python benchmarks/bench_rl.py power                    # the detectable effect of seeds x examples designs
 
 Sets (fixed by SPLIT_SEED; their ids are written to RESULTS/splits.json):
 - train: live_simple + simple_python (prompts <= 512 tokens) minus the sets below, plus NEG_TRAIN
@@ -42,6 +43,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+import power  # noqa: E402  (issue 30, part 4: the detectable effect of a design, from the finished cells)
 
 REPO = common.REPO
 RESULTS = common.RESULTS / "rl_cpu"
@@ -628,6 +630,9 @@ def main(argv=None) -> int:
     r = sub.add_parser("run")
     r.add_argument("--cells", nargs="+", default=None, help=f"default: all, in order: {' '.join(cell_names())}")
     sub.add_parser("report")
+    w = sub.add_parser("power", help="minimum detectable effect of seeds x examples designs from the finished "
+                                     "cells (benchmarks/power.py): power.csv, power_vs_effect.png")
+    w.add_argument("--sims", type=int, default=300, help="simulated experiments per design")
     e = sub.add_parser("eval-one")
     e.add_argument("ckpt")
     e.add_argument("out")
@@ -655,6 +660,9 @@ def main(argv=None) -> int:
         return 0
     if args.cmd == "report":
         report()
+        return 0
+    if args.cmd == "power":
+        power.run(sims=args.sims, results=RESULTS)
         return 0
     from fctrain import models
     tokenizer = models.load_tokenizer(models.resolve_model(None))
