@@ -355,9 +355,11 @@ def _parse_bfcl(text: str, pos: int) -> list[dict]:
 _PARSERS = {"python": _parse_python, "hermes": _parse_hermes, "bfcl": _parse_bfcl}
 
 
-def parse(text: str, fmt: str = "python", untagged_json: bool = False) -> Parsed:
+def parse(text: str, fmt: str = "python", untagged_json: bool = False, think_required: bool = True) -> Parsed:
     """Parse one completion. Never raises on bad text (only on a bad `fmt`); never evaluates it.
-    `untagged_json` (hermes only) also reads an answer made only of untagged JSON calls (module docstring)."""
+    `untagged_json` (hermes only) also reads an answer made only of untagged JSON calls (module docstring).
+    `think_required=False` (python only) also accepts an answer with no <think> block in front (a closed
+    one is still split off and reported); hermes never requires one."""
     if fmt not in _PARSERS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
     if not isinstance(text, str):
@@ -367,7 +369,7 @@ def parse(text: str, fmt: str = "python", untagged_json: bool = False) -> Parsed
     think, span, pos = None, None, 0
     try:
         if fmt != "bfcl":
-            think, span, pos = _split_think(text, required=(fmt == "python"))
+            think, span, pos = _split_think(text, required=(fmt == "python" and think_required))
         if fmt == "hermes":
             calls = _parse_hermes(text, pos, untagged_json)
             untagged = bool(calls) and "<tool_call>" not in text
@@ -706,7 +708,8 @@ def wrong_kind(calls: list[dict], category: str) -> bool:
     return bool(calls) if is_irrelevance(category) else not calls
 
 
-def score(text: str, example: Example, kind: str = "binary", fmt: str = "python") -> RewardResult:
+def score(text: str, example: Example, kind: str = "binary", fmt: str = "python",
+          think_required: bool = True) -> RewardResult:
     """Reward of one completion for one example.
 
     binary:  1 iff the text parses in `fmt` and `check` says valid (the paper's reward). With fmt="bfcl" the
@@ -715,10 +718,11 @@ def score(text: str, example: Example, kind: str = "binary", fmt: str = "python"
              where one is needed: `wrong_kind`); else FORMAT_CREDIT + (1 - FORMAT_CREDIT) * call credit, where
              call credit averages, over a greedy pairing of output and truth calls, (name + keys + values) / 3.
     format:  1 iff the text parses in `fmt`.
+    `think_required=False`: the python format's <think> block may be left out (see `parse`).
     """
     if kind not in KINDS:
         raise ValueError(f"unknown reward kind {kind!r}; expected one of {KINDS}")
-    parsed = parse(text, fmt)
+    parsed = parse(text, fmt, think_required=think_required)
     if not parsed.ok:
         # BFCL counts an undecodable output as "no call", which is the right answer for irrelevance.
         bfcl_no_call = fmt == "bfcl" and is_irrelevance(example.category)
@@ -737,9 +741,9 @@ def score(text: str, example: Example, kind: str = "binary", fmt: str = "python"
     return RewardResult(FORMAT_CREDIT + (1.0 - FORMAT_CREDIT) * min(credit, 0.999), True, False, error)
 
 
-def _score_safe(text, example, kind, fmt) -> RewardResult:
+def _score_safe(text, example, kind, fmt, think_required=True) -> RewardResult:
     try:
-        return score(text, example, kind, fmt)
+        return score(text, example, kind, fmt, think_required)
     except Exception as e:  # a scorer bug must cost one sample, not the training step
         return RewardResult(0.0, False, False, f"scorer raised {type(e).__name__}: {str(e)[:300]}", True)
 
@@ -755,12 +759,12 @@ class RewardScorer:
     benchmarks/results/reward_cpu_pool.csv): pickling the examples costs more than it saves.
     """
 
-    def __init__(self, kind: str = "binary", fmt: str = "python"):
+    def __init__(self, kind: str = "binary", fmt: str = "python", think_required: bool = True):
         if kind not in KINDS:
             raise ValueError(f"unknown reward kind {kind!r}; expected one of {KINDS}")
         if fmt not in FORMATS:
             raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
-        self.kind, self.fmt = kind, fmt
+        self.kind, self.fmt, self.think_required = kind, fmt, think_required
 
     def __call__(self, texts: list[str], examples: list[Example]) -> list[RewardResult]:
         if len(texts) != len(examples):
@@ -768,5 +772,5 @@ class RewardScorer:
         scored: dict[tuple[str, int], RewardResult] = {}
         for t, e in zip(texts, examples):
             if (t, id(e)) not in scored:
-                scored[t, id(e)] = _score_safe(t, e, self.kind, self.fmt)
+                scored[t, id(e)] = _score_safe(t, e, self.kind, self.fmt, self.think_required)
         return [scored[t, id(e)] for t, e in zip(texts, examples)]

@@ -629,7 +629,8 @@ def evaluate(tr: Trainer, tag: str) -> dict:
     t0 = time.perf_counter()
     share = fdist.split_for_rank(tr.data.eval_examples, ctx.rank, ctx.world_size)
     records = fdist.all_gather_list(generate_records(tr.engine, tr.tokenizer, share, fmt=cfg.fmt,
-                                                     max_tokens=cfg.max_new_tokens))
+                                                     max_tokens=cfg.max_new_tokens,
+                                                     think_required=cfg.think == "required"))
     fault_point("eval")
     summary = summarize(records)
     set_of = {e.id: name for name, exs in eval_sets.items() for e in exs}
@@ -754,7 +755,7 @@ def main(argv: list[str] | None = None) -> int:
     data = load_data(cfg, tokenizer, say)
     step, history = restore(ckpt, ctx, model, optimizer, data, say) if ckpt is not None else (0, [])
     engine = start_engine(cfg, ctx, use_vllm, model, tokenizer, model_path, data, say)
-    scorer = freward.RewardScorer(cfg.reward, cfg.fmt)
+    scorer = freward.RewardScorer(cfg.reward, cfg.fmt, think_required=cfg.think == "required")
     log = MetricsLog(cfg, out, history, ctx.is_main, step)
     tr = Trainer(cfg, ctx, out, tokenizer, model, ref_model, optimizer, engine, scorer, data, log, layout, varlen,
                  step)

@@ -462,3 +462,29 @@ def test_parse_is_silent_on_warnings_in_model_text():
         ok = parse('<think>x</think><answer>[f(a="\\d")]</answer>', "python")
     assert parsed.calls is None and ok.calls == [{"f": {"a": "\\d"}}]
     assert not caught, [str(w.message) for w in caught]
+
+
+def test_think_optional_accepts_an_answer_without_think_and_nothing_else():
+    """--think optional (raw Qwen2.5-Coder answers <answer>[...]</answer> with no think): the answer alone
+    scores as it would after a think; malformed text stays malformed; a think, when there, is still split
+    off (EGPO's entropy span)."""
+    from fctrain import data as fdata
+    from fctrain.eval import judge
+    from fctrain.prompts import render_target
+
+    ex = fdata.load_bfcl("simple_python", limit=1)[0]
+    full = render_target(ex, "python", think="plan")
+    bare = full[full.index("<answer>"):]
+    assert not reward.parse(bare, "python").ok
+    loose = reward.parse(bare, "python", think_required=False)
+    assert loose.ok and loose.calls and loose.think is None
+    both = reward.parse(full, "python", think_required=False)
+    assert both.ok and both.think and both.calls == loose.calls and both.think_span is not None
+    for kind in ("binary", "partial"):
+        assert reward.score(bare, ex, kind).reward == 0.0
+        assert reward.score(bare, ex, kind, think_required=False).reward == 1.0
+    for bad in ("[f(a=1)]", "<answer>[f(a=1)", "prose <answer>[]</answer>", "<think>x<answer>[]</answer>"):
+        assert not reward.parse(bad, "python", think_required=False).ok, bad
+    scorer = reward.RewardScorer("binary", "python", think_required=False)
+    assert [r.reward for r in scorer([bare, full, "no"], [ex] * 3)] == [1.0, 1.0, 0.0]
+    assert not judge(bare, ex, "python").valid and judge(bare, ex, "python", think_required=False).valid

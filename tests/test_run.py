@@ -332,7 +332,7 @@ def test_recipe_options_dr_grpo_advantage_and_constant_lr():
     assert [run.lr_at(cfg, s) for s in range(2, 12)] == pytest.approx([0.5e-5] + [1e-5] * 9)
     longer = Config(sft_steps=2, steps=100, warmup_steps=2, lr=1e-5, lr_schedule="constant")
     assert [run.lr_at(longer, s) for s in range(12)] == [run.lr_at(cfg, s) for s in range(12)]  # length-free
-    for bad in (["--adv_norm", "mad"], ["--lr_schedule", "linear"], ["--dynamic_sampling", "-1"],
+    for bad in (["--adv_norm", "mad"], ["--lr_schedule", "linear"], ["--dynamic_sampling", "-1"], ["--think", "maybe"],
                 ["--dynamic_sampling", "2", "--contrast_pairs", "true", "--prompts_per_step", "2"]):
         with pytest.raises(SystemExit):
             parse_config(bad)

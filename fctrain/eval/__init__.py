@@ -162,11 +162,12 @@ def render_calls(calls: list[dict]) -> str:
     return "[" + ", ".join(rendered) + "]"
 
 
-def judge(text: str, example, fmt: str, untagged_json: bool = True) -> Record:
+def judge(text: str, example, fmt: str, untagged_json: bool = True, think_required: bool = True) -> Record:
     """Score one completion of `example` prompted in `fmt`, exactly as `bfcl evaluate` scores its result.
-    `untagged_json` (hermes): also read untagged JSON calls (module docstring)."""
+    `untagged_json` (hermes): also read untagged JSON calls (module docstring). `think_required=False`
+    (python): an answer without a <think> block in front also counts (the trainer's `--think optional`)."""
     fmt = normalize_format(fmt)
-    parsed = reward.parse(text, fmt, untagged_json=untagged_json and fmt == "hermes")
+    parsed = reward.parse(text, fmt, untagged_json=untagged_json and fmt == "hermes", think_required=think_required)
     calls = parsed.calls if parsed.ok else None
     if fmt == "bfcl":
         result = text
@@ -204,7 +205,7 @@ def engine_context_length(engine) -> int | None:
 
 def generate_records(engine, tokenizer, examples, fmt: str = "python", max_tokens: int = 256,
                      batch_size: int = 64, max_prompt_tokens: int | None = None, progress: bool = False,
-                     prompts: list[list[int]] | None = None) -> list[Record]:
+                     prompts: list[list[int]] | None = None, think_required: bool = True) -> list[Record]:
     """Greedy completions for `examples` (one per prompt) scored with `judge`, in the order given.
 
     A prompt longer than `max_prompt_tokens` (default: the engine's context length minus one) is not sent:
@@ -235,7 +236,7 @@ def generate_records(engine, tokenizer, examples, fmt: str = "python", max_token
         for ex, prompt, ok in zip(batch, batch_prompts, fits):
             if ok:
                 completion = next(outputs)[0]
-                rec = judge(completion.text, ex, fmt)
+                rec = judge(completion.text, ex, fmt, think_required=think_required)
                 rec.output_tokens = len(completion.token_ids)
                 rec.finish_reason = str(completion.finish_reason or "")
             else:
