@@ -1,7 +1,7 @@
 """Backward tile skipping (`filter_eps`): the fraction of (BLOCK_N, BLOCK_V) tiles skipped and the gradient
 error it adds, measured on CPU by emulating the kernel's rule in float64 (no Triton, no GPU needed).
 
-Rule (kernels/logprob_entropy.py, _bwd_kernel): a tile is skipped when every |dz[n, v]| <= eps * s[n],
+Rule (kernels/logprob_entropy.py, _bwd_atomic_kernel): a tile is skipped when every |dz[n, v]| <= eps * s[n],
 s[n] = (|g_logp[n]| + |g_ent[n]|) / T. A skipped tile saves 4 * BLOCK_N * BLOCK_V * H of the backward's
 8 * BLOCK_N * BLOCK_V * H FLOPs (the logit tile is recomputed before the test) and all its atomics, so
 predicted backward time ~ (1 - skipped / 2) of the unfiltered one when compute-bound, and the atomic

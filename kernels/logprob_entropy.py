@@ -1,33 +1,25 @@
 """Fused LM-head + log-prob + entropy over vocabulary tiles (Triton), forward and backward.
 
-    z       = (hidden @ weight.T).float() / temperature                     # never materialised
-    logp    = z.log_softmax(-1).gather(-1, targets[:, None])[:, 0]          # (N,) fp32
-    entropy = -(z.softmax(-1) * z.log_softmax(-1)).sum(-1)                  # (N,) fp32
+The specification is the runnable PyTorch in `fused_linear_logprob_entropy`'s docstring (one copy; a test
+runs it against this file). The implementation never forms the [N, V] logits z = hidden @ weight.T / T.
 
 Forward: grid (N / BLOCK_N, SPLITS). Each program sweeps its share of the vocabulary in BLOCK_V tiles,
 computes the (BLOCK_N, BLOCK_V) logit tile on chip and keeps three fp32 online statistics per row:
 m = running max, s = sum exp(z - m), t = sum exp(z - m) * (z - m), plus the target logit. The host
-merges the SPLITS partials (O(SPLITS * N) work): lse = m + log s, E[z] = m + t / s,
-entropy = log s - t / s. Tracking (z - m) instead of z keeps peaky rows (entropy ~ 0) exact in fp32.
-FLOPs 2NHV; memory traffic ~ (N/BLOCK_N) * V * H reads of W plus N * H reads of X.
+merges the SPLITS partials (O(SPLITS * N)): lse = m + log s, E[z] = m + t / s, entropy = log s - t / s.
+Tracking (z - m) instead of z keeps peaky rows (entropy ~ 0) exact in fp32. FLOPs 2NHV; traffic
+~ (N/BLOCK_N) * V * H reads of W plus N * H of X. SPLITS > 1 only when row blocks are too few to fill the
+GPU; each split is a multiple of the widest BLOCK_V.
 
-Backward, "chunked" (default): per chunk of rows, `_dz_kernel` recomputes each logit tile (2NHV) and
-writes dz (below) in the input dtype to a [rows, V] buffer (<= DZ_CHUNK_BYTES); two GEMMs then form
-dX = dz W and dW += dz^T X (4NHV, cuBLAS on a GPU). No atomics.
+Backward: recompute each logit tile (2NHV; the loss gradient needs lse, known only after the full sweep,
+so 8NHV in all instead of 6) and form dz = g_logp * (onehot(t) - p) - g_ent * p * (z - E[z]), p = exp(z - lse).
+`_backward` (default, "chunked") writes dz per chunk of rows and leaves dX and dW to two GEMMs;
+`_backward_atomic` (opt-in, "atomic"; tile skipping needs it) adds each tile's share with fp32 atomics.
 
-Backward, "atomic" (opt-in; tile skipping needs it): grid (N / BLOCK_N, V_slab / BLOCK_V) per vocabulary
-slab. Each program recomputes its logit
-tile (2NHV), forms
-    dz = g_logp * (onehot(t) - p) - g_ent * p * (z - E[z])            # p = exp(z - lse), never log p
-on chip, then adds dz @ W into dX (2NHV) and dz^T @ X into dW (2NHV) with fp32 atomics, unless every
-|dz| of the tile is below filter_eps times its row's upstream scale (tile skipping, opt-in). Total
-8 N*H*V FLOPs: 6 would need the whole row's logits on chip when the loss gradient is known (it depends
-on lse, which is only known after the full-vocabulary sweep), so the tile is recomputed instead.
-
-Workspace (documented bound, no [N, V] tensor ever): fp32 dX accumulator [N, H], [SPLITS, N] stats, and
-chunked: the dz buffer (<= DZ_CHUNK_BYTES) and, with several chunks, an fp32 dW [V, H] plus one chunk's dW
-product in the input dtype;
-atomic: one fp32 dW slab [V_slab, H] with V_slab * H <= 2**25 when weight is not fp32.
+Workspace (no [N, V] tensor ever): fp32 dX [N, H], [SPLITS, N] stats; chunked: the dz buffer
+(<= DZ_CHUNK_BYTES) and, with several chunks, an fp32 dW [V, H] plus one chunk's dW product in the input
+dtype; atomic: one fp32 dW slab [V_slab, H] with V_slab * H <= 2**25 when weight is not fp32.
+docs/gpu_kernels.md has the build reports and what a GPU has (and has not yet) measured.
 """
 from __future__ import annotations
 
@@ -45,7 +37,7 @@ BACKWARDS = ("auto", "chunked", "atomic")
 
 
 # Autotune tiles (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages) per operand width in bytes. Every one
-# builds for sm_80 and sm_90 without spilling registers (triton 3.9; benchmarks/gpu_compile.py writes
+# builds for sm_80 and sm_90 without spilling registers (benchmarks/gpu_compile.py writes
 # results/gpu_compile_cpu.csv). fp32 operands (ieee dot, no tensor cores) need thin BLOCK_H tiles: the
 # bf16 tiles spill 0.2-13 KB there. `_prune` keeps the tiles of the call's width that fit in shared memory.
 _FWD_TILES = {2: [(64, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 256, 64, 8, 3), (128, 64, 64, 8, 4)],
@@ -53,8 +45,13 @@ _FWD_TILES = {2: [(64, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 256, 64, 8, 3)
 # The dz kernel keeps one logit tile live, like the forward, and stores it: the forward's bf16 tiles; of its
 # fp32 tiles, (64, 128, 16) spills 16 B on sm_90 there.
 _DZ_TILES = {2: _FWD_TILES[2], 4: [(64, 128, 32, 8, 3)]}
-_BWD_TILES = {2: [(64, 128, 64, 8, 3), (128, 128, 32, 8, 3), (128, 64, 64, 8, 3), (128, 64, 32, 8, 4)],
-              4: [(64, 128, 16, 8, 4)]}
+_BWD_ATOMIC_TILES = {2: [(64, 128, 64, 8, 3), (128, 128, 32, 8, 3), (128, 64, 64, 8, 3), (128, 64, 32, 8, 4)],
+                     4: [(64, 128, 16, 8, 4)]}
+# Vocabulary splits (forward) and dW slabs (atomic backward) start at multiples of the widest BLOCK_V: no
+# tile crosses a boundary, and V_PER_SPLIT / v_lo / v_hi reach the kernels as multiples of 16 (the
+# specialisation the compile report builds).
+VOCAB_ALIGN = max(tile[1] for tiles in (_FWD_TILES, _DZ_TILES, _BWD_ATOMIC_TILES)
+                  for shapes in tiles.values() for tile in shapes)
 
 
 def _configs(tiles):
@@ -65,26 +62,14 @@ def _configs(tiles):
             for width, shapes in tiles.items() for bn, bv, bh, w, s in shapes]
 
 
-def _fwd_configs():
-    return _configs(_FWD_TILES)
-
-
-def _bwd_configs():
-    return _configs(_BWD_TILES)
-
-
-def _dz_configs():
-    return _configs(_DZ_TILES)
-
-
 def shared_memory_bytes(config, operand_bytes: int, cc: int, backward: bool) -> int:
     """Upper bound of the dynamic shared memory a build of `config` asks for (checked against every build
     in results/gpu_compile_cpu.csv by tests/test_gpu_compile.py).
 
     The logit-tile loop keeps `buffers` pipeline stages of one X tile and one W tile; sm_90's wgmma
     pipeline (16-bit operands) holds num_stages of them, the cp.async pipeline (sm_80, and fp32's FMA
-    dot everywhere) num_stages - 1. The backward's dX/dW loop stages the dz tile (BLOCK_N, BLOCK_V) and
-    its own X and W tiles on top.
+    dot everywhere) num_stages - 1. The atomic backward's dX/dW loop (`backward`) stages the dz tile
+    (BLOCK_N, BLOCK_V) and its own X and W tiles on top.
     """
     kw = config.kwargs
     bn, bv, bh = kw["BLOCK_N"], kw["BLOCK_V"], kw["BLOCK_H"]
@@ -104,7 +89,53 @@ def _prune(backward):
     return prune
 
 
-@_t.autotune(configs=_fwd_configs, key=["H", "V", "N_BUCKET"], prune_configs_by={"early_config_prune": _prune(False)})
+# ---------------------------------------------------------------------------- tile helpers (inlined)
+
+@jit
+def _logit_tile(X, W, offs_n, offs_v, n_mask, v_mask, H, stride_xn, stride_xh, stride_wv, stride_wh,
+                DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+    """The (BLOCK_N, BLOCK_V) tile of hidden @ weight.T, accumulated in fp32 over H in BLOCK_H steps:
+    2 * BLOCK_N * BLOCK_V * H FLOPs, reads (BLOCK_N + BLOCK_V) * H elements. Masked rows/columns give 0."""
+    acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        offs_h = h0 + tl.arange(0, BLOCK_H)
+        h_mask = offs_h < H
+        x = tl.load(X + offs_n[:, None] * stride_xn + offs_h[None, :] * stride_xh,
+                    mask=n_mask[:, None] & h_mask[None, :], other=0.0)  # (BLOCK_N, BLOCK_H)
+        w = tl.load(W + offs_v[:, None] * stride_wv + offs_h[None, :] * stride_wh,
+                    mask=v_mask[:, None] & h_mask[None, :], other=0.0)  # (BLOCK_V, BLOCK_H)
+        if UPCAST:  # the interpreter computes bf16 dots wrongly
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@jit
+def _dz_tile(X, W, TARGETS, LSE, MEAN_Z, G_LOGP, G_ENT, offs_n, offs_v, n_mask, v_mask, H,
+             stride_xn, stride_xh, stride_wv, stride_wh, inv_temp,
+             DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+    """The (BLOCK_N, BLOCK_V) tile of dz = d loss / d (hidden @ weight.T) in fp32: the logit tile
+    recomputed, then dz = (g_logp * (onehot(t) - p) - g_ent * p * (z - E[z])) / T; 0 in masked columns."""
+    tgt = tl.load(TARGETS + offs_n, mask=n_mask, other=-1).to(tl.int64)
+    lse = tl.load(LSE + offs_n, mask=n_mask, other=0.0)
+    mean_z = tl.load(MEAN_Z + offs_n, mask=n_mask, other=0.0)
+    g_logp = tl.load(G_LOGP + offs_n, mask=n_mask, other=0.0)  # 0 on ignored rows (host)
+    g_ent = tl.load(G_ENT + offs_n, mask=n_mask, other=0.0)
+    z = _logit_tile(X, W, offs_n, offs_v, n_mask, v_mask, H, stride_xn, stride_xh, stride_wv, stride_wh,
+                    DOT_PRECISION, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H) * inv_temp
+    p = tl.where(v_mask[None, :], tl.exp(z - lse[:, None]), 0.0)  # (BLOCK_N, BLOCK_V)
+    dz = -p * (g_logp[:, None] + g_ent[:, None] * (z - mean_z[:, None]))
+    dz += tl.where((offs_v[None, :] == tgt[:, None]) & v_mask[None, :], g_logp[:, None], 0.0)
+    return dz * inv_temp
+
+
+# ---------------------------------------------------------------------------- kernels
+
+@_t.autotune(configs=lambda: _configs(_FWD_TILES), key=["H", "V", "N_BUCKET"],
+             prune_configs_by={"early_config_prune": _prune(False)})
 @jit
 def _fwd_kernel(
     # pointers
@@ -135,18 +166,8 @@ def _fwd_kernel(
     for v0 in range(v_lo, v_hi, BLOCK_V):
         offs_v = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
         v_mask = offs_v < v_hi
-        acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
-        for h0 in range(0, H, BLOCK_H):
-            offs_h = h0 + tl.arange(0, BLOCK_H)
-            h_mask = offs_h < H
-            x = tl.load(X + offs_n[:, None] * stride_xn + offs_h[None, :] * stride_xh,
-                        mask=n_mask[:, None] & h_mask[None, :], other=0.0)  # (BLOCK_N, BLOCK_H)
-            w = tl.load(W + offs_v[:, None] * stride_wv + offs_h[None, :] * stride_wh,
-                        mask=v_mask[:, None] & h_mask[None, :], other=0.0)  # (BLOCK_V, BLOCK_H)
-            if UPCAST:
-                x = x.to(tl.float32)
-                w = w.to(tl.float32)
-            acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+        acc = _logit_tile(X, W, offs_n, offs_v, n_mask, v_mask, H, stride_xn, stride_xh, stride_wv, stride_wh,
+                          DOT_PRECISION, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H)
         z = tl.where(v_mask[None, :], acc * inv_temp, float("-inf"))  # padded columns: -inf, never 0
         m_new = tl.maximum(m, tl.max(z, 1))
         shift = tl.where(m == float("-inf"), 0.0, m - m_new)  # first tile: nothing to rescale
@@ -156,7 +177,9 @@ def _fwd_kernel(
         t = alpha * (t + shift * s) + tl.sum(e * zc, 1)
         s = alpha * s + tl.sum(e, 1)
         m = m_new
-        zt += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], z, 0.0), 1)
+        # the target's raw logit, not z: past v_hi the tile holds the next split's ids, where z is -inf but acc
+        # is 0 (their W rows load as 0), so a match there adds nothing (cheaper in registers than a mask)
+        zt += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], acc, 0.0), 1) * inv_temp
 
     row = pid_s * N + offs_n
     plane = n_splits * N
@@ -166,41 +189,40 @@ def _fwd_kernel(
     tl.store(STATS + 3 * plane + row, zt, mask=n_mask)
 
 
+@_t.autotune(configs=lambda: _configs(_DZ_TILES), key=["H", "V", "N_BUCKET"],
+             prune_configs_by={"early_config_prune": _prune(False)})
 @jit
-def _dz_tile(X, W, TARGETS, LSE, MEAN_Z, G_LOGP, G_ENT, offs_n, offs_v, n_mask, v_mask, H,
-             stride_xn, stride_xh, stride_wv, stride_wh, inv_temp,
-             DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-             BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
-    """The (BLOCK_N, BLOCK_V) tile of dz = d loss / d (hidden @ weight.T) in fp32: the logit tile
-    recomputed (fp32 accumulation), then dz = (g_logp * (onehot(t) - p) - g_ent * p * (z - E[z])) / T."""
-    tgt = tl.load(TARGETS + offs_n, mask=n_mask, other=-1).to(tl.int64)
-    lse = tl.load(LSE + offs_n, mask=n_mask, other=0.0)
-    mean_z = tl.load(MEAN_Z + offs_n, mask=n_mask, other=0.0)
-    g_logp = tl.load(G_LOGP + offs_n, mask=n_mask, other=0.0)  # 0 on ignored rows (host)
-    g_ent = tl.load(G_ENT + offs_n, mask=n_mask, other=0.0)
-    acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
-    for h0 in range(0, H, BLOCK_H):
-        offs_h = h0 + tl.arange(0, BLOCK_H)
-        h_mask = offs_h < H
-        x = tl.load(X + offs_n[:, None] * stride_xn + offs_h[None, :] * stride_xh,
-                    mask=n_mask[:, None] & h_mask[None, :], other=0.0)
-        w = tl.load(W + offs_v[:, None] * stride_wv + offs_h[None, :] * stride_wh,
-                    mask=v_mask[:, None] & h_mask[None, :], other=0.0)
-        if UPCAST:
-            x = x.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
-    z = acc * inv_temp
-    p = tl.where(v_mask[None, :], tl.exp(z - lse[:, None]), 0.0)  # (BLOCK_N, BLOCK_V)
-    dz = -p * (g_logp[:, None] + g_ent[:, None] * (z - mean_z[:, None]))
-    dz += tl.where(offs_v[None, :] == tgt[:, None], g_logp[:, None], 0.0)
-    return dz * inv_temp
+def _dz_kernel(
+    # pointers
+    X, W, TARGETS, LSE, MEAN_Z, G_LOGP, G_ENT, DZ,  # X etc. start at the chunk's first row; DZ (rows, V)
+    # sizes
+    N, V, H, N_BUCKET,
+    # strides
+    stride_xn, stride_xh, stride_wv, stride_wh, stride_dzn,
+    # runtime scalars
+    inv_temp,
+    # meta-parameters
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """The default backward's first half: dz of a chunk of rows, written in the input dtype (the GEMMs
+    dX = dz W and dW += dz^T X follow on the host). No atomics, no tile skipping."""
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    offs_v = (pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+    n_mask = offs_n < N
+    v_mask = offs_v < V
+    dz = _dz_tile(X, W, TARGETS, LSE, MEAN_Z, G_LOGP, G_ENT, offs_n, offs_v, n_mask, v_mask, H,
+                  stride_xn, stride_xh, stride_wv, stride_wh, inv_temp, DOT_PRECISION, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H)
+    tl.store(DZ + offs_n[:, None] * stride_dzn + offs_v[None, :], dz.to(DZ.dtype.element_ty),
+             mask=n_mask[:, None] & v_mask[None, :])
 
 
-@_t.autotune(configs=_bwd_configs, key=["H", "V", "N_BUCKET"], reset_to_zero=["DX", "DW"],
+@_t.autotune(configs=lambda: _configs(_BWD_ATOMIC_TILES), key=["H", "V", "N_BUCKET"], reset_to_zero=["DX", "DW"],
              prune_configs_by={"early_config_prune": _prune(True)})
 @jit
-def _bwd_kernel(
+def _bwd_atomic_kernel(
     # pointers
     X, W, TARGETS, LSE, MEAN_Z, G_LOGP, G_ENT, DX, DW,  # DX (N, H) fp32, DW (v_hi - v_lo, H) fp32
     # sizes
@@ -256,48 +278,48 @@ def _bwd_kernel(
                               mask=v_mask[:, None] & h_mask[None, :])
 
 
-@_t.autotune(configs=_dz_configs, key=["H", "V", "N_BUCKET"], prune_configs_by={"early_config_prune": _prune(False)})
-@jit
-def _dz_kernel(
-    # pointers
-    X, W, TARGETS, LSE, MEAN_Z, G_LOGP, G_ENT, DZ,  # X etc. start at the chunk's first row; DZ (rows, V)
-    # sizes
-    N, V, H, N_BUCKET,
-    # strides
-    stride_xn, stride_xh, stride_wv, stride_wh, stride_dzn,
-    # runtime scalars
-    inv_temp,
-    # meta-parameters
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-):
-    """The chunked backward's first half: dz of a chunk of rows, written in the input dtype (the cuBLAS
-    GEMMs dX = dz W and dW += dz^T X follow on the host). No atomics, no tile skipping."""
-    pid_n = tl.program_id(0)
-    pid_v = tl.program_id(1)
-    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    offs_v = (pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
-    n_mask = offs_n < N
-    v_mask = offs_v < V
-    dz = _dz_tile(X, W, TARGETS, LSE, MEAN_Z, G_LOGP, G_ENT, offs_n, offs_v, n_mask, v_mask, H,
-                  stride_xn, stride_xh, stride_wv, stride_wh, inv_temp, DOT_PRECISION, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H)
-    tl.store(DZ + offs_n[:, None] * stride_dzn + offs_v[None, :], dz.to(DZ.dtype.element_ty),
-             mask=n_mask[:, None] & v_mask[None, :])
-
-
 # ---------------------------------------------------------------------------- host launchers
 
 def _dot_precision(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"  # fp32 inputs: exact like torch's default
 
 
-def _num_splits(n: int, v: int) -> int:
-    """Split the vocabulary across programs when there are too few row blocks to fill the GPU."""
-    if _t.INTERPRET or not torch.cuda.is_available():
+def _sm_count(device) -> int:
+    """Streaming multiprocessors of a CUDA device; 0 elsewhere (the interpreter runs programs in turn)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
+
+
+def _num_splits(n: int, v: int, sms: int) -> int:
+    """Vocabulary splits wanted when N / 64 row blocks cannot fill `sms` SMs with 2 programs each (1 when
+    sms = 0). Tests replace this function to force splits under the interpreter."""
+    if sms == 0:
         return 1
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
     row_blocks = max(1, triton.cdiv(n, 64))
     return max(1, min(triton.cdiv(2 * sms, row_blocks), triton.cdiv(v, 2048)))
+
+
+def _split_plan(n: int, v: int, sms: int) -> tuple[int, int]:
+    """(SPLITS, V_PER_SPLIT) of the forward: V_PER_SPLIT rounded up to a multiple of VOCAB_ALIGN; every
+    split holds at least one column."""
+    v_per_split = triton.cdiv(triton.cdiv(v, _num_splits(n, v, sms)), VOCAB_ALIGN) * VOCAB_ALIGN
+    return triton.cdiv(v, v_per_split), v_per_split
+
+
+def _dw_slabs(v: int, h: int) -> list[tuple[int, int]]:
+    """(v_lo, v_hi) of the atomic backward's vocabulary slabs: fp32 dW slab of <= DW_SLAB_ELEMENTS (or one
+    VOCAB_ALIGN block), starting at multiples of VOCAB_ALIGN."""
+    slab = max(VOCAB_ALIGN, DW_SLAB_ELEMENTS // max(h, 1) // VOCAB_ALIGN * VOCAB_ALIGN)
+    return [(v_lo, min(v, v_lo + slab)) for v_lo in range(0, v, slab)]
+
+
+def _dz_chunk_rows(n: int, v: int, element_size: int) -> int:
+    """Rows per chunk of the chunked backward: its dz buffer [rows, V] stays within DZ_CHUNK_BYTES."""
+    return max(1, min(n, DZ_CHUNK_BYTES // max(v * element_size, 1)))
+
+
+def _alloc(shape, dtype, device):
+    return torch.full(shape, float("nan"), dtype=dtype, device=device) if POISON_OUTPUTS else \
+        torch.empty(shape, dtype=dtype, device=device)
 
 
 def _forward(hidden, weight, targets, temperature, ignore_index, group=None, kernel_targets=None, owned=None):
@@ -307,11 +329,8 @@ def _forward(hidden, weight, targets, temperature, ignore_index, group=None, ker
     kernel_targets = targets if kernel_targets is None else kernel_targets
     n, h = hidden.shape
     v = weight.shape[0]
-    splits = _num_splits(n, v)
-    v_per_split = triton.cdiv(v, splits)
-    splits = triton.cdiv(v, v_per_split)
-    alloc = torch.full if POISON_OUTPUTS else (lambda shape, _, **kw: torch.empty(shape, **kw))
-    stats = alloc((4, splits, n), float("nan"), dtype=torch.float32, device=hidden.device)
+    splits, v_per_split = _split_plan(n, v, _sm_count(hidden.device))
+    stats = _alloc((4, splits, n), torch.float32, hidden.device)
     if n > 0:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits)  # noqa: E731
         _fwd_kernel[grid](
@@ -338,53 +357,18 @@ def _forward(hidden, weight, targets, temperature, ignore_index, group=None, ker
     return logp, entropy, lse, mean_z
 
 
-def _backward(hidden, weight, targets, lse, mean_z, g_logp, g_ent, temperature, need_x, need_w, filter_eps=0.0):
-    n, h = hidden.shape
-    v = weight.shape[0]
-    dx = torch.zeros((n, h), dtype=torch.float32, device=hidden.device) if need_x else None
-    dw = torch.empty_like(weight) if need_w else None
-    slab = max(128, min(v, DW_SLAB_ELEMENTS // max(h, 1)))
-    for v_lo in range(0, v, slab):
-        v_hi = min(v, v_lo + slab)
-        dw_slab = None
-        if need_w:
-            dw_slab = dw[v_lo:v_hi] if dw.dtype == torch.float32 else \
-                torch.zeros((v_hi - v_lo, h), dtype=torch.float32, device=hidden.device)
-            dw_slab.zero_()
-        if n > 0:
-            grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(v_hi - v_lo, meta["BLOCK_V"]))  # noqa: E731
-            _bwd_kernel[grid](
-                hidden, weight, targets, lse, mean_z, g_logp, g_ent,
-                dx if need_x else lse, dw_slab if need_w else lse,  # unused pointers when HAS_* is off
-                n, v, h, v_lo, v_hi, _t.n_bucket(n),
-                hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-                1.0 / temperature, float(filter_eps),
-                HAS_DX=need_x, HAS_DW=need_w,
-                DOT_PRECISION=_dot_precision(hidden.dtype), UPCAST=_t.INTERPRET,
-            )
-        if need_w and dw_slab.data_ptr() != dw[v_lo:v_hi].data_ptr():
-            dw[v_lo:v_hi] = dw_slab
-    return dx, dw  # dx in fp32
-
-
-def _chunk_rows(n: int, v: int, element_size: int) -> int:
-    """Rows per chunk of the chunked backward: its dz buffer [rows, V] stays within DZ_CHUNK_BYTES."""
-    return max(1, min(n, DZ_CHUNK_BYTES // max(v * element_size, 1)))
-
-
-def _backward_chunked(hidden, weight, targets, lse, mean_z, g_logp, g_ent, temperature, need_x, need_w):
-    """Atomic-free backward: per chunk of rows, `_dz_kernel` writes dz in the input dtype, then two GEMMs
-    (cuBLAS on a GPU) form dX[chunk] = dz W and dW += dz^T X[chunk]. Traffic: dz written and read twice per
-    element instead of (N/BLOCK_N) V H + (V/BLOCK_V) N H fp32 atomic adds (benchmarks/traffic_model.py,
-    provider fctrain-triton). dW of several chunks is summed in fp32 (each chunk's product rounded once to the
-    input dtype by the GEMM)."""
+def _backward(hidden, weight, targets, lse, mean_z, g_logp, g_ent, temperature, need_x, need_w):
+    """The default ("chunked") backward: per chunk of rows, `_dz_kernel` writes dz in the input dtype, then
+    two GEMMs (cuBLAS on a GPU) form dX[chunk] = dz W and dW += dz^T X[chunk]. Traffic: dz written and read
+    twice per element instead of (N/BLOCK_N) V H + (V/BLOCK_V) N H fp32 atomic adds
+    (benchmarks/traffic_model.py, provider fctrain-triton). dW of several chunks is summed in fp32 (each
+    chunk's product rounded once to the input dtype by the GEMM)."""
     n, h = hidden.shape
     v = weight.shape[0]
     dx = torch.zeros((n, h), dtype=torch.float32, device=hidden.device) if need_x else None
     dw = None
-    rows = _chunk_rows(n, v, hidden.element_size())
-    alloc = torch.full if POISON_OUTPUTS else (lambda shape, _, **kw: torch.empty(shape, **kw))
-    dz = alloc((min(rows, n), v), float("nan"), dtype=hidden.dtype, device=hidden.device) if n else None
+    rows = _dz_chunk_rows(n, v, hidden.element_size())
+    dz = _alloc((min(rows, n), v), hidden.dtype, hidden.device) if n else None
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         x = hidden[r0:r1]
@@ -407,7 +391,38 @@ def _backward_chunked(hidden, weight, targets, lse, mean_z, g_logp, g_ent, tempe
                 dw += part
     if need_w:
         dw = torch.zeros_like(weight) if dw is None else dw.to(weight.dtype)
-    return dx, dw
+    return dx, dw  # dx in fp32
+
+
+def _backward_atomic(hidden, weight, targets, lse, mean_z, g_logp, g_ent, temperature, need_x, need_w,
+                     filter_eps=0.0):
+    """The opt-in backward: fp32 atomics per tile, one dW slab at a time, tile skipping by `filter_eps`."""
+    n, h = hidden.shape
+    dx = torch.zeros((n, h), dtype=torch.float32, device=hidden.device) if need_x else None
+    dw = torch.empty_like(weight) if need_w else None
+    # A gradient that is not needed still takes a pointer argument: a buffer of its own, since the
+    # autotuner's reset_to_zero zeroes DX and DW before it times each config.
+    unused = torch.zeros(1, dtype=torch.float32, device=hidden.device)
+    for v_lo, v_hi in _dw_slabs(weight.shape[0], h):
+        dw_slab = None
+        if need_w:
+            dw_slab = dw[v_lo:v_hi] if dw.dtype == torch.float32 else \
+                torch.zeros((v_hi - v_lo, h), dtype=torch.float32, device=hidden.device)
+            dw_slab.zero_()
+        if n > 0:
+            grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(v_hi - v_lo, meta["BLOCK_V"]))  # noqa: E731
+            _bwd_atomic_kernel[grid](
+                hidden, weight, targets, lse, mean_z, g_logp, g_ent,
+                dx if need_x else unused, dw_slab if need_w else unused,
+                n, weight.shape[0], h, v_lo, v_hi, _t.n_bucket(n),
+                hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+                1.0 / temperature, float(filter_eps),
+                HAS_DX=need_x, HAS_DW=need_w,
+                DOT_PRECISION=_dot_precision(hidden.dtype), UPCAST=_t.INTERPRET,
+            )
+        if need_w and dw_slab.data_ptr() != dw[v_lo:v_hi].data_ptr():
+            dw[v_lo:v_hi] = dw_slab
+    return dx, dw  # dx in fp32
 
 
 class _LogprobEntropy(torch.autograd.Function):
@@ -436,7 +451,7 @@ class _LogprobEntropy(torch.autograd.Function):
         g_ent = torch.where(valid, grad_entropy.float(), 0.0).contiguous() if grad_entropy is not None else zeros
         args = (hidden, weight, kernel_targets, lse, mean_z, g_logp, g_ent, temperature,
                 ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        dx, dw = _backward_chunked(*args) if backward == "chunked" else _backward(*args, filter_eps)
+        dx, dw = _backward(*args) if backward == "chunked" else _backward_atomic(*args, filter_eps)
         if dx is not None:
             dx = (dx if group is None else vp.all_reduce_sum_(dx, group)).to(hidden.dtype)
         return dx, dw, None, None, None, None, None, None, None
@@ -469,14 +484,19 @@ def fused_linear_logprob_entropy(hidden, weight, targets, temperature=1.0, ignor
                                  process_group=None, vocab_start=None, filter_eps=None, backward="auto"):
     """Per-token log p(target) and entropy straight from hidden states, without [N, V] logits.
 
-    Specification (runnable PyTorch; `kernels.reference.naive_logprob_entropy`):
+    Specification: the outputs and gradients of this runnable PyTorch, which forms the [N, V] logits that
+    the implementation never does (`kernels.reference.naive_logprob_entropy` is this code; a test runs it
+    against this function):
 
-        z = (hidden @ weight.T).float() / temperature       # hidden (N, H), weight (V, H): same dtype
-        logp = z.log_softmax(-1).gather(-1, targets[:, None])[:, 0]               # (N,) fp32
-        entropy = -(z.softmax(-1) * z.log_softmax(-1)).sum(-1)                    # (N,) fp32
-        logp[targets == ignore_index] = entropy[targets == ignore_index] = 0      # and no gradient
+        z = (hidden @ weight.T).to(torch.promote_types(hidden.dtype, torch.float32)) / temperature
+        valid = targets != ignore_index
+        logp = z.log_softmax(-1).gather(-1, targets.where(valid, 0)[:, None])[:, 0].where(valid, 0.0)
+        entropy = -(z.softmax(-1) * z.log_softmax(-1)).sum(-1).where(valid, 0.0)
+        return logp, entropy
 
-    Differentiable w.r.t. hidden and weight through both outputs. dtypes: bf16, fp16, fp32.
+    Shapes: hidden [N, H] and weight [V, H] of one dtype (bf16, fp16, fp32), targets [N] int64 in [0, V) or
+    ignore_index (those rows: 0 and no gradient); logp and entropy [N] fp32. Differentiable w.r.t. hidden
+    and weight through both outputs.
     impl: "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "torch" (token-chunked, bounded memory),
     "naive" (full logits), or "auto" = triton on CUDA, torch elsewhere.
     filter_eps (impl "triton" only; None = 0 = exact): the backward skips every (BLOCK_N, BLOCK_V) tile whose
@@ -488,8 +508,7 @@ def fused_linear_logprob_entropy(hidden, weight, targets, temperature=1.0, ignor
     backward (impl "triton" only): "chunked" = per chunk of rows (dz buffer <= DZ_CHUNK_BYTES) a kernel writes
     dz in the input dtype and two GEMMs form dX and dW, no atomics; "atomic" = each tile adds its dX/dW share
     with fp32 atomics, no dz buffer, and can skip tiles (filter_eps); "auto" = atomic when filter_eps is
-    set, else chunked (benchmarks/traffic_model.py predicts 1.3x the matmul floor for chunked, ~7x for
-    atomic at N 16384, H 4096, V 151936 on an H100; not yet measured on a GPU).
+    set, else chunked (docs/gpu_kernels.md: the traffic model's prediction and the GPU measurements).
 
     Vocabulary parallel (tensor-parallel LM head): with `process_group`, `weight` is this rank's
     contiguous shard [V_local, H] = full_weight[vocab_start : vocab_start + V_local] (default

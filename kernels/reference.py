@@ -23,16 +23,13 @@ CHUNK_ELEMENTS = 1 << 22
 
 
 def naive_logprob_entropy(hidden, weight, targets, temperature=1.0, ignore_index=-100):
-    """Full-logits reference: z = (hidden @ weight.T) / T in fp32 (fp64 for fp64 input), then log_softmax,
-    gather, entropy."""
-    z = (hidden @ weight.T).to(torch.promote_types(hidden.dtype, torch.float32)) / temperature  # (N, V), >= fp32
-    logz = z.log_softmax(-1)
+    """Full-logits reference: the specification of `fused_linear_logprob_entropy`, whose docstring quotes this
+    body. Logits in fp32 (fp64 for fp64 input), then log_softmax, gather, entropy; ignored rows 0."""
+    z = (hidden @ weight.T).to(torch.promote_types(hidden.dtype, torch.float32)) / temperature
     valid = targets != ignore_index
-    safe_targets = torch.where(valid, targets, 0).long()
-    logp = logz.gather(-1, safe_targets[:, None])[:, 0]
-    entropy = -(logz.exp() * logz).sum(-1)
-    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
-    return torch.where(valid, logp, zero), torch.where(valid, entropy, zero)
+    logp = z.log_softmax(-1).gather(-1, targets.where(valid, 0)[:, None])[:, 0].where(valid, 0.0)
+    entropy = -(z.softmax(-1) * z.log_softmax(-1)).sum(-1).where(valid, 0.0)
+    return logp, entropy
 
 
 def _chunk_rows(n_rows: int, vocab: int, chunk_size: int | None) -> int:

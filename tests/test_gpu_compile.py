@@ -28,7 +28,7 @@ def _build_default_tiles(target):
     """Build config 0 (the default tile) of every kernel for bf16 in a process without TRITON_INTERPRET."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    cmd = [sys.executable, str(REPO / "benchmarks" / "gpu_compile.py"), "--kernels", "fwd,dz,bwd", "--dtypes", "bf16",
+    cmd = [sys.executable, str(REPO / "benchmarks" / "gpu_compile.py"), "--kernels", "fwd,dz,bwd_atomic", "--dtypes", "bf16",
            "--targets", target, "--configs", "0", "--json"]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
@@ -39,7 +39,7 @@ def _build_default_tiles(target):
 def test_default_bf16_tiles_build_spill_free_for_sm90():
     rows, seconds = _build_default_tiles("sm_90")
     print(f"3 sm_90 builds in {seconds:.1f} s")
-    assert [r["kernel"] for r in rows] == ["fwd", "dz", "bwd"]
+    assert [r["kernel"] for r in rows] == ["fwd", "dz", "bwd_atomic"]
     for r in rows:
         assert r["status"] == "ok", r
         assert (r["BLOCK_N"], r["BLOCK_V"], r["BLOCK_H"], r["num_warps"], r["num_stages"]) == (64, 128, 64, 8, 3)
@@ -70,7 +70,7 @@ def test_prune_configs_by_width_and_shared_memory():
 
 
 def test_prune_hook_picks_the_tiles_of_the_input_width():
-    configs = [_cfg(*tile, width) for width, tiles in le._BWD_TILES.items() for tile in tiles]
+    configs = [_cfg(*tile, width) for width, tiles in le._BWD_ATOMIC_TILES.items() for tile in tiles]
     for dtype, width in [(torch.bfloat16, 2), (torch.float16, 2), (torch.float32, 4)]:
         kept = le._prune(True)(configs, {"X": torch.empty(4, 8, dtype=dtype)})  # CPU: no shared-memory limit
         assert kept == [c for c in configs if c.operand_bytes == width]
@@ -82,7 +82,7 @@ def test_prune_hook_picks_the_tiles_of_the_input_width():
     (True, 90, [(64, 128, 64, 8, 3), (128, 128, 32, 8, 3), (128, 64, 64, 8, 3), (128, 64, 32, 8, 4)]),
 ])
 def test_prune_by_shared_memory_of_a_smaller_gpu(backward, cc, expected):
-    tiles = le._BWD_TILES if backward else le._FWD_TILES
+    tiles = le._BWD_ATOMIC_TILES if backward else le._FWD_TILES
     configs = [_cfg(*tile, width) for width, shapes in tiles.items() for tile in shapes]
     kept = _t.prune_configs(configs, 2, cc, _t.SHARED_MEMORY_LIMIT[cc],
                             lambda c: le.shared_memory_bytes(c, 2, cc, backward))
@@ -99,9 +99,28 @@ def _report():
         return [r for r in csv.DictReader(f)]
 
 
+def test_builds_specialise_like_the_launches_at_the_target_shape():
+    """Every integer size the launchers pass at H 4096, V 151936 is a multiple of 16 for every token count
+    (the forward's V_PER_SPLIT included: splits are rounded to the widest tile), so the report builds
+    them as such; a size that some launch passes unaligned would be built without divisibility."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_compile
+
+    fwd = gpu_compile.launch_values("fwd")
+    assert len(fwd["V_PER_SPLIT"]) > 5 and all(x % le.VOCAB_ALIGN == 0 for x in fwd["V_PER_SPLIT"])
+    assert gpu_compile.divisible_args("fwd") == {"V", "H", "stride_xn", "stride_wv", "V_PER_SPLIT"}
+    assert gpu_compile.divisible_args("dz") == {"V", "H", "stride_xn", "stride_wv", "stride_dzn"}
+    assert {"v_lo", "v_hi"} <= gpu_compile.divisible_args("bwd_atomic")
+    odd = gpu_compile.launch_values("fwd", v=50257)  # GPT-2's vocabulary: V itself unaligned, the splits still are
+    assert odd["V"] == [50257] and all(x % 16 == 0 for x in odd["V_PER_SPLIT"])
+    assert gpu_compile.divisible_args("fwd", specialize=False) == set()
+    for r in _report():
+        assert r["divisible"] == " ".join(sorted(gpu_compile.divisible_args(r["kernel"]))), r
+
+
 def test_report_covers_todays_tiles():
     rows = _report()
-    for kernel, tiles in [("fwd", le._FWD_TILES), ("dz", le._DZ_TILES), ("bwd", le._BWD_TILES)]:
+    for kernel, tiles in [("fwd", le._FWD_TILES), ("dz", le._DZ_TILES), ("bwd_atomic", le._BWD_ATOMIC_TILES)]:
         want = {(tile, dtype, target) for shapes in tiles.values() for tile in shapes
                 for dtype in ("bf16", "fp32") for target in ("sm_80", "sm_90")}
         got = {(tuple(int(r[k]) for k in ("BLOCK_N", "BLOCK_V", "BLOCK_H", "num_warps", "num_stages")),
@@ -115,7 +134,7 @@ def test_report_estimate_bounds_every_build_and_prunes_exactly_the_misfits():
     for r in rows:
         width, cc = {"bf16": 2, "fp32": 4}[r["dtype"]], int(r["target"][3:])
         config = _cfg(*(int(r[k]) for k in ("BLOCK_N", "BLOCK_V", "BLOCK_H", "num_warps", "num_stages")))
-        estimate = le.shared_memory_bytes(config, width, cc, r["kernel"] == "bwd")
+        estimate = le.shared_memory_bytes(config, width, cc, r["kernel"] == "bwd_atomic")
         assert estimate == int(r["shared_estimate"]) >= int(r["shared_bytes"]), r
         if r["tuned_for"] in ("any", {"bf16": "16-bit", "fp32": "fp32"}[r["dtype"]]):  # what pruning sizes up
             assert (estimate <= int(r["shared_limit"])) == (int(r["shared_bytes"]) <= int(r["shared_limit"])), r
