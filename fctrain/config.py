@@ -96,7 +96,8 @@ class Config:
                                            # refuse (or, with engine_dtype auto, fall back to float32) if off
     train_dtype: str = "float32"           # float32 | bfloat16 (pure: half the memory, bf16 rounding in
                                            # AdamW) | amp-bf16 (fp32 master weights, bf16 autocast compute)
-    attn_impl: str = "auto"                # sdpa | flash_attention_2 | auto (flash-attn on CUDA if installed)
+    attn_impl: str = "auto"                # sdpa | flash_attention_2 | auto (flash-attn on CUDA when installed and
+                                           # training in bf16 / amp-bf16; SDPA otherwise: flash-attn refuses fp32)
     liger: str = "auto"                    # Liger-Kernel RMSNorm/RoPE/SwiGLU: on | off | auto (CUDA + installed)
     grad_checkpointing: bool = False       # recompute decoder layers in the backward (less activation memory)
     impl: str = "auto"                     # fused loss implementation: auto | triton | torch | naive
@@ -173,7 +174,7 @@ PRESETS = {
 # What a resumed run may change: its length, evaluation, checkpointing and logging. Anything else (model,
 # data, format, algorithm, batch shape, optimiser, seed...) would make it another run, so it is refused.
 RESUME_OVERRIDES = ("steps", "eval_every", "eval_at_start", "eval_limit", "save_every", "keep_last",
-                    "time_budget_s", "tensorboard", "wandb", "max_bad_rows")
+                    "time_budget_s", "tensorboard", "wandb", "max_bad_rows", "engine_memory", "engine_check")
 
 # Fields that are gone, each with why: a checkpoint saved while it existed still resumes (the key is dropped).
 RETIRED = {"reward_processes": "rewards are scored in-process (reward.RewardScorer)"}
