@@ -37,7 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.pop("TRITON_INTERPRET", None)  # before anything imports triton
+if __name__ == "__main__":  # run as the script: builds need the real compiler, so before anything imports triton
+    os.environ.pop("TRITON_INTERPRET", None)  # (imported by a test, it must leave the interpreter of that process on)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 

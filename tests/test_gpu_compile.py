@@ -104,7 +104,9 @@ def test_builds_specialise_like_the_launches_at_the_target_shape():
     (the forward's V_PER_SPLIT included: splits are rounded to the widest tile), so the report builds
     them as such; a size that some launch passes unaligned would be built without divisibility."""
     sys.path.insert(0, str(REPO / "benchmarks"))
+    interpret = os.environ.get("TRITON_INTERPRET")
     import gpu_compile
+    assert os.environ.get("TRITON_INTERPRET") == interpret  # importing it must not turn this process's interpreter off
 
     fwd = gpu_compile.launch_values("fwd")
     assert len(fwd["V_PER_SPLIT"]) > 5 and all(x % le.VOCAB_ALIGN == 0 for x in fwd["V_PER_SPLIT"])
