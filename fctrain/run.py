@@ -542,12 +542,34 @@ def sft_step(tr: Trainer):
                f"grad {grad_norm:.2f} | {record['step_s']:.1f}s")
 
 
+def save_reference(tr: Trainer):
+    """The KL reference takes the policy's weights and is saved as out/reference for --resume, atomically: written
+    to .tmp-reference, fsynced, then renamed, so a run killed mid-write resumes without a half-written reference
+    (load_models would take a directory with config.json but no weights). Collective."""
+    import os
+    import shutil
+
+    from fctrain.checkpoint import fsync_tree
+    final, tmp = tr.out / "reference", tr.out / ".tmp-reference"
+    if tr.ctx.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    fdist.barrier()
+    fdist.copy_weights(tr.model, tr.ref_model, tmp)
+    fdist.barrier()  # every rank has read its shards from tmp
+    if tr.ctx.is_main:
+        fsync_tree(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        fsync_tree(tr.out, files=False)
+    fdist.barrier()
+
+
 def start_rl(tr: Trainer):
     """The switch from SFT to RL, after the last SFT step: the engine gets the warm-started policy, which becomes
     the KL reference (saved for --resume) and is evaluated."""
     tr.log.say(f"sft -> rl: weights pushed into the engine in {sync_engine(tr):.1f}s")
     if tr.ref_model is not None:
-        fdist.copy_weights(tr.model, tr.ref_model, tr.out / "reference")
+        save_reference(tr)
     if tr.data.eval_examples:
         evaluate(tr, "after-sft")
 
