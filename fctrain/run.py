@@ -643,6 +643,12 @@ def log_rl_step(tr: Trainer, lr: float, t_step: float, roll: Rollout, results: l
                f"{record['zero_var_groups']}/{n_groups} | gen {roll.gen_s:.1f}s | train {update.train_s:.1f}s")
 
 
+def answer_kind(text: str, cfg: Config) -> str:
+    """"call" (a parsed answer with calls), "none" (a parsed answer without) or "bad" (unparsable)."""
+    parsed = freward.parse(text, cfg.fmt, think_required=cfg.think == "required")
+    return "bad" if not parsed.ok else "call" if parsed.calls else "none"
+
+
 def evaluate(tr: Trainer, tag: str) -> dict:
     """Greedy accuracy on each held-out set, with its 95% CI; after the first evaluation also the change since
     the SFT checkpoint's (or the first) evaluation, paired by example. Under torchrun each rank evaluates
@@ -672,6 +678,7 @@ def evaluate(tr: Trainer, tag: str) -> dict:
     # tag -> {example id: 0/1} of every evaluation so far, this one included
     verdicts = {r["tag"]: r["verdicts"] for r in tr.log.history if r.get("phase") == "eval" and "verdicts" in r}
     verdicts[tag] = record["verdicts"] = {r.id: int(r.valid) for r in records}
+    record["decisions"] = {r.id: answer_kind(r.text, cfg) for r in records}  # the call / no-call decision
     first = "after-sft" if "after-sft" in verdicts else next(iter(verdicts))
     if first != tag:  # the change since the SFT checkpoint (or the first evaluation), paired by example
         for name, exs in eval_sets.items():

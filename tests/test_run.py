@@ -39,6 +39,17 @@ def test_mean_think_entropy_averages_each_sequences_think_tokens():
     assert h.tolist() == [2.0, 0.0, 7.0, 0.0] and has_think.tolist() == [True, False, True, False]
     assert not h.requires_grad  # EGPO's term is detached: no gradient through the entropy
 
+def test_answer_kind_reads_the_call_decision_in_the_runs_format():
+    required, optional = Config(think="required"), Config(think="optional")
+    assert run.answer_kind("<think>x</think><answer>[f(a=1)]</answer>", required) == "call"
+    assert run.answer_kind("<think>x</think><answer>[]</answer>", required) == "none"
+    assert run.answer_kind("<answer>[]</answer>", required) == "bad"  # the think is required
+    assert run.answer_kind("<answer>[]</answer>", optional) == "none"
+    assert run.answer_kind("<answer>[f(a=</answer>", optional) == "bad"
+    assert run.answer_kind('<tool_call>{"name": "f", "arguments": {}}</tool_call>', Config(fmt="hermes")) == "call"
+    assert run.answer_kind("no tool fits", Config(fmt="hermes")) == "none"
+
+
 def test_lr_schedule():
     cfg = Config(sft_steps=2, steps=10, warmup_steps=2, lr=1e-5, sft_lr=5e-5, min_lr_ratio=0.1)
     lrs = [run.lr_at(cfg, s) for s in range(12)]
@@ -124,6 +135,8 @@ def test_end_to_end_hf_engine_trains_and_resumes_exactly(tiny):
                for r in evals for v in r["eval_sets"].values())
     assert [r["tag"] for r in evals] == ["after-sft", "after"]
     assert all("change_since_after-sft" in v for v in evals[1]["eval_sets"].values())  # paired with the SFT checkpoint
+    assert all(r["decisions"].keys() == r["verdicts"].keys() and set(r["decisions"].values()) <= {"call", "none", "bad"}
+               for r in evals)
     rl = [r for r in rows if r["phase"] == "rl"]
     sft = [r for r in rows if r["phase"] == "sft"]
     assert len(rl) == 2 and len(sft) == 30 and sft[-1]["loss"] < sft[0]["loss"] / 3

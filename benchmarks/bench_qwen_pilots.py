@@ -1,0 +1,227 @@
+"""Qwen2.5-Coder-0.5B RL pilots on val (issue 30, part 2): which learning rate and recipe move the val set
+without collapsing the policy, before any long run or held-out evaluation.
+
+    python benchmarks/bench_qwen_pilots.py run                   # unfinished arms in order; finished ones skipped
+    python benchmarks/bench_qwen_pilots.py run --arms lr5e-7 lr5e-7-pairs
+    python benchmarks/bench_qwen_pilots.py report                # table, paired changes and the plot
+
+Every arm is `python -m fctrain.run --preset qwen0.5b-cpu` (16 prompts x 4 samples, T 0.7, beta 1e-3,
+python format with the think optional, no SFT) with a run-length-free schedule (`--lr_schedule constant`,
+2 warm-up steps) plus the arm's own options, from the same seed and the raw model. The trainer evaluates
+greedily on `split:val` (60 call-needing, 30 live_irrelevance and 30 swapped-tool no-call prompts) every
+EVAL_EVERY steps; the first arm also evaluates the untrained model (step 0), which every arm's later
+evaluations are paired with (the same greedy engine on the same weights: one evaluation serves all).
+The held-out sets are never looked at here.
+
+An arm is finished when RESULTS/<arm>.metrics.jsonl exists; an interrupted one resumes from its last
+checkpoint under runs/qwen_pilots/<arm> (save_every = EVAL_EVERY). Each finished arm's metrics are copied
+to RESULTS and committed at once (`--commit`), since a session can end at any moment.
+
+The report gives, per arm and evaluation: training seconds (the trainer's summed step times), val accuracy
+overall and on call-needing / no-call prompts, how often the answer is a call, no call or unparsable on each,
+and the paired change since step 0 with a 95% bootstrap CI over val's prompts; and per arm the training
+curve (reward, mixed groups, completion length, KL, entropy).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+REPO = common.REPO
+RESULTS = common.RESULTS / "qwen_pilots_cpu"
+WORK = REPO / "runs" / "qwen_pilots"
+STEPS, EVAL_EVERY = 10, 5
+COMMON = ["--preset", "qwen0.5b-cpu", "--lr_schedule", "constant", "--warmup_steps", "2", "--seed", "0",
+          "--eval_data", "split:val", "--eval_every", str(EVAL_EVERY), "--save_every", str(EVAL_EVERY),
+          "--keep_last", "1", "--steps", str(STEPS)]
+# In the order they run. The 5-step run at lr up to 2e-6 (results/qwen_5step_cpu) collapsed to short
+# no-call answers after 3 updates, so the sweep starts at the paper's 1e-6 and goes down.
+ARMS = {
+    "lr5e-7": ["--lr", "5e-7", "--eval_at_start", "true"],
+    # the abstain collapse is a global push: pair each swapped-tool negative with its own question
+    "lr5e-7-pairs": ["--lr", "5e-7", "--contrast_pairs", "true"],
+    "lr1e-6": ["--lr", "1e-6"],
+    # DAPO / Dr. GRPO: no std division, refill zero-variance groups, wider upper clip
+    "lr5e-7-dapo": ["--lr", "5e-7", "--adv_norm", "none", "--dynamic_sampling", "2", "--eps_high", "0.28"],
+    "lr2e-7": ["--lr", "2e-7"],
+}
+START_ARM = "lr5e-7"  # its step-0 evaluation is everyone's baseline
+
+
+def metrics_path(arm: str) -> Path:
+    return RESULTS / f"{arm}.metrics.jsonl"
+
+
+def run_arm(arm: str, commit: bool) -> None:
+    out = WORK / arm
+    args = COMMON + ARMS[arm] + ["--out_dir", str(out)]
+    if any(out.glob("ckpt-*")):
+        args += ["--resume", str(out)]
+    print(f"[qwen_pilots] {arm}: {' '.join(args)}", flush=True)
+    t0 = time.time()
+    subprocess.run([sys.executable, "-m", "fctrain.run"] + args, cwd=REPO, check=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    shutil.copy(out / "metrics.jsonl", metrics_path(arm))
+    meta = common.run_metadata("cpu") | {"arm": arm, "args": args, "wall_s": time.time() - t0,
+                                          "load_avg_end": common.load_avg()}
+    (RESULTS / f"{arm}.meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    for ckpt in out.glob("ckpt-*"):  # ~6 GB each; the metrics are the result
+        shutil.rmtree(ckpt, ignore_errors=True)
+    report()
+    if commit:
+        paths = [str(p.relative_to(REPO)) for p in RESULTS.iterdir()]
+        subprocess.run(["git", "add", "--"] + paths, cwd=REPO, check=False)
+        subprocess.run(["git", "commit", "-q", "-m", f"qwen pilots: arm {arm} finished (val only)", "--"] + paths,
+                       cwd=REPO, check=False)
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+def load(arm: str) -> list[dict] | None:
+    path = metrics_path(arm)
+    if not path.exists():
+        partial = WORK / arm / "metrics.jsonl"  # an arm still running: its curve so far
+        path = partial if partial.exists() else None
+    return [json.loads(line) for line in open(path)] if path else None
+
+
+def val_kinds() -> dict:
+    from fctrain import data, reward
+    return {e.id: ("no_call" if (reward.is_irrelevance(e.category) or e.id.startswith("neg:")) else "call")
+            for e in data.load_split("val")}
+
+
+def paired_ci(before: list[int], after: list[int], reps: int = 10000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of after - before and its 95% bootstrap interval over the paired prompts."""
+    d = [a - b for a, b in zip(after, before)]
+    rng = random.Random(seed)
+    means = sorted(sum(rng.choice(d) for _ in d) / len(d) for _ in range(reps))
+    return sum(d) / len(d), means[int(0.025 * reps)], means[int(0.975 * reps) - 1]
+
+
+def eval_rows(arm: str, history: list[dict], start: dict | None, kinds: dict) -> list[dict]:
+    rows, trained_s = [], 0.0
+    for rec in history:
+        if rec.get("phase") in ("sft", "rl"):
+            trained_s += rec.get("step_s", 0.0)
+        if rec.get("phase") != "eval" or "verdicts" not in rec:
+            continue
+        v, dec = rec["verdicts"], rec.get("decisions", {})
+        row = {"arm": arm, "step": rec["step"], "train_s": round(trained_s), "val": sum(v.values()) / len(v)}
+        for kind in ("call", "no_call"):
+            ids = [i for i in v if kinds[i] == kind]
+            row[f"{kind}_acc"] = sum(v[i] for i in ids) / len(ids)
+            for d in ("call", "none", "bad"):
+                row[f"{kind}_says_{d}"] = sum(dec.get(i) == d for i in ids) / len(ids) if dec else None
+        if start is not None and rec is not start:
+            ids = sorted(set(v) & set(start["verdicts"]))
+            diff, lo, hi = paired_ci([start["verdicts"][i] for i in ids], [v[i] for i in ids])
+            row["change"], row["change_lo"], row["change_hi"] = diff, lo, hi
+        rows.append(row)
+    return rows
+
+
+def train_summary(history: list[dict]) -> dict:
+    rl = [r for r in history if r.get("phase") == "rl"]
+    if not rl:
+        return {}
+    def series(key):
+        return [None if r.get(key) is None else round(r[key], 4) for r in rl]
+    return {"steps": len(rl), "reward": series("reward"), "mixed_groups": [r["groups"] - r["zero_var_groups"] for r in rl],
+            "completion_len": series("completion_len"), "kl": series("kl"), "entropy": series("entropy"),
+            "grad_norm": series("grad_norm"), "step_s": series("step_s")}
+
+
+def report() -> str:
+    kinds = val_kinds()
+    start_hist = load(START_ARM) or []
+    start = next((r for r in start_hist if r.get("phase") == "eval" and r["step"] == 0), None)
+    lines, all_rows, curves = [], [], {}
+    head = ("| arm | step | train s | val | call acc | call: call/none/bad | no-call acc | no-call: call/none/bad "
+            "| change since step 0 (95% CI) |")
+    lines += [head, "|" + "---|" * (head.count("|") - 1)]
+    for arm in ARMS:
+        history = load(arm)
+        if history is None:
+            continue
+        rows = eval_rows(arm, history, start, kinds)
+        if arm != START_ARM and start is not None:
+            rows = [r for r in eval_rows(START_ARM, [start], None, kinds)] + rows
+            rows[0]["arm"] = arm
+        all_rows += rows
+        curves[arm] = train_summary(history)
+        for r in rows:
+            pct = lambda x: "-" if x is None else f"{100 * x:.1f}"
+            split = lambda k: "/".join(pct(r[f"{k}_says_{d}"]) for d in ("call", "none", "bad"))
+            change = (f"{100 * r['change']:+.1f} [{100 * r['change_lo']:+.1f}, {100 * r['change_hi']:+.1f}]"
+                      if "change" in r else "")
+            lines.append(f"| {arm} | {r['step']} | {r['train_s']} | {pct(r['val'])} | {pct(r['call_acc'])} | "
+                         f"{split('call')} | {pct(r['no_call_acc'])} | {split('no_call')} | {change} |")
+    for arm, c in curves.items():
+        if c:
+            lines.append(f"\n{arm}: {c['steps']} RL steps; reward {c['reward']}; mixed groups {c['mixed_groups']}; "
+                         f"completion tokens {c['completion_len']}; KL {c['kl']}; grad norm {c['grad_norm']}; "
+                         f"step s {c['step_s']}")
+    text = "\n".join(lines)
+    if all_rows:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        summary = {"rows": all_rows, "curves": curves, "common_args": COMMON, "arms": ARMS,
+                   "meta": common.run_metadata("cpu")}
+        (RESULTS / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        (RESULTS / "summary.md").write_text(text + "\n")
+        plot(all_rows)
+    print(text, flush=True)
+    return text
+
+
+def plot(rows: list[dict]) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4), sharey=True)
+    for ax, key, title in zip(axes, ("val", "call_acc", "no_call_acc"), ("val", "call-needing", "no-call")):
+        for arm in dict.fromkeys(r["arm"] for r in rows):
+            pts = [r for r in rows if r["arm"] == arm]
+            ax.plot([r["train_s"] / 60 for r in pts], [100 * r[key] for r in pts], "o-", label=arm)
+        ax.set_title(f"Qwen2.5-Coder-0.5B, {title} accuracy (greedy)")
+        ax.set_xlabel("training minutes (CPU)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("%")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "val_curves.png", dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--arms", nargs="+", default=None, help=f"default: all, in order: {' '.join(ARMS)}")
+    r.add_argument("--commit", action="store_true", help="git-commit RESULTS after each finished arm")
+    sub.add_parser("report")
+    args = p.parse_args(argv)
+    if args.cmd == "report":
+        report()
+        return 0
+    for arm in args.arms or list(ARMS):
+        if arm not in ARMS:
+            raise SystemExit(f"unknown arm {arm!r}; known: {list(ARMS)}")
+        if metrics_path(arm).exists():
+            print(f"[qwen_pilots] {arm}: finished, skipped", flush=True)
+            continue
+        run_arm(arm, args.commit)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
