@@ -60,9 +60,9 @@ FMT = "python"
 SEED = 1234
 SUBSETS = ("call", "no_call", "all")
 # strict: the training reward as is (the python format requires a <think> block first); think_optional: the
-# same reward of the text with an empty "<think></think>" put in front when it does not open with <think>,
-# so a model that answers "<answer>[...]</answer>" directly is judged on its answer (what SFT or RL would
-# have to add is then only the think)
+# same reward with the think optional (`think_required=False`, the trainer's --think optional), so a model
+# that answers "<answer>[...]</answer>" directly is judged on its answer. (Results up to 1ddfd36 put an empty
+# "<think></think>" in front instead; rescoring their 1,920 stored Qwen texts this way changed no reward.)
 SCORINGS = ("strict", "think_optional")
 SUMMARY_COLUMNS = ["date", "git_sha", "device", "avx512_bf16", "amx_bf16", "torch", "vllm", "transformers",
                    "python", "load_avg", "model", "temperature", "n", "max_new_tokens", "scoring", "subset",
@@ -216,19 +216,15 @@ def load_examples(data: str, tokenizer, max_prompt_tokens: int, limit: int | Non
     return [e for e, _ in kept], [p for _, p in kept], dropped
 
 
-def think_optional(text: str) -> str:
-    """`text` with an empty think block in front when it does not open with one (SCORINGS)."""
-    return text if text.lstrip().startswith("<think>") else "<think></think>" + text
-
-
-def score_texts(example, texts: list[str]) -> dict:
+def score_texts(example, texts: list[str], think_required: bool = True) -> dict:
     """Per-sample binary and partial rewards, call flags (the answer parses and makes >= 1 call) and format
     flags of `texts` for `example`, with the training reward (fctrain.reward, fmt python)."""
     from fctrain import reward
 
-    parsed = [reward.parse(t, FMT) for t in texts]
-    return {"binary": [reward.score(t, example, "binary", FMT).reward for t in texts],
-            "partial": [round(reward.score(t, example, "partial", FMT).reward, 6) for t in texts],
+    parsed = [reward.parse(t, FMT, think_required=think_required) for t in texts]
+    score = lambda t, kind: reward.score(t, example, kind, FMT, think_required=think_required).reward
+    return {"binary": [score(t, "binary") for t in texts],
+            "partial": [round(score(t, "partial"), 6) for t in texts],
             "calls": [int(p.ok and bool(p.calls)) for p in parsed],
             "format_ok": [int(p.ok) for p in parsed]}
 
@@ -242,7 +238,7 @@ def score_group(example, completions) -> dict:
     return {"id": example.id, "category": example.category,
             "needs_call": not reward.is_irrelevance(example.category),
             "strict": score_texts(example, texts),
-            "think_optional": score_texts(example, [think_optional(t) for t in texts]),
+            "think_optional": score_texts(example, texts, think_required=False),
             "tokens": [len(c.token_ids) for c in completions],
             "cut": [int(c.finish_reason == "length") for c in completions]}
 

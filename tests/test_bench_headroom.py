@@ -138,7 +138,7 @@ def test_think_optional_scoring_judges_the_answer_alone():
     texts = ["<answer>[get_weather(city='Paris')]</answer>", "<think>x</think><answer>[get_weather(city='Paris')]</answer>",
              "<answer>[]</answer>", "Paris is sunny."]
     strict = hr.score_texts(ex, texts)
-    lenient = hr.score_texts(ex, [hr.think_optional(t) for t in texts])
+    lenient = hr.score_texts(ex, texts, think_required=False)
     assert strict["binary"] == [0.0, 1.0, 0.0, 0.0] and strict["format_ok"] == [0, 1, 0, 0]
     assert lenient["binary"] == [1.0, 1.0, 0.0, 0.0] and lenient["format_ok"] == [1, 1, 1, 0]
     assert lenient["calls"] == [1, 1, 0, 0] and lenient["partial"][2] == 0.0  # no call where one is needed
