@@ -84,6 +84,9 @@ class Config:
     sft_think: str = "evidence"            # SFT target's think: evidence (restates the request and what each tool
                                            # does, then decides) | plan (names function + parameters) | restate
                                            # (spells out the whole answer)
+    sft_coef: float = 0.0                  # RL steps also descend sft_coef x the mean -log p of the reference
+                                           # completions (sft_think) of the step's prompts: an SFT term beside the
+                                           # RL loss (LUFFY / SRFT-style mixed objective; 0 = off)
     time_budget_s: float = 0.0             # stop after the step that brings the training time (sum of step
                                            # times, evaluation excluded) to this many seconds (0 = no limit)
     # system
@@ -118,6 +121,10 @@ class Config:
             (self.think in ("required", "optional"), f"think must be required or optional, got {self.think!r}"),
             (self.sft_think in prompts.THINK_STYLES, f"sft_think must be one of {prompts.THINK_STYLES}"),
             (self.time_budget_s >= 0, "time_budget_s must be >= 0"),
+            (self.sft_coef >= 0, "sft_coef must be >= 0"),
+            (not (self.sft_think == "none" and self.fmt == "python" and self.think == "required"
+                  and (self.sft_steps or self.sft_coef)),
+             "sft_think none writes answers without a think block: give --think optional"),
             (self.no_call_share == -1 or 0 <= self.no_call_share <= 1, "no_call_share must be -1 or in [0, 1]"),
             (not self.contrast_pairs or (self.prompts_per_step % 2 == 0 and self.no_call_share == -1),
              "contrast_pairs needs an even prompts_per_step and no no_call_share"),

@@ -166,7 +166,7 @@ def call_text(name: str, args: dict) -> str:
     return f"{name}(" + ", ".join(f"{p}={_py(v)}" for p, v in args.items()) + ")"
 
 
-THINK_STYLES = ("plan", "restate", "evidence")
+THINK_STYLES = ("plan", "restate", "evidence", "none")
 EVIDENCE_WORDS, EVIDENCE_TOOLS = 10, 3  # "evidence" think: words kept of the request and of each description
 
 
@@ -199,11 +199,13 @@ def render_target(example: Example, fmt: str = "python", think: str = "plan") ->
     a copy. think="restate": the think spells out the whole answer ("I need to call f with a=1, b='x'.").
     think="evidence": the think first restates the request and what each tool does, so the call / no-call
     decision ("f fits, so I call f with a and b." / "None of them fits, so I make no call.") is taken next to
-    its evidence rather than on the first token."""
+    its evidence rather than on the first token. think="none": the answer alone, no think block (the python
+    format then needs the trainer's --think optional)."""
     if think not in THINK_STYLES:
         raise ValueError(f"unknown think style {think!r}; expected one of {THINK_STYLES}")
     calls = _target_calls(example)
-    if think == "evidence":
+    style = think
+    if style == "evidence":
         names = list(dict.fromkeys(n for n, _ in calls))
         think = evidence(example, names) + (
             f"{_and(names)} {'fits' if len(names) == 1 else 'fit'}, so I call " + ", then ".join(
@@ -212,20 +214,21 @@ def render_target(example: Example, fmt: str = "python", think: str = "plan") ->
     elif calls and think == "plan":
         think = "I call " + ", then ".join(
             f"{name} with " + (_and(list(args)) or "no arguments") for name, args in calls) + "."
-    elif calls:
+    elif calls and think == "restate":
         think = "I need to call " + ", then ".join(
             f"{name} with " + (", ".join(f"{p}={_py(v)}" for p, v in args.items()) or "no arguments")
             for name, args in calls) + "."
-    else:
+    elif style != "none":
         think = "None of the available functions can do what the user asks, so I make no call."
+    head = "" if style == "none" else f"<think>{think}</think>"
     if fmt == "python":
-        return f"<think>{think}</think><answer>[" + ", ".join(call_text(n, a) for n, a in calls) + "]</answer>"
+        return head + "<answer>[" + ", ".join(call_text(n, a) for n, a in calls) + "]</answer>"
     if fmt == "hermes":
         if not calls:
-            return f"<think>{think}</think>\nNone of the available functions can be used for this request."
+            return (head + "\n" if head else "") + "None of the available functions can be used for this request."
         blocks = "\n".join(f"<tool_call>\n{json.dumps({'name': n, 'arguments': a}, ensure_ascii=False)}\n</tool_call>"
                            for n, a in calls)
-        return f"<think>{think}</think>\n{blocks}"
+        return (head + "\n" if head else "") + blocks
     if fmt == "bfcl":
         return "[" + ", ".join(call_text(n, a) for n, a in calls) + "]"
     raise ValueError(f"unknown format {fmt!r}; expected one of {reward.FORMATS}")

@@ -382,9 +382,11 @@ def micro_batches(cfg: Config, model, ref_model, seqs: list[packing.Seq], layout
             fdist.dummy_pass(model, ref_model, device)
 
 
-def sft_loss_backward(cfg: Config, model, seqs: list[packing.Seq], layout: str, varlen: bool, device) -> float:
-    """Accumulate d(mean -log p of the completion tokens)/dθ over token-budget micro-batches; returns the loss.
-    Under torchrun `seqs` are this rank's (possibly none); the mean and the returned loss are global."""
+def sft_loss_backward(cfg: Config, model, seqs: list[packing.Seq], layout: str, varlen: bool, device,
+                      scale: float = 1.0) -> float:
+    """Accumulate d(scale * mean -log p of the completion tokens)/dθ over token-budget micro-batches; returns
+    the (unscaled) loss. Under torchrun `seqs` are this rank's (possibly none); the mean and the returned loss
+    are global."""
     n_tokens = fdist.all_reduce_sum(sum(len(s.completion) for s in seqs))  # every rank's tokens
     total = torch.zeros((), dtype=torch.float64, device=device)
     for mb in micro_batches(cfg, model, None, seqs, layout, varlen, device):
@@ -393,7 +395,7 @@ def sft_loss_backward(cfg: Config, model, seqs: list[packing.Seq], layout: str, 
         w = lm_head(cfg, model)  # after the forward: under FSDP it is gathered there
         logp, _ = kernels.fused_linear_logprob_entropy(h.to(w.dtype), w, mb.targets, impl=cfg.impl)
         loss = -logp.sum() / n_tokens
-        loss.backward()
+        (loss * scale).backward()
         total += loss.detach().double()
     return fdist.all_reduce_sum(total.item())  # host sync, once per step
 
@@ -409,11 +411,13 @@ class Update:
 
 def train_on_rollouts(cfg: Config, model, ref_model, optimizer, lr: float, seqs: list[packing.Seq],
                       adv: torch.Tensor, rollout_logps: list[list[float]], thinks: list[list[bool]] | None,
-                      layout: str, varlen: bool, device) -> Update:
+                      layout: str, varlen: bool, device, gold: list[packing.Seq] | None = None) -> Update:
     """The RL training phase on one rollout batch: old log-probs and <think> entropy (EGPO), reference
     log-probs, the fused clipped loss with global normalisation, backward, clipping and the AdamW step,
     `updates_per_batch` times. `adv` (S,) is per sequence; `thinks` marks each completion's <think> tokens
-    (None for plain GRPO). Returns the metrics, the final (EGPO) advantages and the think entropies.
+    (None for plain GRPO). `gold` (sft_coef > 0): reference completions whose mean -log p, times sft_coef, is
+    added to every update (an SFT term beside the RL loss). Returns the metrics, the final (EGPO) advantages
+    and the think entropies.
 
     Under torchrun each rank passes its own sequences (possibly none) and all ranks call this together:
     normalisers are all-reduced and every rank runs the same number of forward/backward passes, so the
@@ -431,7 +435,7 @@ def train_on_rollouts(cfg: Config, model, ref_model, optimizer, lr: float, seqs:
     zero = torch.zeros((), dtype=torch.float64, device=device)
     sums = {key: zero.clone() for key in ("loss", "kl", "clip_low", "clip_high", "entropy", "is_mean")}
     is_min, is_max, n_nonfinite = zero + float("inf"), zero.clone(), zero.clone()
-    computed_tokens, grad_norm, old_logps = 0, float("nan"), {}
+    computed_tokens, grad_norm, old_logps, sft_total = 0, float("nan"), {}, 0.0
     for update in range(cfg.updates_per_batch):
         for k, mb in enumerate(micro_batches(cfg, model, ref_model, seqs, layout, varlen, device)):
             ref_lp = None
@@ -477,6 +481,10 @@ def train_on_rollouts(cfg: Config, model, ref_model, optimizer, lr: float, seqs:
                 sums[key] += torch.where(finite, m[mk].double() * n_mb / n_total / cfg.updates_per_batch, 0.0)
             is_min = torch.fmin(is_min, torch.where(finite, m["is_weight_min"].double(), float("nan")))
             is_max = torch.fmax(is_max, torch.where(finite, m["is_weight_max"].double(), float("nan")))
+        if gold is not None:  # the SFT term (its loss is a host sync; gold is not None on every rank or none)
+            sft_loss = sft_loss_backward(cfg, model, gold, layout, varlen, device, scale=cfg.sft_coef)
+            sft_total += sft_loss / cfg.updates_per_batch
+            n_nonfinite += not math.isfinite(sft_loss)
         # host sync, once per update: a NaN on any rank skips the update on all
         n_nan = int(fdist.all_reduce_sum(n_nonfinite).item())
         if n_nan:
@@ -491,6 +499,11 @@ def train_on_rollouts(cfg: Config, model, ref_model, optimizer, lr: float, seqs:
     stats = fdist.reduce_metrics(  # the metrics of the whole batch, on every rank
         stats, ("loss", "kl", "clip_low", "clip_high", "entropy", "is_mean", "nan_loss", "computed_tokens"),
         minimised=("is_min",), maximised=("is_max",), device=device)
+    if gold is not None:
+        stats["sft_loss"] = sft_total
+        if n_seqs == 0:  # the SFT term alone: no RL metrics
+            stats.update(dict.fromkeys(("loss", "kl", "clip_low", "clip_high", "entropy", "is_mean", "is_min",
+                                        "is_max"), None))
     return Update(stats, final_adv.cpu(), think_h.cpu())
 
 
@@ -507,14 +520,24 @@ def clip_and_step(cfg: Config, model, optimizer, lr: float) -> float:
     return grad_norm.item()
 
 
+def gold_seqs(tr: Trainer, examples: list) -> list[packing.Seq]:
+    """Each example's prompt + its reference completion (prompts.render_target with sft_think) + EOS."""
+    return [packing.Seq(tr.data.prompt_ids[ex.id],
+                        tr.tokenizer.encode(prompts.render_target(ex, tr.cfg.fmt, tr.cfg.sft_think),
+                                            add_special_tokens=False) + [tr.tokenizer.eos_token_id])
+            for ex in examples]
+
+
 def policy_update(tr: Trainer, roll: Rollout, adv: Advantages, lr: float) -> Update:
-    """train_on_rollouts on the kept sequences (every rank joins, even one without any)."""
+    """train_on_rollouts on the kept sequences (every rank joins, even one without any); with sft_coef > 0
+    also on the reference completions of every prompt of the step, all-wrong and all-right groups included."""
     tr.engine.sleep()  # vLLM frees its GPU memory for the update (sleep mode); the next sync or rollout wakes it
     t0 = time.perf_counter()
-    if fdist.all_reduce_sum(len(adv.keep)) > 0:  # a rank without sequences still joins the passes
+    gold = gold_seqs(tr, list({ex.id: ex for ex in roll.owners}.values())) if tr.cfg.sft_coef > 0 else None
+    if gold is not None or fdist.all_reduce_sum(len(adv.keep)) > 0:  # a rank without sequences still joins
         update = train_on_rollouts(tr.cfg, tr.model, tr.ref_model, tr.optimizer, lr, adv.seqs, adv.adv[adv.keep],
                                    [roll.completions[i].logprobs for i in adv.keep], adv.think, tr.layout,
-                                   tr.varlen, tr.ctx.device)
+                                   tr.varlen, tr.ctx.device, gold)
     else:  # no rank has a group with signal: nothing to train
         update = Update({}, torch.empty(0), torch.empty(0), trained=False)
     update.train_s = time.perf_counter() - t0
@@ -527,10 +550,7 @@ def sft_step(tr: Trainer):
     t_step, lr = time.perf_counter(), lr_at(cfg, tr.step)
     tr.model.train()
     batch = fdist.split_for_rank(tr.data.next_batch(cfg.sft_batch_size), ctx.rank, ctx.world_size)  # my share
-    targets = [tr.tokenizer.encode(prompts.render_target(ex, cfg.fmt, cfg.sft_think), add_special_tokens=False)
-               + [tr.tokenizer.eos_token_id] for ex in batch]
-    seqs = [packing.Seq(tr.data.prompt_ids[ex.id], target) for ex, target in zip(batch, targets)]
-    loss = sft_loss_backward(cfg, tr.model, seqs, tr.layout, tr.varlen, ctx.device)
+    loss = sft_loss_backward(cfg, tr.model, gold_seqs(tr, batch), tr.layout, tr.varlen, ctx.device)
     grad_norm = clip_and_step(cfg, tr.model, tr.optimizer, lr)
     fault_point("step")
     tr.step += 1
@@ -634,10 +654,14 @@ def log_rl_step(tr: Trainer, lr: float, t_step: float, roll: Rollout, results: l
         "gen_tokens_per_s": sum(lengths) / roll.gen_s, "step_s": time.perf_counter() - t_step,
         "peak_mem_mb": peak_memory_mb(),
     }
+    if cfg.sft_coef > 0:
+        record["sft_loss"] = stats.get("sft_loss")
     tr.log.add(record)
     tr.log.progress(reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.2f}")
     trained = (f"ent {stats['entropy']:.2f} | kl {stats['kl']:.4f} | clip "
-               f"{stats['clip_low'] + stats['clip_high']:.3f}") if stats else "nothing trained"
+               f"{stats['clip_low'] + stats['clip_high']:.3f}") if stats.get("loss") is not None else "nothing trained"
+    if stats.get("sft_loss") is not None:
+        trained += f" | sft {stats['sft_loss']:.3f}"
     tr.log.say(f"step {tr.step}/{cfg.sft_steps + cfg.steps} | reward {record['reward']:.3f} | acc "
                f"{record['accuracy']:.2f} | fmt {record['format_rate']:.2f} | {trained} | zero-var "
                f"{record['zero_var_groups']}/{n_groups} | gen {roll.gen_s:.1f}s | train {update.train_s:.1f}s")

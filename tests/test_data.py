@@ -9,7 +9,7 @@ import pytest
 
 from fctrain import prompts, reward
 from fctrain.cleaning import calls_to_ground_truth, main, parse_verdict, validate
-from fctrain.config import Config
+from fctrain.config import Config, parse_config
 from fctrain.data import (BFCL_CATEGORIES, Example, TrainData, load_any, load_bfcl, load_jsonl, load_xlam, save_jsonl,
                           shuffle, split, swapped_tools_negative)
 from fctrain.prompts import build_messages, build_prompt_ids, filter_by_length, render_target
@@ -238,6 +238,23 @@ def test_evidence_think_states_request_and_tools_before_deciding(bfcl):
     neg = next(x for x in bfcl if x.category == "irrelevance")
     assert render_target(neg, "python", "evidence").endswith("None of them fits, so I make no call.</think>"
                                                              "<answer>[]</answer>")
+
+
+def test_answer_only_target_has_no_think_and_needs_think_optional(bfcl):
+    """think="none": the same answer as every other style with no think block; correct when the think is
+    optional, malformed for the python format's strict reading."""
+    kept, _ = validate(bfcl)
+    for e in kept[::7] + [x for x in bfcl if x.category == "irrelevance"][:3]:
+        for fmt in ("python", "hermes"):
+            bare = render_target(e, fmt, "none")
+            assert "<think>" not in bare and bare.strip() == bare
+            assert reward.score(bare, e, fmt=fmt, think_required=False).correct, (e.id, fmt)
+            assert bare in render_target(e, fmt, "plan")  # the same answer, after the think
+        assert not reward.parse(render_target(e, "python", "none"), "python").ok
+    with pytest.raises(SystemExit, match="think optional"):
+        parse_config(["--sft_think", "none"])  # python format, think required, SFT steps by default
+    assert parse_config(["--sft_think", "none", "--think", "optional"])[0].sft_think == "none"
+    assert parse_config(["--sft_think", "none", "--sft_steps", "0"])[0].sft_coef == 0  # never used: allowed
 
 
 def test_validate_bfcl_report(bfcl):

@@ -352,6 +352,27 @@ def test_recipe_options_dr_grpo_advantage_and_constant_lr():
 
 
 @pytest.mark.slow
+def test_sft_term_alone_is_exactly_one_sft_step_on_the_same_prompts(tiny):
+    """--sft_coef: an untrained tiny model's groups all score 0 (no RL signal), so an RL step with sft_coef 1
+    is the SFT term alone, on the step's prompts: the same update, bit for bit, as one SFT step on the same
+    prompts at the same learning rate. The term is logged, and RL metrics are not (nothing RL-trained)."""
+    from safetensors.torch import load_file
+    root, model_dir = tiny
+    common = dict(eval_data="none", save_every=1, reward="binary", max_new_tokens=8, sft_batch_size=2,
+                  prompts_per_step=2, lr=1e-3, sft_lr=1e-3, warmup_steps=1, beta=0.0)
+    mixed, sft = root / "sft_term", root / "sft_only"
+    assert run.main(_args(root, model_dir, mixed, sft_steps=0, steps=1, sft_coef=1.0, **common)) == 0
+    assert run.main(_args(root, model_dir, sft, sft_steps=1, steps=0, **common)) == 0
+    rl = [r for r in _metrics(mixed) if r["phase"] == "rl"]
+    assert rl[0]["trained_seqs"] == 0 and rl[0]["loss"] is None and math.isfinite(rl[0]["grad_norm"])
+    assert rl[0]["sft_loss"] == pytest.approx([r for r in _metrics(sft) if r["phase"] == "sft"][0]["loss"], rel=1e-12)
+    a, b = (load_file(out / "ckpt-000001" / "model.safetensors") for out in (mixed, sft))
+    base = load_file(Path(model_dir) / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a) and any(not torch.equal(a[k], base[k].to(a[k].dtype)) for k in a)
+    assert "sft_loss" not in _metrics(sft)[0]  # the default run's records are unchanged
+
+
+@pytest.mark.slow
 def test_dynamic_sampling_refills_zero_variance_groups(tiny):
     """DAPO: an untrained tiny model's groups all score 0 (no variance), so each step samples the extra
     rounds, each on newly drawn prompts (the data position moves by prompts_per_step per round)."""
