@@ -50,11 +50,23 @@ ARMS = {
     # the abstain collapse is a global push: pair each swapped-tool negative with its own question
     "lr5e-7-pairs": ["--lr", "5e-7", "--contrast_pairs", "true"],
     "lr1e-6": ["--lr", "1e-6"],
+    # The SFT-only control (issue 30, part 3): the same raw start and training pool, gold answers in the
+    # model's own answer-only form (`<answer>[...]</answer>`, what the think-optional reward pays), 8 per step
+    # at sft_lr 2e-5 (one value, not swept: the middle of the usual full fine-tune range for small Qwen2.5
+    # models), for the training seconds of the RL arm named in CONTROL_OF, evaluated every 10 SFT steps.
+    "sft-control": ["--sft_steps", "100000", "--steps", "0", "--sft_think", "none", "--sft_lr", "2e-5",
+                    "--sft_batch_size", "8", "--beta", "0", "--eval_every", "10", "--save_every", "10"],
     # DAPO / Dr. GRPO: no std division, refill zero-variance groups, wider upper clip
     "lr5e-7-dapo": ["--lr", "5e-7", "--adv_norm", "none", "--dynamic_sampling", "2", "--eps_high", "0.28"],
     "lr2e-7": ["--lr", "2e-7"],
 }
 START_ARM = "lr5e-7"  # its step-0 evaluation is everyone's baseline
+CONTROL_OF = {"sft-control": "lr1e-6"}  # an SFT control gets the training seconds of this (finished) RL arm
+
+
+def train_seconds(history: list[dict]) -> float:
+    """The trainer's summed step times (rollout, reward, update, sync; loading and evaluation excluded)."""
+    return sum(r.get("step_s", 0.0) for r in history if r.get("phase") in ("sft", "rl"))
 
 
 def metrics_path(arm: str) -> Path:
@@ -64,6 +76,11 @@ def metrics_path(arm: str) -> Path:
 def run_arm(arm: str, commit: bool) -> None:
     out = WORK / arm
     args = COMMON + ARMS[arm] + ["--out_dir", str(out)]
+    if arm in CONTROL_OF:
+        rl = CONTROL_OF[arm]
+        if not metrics_path(rl).exists():
+            raise SystemExit(f"{arm} needs the finished RL arm {rl} (its training seconds are the budget)")
+        args += ["--time_budget_s", f"{train_seconds(load(rl)):.1f}"]
     if any(out.glob("ckpt-*")):
         args += ["--resume", str(out)]
     print(f"[qwen_pilots] {arm}: {' '.join(args)}", flush=True)
@@ -113,7 +130,7 @@ def eval_rows(arm: str, history: list[dict], start: dict | None, kinds: dict) ->
     for rec in history:
         if rec.get("phase") in ("sft", "rl"):
             trained_s += rec.get("step_s", 0.0)
-        if rec.get("phase") != "eval" or "verdicts" not in rec:
+        if rec.get("phase") != "eval" or "verdicts" not in rec or (rows and rows[-1]["step"] == rec["step"]):
             continue
         v, dec = rec["verdicts"], rec.get("decisions", {})
         row = {"arm": arm, "step": rec["step"], "train_s": round(trained_s), "val": sum(v.values()) / len(v)}
@@ -122,7 +139,7 @@ def eval_rows(arm: str, history: list[dict], start: dict | None, kinds: dict) ->
             row[f"{kind}_acc"] = sum(v[i] for i in ids) / len(ids)
             for d in ("call", "none", "bad"):
                 row[f"{kind}_says_{d}"] = sum(dec.get(i) == d for i in ids) / len(ids) if dec else None
-        if start is not None and rec is not start:
+        if start is not None and rec["step"] > 0:
             ids = sorted(set(v) & set(start["verdicts"]))
             diff, lo, hi = paired_ci([start["verdicts"][i] for i in ids], [v[i] for i in ids])
             row["change"], row["change_lo"], row["change_hi"] = diff, lo, hi
@@ -132,6 +149,10 @@ def eval_rows(arm: str, history: list[dict], start: dict | None, kinds: dict) ->
 
 def train_summary(history: list[dict]) -> dict:
     rl = [r for r in history if r.get("phase") == "rl"]
+    sft = [r for r in history if r.get("phase") == "sft"]
+    if sft and not rl:
+        return {"sft_steps": len(sft), "loss": [round(r["loss"], 4) for r in sft],
+                "step_s": [round(r["step_s"], 1) for r in sft]}
     if not rl:
         return {}
     def series(key):
@@ -154,8 +175,8 @@ def report() -> str:
         if history is None:
             continue
         rows = eval_rows(arm, history, start, kinds)
-        if arm != START_ARM and start is not None:
-            rows = [r for r in eval_rows(START_ARM, [start], None, kinds)] + rows
+        if arm != START_ARM and start is not None and not any(r["step"] == 0 for r in rows):
+            rows = eval_rows(START_ARM, [start], None, kinds) + rows  # the same untrained model and engine
             rows[0]["arm"] = arm
         all_rows += rows
         curves[arm] = train_summary(history)
@@ -167,7 +188,9 @@ def report() -> str:
             lines.append(f"| {arm} | {r['step']} | {r['train_s']} | {pct(r['val'])} | {pct(r['call_acc'])} | "
                          f"{split('call')} | {pct(r['no_call_acc'])} | {split('no_call')} | {change} |")
     for arm, c in curves.items():
-        if c:
+        if c.get("sft_steps"):
+            lines.append(f"\n{arm}: {c['sft_steps']} SFT steps; loss {c['loss']}; step s {c['step_s']}")
+        elif c:
             lines.append(f"\n{arm}: {c['steps']} RL steps; reward {c['reward']}; mixed groups {c['mixed_groups']}; "
                          f"completion tokens {c['completion_len']}; KL {c['kl']}; grad norm {c['grad_norm']}; "
                          f"step s {c['step_s']}")

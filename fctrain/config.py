@@ -106,7 +106,7 @@ class Config:
     impl: str = "auto"                     # fused loss implementation: auto | triton | torch | naive
     seed: int = 0                          # data order, sampling and initial RNG state
     out_dir: str = "runs/default"          # checkpoints, metrics.jsonl, curves.png
-    eval_every: int = 0                    # RL steps between evaluations (0 = after SFT and at the end)
+    eval_every: int = 0                    # SFT or RL steps between evaluations (0 = after SFT and at the end)
     eval_at_start: bool = False            # also evaluate the untrained model
     save_every: int = 10                   # steps between checkpoints
     keep_last: int = 2                     # checkpoints kept

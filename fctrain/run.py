@@ -584,6 +584,21 @@ def save_reference(tr: Trainer):
     fdist.barrier()
 
 
+def evaluated_now(tr: Trainer) -> bool:
+    """Whether the policy of this step has been evaluated already."""
+    last = next((r for r in reversed(tr.log.history) if r.get("phase") == "eval"), None)
+    return last is not None and last["step"] == tr.step
+
+
+def evaluate_sft(tr: Trainer, tag: str):
+    """An evaluation during SFT (every eval_every SFT steps, and when the time budget ends SFT early): the
+    engine gets the current policy first, unless this step was just evaluated."""
+    if evaluated_now(tr):
+        return
+    sync_engine(tr)
+    evaluate(tr, tag)
+
+
 def start_rl(tr: Trainer):
     """The switch from SFT to RL, after the last SFT step: the engine gets the warm-started policy, which becomes
     the KL reference (saved for --resume) and is evaluated."""
@@ -822,7 +837,11 @@ def main(argv: list[str] | None = None) -> int:
         sft_step(tr)
         if tr.step == cfg.sft_steps:
             start_rl(tr)  # the engine, the KL reference and an evaluation get the warm-started policy
+        elif cfg.eval_every and tr.step % cfg.eval_every == 0 and data.eval_examples:
+            evaluate_sft(tr, f"sft-{tr.step}")
         stop = finish_step(tr, interrupt)
+        if stop and not interrupt.requested and tr.step < cfg.sft_steps and data.eval_examples:
+            evaluate_sft(tr, "after-sft")  # the time budget ended SFT (an SFT-only control): its final policy
         check_first_sync(tr)
 
     # -------------------------------------------------------------------------------------------- RL loop
@@ -858,7 +877,7 @@ def main(argv: list[str] | None = None) -> int:
     log.end_progress()
     if interrupt.requested:
         say(f"interrupted at step {tr.step}; resume with: python -m fctrain.run --resume {out}")
-    elif data.eval_examples and cfg.steps > 0:
+    elif data.eval_examples and cfg.steps > 0 and not evaluated_now(tr):
         evaluate(tr, "after")
     engine.close()
     log.close()

@@ -203,6 +203,19 @@ def test_time_budget_stops_after_the_step_that_spends_it_and_checkpoints(tiny):
         parse_config(["--sft_think", "long"])
 
 
+def test_sft_is_evaluated_every_eval_every_steps_and_when_the_budget_ends_it(tiny):
+    root, model_dir = tiny  # an SFT-only control (issue 30) needs its curve and its final policy evaluated
+    curve, budget = root / "sft_curve", root / "sft_budget"
+    assert run.main(_args(root, model_dir, curve, sft_steps=3, steps=0, eval_every=2, save_every=0)) == 0
+    rows = [json.loads(line) for line in open(curve / "metrics.jsonl")]
+    assert [(r["phase"], r.get("tag"), r["step"]) for r in rows] == [
+        ("sft", None, 1), ("sft", None, 2), ("eval", "sft-2", 2), ("sft", None, 3), ("eval", "after-sft", 3)]
+    assert run.main(_args(root, model_dir, budget, sft_steps=30, steps=2, save_every=0, time_budget_s=1e-3)) == 0
+    rows = [json.loads(line) for line in open(budget / "metrics.jsonl")]
+    assert [(r["phase"], r.get("tag"), r["step"]) for r in rows] == [("sft", None, 1), ("eval", "after-sft", 1)]
+    assert rows[1]["verdicts"] and [p.name for p in budget.glob("ckpt-*")] == ["ckpt-000001"]
+
+
 # ---- faults: a run SIGKILLed anywhere resumes to the uninterrupted run's weights and metrics
 
 REPO = Path(__file__).resolve().parents[1]
