@@ -14,7 +14,8 @@ evaluations are paired with (the same greedy engine on the same weights: one eva
 The held-out sets are never looked at here.
 
 An arm is finished when RESULTS/<arm>.metrics.jsonl exists; an interrupted one resumes from its last
-checkpoint under runs/qwen_pilots/<arm> (save_every = EVAL_EVERY). Each finished arm's metrics are copied
+checkpoint under runs/qwen_pilots/<arm> (save_every = EVAL_EVERY). A finished arm keeps its final policy
+(weights only) in runs/qwen_pilots/<arm>/final for a later held-out evaluation. Each finished arm's metrics are copied
 to RESULTS and committed at once (`--commit`), since a session can end at any moment.
 
 The report gives, per arm and evaluation: training seconds (the trainer's summed step times), val accuracy
@@ -91,8 +92,13 @@ def run_arm(arm: str, commit: bool) -> None:
     meta = common.run_metadata("cpu") | {"arm": arm, "args": args, "wall_s": time.time() - t0,
                                           "load_avg_end": common.load_avg()}
     (RESULTS / f"{arm}.meta.json").write_text(json.dumps(meta, indent=1) + "\n")
-    for ckpt in out.glob("ckpt-*"):  # ~6 GB each; the metrics are the result
+    ckpts = sorted(out.glob("ckpt-*"))
+    for ckpt in ckpts[:-1]:  # ~6 GB each; the metrics are the result
         shutil.rmtree(ckpt, ignore_errors=True)
+    if ckpts:  # the final policy stays (2 GB, no optimizer state) for a held-out evaluation: out/final
+        (ckpts[-1] / "trainer_state.pt").unlink(missing_ok=True)
+        shutil.rmtree(out / "final", ignore_errors=True)
+        ckpts[-1].rename(out / "final")
     report()
     if commit:
         paths = [str(p.relative_to(REPO)) for p in RESULTS.iterdir()]
