@@ -57,6 +57,9 @@ ARMS = {
     # models), for the training seconds of the RL arm named in CONTROL_OF, evaluated every 10 SFT steps.
     "sft-control": ["--sft_steps", "100000", "--steps", "0", "--sft_think", "none", "--sft_lr", "2e-5",
                     "--sft_batch_size", "8", "--beta", "0", "--eval_every", "10", "--save_every", "10"],
+    # the best arm on val so far, again with another seed (prompt order and samples): how much of its gain
+    # is the seed's
+    "lr1e-6-s1": ["--lr", "1e-6", "--seed", "1"],
     # DAPO / Dr. GRPO: no std division, refill zero-variance groups, wider upper clip
     "lr5e-7-dapo": ["--lr", "5e-7", "--adv_norm", "none", "--dynamic_sampling", "2", "--eps_high", "0.28"],
     "lr2e-7": ["--lr", "2e-7"],

@@ -1,0 +1,65 @@
+"""benchmarks/bench_qwen_pilots.py (issue 30): the report's rows and the SFT control's budget, on synthetic
+metrics. The arms themselves are the benchmark (an hour each on a CPU), not a test."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCH))
+_spec = importlib.util.spec_from_file_location("_bench_qwen_pilots", BENCH / "bench_qwen_pilots.py")
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+KINDS = {"c1": "call", "c2": "call", "c3": "call", "n1": "no_call"}
+
+
+def _eval(step, tag, verdicts, decisions):
+    return {"step": step, "phase": "eval", "tag": tag, "verdicts": verdicts, "decisions": decisions}
+
+
+def test_eval_rows_sum_training_seconds_pair_with_step_0_and_skip_a_second_evaluation_of_one_step():
+    start = _eval(0, "before", {"c1": 1, "c2": 0, "c3": 0, "n1": 0}, {"c1": "call", "c2": "bad", "c3": "call",
+                                                                      "n1": "call"})
+    history = [start, {"step": 1, "phase": "sft", "step_s": 90.0}, {"step": 2, "phase": "sft", "step_s": 95.5},
+               _eval(2, "sft-2", {"c1": 1, "c2": 1, "c3": 0, "n1": 1}, {"c1": "call", "c2": "call", "c3": "none",
+                                                                         "n1": "none"}),
+               _eval(2, "after-sft", {"c1": 0, "c2": 0, "c3": 0, "n1": 0}, {})]  # the same policy again: skipped
+    rows = bench.eval_rows("arm", history, start, KINDS)
+    assert [(r["step"], r["train_s"]) for r in rows] == [(0, 0), (2, 186)]
+    assert "change" not in rows[0]
+    r = rows[1]
+    assert r["val"] == 0.75 and r["call_acc"] == pytest.approx(2 / 3) and r["no_call_acc"] == 1.0
+    assert (r["call_says_call"], r["call_says_none"], r["call_says_bad"]) == pytest.approx((2 / 3, 1 / 3, 0))
+    assert r["change"] == 0.5  # (0 + 1 + 0 + 1) / 4, paired with step 0
+    assert r["change_lo"] <= 0.5 <= r["change_hi"] and 0 <= r["change_lo"] and r["change_hi"] <= 1
+
+
+def test_paired_ci_of_identical_verdicts_is_a_point_and_of_a_constant_gain_too():
+    assert bench.paired_ci([1, 0, 1], [1, 0, 1]) == (0.0, 0.0, 0.0)
+    assert bench.paired_ci([0, 0, 0, 0], [1, 1, 1, 1]) == (1.0, 1.0, 1.0)
+
+
+def test_the_sft_control_gets_its_rl_arms_training_seconds(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "RESULTS", tmp_path)
+    monkeypatch.setattr(bench, "WORK", tmp_path / "work")
+    rl = bench.CONTROL_OF["sft-control"]
+    rows = [{"step": 0, "phase": "eval", "eval_s": 300.0}, {"step": 1, "phase": "rl", "step_s": 310.5},
+            {"step": 2, "phase": "rl", "step_s": 200.0}, {"step": 2, "phase": "eval", "eval_s": 250.0}]
+    (tmp_path / f"{rl}.metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert bench.train_seconds(bench.load(rl)) == 510.5  # evaluation seconds are not training
+    calls = []
+    monkeypatch.setattr(bench.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or (_ for _ in ()).throw(
+        RuntimeError("stop here")))
+    with pytest.raises(RuntimeError, match="stop here"):
+        bench.run_arm("sft-control", commit=False)
+    args = calls[0]
+    last = lambda key: args[len(args) - 1 - args[::-1].index(key) + 1]  # argparse keeps an option's last value
+    assert last("--time_budget_s") == "510.5" and last("--steps") == "0" and last("--sft_think") == "none"
+    (tmp_path / f"{rl}.metrics.jsonl").unlink()
+    with pytest.raises(SystemExit, match="needs the finished RL arm"):
+        bench.run_arm("sft-control", commit=False)
