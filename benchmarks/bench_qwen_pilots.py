@@ -5,7 +5,9 @@ without collapsing the policy, before any long run or held-out evaluation.
     python benchmarks/bench_qwen_pilots.py run --arms lr5e-7 lr5e-7-pairs
     python benchmarks/bench_qwen_pilots.py report                # table, paired changes and the plot
 
-Every arm is `python -m fctrain.run --preset qwen0.5b-cpu` (16 prompts x 4 samples, T 0.7, beta 1e-3,
+Every arm is `python -m fctrain.run --preset qwen0.5b-cpu` (as it was when the pilots ran: lr 2e-6 with
+a cosine schedule, overridden here; the preset now holds what these pilots chose: 1e-6, constant) (16 prompts
+x 4 samples, T 0.7, beta 1e-3,
 python format with the think optional, no SFT) with a run-length-free schedule (`--lr_schedule constant`,
 2 warm-up steps) plus the arm's own options, from the same seed and the raw model. The trainer evaluates
 greedily on `split:val` (60 call-needing, 30 live_irrelevance and 30 swapped-tool no-call prompts) every

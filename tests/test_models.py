@@ -254,5 +254,6 @@ def test_qwen_preset_names_the_offline_model():
     cfg, _ = parse_config(["--preset", "qwen0.5b-cpu", "--steps", "5"])
     assert offline_model(cfg.model) is models.QWEN_CODER_05B
     assert (cfg.lr, cfg.beta, cfg.temperature, cfg.prompts_per_step, cfg.group_size, cfg.sft_steps, cfg.fmt) == \
-        (2e-6, 1e-3, 0.7, 16, 4, 0, "python")
+        (1e-6, 1e-3, 0.7, 16, 4, 0, "python")
+    assert (cfg.lr_schedule, cfg.warmup_steps) == ("constant", 2)  # the val pilots' best (issue 30)
     assert cfg.micro_batch_tokens >= cfg.max_prompt_tokens + cfg.max_new_tokens and cfg.steps == 5
