@@ -70,10 +70,6 @@ START_ARM = "lr5e-7"  # its step-0 evaluation is everyone's baseline
 CONTROL_OF = {"sft-control": "lr1e-6"}  # an SFT control gets the training seconds of this (finished) RL arm
 
 
-def train_seconds(history: list[dict]) -> float:
-    """The trainer's summed step times (rollout, reward, update, sync; loading and evaluation excluded)."""
-    return sum(r.get("step_s", 0.0) for r in history if r.get("phase") in ("sft", "rl"))
-
 
 def metrics_path(arm: str) -> Path:
     return RESULTS / f"{arm}.metrics.jsonl"
@@ -86,7 +82,8 @@ def run_arm(arm: str, commit: bool) -> None:
         rl = CONTROL_OF[arm]
         if not metrics_path(rl).exists():
             raise SystemExit(f"{arm} needs the finished RL arm {rl} (its training seconds are the budget)")
-        args += ["--time_budget_s", f"{train_seconds(load(rl)):.1f}"]
+        from fctrain.run import training_seconds  # what --time_budget_s counts
+        args += ["--time_budget_s", f"{training_seconds(load(rl)):.1f}"]
     if any(out.glob("ckpt-*")):
         args += ["--resume", str(out)]
     print(f"[qwen_pilots] {arm}: {' '.join(args)}", flush=True)

@@ -171,8 +171,9 @@ PRESETS = {
     # benchmarks/results/headroom_cpu/; so the think is optional here. Prompts <= 768 tokens and 256 new tokens to keep a step affordable on
     # 2 cores; fp32 weights + gradients + AdamW moments take 7.9 GB, the reference and vLLM 2 GB each, so
     # activation checkpointing and 2048-token micro-batches keep activations small on a shared 24 GB machine.
-    "qwen0.5b-cpu": dict(model="qwen2.5-coder-0.5b", lr=1e-6, lr_schedule="constant", warmup_steps=2, beta=0.001, temperature=0.7, prompts_per_step=16,
-                         group_size=4, fmt="python", think="optional", sft_steps=0, max_prompt_tokens=768,
+    # lr 1e-6, constant after 2 warm-up steps: chosen on val (benchmarks/results/qwen_pilots_cpu/)
+    "qwen0.5b-cpu": dict(model="qwen2.5-coder-0.5b", lr=1e-6, lr_schedule="constant", warmup_steps=2, beta=0.001,
+                         temperature=0.7, prompts_per_step=16, group_size=4, fmt="python", think="optional", sft_steps=0, max_prompt_tokens=768,
                          max_new_tokens=256,
                          micro_batch_tokens=2048, grad_checkpointing=True, train_dtype="float32"),
 }

@@ -211,10 +211,10 @@ def render_target(example: Example, fmt: str = "python", think: str = "plan") ->
             f"{_and(names)} {'fits' if len(names) == 1 else 'fit'}, so I call " + ", then ".join(
                 f"{name} with " + (_and(list(args)) or "no arguments") for name, args in calls) + "."
             if calls else "None of them fits, so I make no call.")
-    elif calls and think == "plan":
+    elif calls and style == "plan":
         think = "I call " + ", then ".join(
             f"{name} with " + (_and(list(args)) or "no arguments") for name, args in calls) + "."
-    elif calls and think == "restate":
+    elif calls and style == "restate":
         think = "I need to call " + ", then ".join(
             f"{name} with " + (", ".join(f"{p}={_py(v)}" for p, v in args.items()) or "no arguments")
             for name, args in calls) + "."

@@ -732,12 +732,17 @@ def evaluate(tr: Trainer, tag: str) -> dict:
 
 # ------------------------------------------------------------------------------------------------ checkpoint
 
+def training_seconds(history: list[dict]) -> float:
+    """The run's training time: its SFT and RL steps' summed times (loading and evaluation excluded)."""
+    return sum(r.get("step_s", 0.0) for r in history if r.get("phase") in ("sft", "rl"))
+
+
 def finish_step(tr: Trainer, interrupt: Interrupt) -> bool:
     """After every step: all ranks agree whether to stop (Ctrl-C, time budget), and a checkpoint is written
     when one is due. Returns True to stop."""
     cfg, total = tr.cfg, tr.cfg.sft_steps + tr.cfg.steps
     interrupt.requested = fdist.any_rank(interrupt.requested)  # Ctrl-C may reach some ranks only
-    trained_s = sum(r.get("step_s", 0.0) for r in tr.log.history if r.get("phase") in ("sft", "rl"))
+    trained_s = training_seconds(tr.log.history)
     # step times are each rank's own: all stop after the same step
     out_of_time = fdist.any_rank(bool(cfg.time_budget_s) and trained_s >= cfg.time_budget_s)
     if out_of_time and tr.step < total:
