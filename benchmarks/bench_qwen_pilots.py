@@ -4,6 +4,7 @@ without collapsing the policy, before any long run or held-out evaluation.
     python benchmarks/bench_qwen_pilots.py run                   # unfinished arms in order; finished ones skipped
     python benchmarks/bench_qwen_pilots.py run --arms lr5e-7 lr5e-7-pairs
     python benchmarks/bench_qwen_pilots.py report                # table, paired changes and the plot
+    python benchmarks/bench_qwen_pilots.py heldout --commit      # the kept final policies on (a)/(b)/(c)
 
 Every arm is `python -m fctrain.run --preset qwen0.5b-cpu` (as it was when the pilots ran: lr 2e-6 with
 a cosine schedule, overridden here; the preset now holds what these pilots chose: 1e-6, constant) (16 prompts
@@ -19,6 +20,13 @@ An arm is finished when RESULTS/<arm>.metrics.jsonl exists; an interrupted one r
 checkpoint under runs/qwen_pilots/<arm> (save_every = EVAL_EVERY). A finished arm keeps its final policy
 (weights only) in runs/qwen_pilots/<arm>/final for a later held-out evaluation. Each finished arm's metrics are copied
 to RESULTS and committed at once (`--commit`), since a session can end at any moment.
+
+`heldout` (issue 30, part 3's last step) evaluates, once each and only after the arms were chosen on val,
+the untrained model and the final policy of each arm in HELDOUT_ARMS on the held-out sets (a) test_in,
+(b) test_ood, (c) test_irr (BFCL irrelevance), and on val again: the same trainer evaluation
+(`--steps 0`), so its val verdicts must repeat the arm's own last val evaluation, which the report counts.
+It reports each set's accuracy (Wilson 95% CI), the call / no-call decisions, and paired changes (bootstrap
+over the set's prompts): each policy against the untrained model, and the RL arm against the SFT control.
 
 The report gives, per arm and evaluation: training seconds (the trainer's summed step times), val accuracy
 overall and on call-needing / no-call prompts, how often the answer is a call, no call or unparsable on each,
@@ -68,6 +76,11 @@ ARMS = {
 }
 START_ARM = "lr5e-7"  # its step-0 evaluation is everyone's baseline
 CONTROL_OF = {"sft-control": "lr1e-6"}  # an SFT control gets the training seconds of this (finished) RL arm
+# Held out: the policies compared (in evaluation order; "untrained" is the raw model) and the comparisons.
+# lr1e-6 itself was finished before arms kept their final policy; lr1e-6-s1 is the same recipe, seed 1.
+HELDOUT_SETS = ("test_in", "test_ood", "test_irr", "val")
+HELDOUT_ARMS = ("sft-control", "lr1e-6-s1", "untrained")
+HELDOUT_PAIRS = (("lr1e-6-s1", "sft-control"),)  # (RL, control): RL - control
 
 
 
@@ -233,6 +246,125 @@ def plot(rows: list[dict]) -> None:
     plt.close(fig)
 
 
+# ------------------------------------------------------------------------------------------------ held out
+
+def heldout_path(name: str) -> Path:
+    return RESULTS / "heldout" / f"{name}.metrics.jsonl"
+
+
+def heldout_args(name: str) -> list[str]:
+    """The trainer's own evaluation, nothing trained: the raw model or the arm's kept final policy."""
+    if name == "untrained":
+        model = "qwen2.5-coder-0.5b"
+    else:
+        final = WORK / name / "final"
+        if not (final / "config.json").exists():
+            raise SystemExit(f"held out: {final} missing (run the arm first: a finished arm keeps it)")
+        model = str(final)
+    return ["--preset", "qwen0.5b-cpu", "--model", model, "--seed", "0", "--steps", "0", "--save_every", "0",
+            "--eval_data", "+".join(f"split:{s}" for s in HELDOUT_SETS), "--out_dir", str(WORK / "heldout" / name)]
+
+
+def run_heldout(names, commit: bool) -> None:
+    for name in names:
+        if heldout_path(name).exists():
+            print(f"[qwen_pilots] held out {name}: finished, skipped", flush=True)
+            continue
+        args = heldout_args(name)
+        out = WORK / "heldout" / name
+        shutil.rmtree(out, ignore_errors=True)  # an interrupted evaluation restarts (nothing to resume)
+        print(f"[qwen_pilots] held out {name}: {' '.join(args)}", flush=True)
+        t0 = time.time()
+        subprocess.run([sys.executable, "-m", "fctrain.run"] + args, cwd=REPO, check=True)
+        heldout_path(name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(out / "metrics.jsonl", heldout_path(name))
+        meta = common.run_metadata("cpu") | {"policy": name, "args": args, "wall_s": time.time() - t0,
+                                              "load_avg_end": common.load_avg()}
+        heldout_path(name).with_suffix("").with_suffix(".meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+        heldout_report()
+        if commit:
+            paths = [str(p.relative_to(REPO)) for p in (RESULTS / "heldout").iterdir()]
+            subprocess.run(["git", "add", "--"] + paths, cwd=REPO, check=False)
+            subprocess.run(["git", "commit", "-q", "-m", f"qwen pilots: held-out evaluation of {name}", "--"] + paths,
+                           cwd=REPO, check=False)
+
+
+def heldout_eval(name: str) -> dict | None:
+    path = heldout_path(name)
+    if not path.exists():
+        return None
+    return next(r for r in map(json.loads, open(path)) if r.get("phase") == "eval")
+
+
+def heldout_rows(evals: dict, sets_of: dict, arm_val: dict) -> tuple[list[dict], list[dict]]:
+    """(per policy and set: accuracy, Wilson CI and decision shares; paired comparisons).
+    evals: {policy: eval record}; sets_of: {set: [ids]}; arm_val: {policy: the arm's own last val verdicts}."""
+    from fctrain.eval import wilson_interval
+    rows, pairs = [], []
+    for name, rec in evals.items():
+        v, dec = rec["verdicts"], rec.get("decisions", {})
+        for s, ids in sets_of.items():
+            ids = [i for i in ids if i in v]
+            correct = sum(v[i] for i in ids)
+            lo, hi = wilson_interval(correct, len(ids))
+            row = {"policy": name, "set": s, "n": len(ids), "acc": correct / len(ids), "lo": lo, "hi": hi}
+            for d in ("call", "none", "bad"):
+                row[f"says_{d}"] = sum(dec.get(i) == d for i in ids) / len(ids)
+            if s == "val" and name in arm_val:  # the same policy's val verdicts, logged when it was trained
+                own = arm_val[name]
+                row["val_repeat"] = [sum(own[i] == v[i] for i in ids if i in own), sum(i in own for i in ids)]
+            rows.append(row)
+    comparisons = [(n, "untrained") for n in evals if n != "untrained"] + list(HELDOUT_PAIRS)
+    for a, b in comparisons:
+        if a not in evals or b not in evals:
+            continue
+        for s, ids in sets_of.items():
+            ids = [i for i in ids if i in evals[a]["verdicts"] and i in evals[b]["verdicts"]]
+            va, vb = evals[a]["verdicts"], evals[b]["verdicts"]
+            diff, lo, hi = paired_ci([vb[i] for i in ids], [va[i] for i in ids])
+            pairs.append({"a": a, "b": b, "set": s, "n": len(ids), "diff": diff, "lo": lo, "hi": hi,
+                          "same": sum(va[i] == vb[i] for i in ids)})
+    return rows, pairs
+
+
+def last_val_verdicts(arm: str) -> dict | None:
+    history = load(arm if arm != "untrained" else START_ARM) or []
+    evals = [r for r in history if r.get("phase") == "eval" and "verdicts" in r]
+    if not evals:
+        return None
+    return (evals[0] if arm == "untrained" else evals[-1])["verdicts"]
+
+
+def heldout_report() -> str:
+    from fctrain import data
+    evals = {n: e for n in HELDOUT_ARMS if (e := heldout_eval(n)) is not None}
+    if not evals:
+        return ""
+    sets_of = {s: [e.id for e in data.load_split(s)] for s in HELDOUT_SETS}
+    arm_val = {n: v for n in evals if (v := last_val_verdicts(n)) is not None}
+    rows, pairs = heldout_rows(evals, sets_of, arm_val)
+    pct = lambda x: f"{100 * x:.1f}"
+    lines = ["| policy | set | n | accuracy (95% CI) | answers: call / none / unparsable | val repeats the arm's own |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        rep = f"{r['val_repeat'][0]}/{r['val_repeat'][1]} verdicts" if "val_repeat" in r else ""
+        lines.append(f"| {r['policy']} | {r['set']} | {r['n']} | {pct(r['acc'])} [{pct(r['lo'])}, {pct(r['hi'])}] | "
+                     f"{pct(r['says_call'])} / {pct(r['says_none'])} / {pct(r['says_bad'])} | {rep} |")
+    lines += ["", "| comparison | set | n | change, points (95% CI, paired bootstrap) | same verdict |",
+              "|---|---|---|---|---|"]
+    for p in pairs:
+        lines.append(f"| {p['a']} - {p['b']} | {p['set']} | {p['n']} | {100 * p['diff']:+.1f} "
+                     f"[{100 * p['lo']:+.1f}, {100 * p['hi']:+.1f}] | {p['same']}/{p['n']} |")
+    text = "\n".join(lines)
+    out = RESULTS / "heldout"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.md").write_text(text + "\n")
+    (out / "summary.json").write_text(json.dumps({"rows": rows, "pairs": pairs, "sets": HELDOUT_SETS,
+                                                  "policies": list(evals)}, indent=1) + "\n")
+    print(text, flush=True)
+    return text
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -240,9 +372,16 @@ def main(argv=None) -> int:
     r.add_argument("--arms", nargs="+", default=None, help=f"default: all, in order: {' '.join(ARMS)}")
     r.add_argument("--commit", action="store_true", help="git-commit RESULTS after each finished arm")
     sub.add_parser("report")
+    h = sub.add_parser("heldout", help="the untrained model and the arms' kept final policies on the held-out sets")
+    h.add_argument("--policies", nargs="+", default=list(HELDOUT_ARMS), choices=HELDOUT_ARMS)
+    h.add_argument("--commit", action="store_true", help="git-commit the held-out results after each policy")
+    h.add_argument("--report", action="store_true", help="only the report of what was evaluated")
     args = p.parse_args(argv)
     if args.cmd == "report":
         report()
+        return 0
+    if args.cmd == "heldout":
+        heldout_report() if args.report else run_heldout(args.policies, args.commit)
         return 0
     for arm in args.arms or list(ARMS):
         if arm not in ARMS:

@@ -62,3 +62,38 @@ def test_the_sft_control_gets_its_rl_arms_training_seconds(tmp_path, monkeypatch
     (tmp_path / f"{rl}.metrics.jsonl").unlink()
     with pytest.raises(SystemExit, match="needs the finished RL arm"):
         bench.run_arm("sft-control", commit=False)
+
+
+def test_heldout_rows_count_each_set_pair_policies_by_prompt_and_check_the_val_repeat(monkeypatch):
+    monkeypatch.setattr(bench, "HELDOUT_PAIRS", (("rl", "sft"),))
+    ev = lambda v, d: {"verdicts": v, "decisions": d}
+    evals = {"rl": ev({"a1": 1, "a2": 1, "i1": 1, "v1": 1, "v2": 0}, {"a1": "call", "a2": "call", "i1": "none",
+                                                                        "v1": "call", "v2": "bad"}),
+             "sft": ev({"a1": 1, "a2": 0, "i1": 1, "v1": 1, "v2": 1}, {"a1": "call", "a2": "bad", "i1": "none"}),
+             "untrained": ev({"a1": 0, "a2": 0, "i1": 0, "v1": 0, "v2": 0}, {})}
+    sets_of = {"test_in": ["a1", "a2", "a3"], "test_irr": ["i1"], "val": ["v1", "v2"]}  # a3: over the prompt limit
+    rows, pairs = bench.heldout_rows(evals, sets_of, {"rl": {"v1": 1, "v2": 1}, "untrained": {"v1": 0, "v2": 0}})
+    by = {(r["policy"], r["set"]): r for r in rows}
+    r = by["sft", "test_in"]
+    assert (r["n"], r["acc"], r["says_call"], r["says_bad"]) == (2, 0.5, 0.5, 0.5) and r["lo"] < 0.5 < r["hi"]
+    assert by["rl", "val"]["val_repeat"] == [1, 2] and by["untrained", "val"]["val_repeat"] == [2, 2]
+    assert "val_repeat" not in by["sft", "val"] and "val_repeat" not in by["rl", "test_in"]
+    pair = {(p["a"], p["b"], p["set"]): p for p in pairs}
+    assert ("sft", "untrained", "val") in pair and ("untrained", "untrained", "val") not in pair
+    p = pair["rl", "untrained", "test_in"]
+    assert (p["n"], p["diff"], p["same"]) == (2, 1.0, 0)
+    p = pair["rl", "sft", "test_in"]  # RL - control, paired by prompt
+    assert (p["n"], p["diff"], p["same"]) == (2, 0.5, 1) and p["lo"] <= 0.5 <= p["hi"]
+
+
+def test_heldout_args_evaluate_without_training_and_need_the_kept_policy(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "WORK", tmp_path)
+    args = bench.heldout_args("untrained")
+    last = lambda key: args[len(args) - 1 - args[::-1].index(key) + 1]
+    assert last("--steps") == "0" and last("--model") == "qwen2.5-coder-0.5b"
+    assert last("--eval_data") == "split:test_in+split:test_ood+split:test_irr+split:val"
+    with pytest.raises(SystemExit, match="final missing"):
+        bench.heldout_args("sft-control")
+    (tmp_path / "sft-control" / "final").mkdir(parents=True)
+    (tmp_path / "sft-control" / "final" / "config.json").write_text("{}")
+    assert bench.heldout_args("sft-control")[3] == str(tmp_path / "sft-control" / "final")

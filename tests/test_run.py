@@ -216,6 +216,22 @@ def test_sft_is_evaluated_every_eval_every_steps_and_when_the_budget_ends_it(tin
     assert rows[1]["verdicts"] and [p.name for p in budget.glob("ckpt-*")] == ["ckpt-000001"]
 
 
+def test_steps_0_evaluates_a_kept_policy_once_and_saves_nothing(tiny):
+    # the held-out evaluation of a finished arm's policy (bench_qwen_pilots heldout). The tiny model's verdicts
+    # are mostly 0, so their equality below is weak; the real check is the report's val repeat on Qwen.
+    root, model_dir = tiny
+    trained, again = root / "kept", root / "kept_eval"
+    assert run.main(_args(root, model_dir, trained, sft_steps=3, steps=0, eval_limit=2, save_every=3)) == 0
+    logged = [json.loads(line) for line in open(trained / "metrics.jsonl")][-1]
+    assert logged["tag"] == "after-sft"
+    ckpt = trained / "ckpt-000003"
+    assert run.main(_args(root, ckpt, again, sft_steps=0, steps=0, eval_limit=2, save_every=0)) == 0
+    rows = [json.loads(line) for line in open(again / "metrics.jsonl")]
+    assert [(r["phase"], r["tag"], r["step"]) for r in rows] == [("eval", "before", 0)]  # evaluated once
+    assert rows[0]["verdicts"] == logged["verdicts"] and rows[0]["decisions"] == logged["decisions"]
+    assert not list(again.glob("ckpt-*"))  # nothing trained, nothing saved
+
+
 # ---- faults: a run SIGKILLed anywhere resumes to the uninterrupted run's weights and metrics
 
 REPO = Path(__file__).resolve().parents[1]
