@@ -46,6 +46,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+import power  # noqa: E402
 
 REPO = common.REPO
 RESULTS = common.RESULTS / "qwen_pilots_cpu"
@@ -322,8 +323,10 @@ def heldout_rows(evals: dict, sets_of: dict, arm_val: dict) -> tuple[list[dict],
             ids = [i for i in ids if i in evals[a]["verdicts"] and i in evals[b]["verdicts"]]
             va, vb = evals[a]["verdicts"], evals[b]["verdicts"]
             diff, lo, hi = paired_ci([vb[i] for i in ids], [va[i] for i in ids])
+            # the smallest true difference this one-seed design detects (80% power): a lower bound, seeds vary too
+            mde = power.mde(power.se_discordance([[va[i] - vb[i] for i in ids]]))
             pairs.append({"a": a, "b": b, "set": s, "n": len(ids), "diff": diff, "lo": lo, "hi": hi,
-                          "same": sum(va[i] == vb[i] for i in ids)})
+                          "same": sum(va[i] == vb[i] for i in ids), "mde80": mde})
     return rows, pairs
 
 
@@ -350,11 +353,11 @@ def heldout_report() -> str:
         rep = f"{r['val_repeat'][0]}/{r['val_repeat'][1]} verdicts" if "val_repeat" in r else ""
         lines.append(f"| {r['policy']} | {r['set']} | {r['n']} | {pct(r['acc'])} [{pct(r['lo'])}, {pct(r['hi'])}] | "
                      f"{pct(r['says_call'])} / {pct(r['says_none'])} / {pct(r['says_bad'])} | {rep} |")
-    lines += ["", "| comparison | set | n | change, points (95% CI, paired bootstrap) | same verdict |",
-              "|---|---|---|---|---|"]
+    lines += ["", "| comparison | set | n | change, points (95% CI, paired bootstrap) | same verdict | "
+              "detectable at 80% power, one seed (lower bound) |", "|---|---|---|---|---|---|"]
     for p in pairs:
         lines.append(f"| {p['a']} - {p['b']} | {p['set']} | {p['n']} | {100 * p['diff']:+.1f} "
-                     f"[{100 * p['lo']:+.1f}, {100 * p['hi']:+.1f}] | {p['same']}/{p['n']} |")
+                     f"[{100 * p['lo']:+.1f}, {100 * p['hi']:+.1f}] | {p['same']}/{p['n']} | {100 * p['mde80']:.1f} |")
     text = "\n".join(lines)
     out = RESULTS / "heldout"
     out.mkdir(parents=True, exist_ok=True)

@@ -84,6 +84,8 @@ def test_heldout_rows_count_each_set_pair_policies_by_prompt_and_check_the_val_r
     assert (p["n"], p["diff"], p["same"]) == (2, 1.0, 0)
     p = pair["rl", "sft", "test_in"]  # RL - control, paired by prompt
     assert (p["n"], p["diff"], p["same"]) == (2, 0.5, 1) and p["lo"] <= 0.5 <= p["hi"]
+    # one of two pairs differs: var(d) = 1/2 - 1/4, SE = sqrt(1/4 / 2), MDE = (1.96 + 0.84) SE
+    assert p["mde80"] == pytest.approx((1.959964 + 0.841621) * (0.25 / 2) ** 0.5, rel=1e-5)
 
 
 def test_heldout_args_evaluate_without_training_and_need_the_kept_policy(tmp_path, monkeypatch):
