@@ -5,6 +5,7 @@ without collapsing the policy, before any long run or held-out evaluation.
     python benchmarks/bench_qwen_pilots.py run --arms lr5e-7 lr5e-7-pairs
     python benchmarks/bench_qwen_pilots.py report                # table, paired changes and the plot
     python benchmarks/bench_qwen_pilots.py heldout --commit      # the kept final policies on (a)/(b)/(c)
+    python benchmarks/bench_qwen_pilots.py run --arms long-rl long-sft --piece-s 5400 --commit   # a piece each
 
 Every arm is `python -m fctrain.run --preset qwen0.5b-cpu` (as it was when the pilots ran: lr 2e-6 with
 a cosine schedule, overridden here; the preset now holds what these pilots chose: 1e-6, constant) (16 prompts
@@ -28,6 +29,13 @@ the untrained model and the final policy of each arm in HELDOUT_ARMS on the held
 It reports each set's accuracy (Wilson 95% CI), the call / no-call decisions, and paired changes (bootstrap
 over the set's prompts): each policy against the untrained model, and the RL arm against the SFT control.
 
+The long arms (issue 30, part 3: the curve until it flattens or 150 RL steps, against the SFT control at the
+same training seconds) outlast a session, so they run in pieces: `--piece-s S` interrupts an arm's trainer
+after S wall seconds (Ctrl-C: it finishes the step, checkpoints and exits), copies its curve so far to
+RESULTS/<arm>.partial.metrics.jsonl, commits it, and goes on to the next arm; the next `run` resumes each from
+its checkpoint. A control of an unfinished RL arm trains up to the RL arm's training seconds so far and is
+finished only once its RL arm is.
+
 The report gives, per arm and evaluation: training seconds (the trainer's summed step times), val accuracy
 overall and on call-needing / no-call prompts, how often the answer is a call, no call or unparsable on each,
 and the paired change since step 0 with a 95% bootstrap CI over val's prompts; and per arm the training
@@ -39,6 +47,7 @@ import argparse
 import json
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -74,9 +83,16 @@ ARMS = {
     # DAPO / Dr. GRPO: no std division, refill zero-variance groups, wider upper clip
     "lr5e-7-dapo": ["--lr", "5e-7", "--adv_norm", "none", "--dynamic_sampling", "2", "--eps_high", "0.28"],
     "lr2e-7": ["--lr", "2e-7"],
+    # Part 3's long curves, in pieces (--piece-s): the val recipe for up to 150 steps, evaluated every 10 (~50
+    # training minutes), and its SFT control evaluated every 30 SFT steps (about as many training minutes)
+    "long-rl": ["--lr", "1e-6", "--steps", "150", "--eval_every", "10", "--save_every", "5"],
+    "long-sft": ["--sft_steps", "100000", "--steps", "0", "--sft_think", "none", "--sft_lr", "2e-5",
+                 "--sft_batch_size", "8", "--beta", "0", "--eval_every", "30", "--save_every", "10"],
 }
 START_ARM = "lr5e-7"  # its step-0 evaluation is everyone's baseline
-CONTROL_OF = {"sft-control": "lr1e-6"}  # an SFT control gets the training seconds of this (finished) RL arm
+# an SFT control gets the training seconds of this RL arm (the pilots': finished; the long ones': so far)
+CONTROL_OF = {"sft-control": "lr1e-6", "long-sft": "long-rl"}
+LONG_ARMS = ("long-rl", "long-sft")
 # Held out: the policies compared (in evaluation order; "untrained" is the raw model) and the comparisons.
 # lr1e-6 itself was finished before arms kept their final policy; lr1e-6-s1 is the same recipe, seed 1.
 HELDOUT_SETS = ("test_in", "test_ood", "test_irr", "val")
@@ -89,22 +105,68 @@ def metrics_path(arm: str) -> Path:
     return RESULTS / f"{arm}.metrics.jsonl"
 
 
-def run_arm(arm: str, commit: bool) -> None:
+def partial_path(arm: str) -> Path:
+    return RESULTS / f"{arm}.partial.metrics.jsonl"
+
+
+def commit_results(message: str, folder: Path | None = None) -> None:
+    paths = [str(p.relative_to(REPO)) for p in (folder or RESULTS).iterdir() if p.is_file()]
+    subprocess.run(["git", "add", "--"] + paths, cwd=REPO, check=False)
+    subprocess.run(["git", "commit", "-q", "-m", message, "--"] + paths, cwd=REPO, check=False)
+
+
+def train(args: list[str], piece_s: float | None) -> int:
+    """The trainer's exit code; after piece_s wall seconds it gets a Ctrl-C (finish the step, checkpoint: 130)."""
+    proc = subprocess.Popen([sys.executable, "-m", "fctrain.run"] + args, cwd=REPO)
+    try:
+        return proc.wait(timeout=piece_s)
+    except subprocess.TimeoutExpired:
+        print(f"[qwen_pilots] piece of {piece_s:.0f} s over: interrupting (the trainer checkpoints)", flush=True)
+        proc.send_signal(signal.SIGINT)
+        return proc.wait()
+    except BaseException:  # our own Ctrl-C or kill: the trainer checkpoints too
+        proc.send_signal(signal.SIGINT)
+        proc.wait()
+        raise
+
+
+def run_arm(arm: str, commit: bool, piece_s: float | None = None) -> None:
+    from fctrain.run import training_seconds  # what --time_budget_s counts
     out = WORK / arm
     args = COMMON + ARMS[arm] + ["--out_dir", str(out)]
+    rl_done = True
     if arm in CONTROL_OF:
         rl = CONTROL_OF[arm]
-        if not metrics_path(rl).exists():
+        rl_done = metrics_path(rl).exists()
+        if not rl_done and rl not in LONG_ARMS:
             raise SystemExit(f"{arm} needs the finished RL arm {rl} (its training seconds are the budget)")
-        from fctrain.run import training_seconds  # what --time_budget_s counts
-        args += ["--time_budget_s", f"{training_seconds(load(rl)):.1f}"]
+        budget = training_seconds(load(rl) or [])
+        if not budget:
+            raise SystemExit(f"{arm} needs training seconds of its RL arm {rl}: run {rl} first")
+        own = load(arm) if not metrics_path(arm).exists() else None
+        if own and training_seconds(own) >= budget:
+            print(f"[qwen_pilots] {arm}: caught up with {rl} ({budget:.0f} s of training); waits for more of it",
+                  flush=True)
+            return
+        args += ["--time_budget_s", f"{budget:.1f}"]
     if any(out.glob("ckpt-*")):
         args += ["--resume", str(out)]
     print(f"[qwen_pilots] {arm}: {' '.join(args)}", flush=True)
     t0 = time.time()
-    subprocess.run([sys.executable, "-m", "fctrain.run"] + args, cwd=REPO, check=True)
+    rc = train(args, piece_s)
+    if rc not in (0, 130):
+        raise SystemExit(f"{arm}: the trainer failed (exit {rc}); rerun resumes from its last checkpoint")
     RESULTS.mkdir(parents=True, exist_ok=True)
+    if rc == 130 or not rl_done:  # a piece: the curve so far, committed; the checkpoint stays for the next
+        shutil.copy(out / "metrics.jsonl", partial_path(arm))
+        steps = max((r["step"] for r in load(arm) if "step" in r), default=0)
+        print(f"[qwen_pilots] {arm}: piece ended at step {steps}; resume with the same command", flush=True)
+        report()
+        if commit:
+            commit_results(f"qwen pilots: arm {arm}, a piece (to step {steps}, val only)")
+        return
     shutil.copy(out / "metrics.jsonl", metrics_path(arm))
+    partial_path(arm).unlink(missing_ok=True)
     meta = common.run_metadata("cpu") | {"arm": arm, "args": args, "wall_s": time.time() - t0,
                                           "load_avg_end": common.load_avg()}
     (RESULTS / f"{arm}.meta.json").write_text(json.dumps(meta, indent=1) + "\n")
@@ -117,19 +179,15 @@ def run_arm(arm: str, commit: bool) -> None:
         ckpts[-1].rename(out / "final")
     report()
     if commit:
-        paths = [str(p.relative_to(REPO)) for p in RESULTS.iterdir()]
-        subprocess.run(["git", "add", "--"] + paths, cwd=REPO, check=False)
-        subprocess.run(["git", "commit", "-q", "-m", f"qwen pilots: arm {arm} finished (val only)", "--"] + paths,
-                       cwd=REPO, check=False)
+        commit_results(f"qwen pilots: arm {arm} finished (val only)")
 
 
 # ------------------------------------------------------------------------------------------------ report
 
 def load(arm: str) -> list[dict] | None:
     path = metrics_path(arm)
-    if not path.exists():
-        partial = WORK / arm / "metrics.jsonl"  # an arm still running: its curve so far
-        path = partial if partial.exists() else None
+    if not path.exists():  # an arm running or between pieces: its curve so far
+        path = next((p for p in (WORK / arm / "metrics.jsonl", partial_path(arm)) if p.exists()), None)
     return [json.loads(line) for line in open(path)] if path else None
 
 
@@ -229,6 +287,14 @@ def report() -> str:
 
 
 def plot(rows: list[dict]) -> None:
+    """val_curves.png: the pilots; long_curves.png: the long arms (both against training minutes)."""
+    for name, keep in (("val_curves", lambda arm: arm not in LONG_ARMS), ("long_curves", lambda arm: arm in LONG_ARMS)):
+        mine = [r for r in rows if keep(r["arm"])]
+        if mine:
+            plot_curves(mine, RESULTS / f"{name}.png")
+
+
+def plot_curves(rows: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -243,7 +309,7 @@ def plot(rows: list[dict]) -> None:
     axes[0].set_ylabel("%")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(RESULTS / "val_curves.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -284,10 +350,7 @@ def run_heldout(names, commit: bool) -> None:
         heldout_path(name).with_suffix("").with_suffix(".meta.json").write_text(json.dumps(meta, indent=1) + "\n")
         heldout_report()
         if commit:
-            paths = [str(p.relative_to(REPO)) for p in (RESULTS / "heldout").iterdir()]
-            subprocess.run(["git", "add", "--"] + paths, cwd=REPO, check=False)
-            subprocess.run(["git", "commit", "-q", "-m", f"qwen pilots: held-out evaluation of {name}", "--"] + paths,
-                           cwd=REPO, check=False)
+            commit_results(f"qwen pilots: held-out evaluation of {name}", RESULTS / "heldout")
 
 
 def heldout_eval(name: str) -> dict | None:
@@ -373,7 +436,10 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")
     r.add_argument("--arms", nargs="+", default=None, help=f"default: all, in order: {' '.join(ARMS)}")
-    r.add_argument("--commit", action="store_true", help="git-commit RESULTS after each finished arm")
+    r.add_argument("--commit", action="store_true", help="git-commit RESULTS after each finished arm or piece")
+    r.add_argument("--piece-s", type=float, default=None,
+                   help="interrupt each arm after this many wall seconds (it checkpoints), commit its curve so "
+                        "far, go on to the next arm; run again to resume")
     sub.add_parser("report")
     h = sub.add_parser("heldout", help="the untrained model and the arms' kept final policies on the held-out sets")
     h.add_argument("--policies", nargs="+", default=list(HELDOUT_ARMS), choices=HELDOUT_ARMS)
@@ -392,7 +458,7 @@ def main(argv=None) -> int:
         if metrics_path(arm).exists():
             print(f"[qwen_pilots] {arm}: finished, skipped", flush=True)
             continue
-        run_arm(arm, args.commit)
+        run_arm(arm, args.commit, args.piece_s)
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -52,7 +53,7 @@ def test_the_sft_control_gets_its_rl_arms_training_seconds(tmp_path, monkeypatch
             {"step": 2, "phase": "rl", "step_s": 200.0}, {"step": 2, "phase": "eval", "eval_s": 250.0}]
     (tmp_path / f"{rl}.metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     calls = []
-    monkeypatch.setattr(bench.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or (_ for _ in ()).throw(
+    monkeypatch.setattr(bench, "train", lambda args, piece_s: calls.append(args) or (_ for _ in ()).throw(
         RuntimeError("stop here")))
     with pytest.raises(RuntimeError, match="stop here"):
         bench.run_arm("sft-control", commit=False)
@@ -99,3 +100,39 @@ def test_heldout_args_evaluate_without_training_and_need_the_kept_policy(tmp_pat
     (tmp_path / "sft-control" / "final").mkdir(parents=True)
     (tmp_path / "sft-control" / "final" / "config.json").write_text("{}")
     assert bench.heldout_args("sft-control")[3] == str(tmp_path / "sft-control" / "final")
+
+
+def test_long_arms_run_in_pieces_and_the_control_follows_its_rl_arms_seconds(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(bench, "WORK", tmp_path / "work")
+    monkeypatch.setattr(bench, "report", lambda: "")
+    trained = []  # the trainer's part is tested in tests/test_run.py (Ctrl-C checkpoints, --time_budget_s)
+
+    def fake_train(args, piece_s):  # writes the curve the trainer would have written, exits as told
+        arm_dir = Path(args[len(args) - 1 - args[::-1].index("--out_dir") + 1])
+        arm_dir.mkdir(parents=True, exist_ok=True)
+        rows = {"long-rl": [{"step": 1, "phase": "rl", "step_s": 300.0}, {"step": 2, "phase": "rl", "step_s": 310.0}],
+                "long-sft": [{"step": 1, "phase": "sft", "step_s": 400.0}, {"step": 2, "phase": "sft", "step_s": 300.0}]}
+        (arm_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[arm_dir.name]))
+        (arm_dir / "ckpt-000002").mkdir(exist_ok=True)
+        trained.append(args)
+        return 130 if arm_dir.name == "long-rl" else 0  # RL: the piece ran out; SFT: its budget was spent
+
+    monkeypatch.setattr(bench, "train", fake_train)
+    with pytest.raises(SystemExit, match="run long-rl first"):
+        bench.run_arm("long-sft", commit=False)  # no RL seconds yet
+    bench.run_arm("long-rl", commit=False, piece_s=60)
+    assert bench.partial_path("long-rl").exists() and not bench.metrics_path("long-rl").exists()
+    bench.run_arm("long-sft", commit=False, piece_s=60)
+    last = lambda key: trained[-1][len(trained[-1]) - 1 - trained[-1][::-1].index(key) + 1]
+    assert last("--time_budget_s") == "610.0" and "--resume" not in trained[-1]
+    # the control exited 0 (its budget spent) but its RL arm goes on: a piece, not finished
+    assert bench.partial_path("long-sft").exists() and not bench.metrics_path("long-sft").exists()
+    n = len(trained)
+    bench.run_arm("long-sft", commit=False)  # 700 s >= 610 s: nothing to train until RL has more
+    assert len(trained) == n
+    bench.run_arm("long-rl", commit=False, piece_s=60)  # the next piece resumes
+    assert last("--resume").endswith("long-rl")
+    # a piece's curve outlives the working folder (a new machine): load reads the committed partial
+    shutil.rmtree(tmp_path / "work")
+    assert [r["step_s"] for r in bench.load("long-rl")] == [300.0, 310.0]
