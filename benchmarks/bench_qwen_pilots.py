@@ -83,6 +83,15 @@ ARMS = {
     # DAPO / Dr. GRPO: no std division, refill zero-variance groups, wider upper clip
     "lr5e-7-dapo": ["--lr", "5e-7", "--adv_norm", "none", "--dynamic_sampling", "2", "--eps_high", "0.28"],
     "lr2e-7": ["--lr", "2e-7"],
+    # lr1e-6-s1 fell to calling on every prompt (val 37.5 against seed 0's 78.3): the control of that seed,
+    # more seeds, and the issue's balanced mix (half the step's prompts no-call, binary reward so a call-needing
+    # prompt's partial credit does not outweigh the no-call ones)
+    "sft-control-s1": ["--sft_steps", "100000", "--steps", "0", "--sft_think", "none", "--sft_lr", "2e-5",
+                       "--sft_batch_size", "8", "--beta", "0", "--eval_every", "10", "--save_every", "10",
+                       "--seed", "1"],
+    "lr1e-6-s2": ["--lr", "1e-6", "--seed", "2"],
+    "lr1e-6-bal": ["--lr", "1e-6", "--no_call_share", "0.5", "--reward", "binary"],
+    "lr1e-6-bal-s1": ["--lr", "1e-6", "--no_call_share", "0.5", "--reward", "binary", "--seed", "1"],
     # Part 3's long curves, in pieces (--piece-s): the val recipe for up to 150 steps, evaluated every 10 (~50
     # training minutes), and its SFT control evaluated every 30 SFT steps (about as many training minutes)
     "long-rl": ["--lr", "1e-6", "--steps", "150", "--eval_every", "10", "--save_every", "5"],
@@ -91,7 +100,7 @@ ARMS = {
 }
 START_ARM = "lr5e-7"  # its step-0 evaluation is everyone's baseline
 # an SFT control gets the training seconds of this RL arm (the pilots': finished; the long ones': so far)
-CONTROL_OF = {"sft-control": "lr1e-6", "long-sft": "long-rl"}
+CONTROL_OF = {"sft-control": "lr1e-6", "sft-control-s1": "lr1e-6-s1", "long-sft": "long-rl"}
 LONG_ARMS = ("long-rl", "long-sft")
 # Held out: the policies compared (in evaluation order; "untrained" is the raw model) and the comparisons.
 # lr1e-6 itself was finished before arms kept their final policy; lr1e-6-s1 is the same recipe, seed 1.
