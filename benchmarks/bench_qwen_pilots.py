@@ -56,6 +56,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import power  # noqa: E402
+from fctrain.eval import paired_change, wilson_interval  # noqa: E402  (the trainer's own CIs)
 
 REPO = common.REPO
 RESULTS = common.RESULTS / "qwen_pilots_cpu"
@@ -152,7 +153,7 @@ def run_arm(arm: str, commit: bool, piece_s: float | None = None) -> None:
         budget = training_seconds(load(rl) or [])
         if not budget:
             raise SystemExit(f"{arm} needs training seconds of its RL arm {rl}: run {rl} first")
-        own = load(arm) if not metrics_path(arm).exists() else None
+        own = load(arm)  # not finished (main skips finished arms): its curve so far, if any
         if own and training_seconds(own) >= budget:
             print(f"[qwen_pilots] {arm}: caught up with {rl} ({budget:.0f} s of training); waits for more of it",
                   flush=True)
@@ -206,14 +207,6 @@ def val_kinds() -> dict:
             for e in data.load_split("val")}
 
 
-def paired_ci(before: list[int], after: list[int], reps: int = 10000, seed: int = 0) -> tuple[float, float, float]:
-    """Mean of after - before and its 95% bootstrap interval over the paired prompts."""
-    d = [a - b for a, b in zip(after, before)]
-    rng = random.Random(seed)
-    means = sorted(sum(rng.choice(d) for _ in d) / len(d) for _ in range(reps))
-    return sum(d) / len(d), means[int(0.025 * reps)], means[int(0.975 * reps) - 1]
-
-
 def eval_rows(arm: str, history: list[dict], start: dict | None, kinds: dict) -> list[dict]:
     rows, trained_s = [], 0.0
     for rec in history:
@@ -230,7 +223,7 @@ def eval_rows(arm: str, history: list[dict], start: dict | None, kinds: dict) ->
                 row[f"{kind}_says_{d}"] = sum(dec.get(i) == d for i in ids) / len(ids) if dec else None
         if start is not None and rec["step"] > 0:
             ids = sorted(set(v) & set(start["verdicts"]))
-            diff, lo, hi = paired_ci([start["verdicts"][i] for i in ids], [v[i] for i in ids])
+            diff, lo, hi = paired_change([start["verdicts"][i] for i in ids], [v[i] for i in ids])
             row["change"], row["change_lo"], row["change_hi"] = diff, lo, hi
         rows.append(row)
     return rows
@@ -351,12 +344,13 @@ def run_heldout(names, commit: bool) -> None:
         shutil.rmtree(out, ignore_errors=True)  # an interrupted evaluation restarts (nothing to resume)
         print(f"[qwen_pilots] held out {name}: {' '.join(args)}", flush=True)
         t0 = time.time()
-        subprocess.run([sys.executable, "-m", "fctrain.run"] + args, cwd=REPO, check=True)
+        if train(args, None) != 0:
+            raise SystemExit(f"held out {name}: the evaluation failed; rerun restarts it")
         heldout_path(name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(out / "metrics.jsonl", heldout_path(name))
         meta = common.run_metadata("cpu") | {"policy": name, "args": args, "wall_s": time.time() - t0,
                                               "load_avg_end": common.load_avg()}
-        heldout_path(name).with_suffix("").with_suffix(".meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+        (RESULTS / "heldout" / f"{name}.meta.json").write_text(json.dumps(meta, indent=1) + "\n")
         heldout_report()
         if commit:
             commit_results(f"qwen pilots: held-out evaluation of {name}", RESULTS / "heldout")
@@ -372,7 +366,6 @@ def heldout_eval(name: str) -> dict | None:
 def heldout_rows(evals: dict, sets_of: dict, arm_val: dict) -> tuple[list[dict], list[dict]]:
     """(per policy and set: accuracy, Wilson CI and decision shares; paired comparisons).
     evals: {policy: eval record}; sets_of: {set: [ids]}; arm_val: {policy: the arm's own last val verdicts}."""
-    from fctrain.eval import wilson_interval
     rows, pairs = [], []
     for name, rec in evals.items():
         v, dec = rec["verdicts"], rec.get("decisions", {})
@@ -394,7 +387,7 @@ def heldout_rows(evals: dict, sets_of: dict, arm_val: dict) -> tuple[list[dict],
         for s, ids in sets_of.items():
             ids = [i for i in ids if i in evals[a]["verdicts"] and i in evals[b]["verdicts"]]
             va, vb = evals[a]["verdicts"], evals[b]["verdicts"]
-            diff, lo, hi = paired_ci([vb[i] for i in ids], [va[i] for i in ids])
+            diff, lo, hi = paired_change([vb[i] for i in ids], [va[i] for i in ids])
             # the smallest true difference this one-seed design detects (80% power): a lower bound, seeds vary too
             mde = power.mde(power.se_discordance([[va[i] - vb[i] for i in ids]]))
             pairs.append({"a": a, "b": b, "set": s, "n": len(ids), "diff": diff, "lo": lo, "hi": hi,

@@ -40,11 +40,6 @@ def test_eval_rows_sum_training_seconds_pair_with_step_0_and_skip_a_second_evalu
     assert r["change_lo"] <= 0.5 <= r["change_hi"] and 0 <= r["change_lo"] and r["change_hi"] <= 1
 
 
-def test_paired_ci_of_identical_verdicts_is_a_point_and_of_a_constant_gain_too():
-    assert bench.paired_ci([1, 0, 1], [1, 0, 1]) == (0.0, 0.0, 0.0)
-    assert bench.paired_ci([0, 0, 0, 0], [1, 1, 1, 1]) == (1.0, 1.0, 1.0)
-
-
 def test_the_sft_control_gets_its_rl_arms_training_seconds(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "RESULTS", tmp_path)
     monkeypatch.setattr(bench, "WORK", tmp_path / "work")
