@@ -93,6 +93,10 @@ ARMS = {
     "lr1e-6-s2": ["--lr", "1e-6", "--seed", "2"],
     "lr1e-6-bal": ["--lr", "1e-6", "--no_call_share", "0.5", "--reward", "binary"],
     "lr1e-6-bal-s1": ["--lr", "1e-6", "--no_call_share", "0.5", "--reward", "binary", "--seed", "1"],
+    # lr1e-6-bal abstained on everything by step 5 (a 0.5 reward for free on the balanced mix), seed 1 called on
+    # everything: the SFT term beside the RL loss (LUFFY / SRFT) keeps both answers' gold in every update.
+    # Seed 1, the seed that collapsed; coefficient 1, one value, not swept.
+    "lr1e-6-sft1-s1": ["--lr", "1e-6", "--sft_coef", "1.0", "--sft_think", "none", "--seed", "1"],
     # Part 3's long curves, in pieces (--piece-s): the val recipe for up to 150 steps, evaluated every 10 (~50
     # training minutes), and its SFT control evaluated every 30 SFT steps (about as many training minutes)
     "long-rl": ["--lr", "1e-6", "--steps", "150", "--eval_every", "10", "--save_every", "5"],
