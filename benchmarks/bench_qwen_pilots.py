@@ -97,6 +97,11 @@ ARMS = {
     # everything: the SFT term beside the RL loss (LUFFY / SRFT) keeps both answers' gold in every update.
     # Seed 1, the seed that collapsed; coefficient 1, one value, not swept.
     "lr1e-6-sft1-s1": ["--lr", "1e-6", "--sft_coef", "1.0", "--sft_think", "none", "--seed", "1"],
+    # Three of four RL runs fell into one global answer (calling or abstaining on every prompt): the step's net
+    # push toward calling set to zero (--decision_balance), so only a per-prompt decision can be learned.
+    # Seed 1 first: the seed that fell to calling, with and without the SFT term.
+    "lr1e-6-dbal-s1": ["--lr", "1e-6", "--decision_balance", "true", "--seed", "1"],
+    "lr1e-6-dbal": ["--lr", "1e-6", "--decision_balance", "true"],
     # Part 3's long curves, in pieces (--piece-s): the val recipe for up to 150 steps, evaluated every 10 (~50
     # training minutes), and its SFT control evaluated every 30 SFT steps (about as many training minutes)
     "long-rl": ["--lr", "1e-6", "--steps", "150", "--eval_every", "10", "--save_every", "5"],
@@ -109,6 +114,12 @@ CONTROL_OF = {"sft-control": "lr1e-6", "sft-control-s1": "lr1e-6-s1", "long-sft"
 LONG_ARMS = ("long-rl", "long-sft")
 # Held out: the policies compared (in evaluation order; "untrained" is the raw model) and the comparisons.
 # lr1e-6 itself was finished before arms kept their final policy; lr1e-6-s1 is the same recipe, seed 1.
+# Val comparisons of final policies, paired by prompt (a, b): a - b. A tuple of arms on a side is its mean over
+# seeds, prompt by prompt (the interval then covers the examples, not the spread between those seeds).
+VAL_PAIRS = (("lr1e-6", "sft-control"), ("lr1e-6-s1", "sft-control-s1"),
+             (("lr1e-6", "lr1e-6-s1"), ("sft-control", "sft-control-s1")),
+             ("lr1e-6-dbal-s1", "lr1e-6-s1"), ("lr1e-6-dbal-s1", "sft-control-s1"),
+             ("lr1e-6-dbal", "lr1e-6"), ("lr1e-6-dbal", "sft-control"))
 HELDOUT_SETS = ("test_in", "test_ood", "test_irr", "val")
 HELDOUT_ARMS = ("sft-control", "lr1e-6-s1", "untrained")
 HELDOUT_PAIRS = (("lr1e-6-s1", "sft-control"),)  # (RL, control): RL - control
@@ -278,9 +289,28 @@ def train_summary(history: list[dict]) -> dict:
         return {}
     def series(key):
         return [None if r.get(key) is None else round(r[key], 4) for r in rl]
-    return {"steps": len(rl), "reward": series("reward"), "mixed_groups": [r["groups"] - r["zero_var_groups"] for r in rl],
-            "completion_len": series("completion_len"), "kl": series("kl"), "entropy": series("entropy"),
-            "grad_norm": series("grad_norm"), "step_s": series("step_s")}
+    out = {"steps": len(rl), "reward": series("reward"), "mixed_groups": [r["groups"] - r["zero_var_groups"] for r in rl],
+           "completion_len": series("completion_len"), "kl": series("kl"), "entropy": series("entropy"),
+           "grad_norm": series("grad_norm"), "step_s": series("step_s")}
+    if any("scale_call_needing" in r for r in rl):  # --decision_balance
+        out |= {k: series(k) for k in ("push_call_needing", "push_no_call", "scale_call_needing", "scale_no_call")}
+        out["emptied_groups"] = [r.get("emptied_groups") for r in rl]
+    return out
+
+
+def val_pairs() -> list[dict]:
+    """VAL_PAIRS whose arms have finished: the final val verdicts of a minus b, paired by prompt."""
+    finals = {arm: last_val_verdicts(arm) for arm in ARMS if metrics_path(arm).exists()}
+    side = lambda x: x if isinstance(x, tuple) else (x,)
+    out = []
+    for a, b in VAL_PAIRS:
+        if not all(finals.get(arm) for arm in side(a) + side(b)):
+            continue
+        ids = sorted(set.intersection(*(set(finals[arm]) for arm in side(a) + side(b))))
+        mean = lambda arms: [sum(finals[arm][i] for arm in arms) / len(arms) for i in ids]
+        diff, lo, hi = paired_change(mean(side(b)), mean(side(a)))
+        out.append({"a": " + ".join(side(a)), "b": " + ".join(side(b)), "n": len(ids), "diff": diff, "lo": lo, "hi": hi})
+    return out
 
 
 def report() -> str:
@@ -314,11 +344,20 @@ def report() -> str:
         elif c:
             lines.append(f"\n{arm}: {c['steps']} RL steps; reward {c['reward']}; mixed groups {c['mixed_groups']}; "
                          f"completion tokens {c['completion_len']}; KL {c['kl']}; grad norm {c['grad_norm']}; "
-                         f"step s {c['step_s']}")
+                         f"step s {c['step_s']}" + (f"; decision balance: scales (call-needing) "
+                                                    f"{c['scale_call_needing']}, (no-call) {c['scale_no_call']}, "
+                                                    f"emptied groups {c['emptied_groups']}"
+                                                    if "scale_call_needing" in c else ""))
+    pairs = val_pairs()
+    if pairs:
+        lines += ["", "| final val, a - b (a side of several seeds: their mean per prompt) | n | points (95% CI, "
+                  "paired bootstrap over prompts) |", "|---|---|---|"]
+        lines += [f"| {q['a']} - {q['b']} | {q['n']} | {100 * q['diff']:+.1f} [{100 * q['lo']:+.1f}, "
+                  f"{100 * q['hi']:+.1f}] |" for q in pairs]
     text = "\n".join(lines)
     if all_rows:
         RESULTS.mkdir(parents=True, exist_ok=True)
-        summary = {"rows": all_rows, "curves": curves, "common_args": COMMON, "arms": ARMS,
+        summary = {"rows": all_rows, "curves": curves, "val_pairs": pairs, "common_args": COMMON, "arms": ARMS,
                    "meta": common.run_metadata("cpu")}
         (RESULTS / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         (RESULTS / "summary.md").write_text(text + "\n")

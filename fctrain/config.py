@@ -68,6 +68,10 @@ class Config:
                                            # (Dr. GRPO: a group that is nearly all right or all wrong gets small pushes)
     dynamic_sampling: int = 0              # DAPO: up to this many extra rollout rounds per step, each on newly drawn
                                            # prompts, until prompts_per_step groups have mixed rewards (0 = off)
+    decision_balance: bool = False         # the step's net push toward calling is zero: the call / no-call part of the
+                                           # advantages of call-needing and of no-call prompts is scaled down (never
+                                           # up) until their pushes cancel, so the decision learned is per prompt, not
+                                           # one global answer; credit within a decision is kept (run.balance_decision)
     # optimisation
     lr: float = 2e-5                       # RL learning rate
     warmup_steps: int = 2                  # RL steps of linear warm-up

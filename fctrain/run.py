@@ -295,6 +295,35 @@ def egpo_advantages(adv: torch.Tensor, think_entropy: torch.Tensor, lam: float =
     return adv + lam * torch.maximum(torch.minimum(think_entropy, bound), -bound)
 
 
+def balance_decision(adv: torch.Tensor, calls: torch.Tensor, needs_call: torch.Tensor, reduce=lambda x: x):
+    """Take the global call / no-call offset out of a step's advantages (--decision_balance).
+
+    adv (P, G) group advantages; calls (P, G) bool, the completion makes a call (a parsed answer with calls;
+    "none" and unparsable answers do not); needs_call (P,) bool, the prompt's right answer is a call. A group's
+    push toward calling is the sum of its calling completions' advantages. Its offset part E_i = a * (call_i - m)
+    (m its calling share, a = push / (G m (1 - m))) carries that whole push and sums to zero; the rest, A - E,
+    keeps every difference within a decision (a right call against a wrong one, an abstention against an
+    unparsable answer) and pushes neither way. Over the step (summed over ranks by `reduce`), call-needing
+    prompts push toward calling by C_call and no-call prompts by C_none; scaling their offsets by s_call, s_none
+    in [0, 1], the largest with s_call C_call + s_none C_none = 0, leaves no net push toward either global
+    answer. When the two do not pull against each other (one is 0: every no-call group, say, already agrees),
+    both offsets go (s = 0). Returns (A', {push_call_needing, push_no_call, scale_call_needing, scale_no_call})."""
+    calls = calls.to(adv.dtype)
+    push = (adv * calls).sum(1)                                    # (P,) each group's push toward calling
+    c_call, c_none = reduce(push[needs_call].sum().item()), reduce(push[~needs_call].sum().item())
+    if c_call * c_none < 0:
+        s_call, s_none = min(1.0, -c_none / c_call), min(1.0, -c_call / c_none)
+    else:
+        s_call = s_none = 0.0
+    m = calls.mean(1)
+    mixed = (m > 0) & (m < 1)
+    a = torch.where(mixed, push / (calls.shape[1] * m * (1 - m)).clamp(min=1e-12), 0.0)
+    offset = a[:, None] * (calls - m[:, None])
+    scale = (needs_call.to(adv.dtype) * s_call + (~needs_call).to(adv.dtype) * s_none)[:, None]
+    stats = {"push_call_needing": c_call, "push_no_call": c_none, "scale_call_needing": s_call, "scale_no_call": s_none}
+    return adv - (1 - scale) * offset, stats
+
+
 def mean_think_entropy(entropy: torch.Tensor, think: torch.Tensor, seq_ids: torch.Tensor, n_seqs: int):
     """EGPO's H: the mean (detached) entropy of each sequence's <think> tokens. Per token: `entropy` (N,) fp32,
     `think` (N,) bool, `seq_ids` (N,) its sequence. Returns (H (n_seqs,), 0 where a sequence has no <think>
@@ -323,9 +352,11 @@ def think_token_mask(tokenizer, token_ids: list[int], text: str, fmt: str) -> li
 class Advantages:
     adv: torch.Tensor                 # (P * G,) group-normalised advantages
     zero_var: torch.Tensor            # (P,) groups whose rewards are all equal: no signal, not trained on
-    keep: list[int]                   # the completions trained on (not zero-variance, not empty)
+    keep: list[int]                   # the completions trained on (not zero-variance, not empty, not emptied by
+                                      # --decision_balance)
     seqs: list[packing.Seq]           # their prompt + completion tokens
     think: list[list[bool]] | None    # EGPO: each kept completion's <think> tokens; None for GRPO
+    balance: dict | None = None       # --decision_balance: the step's pushes toward calling and their scales
 
 
 def compute_advantages(tr: Trainer, roll: Rollout, rewards: torch.Tensor) -> Advantages:
@@ -335,12 +366,20 @@ def compute_advantages(tr: Trainer, roll: Rollout, rewards: torch.Tensor) -> Adv
     cfg = tr.cfg
     adv, zero_var = group_advantages(rewards, cfg.adv_norm)
     comps = roll.completions
-    keep = [i for i in range(len(comps)) if not zero_var[i // cfg.group_size] and len(comps[i].token_ids) > 0]
+    skip, balance = zero_var, None
+    if cfg.decision_balance:
+        calls = torch.tensor([answer_kind(c.text, cfg) == "call" for c in comps]).view_as(adv)
+        needs_call = torch.tensor([not freward.is_irrelevance(ex.category) for ex in roll.owners[::cfg.group_size]])
+        adv, balance = balance_decision(adv, calls, needs_call, fdist.all_reduce_sum)
+        emptied = ~zero_var & (adv.abs().amax(1) < 1e-6)  # its only difference was the offset: nothing left to learn
+        balance["emptied_groups"] = fdist.all_reduce_sum(int(emptied.sum()))
+        skip = zero_var | emptied
+    keep = [i for i in range(len(comps)) if not skip[i // cfg.group_size] and len(comps[i].token_ids) > 0]
     seqs = [packing.Seq(tr.data.prompt_ids[roll.owners[i].id], comps[i].token_ids, i // cfg.group_size)
             for i in keep]
     think = [think_token_mask(tr.tokenizer, comps[i].token_ids, comps[i].text, cfg.fmt)
              for i in keep] if cfg.algo == "egpo" else None
-    return Advantages(adv.flatten(), zero_var, keep, seqs, think)
+    return Advantages(adv.flatten(), zero_var, keep, seqs, think, balance)
 
 
 # ------------------------------------------------------------------------------------------------ 4. loss and update
@@ -671,6 +710,8 @@ def log_rl_step(tr: Trainer, lr: float, t_step: float, roll: Rollout, results: l
     }
     if cfg.sft_coef > 0:
         record["sft_loss"] = stats.get("sft_loss")
+    if adv.balance is not None:
+        record.update(adv.balance)
     tr.log.add(record)
     tr.log.progress(reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.2f}")
     trained = (f"ent {stats['entropy']:.2f} | kl {stats['kl']:.4f} | clip "

@@ -170,3 +170,23 @@ def test_a_control_and_a_long_arms_pieces_stay_on_the_machine_their_seconds_came
         bench.run_arm("long-rl", commit=False, piece_s=1)
     with pytest.raises(SystemExit, match="do not compare across machines"):
         bench.run_arm("long-sft", commit=False, piece_s=1)  # its RL arm's seconds came from the other machine
+
+
+def test_val_pairs_compare_final_verdicts_by_prompt_and_average_a_side_of_seeds(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "RESULTS", tmp_path)
+    monkeypatch.setattr(bench, "WORK", tmp_path / "work")
+    monkeypatch.setattr(bench, "ARMS", {"r0": [], "r1": [], "c0": [], "c1": [], "running": []})
+    monkeypatch.setattr(bench, "VAL_PAIRS", (("r0", "c0"), (("r0", "r1"), ("c0", "c1")), ("running", "c0")))
+    finals = {"r0": {"p": 1, "q": 1, "s": 0}, "r1": {"p": 0, "q": 1, "s": 0},
+              "c0": {"p": 0, "q": 1, "s": 1}, "c1": {"p": 0, "q": 0, "s": 1, "t": 1}}
+    for arm, v in finals.items():  # an earlier evaluation, then the final one
+        rows = [_eval(0, "before", {i: 0 for i in v}, {}), _eval(10, "after", v, {})]
+        (tmp_path / f"{arm}.metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "work" / "running").mkdir(parents=True)  # not finished: no comparison yet
+    (tmp_path / "work" / "running" / "metrics.jsonl").write_text(json.dumps(_eval(5, "step-5", {"p": 1}, {})) + "\n")
+    pairs = bench.val_pairs()
+    assert [(q["a"], q["b"], q["n"]) for q in pairs] == [("r0", "c0", 3), ("r0 + r1", "c0 + c1", 3)]
+    assert pairs[0]["diff"] == pytest.approx((1 + 0 - 1) / 3)
+    # per prompt, mean over seeds: p (1+0)/2 - 0 = .5, q 1 - .5 = .5, s 0 - 1 = -1 (t is only in c1: left out)
+    assert pairs[1]["diff"] == pytest.approx((0.5 + 0.5 - 1) / 3)
+    assert pairs[1]["lo"] <= pairs[1]["diff"] <= pairs[1]["hi"]

@@ -380,6 +380,74 @@ def test_recipe_options_dr_grpo_advantage_and_constant_lr():
             parse_config(bad)
 
 
+def test_decision_balance_hand_computed():
+    """A call-needing group rewarding its one caller (push +sqrt(3)) against a no-call group rewarding its two
+    abstainers (push -2): the larger push is scaled to the smaller, the smaller side is untouched."""
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
+    calls = torch.tensor([[True, False, False, False], [False, False, True, True]])
+    adv, _ = group_advantages(rewards)
+    got, stats = run.balance_decision(adv, calls, torch.tensor([True, False]))
+    assert stats["push_call_needing"] == pytest.approx(math.sqrt(3)) and stats["push_no_call"] == pytest.approx(-2)
+    assert stats["scale_call_needing"] == 1.0 and stats["scale_no_call"] == pytest.approx(math.sqrt(3) / 2)
+    assert torch.allclose(got[0], adv[0])  # the smaller push keeps its advantages
+    assert torch.allclose(got[1], math.sqrt(3) / 2 * torch.tensor([1.0, 1.0, -1.0, -1.0]))  # all its credit was offset
+    # one-sided: no no-call group pushes back, so the call-needing offset goes and what is left is within calls
+    rewards = torch.tensor([[1.0, 0.2, 0.0, 0.0]])  # a right call, a wrong call, two abstentions
+    adv, _ = group_advantages(rewards)
+    got, stats = run.balance_decision(adv, torch.tensor([[True, True, False, False]]), torch.tensor([True]))
+    assert stats["scale_call_needing"] == 0.0 and stats["scale_no_call"] == 0.0
+    assert torch.allclose(got[0], torch.tensor([0.4, -0.4, 0.0, 0.0]) / rewards[0].std(unbiased=False), atol=1e-6)
+
+
+def test_decision_balance_properties_on_random_steps():
+    """Float64, fresh random steps (rewards, who calls, which prompts need a call): the step's net push toward
+    calling is zero, every group still sums to zero, every difference between two completions of one group that
+    made the same decision is kept, scales lie in [0, 1] and the side with the smaller push keeps scale 1."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    gen = torch.Generator().manual_seed(seed)
+    for case in range(300):
+        P, G = int(torch.randint(1, 9, (1,), generator=gen)), int(torch.randint(2, 9, (1,), generator=gen))
+        rewards = torch.randint(0, 4, (P, G), generator=gen, dtype=torch.float64) / 3
+        calls = torch.rand(P, G, generator=gen) < torch.rand(P, 1, generator=gen)
+        needs_call = torch.rand(P, generator=gen) < 0.6
+        adv, _ = group_advantages(rewards, "std" if case % 2 else "none")
+        got, st = run.balance_decision(adv, calls, needs_call)
+        msg = f"seed {seed} case {case}"
+        tol = 1e-9 * (1 + adv.abs().sum().item())
+        assert abs((got * calls).sum().item()) <= tol, msg
+        assert torch.allclose(got.sum(1), adv.sum(1), atol=tol), msg
+        same = calls[:, :, None] == calls[:, None, :]
+        diff = lambda a: a[:, :, None] - a[:, None, :]
+        assert torch.allclose(diff(got)[same], diff(adv)[same], atol=tol), msg
+        s_call, s_none = st["scale_call_needing"], st["scale_no_call"]
+        assert 0 <= s_call <= 1 and 0 <= s_none <= 1, msg
+        c_call, c_none = st["push_call_needing"], st["push_no_call"]
+        if c_call * c_none < 0:
+            assert (s_call == 1.0 if abs(c_call) <= abs(c_none) else s_none == 1.0), msg
+        else:
+            assert s_call == s_none == 0.0 and torch.allclose((got * calls).sum(1), torch.zeros(P, dtype=got.dtype),
+                                                              atol=tol), msg
+    assert parse_config(["--decision_balance", "true"])[0].decision_balance and not Config().decision_balance
+
+
+@pytest.mark.slow
+def test_decision_balance_end_to_end_logs_a_balanced_step(tiny, tmp_path):
+    """A real run on calls and no-call prompts with --decision_balance: each RL step logs its two pushes and
+    scales, and whenever both sides push, the scaled pushes cancel."""
+    root, model_dir = tiny
+    mixed = tmp_path / "mixed.jsonl"
+    data.save_jsonl(data.load_bfcl("simple_python", limit=2) + data.load_bfcl("irrelevance", limit=2), mixed)
+    out = tmp_path / "bal"
+    assert run.main(_args(root, model_dir, out, train_data=mixed, eval_data="none", steps=3, save_every=0,
+                          decision_balance="true")) == 0
+    rl = [r for r in _metrics(out) if r["phase"] == "rl"]
+    assert len(rl) == 3
+    for r in rl:
+        assert 0 <= r["scale_call_needing"] <= 1 and 0 <= r["scale_no_call"] <= 1 and r["emptied_groups"] >= 0
+        assert r["scale_call_needing"] * r["push_call_needing"] + r["scale_no_call"] * r["push_no_call"] == \
+            pytest.approx(0, abs=1e-6)
+
+
 @pytest.mark.slow
 def test_sft_term_alone_is_exactly_one_sft_step_on_the_same_prompts(tiny):
     """--sft_coef: an untrained tiny model's groups all score 0 (no RL signal), so an RL step with sft_coef 1
