@@ -102,6 +102,11 @@ ARMS = {
     # Seed 1 first: the seed that fell to calling, with and without the SFT term.
     "lr1e-6-dbal-s1": ["--lr", "1e-6", "--decision_balance", "true", "--seed", "1"],
     "lr1e-6-dbal": ["--lr", "1e-6", "--decision_balance", "true"],
+    # lr1e-6-dbal-s1 abstained on everything from step 3: it zeroed the push toward calling but left the push
+    # from unparsable answers to `[]` on no-call prompts free. --answer_balance pushes the two right answers
+    # (a call where one is needed, `[]` where none fits) with equal mass in every step instead.
+    "lr1e-6-abal-s1": ["--lr", "1e-6", "--answer_balance", "true", "--seed", "1"],
+    "lr1e-6-abal": ["--lr", "1e-6", "--answer_balance", "true"],
     # Part 3's long curves, in pieces (--piece-s): the val recipe for up to 150 steps, evaluated every 10 (~50
     # training minutes), and its SFT control evaluated every 30 SFT steps (about as many training minutes)
     "long-rl": ["--lr", "1e-6", "--steps", "150", "--eval_every", "10", "--save_every", "5"],
@@ -119,7 +124,9 @@ LONG_ARMS = ("long-rl", "long-sft")
 VAL_PAIRS = (("lr1e-6", "sft-control"), ("lr1e-6-s1", "sft-control-s1"),
              (("lr1e-6", "lr1e-6-s1"), ("sft-control", "sft-control-s1")),
              ("lr1e-6-dbal-s1", "lr1e-6-s1"), ("lr1e-6-dbal-s1", "sft-control-s1"),
-             ("lr1e-6-dbal", "lr1e-6"), ("lr1e-6-dbal", "sft-control"))
+             ("lr1e-6-dbal", "lr1e-6"), ("lr1e-6-dbal", "sft-control"),
+             ("lr1e-6-abal-s1", "lr1e-6-s1"), ("lr1e-6-abal-s1", "sft-control-s1"),
+             ("lr1e-6-abal", "lr1e-6"), ("lr1e-6-abal", "sft-control"))
 HELDOUT_SETS = ("test_in", "test_ood", "test_irr", "val")
 HELDOUT_ARMS = ("sft-control", "lr1e-6-s1", "untrained")
 HELDOUT_PAIRS = (("lr1e-6-s1", "sft-control"),)  # (RL, control): RL - control
@@ -292,8 +299,9 @@ def train_summary(history: list[dict]) -> dict:
     out = {"steps": len(rl), "reward": series("reward"), "mixed_groups": [r["groups"] - r["zero_var_groups"] for r in rl],
            "completion_len": series("completion_len"), "kl": series("kl"), "entropy": series("entropy"),
            "grad_norm": series("grad_norm"), "step_s": series("step_s")}
-    if any("scale_call_needing" in r for r in rl):  # --decision_balance
-        out |= {k: series(k) for k in ("push_call_needing", "push_no_call", "scale_call_needing", "scale_no_call")}
+    if any("scale_call_needing" in r for r in rl):  # --decision_balance / --answer_balance
+        pushes = ("push_call_needing", "push_no_call", "push_right_call_needing", "push_right_no_call")
+        out |= {k: series(k) for k in pushes + ("scale_call_needing", "scale_no_call") if any(k in r for r in rl)}
         out["emptied_groups"] = [r.get("emptied_groups") for r in rl]
     return out
 

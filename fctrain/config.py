@@ -72,6 +72,11 @@ class Config:
                                            # advantages of call-needing and of no-call prompts is scaled down (never
                                            # up) until their pushes cancel, so the decision learned is per prompt, not
                                            # one global answer; credit within a decision is kept (run.balance_decision)
+                                           # (measured: collapsed to abstaining; the abstain push was left free)
+    answer_balance: bool = False           # each step pushes the two right answers (a call where one is needed, no
+                                           # call where none fits) with equal mass: each group's push toward or away
+                                           # from each answer as a whole is scaled down on the kind that pushes more;
+                                           # credit within one answer is kept (run.balance_answers)
     # optimisation
     lr: float = 2e-5                       # RL learning rate
     warmup_steps: int = 2                  # RL steps of linear warm-up
@@ -150,6 +155,8 @@ class Config:
             (self.updates_per_batch >= 1, "updates_per_batch must be >= 1"),
             (self.adv_norm in ("std", "none"), f"adv_norm must be std or none, got {self.adv_norm!r}"),
             (self.dynamic_sampling >= 0, "dynamic_sampling must be >= 0 (extra rollout rounds)"),
+            (not (self.decision_balance and self.answer_balance),
+             "decision_balance and answer_balance exclude each other"),
             (not (self.dynamic_sampling and self.contrast_pairs), "dynamic_sampling cannot keep contrast pairs together"),
             (self.lr_schedule in ("cosine", "constant"), f"lr_schedule must be cosine or constant, got {self.lr_schedule!r}"),
             (self.micro_batch_tokens >= self.max_prompt_tokens + self.max_new_tokens,

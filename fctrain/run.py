@@ -324,6 +324,37 @@ def balance_decision(adv: torch.Tensor, calls: torch.Tensor, needs_call: torch.T
     return adv - (1 - scale) * offset, stats
 
 
+ANSWERS = ("call", "none", "bad")  # answer_kind's values, coded 0, 1, 2
+
+
+def balance_answers(adv: torch.Tensor, answer: torch.Tensor, needs_call: torch.Tensor, reduce=lambda x: x):
+    """Push the two right answers equally in each step (--answer_balance): a call where one is needed, no call
+    where none fits.
+
+    adv (P, G) group advantages; answer (P, G) the index in ANSWERS of each completion's answer; needs_call (P,)
+    bool. A group's push toward an answer is the sum of the advantages of its completions that gave it. Each
+    completion's advantage splits into its answer's mean in the group, D (the push toward or away from each
+    answer as a whole: sums to zero over the group), and the rest, A - D, which keeps every difference within
+    one answer (a right call against a wrong one) and pushes no answer. Over the step (summed over ranks by
+    `reduce`), call-needing groups push toward calling by C_call and no-call groups toward abstaining by C_none;
+    their D are scaled by s_call, s_none in [0, 1] (down, never up), the largest with s_call C_call = s_none
+    C_none; when either push is <= 0 both D go. Returns (A', {push_right_call_needing, push_right_no_call,
+    scale_call_needing, scale_no_call})."""
+    onehot = torch.nn.functional.one_hot(answer, len(ANSWERS)).to(adv.dtype)    # (P, G, 3)
+    push = (adv[:, :, None] * onehot).sum(1)                                     # (P, 3) toward each answer
+    d = (onehot * (push / onehot.sum(1).clamp(min=1))[:, None, :]).sum(2)        # (P, G) its answer's mean
+    right = torch.where(needs_call, push[:, 0], push[:, 1])
+    c_call, c_none = reduce(right[needs_call].sum().item()), reduce(right[~needs_call].sum().item())
+    if c_call > 0 and c_none > 0:
+        s_call, s_none = min(1.0, c_none / c_call), min(1.0, c_call / c_none)
+    else:
+        s_call = s_none = 0.0
+    scale = (needs_call.to(adv.dtype) * s_call + (~needs_call).to(adv.dtype) * s_none)[:, None]
+    stats = {"push_right_call_needing": c_call, "push_right_no_call": c_none, "scale_call_needing": s_call,
+             "scale_no_call": s_none}
+    return adv - (1 - scale) * d, stats
+
+
 def mean_think_entropy(entropy: torch.Tensor, think: torch.Tensor, seq_ids: torch.Tensor, n_seqs: int):
     """EGPO's H: the mean (detached) entropy of each sequence's <think> tokens. Per token: `entropy` (N,) fp32,
     `think` (N,) bool, `seq_ids` (N,) its sequence. Returns (H (n_seqs,), 0 where a sequence has no <think>
@@ -353,10 +384,10 @@ class Advantages:
     adv: torch.Tensor                 # (P * G,) group-normalised advantages
     zero_var: torch.Tensor            # (P,) groups whose rewards are all equal: no signal, not trained on
     keep: list[int]                   # the completions trained on (not zero-variance, not empty, not emptied by
-                                      # --decision_balance)
+                                      # --decision_balance / --answer_balance)
     seqs: list[packing.Seq]           # their prompt + completion tokens
     think: list[list[bool]] | None    # EGPO: each kept completion's <think> tokens; None for GRPO
-    balance: dict | None = None       # --decision_balance: the step's pushes toward calling and their scales
+    balance: dict | None = None       # --decision_balance / --answer_balance: the step's pushes and their scales
 
 
 def compute_advantages(tr: Trainer, roll: Rollout, rewards: torch.Tensor) -> Advantages:
@@ -367,10 +398,13 @@ def compute_advantages(tr: Trainer, roll: Rollout, rewards: torch.Tensor) -> Adv
     adv, zero_var = group_advantages(rewards, cfg.adv_norm)
     comps = roll.completions
     skip, balance = zero_var, None
-    if cfg.decision_balance:
-        calls = torch.tensor([answer_kind(c.text, cfg) == "call" for c in comps]).view_as(adv)
+    if cfg.decision_balance or cfg.answer_balance:
+        answer = torch.tensor([ANSWERS.index(answer_kind(c.text, cfg)) for c in comps]).view_as(adv)
         needs_call = torch.tensor([not freward.is_irrelevance(ex.category) for ex in roll.owners[::cfg.group_size]])
-        adv, balance = balance_decision(adv, calls, needs_call, fdist.all_reduce_sum)
+        if cfg.decision_balance:
+            adv, balance = balance_decision(adv, answer == 0, needs_call, fdist.all_reduce_sum)
+        else:
+            adv, balance = balance_answers(adv, answer, needs_call, fdist.all_reduce_sum)
         emptied = ~zero_var & (adv.abs().amax(1) < 1e-6)  # its only difference was the offset: nothing left to learn
         balance["emptied_groups"] = fdist.all_reduce_sum(int(emptied.sum()))
         skip = zero_var | emptied

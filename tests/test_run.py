@@ -430,22 +430,77 @@ def test_decision_balance_properties_on_random_steps():
     assert parse_config(["--decision_balance", "true"])[0].decision_balance and not Config().decision_balance
 
 
+def test_answer_balance_hand_computed():
+    """Call-needing: a right call, a wrong call (partial credit), two unparsable answers; no-call: one abstention
+    against three calls. Each group's answer means carry its pushes; the larger right-answer push is scaled to
+    the smaller; the difference between the two calls is kept."""
+    rewards = torch.tensor([[1.0, 0.6, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    answer = torch.tensor([[0, 0, 2, 2], [1, 0, 0, 0]])  # run.ANSWERS: call, none, bad
+    adv, _ = group_advantages(rewards, "none")  # r - mean: [.6, .2, -.4, -.4], [.75, -.25, -.25, -.25]
+    got, stats = run.balance_answers(adv, answer, torch.tensor([True, False]))
+    assert stats["push_right_call_needing"] == pytest.approx(0.8) and stats["push_right_no_call"] == pytest.approx(0.75)
+    s = 0.75 / 0.8
+    assert stats["scale_call_needing"] == pytest.approx(s) and stats["scale_no_call"] == 1.0
+    # call-needing: answer means [.4, .4, -.4, -.4], the rest [.2, -.2, 0, 0]
+    want = torch.tensor([0.2 + s * 0.4, -0.2 + s * 0.4, -s * 0.4, -s * 0.4])
+    assert torch.allclose(got[0], want, atol=1e-6) and torch.allclose(got[1], adv[1])
+    got, stats = run.balance_answers(adv[:1], answer[:1], torch.tensor([True]))  # one side only: both means go
+    assert stats["scale_call_needing"] == 0.0 and torch.allclose(got[0], torch.tensor([0.2, -0.2, 0.0, 0.0]))
+
+
+def test_answer_balance_properties_on_random_steps():
+    """Float64, fresh random steps: the pushes toward the two right answers come out equal, every group still
+    sums to zero, every difference within one answer of a group is kept, no answer's mean push within a group
+    grows, and the side with the smaller push keeps scale 1."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    gen = torch.Generator().manual_seed(seed)
+    for case in range(300):
+        P, G = int(torch.randint(1, 9, (1,), generator=gen)), int(torch.randint(2, 9, (1,), generator=gen))
+        rewards = torch.randint(0, 4, (P, G), generator=gen, dtype=torch.float64) / 3
+        answer = torch.randint(0, 3, (P, G), generator=gen)
+        needs_call = torch.rand(P, generator=gen) < 0.6
+        adv, _ = group_advantages(rewards, "std" if case % 2 else "none")
+        got, st = run.balance_answers(adv, answer, needs_call)
+        msg = f"seed {seed} case {case}"
+        tol = 1e-9 * (1 + adv.abs().sum().item())
+        push = lambda a, k: (a * (answer == k)).sum(1)
+        right = lambda a: (push(a, 0)[needs_call].sum().item(), push(a, 1)[~needs_call].sum().item())
+        c_call, c_none = right(got)
+        assert (c_call == pytest.approx(c_none, abs=tol)) if min(right(adv)) > 0 else \
+            (abs(c_call) <= tol and abs(c_none) <= tol), msg
+        assert torch.allclose(got.sum(1), adv.sum(1), atol=tol), msg
+        same = answer[:, :, None] == answer[:, None, :]
+        diff = lambda a: a[:, :, None] - a[:, None, :]
+        assert torch.allclose(diff(got)[same], diff(adv)[same], atol=tol), msg
+        for k in range(3):
+            assert (push(got, k).abs() <= push(adv, k).abs() + tol).all(), msg
+        s_call, s_none = st["scale_call_needing"], st["scale_no_call"]
+        assert 0 <= s_call <= 1 and 0 <= s_none <= 1 and (max(s_call, s_none) == 1.0 or s_call == s_none == 0), msg
+    assert parse_config(["--answer_balance", "true"])[0].answer_balance
+    with pytest.raises(SystemExit):
+        parse_config(["--answer_balance", "true", "--decision_balance", "true"])
+
+
 @pytest.mark.slow
-def test_decision_balance_end_to_end_logs_a_balanced_step(tiny, tmp_path):
-    """A real run on calls and no-call prompts with --decision_balance: each RL step logs its two pushes and
-    scales, and whenever both sides push, the scaled pushes cancel."""
+@pytest.mark.parametrize("option", ["decision_balance", "answer_balance"])
+def test_balance_end_to_end_logs_a_balanced_step(tiny, tmp_path, option):
+    """A real run on calls and no-call prompts with --decision_balance (the scaled pushes toward calling cancel)
+    or --answer_balance (the scaled pushes toward the two right answers are equal): each RL step logs them."""
     root, model_dir = tiny
     mixed = tmp_path / "mixed.jsonl"
     data.save_jsonl(data.load_bfcl("simple_python", limit=2) + data.load_bfcl("irrelevance", limit=2), mixed)
     out = tmp_path / "bal"
     assert run.main(_args(root, model_dir, out, train_data=mixed, eval_data="none", steps=3, save_every=0,
-                          decision_balance="true")) == 0
+                          **{option: "true"})) == 0
     rl = [r for r in _metrics(out) if r["phase"] == "rl"]
     assert len(rl) == 3
     for r in rl:
-        assert 0 <= r["scale_call_needing"] <= 1 and 0 <= r["scale_no_call"] <= 1 and r["emptied_groups"] >= 0
-        assert r["scale_call_needing"] * r["push_call_needing"] + r["scale_no_call"] * r["push_no_call"] == \
-            pytest.approx(0, abs=1e-6)
+        s_call, s_none = r["scale_call_needing"], r["scale_no_call"]
+        assert 0 <= s_call <= 1 and 0 <= s_none <= 1 and r["emptied_groups"] >= 0
+        if option == "decision_balance":
+            assert s_call * r["push_call_needing"] + s_none * r["push_no_call"] == pytest.approx(0, abs=1e-6)
+        else:
+            assert s_call * r["push_right_call_needing"] == pytest.approx(s_none * r["push_right_no_call"], abs=1e-6)
 
 
 @pytest.mark.slow
