@@ -128,8 +128,9 @@ VAL_PAIRS = (("lr1e-6", "sft-control"), ("lr1e-6-s1", "sft-control-s1"),
              ("lr1e-6-abal-s1", "lr1e-6-s1"), ("lr1e-6-abal-s1", "sft-control-s1"),
              ("lr1e-6-abal", "lr1e-6"), ("lr1e-6-abal", "sft-control"))
 HELDOUT_SETS = ("test_in", "test_ood", "test_irr", "val")
-HELDOUT_ARMS = ("sft-control", "lr1e-6-s1", "untrained")
-HELDOUT_PAIRS = (("lr1e-6-s1", "sft-control"),)  # (RL, control): RL - control
+# sft-control-s1: the control of lr1e-6-s1's own seed (2026-12-04, on the Zen 4 kind both ran on)
+HELDOUT_ARMS = ("sft-control", "lr1e-6-s1", "untrained", "sft-control-s1")
+HELDOUT_PAIRS = (("lr1e-6-s1", "sft-control"), ("lr1e-6-s1", "sft-control-s1"))  # (RL, control): RL - control
 
 
 
