@@ -353,7 +353,7 @@ def report() -> str:
         elif c:
             lines.append(f"\n{arm}: {c['steps']} RL steps; reward {c['reward']}; mixed groups {c['mixed_groups']}; "
                          f"completion tokens {c['completion_len']}; KL {c['kl']}; grad norm {c['grad_norm']}; "
-                         f"step s {c['step_s']}" + (f"; decision balance: scales (call-needing) "
+                         f"step s {c['step_s']}" + (f"; balance: scales (call-needing) "
                                                     f"{c['scale_call_needing']}, (no-call) {c['scale_no_call']}, "
                                                     f"emptied groups {c['emptied_groups']}"
                                                     if "scale_call_needing" in c else ""))

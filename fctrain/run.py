@@ -295,36 +295,44 @@ def egpo_advantages(adv: torch.Tensor, think_entropy: torch.Tensor, lam: float =
     return adv + lam * torch.maximum(torch.minimum(think_entropy, bound), -bound)
 
 
+ANSWERS = ("call", "none", "bad")  # answer_kind's values, coded 0, 1, 2
+
+
+def answer_means(adv: torch.Tensor, answer: torch.Tensor, n: int):
+    """adv (P, G), answer (P, G) in [0, n) -> (push (P, n): the sum of each answer's advantages in each group,
+    D (P, G): each completion's answer mean in its group). D carries every push toward or away from an answer
+    as a whole and sums to zero over a group; A - D keeps the differences within one answer and pushes none."""
+    onehot = torch.nn.functional.one_hot(answer, n).to(adv.dtype)                # (P, G, n)
+    push = (adv[:, :, None] * onehot).sum(1)
+    return push, (onehot * (push / onehot.sum(1).clamp(min=1))[:, None, :]).sum(2)
+
+
+def _scaled(adv, d, needs_call, s_call: float, s_none: float):
+    scale = (needs_call.to(adv.dtype) * s_call + (~needs_call).to(adv.dtype) * s_none)[:, None]
+    return adv - (1 - scale) * d
+
+
 def balance_decision(adv: torch.Tensor, calls: torch.Tensor, needs_call: torch.Tensor, reduce=lambda x: x):
     """Take the global call / no-call offset out of a step's advantages (--decision_balance).
 
     adv (P, G) group advantages; calls (P, G) bool, the completion makes a call (a parsed answer with calls;
     "none" and unparsable answers do not); needs_call (P,) bool, the prompt's right answer is a call. A group's
-    push toward calling is the sum of its calling completions' advantages. Its offset part E_i = a * (call_i - m)
-    (m its calling share, a = push / (G m (1 - m))) carries that whole push and sums to zero; the rest, A - E,
-    keeps every difference within a decision (a right call against a wrong one, an abstention against an
-    unparsable answer) and pushes neither way. Over the step (summed over ranks by `reduce`), call-needing
-    prompts push toward calling by C_call and no-call prompts by C_none; scaling their offsets by s_call, s_none
-    in [0, 1], the largest with s_call C_call + s_none C_none = 0, leaves no net push toward either global
-    answer. When the two do not pull against each other (one is 0: every no-call group, say, already agrees),
-    both offsets go (s = 0). Returns (A', {push_call_needing, push_no_call, scale_call_needing, scale_no_call})."""
-    calls = calls.to(adv.dtype)
-    push = (adv * calls).sum(1)                                    # (P,) each group's push toward calling
-    c_call, c_none = reduce(push[needs_call].sum().item()), reduce(push[~needs_call].sum().item())
+    push toward calling is the sum of its calling completions' advantages; its two answer means (call, not
+    call: answer_means) carry that whole push, the rest keeps every difference within a decision (a right call
+    against a wrong one, an abstention against an unparsable answer). Over the step (summed over ranks by
+    `reduce`), call-needing prompts push toward calling by C_call and no-call prompts by C_none; scaling their
+    answer means by s_call, s_none in [0, 1], the largest with s_call C_call + s_none C_none = 0, leaves no net
+    push toward calling. When the two do not pull against each other (one is 0: every no-call group, say,
+    already agrees), both go (s = 0). Returns (A', {push_call_needing, push_no_call, scale_call_needing,
+    scale_no_call})."""
+    push, d = answer_means(adv, (~calls).long(), 2)
+    c_call, c_none = reduce(push[needs_call, 0].sum().item()), reduce(push[~needs_call, 0].sum().item())
     if c_call * c_none < 0:
         s_call, s_none = min(1.0, -c_none / c_call), min(1.0, -c_call / c_none)
     else:
         s_call = s_none = 0.0
-    m = calls.mean(1)
-    mixed = (m > 0) & (m < 1)
-    a = torch.where(mixed, push / (calls.shape[1] * m * (1 - m)).clamp(min=1e-12), 0.0)
-    offset = a[:, None] * (calls - m[:, None])
-    scale = (needs_call.to(adv.dtype) * s_call + (~needs_call).to(adv.dtype) * s_none)[:, None]
     stats = {"push_call_needing": c_call, "push_no_call": c_none, "scale_call_needing": s_call, "scale_no_call": s_none}
-    return adv - (1 - scale) * offset, stats
-
-
-ANSWERS = ("call", "none", "bad")  # answer_kind's values, coded 0, 1, 2
+    return _scaled(adv, d, needs_call, s_call, s_none), stats
 
 
 def balance_answers(adv: torch.Tensor, answer: torch.Tensor, needs_call: torch.Tensor, reduce=lambda x: x):
@@ -332,27 +340,22 @@ def balance_answers(adv: torch.Tensor, answer: torch.Tensor, needs_call: torch.T
     where none fits.
 
     adv (P, G) group advantages; answer (P, G) the index in ANSWERS of each completion's answer; needs_call (P,)
-    bool. A group's push toward an answer is the sum of the advantages of its completions that gave it. Each
-    completion's advantage splits into its answer's mean in the group, D (the push toward or away from each
-    answer as a whole: sums to zero over the group), and the rest, A - D, which keeps every difference within
-    one answer (a right call against a wrong one) and pushes no answer. Over the step (summed over ranks by
-    `reduce`), call-needing groups push toward calling by C_call and no-call groups toward abstaining by C_none;
-    their D are scaled by s_call, s_none in [0, 1] (down, never up), the largest with s_call C_call = s_none
-    C_none; when either push is <= 0 both D go. Returns (A', {push_right_call_needing, push_right_no_call,
-    scale_call_needing, scale_no_call})."""
-    onehot = torch.nn.functional.one_hot(answer, len(ANSWERS)).to(adv.dtype)    # (P, G, 3)
-    push = (adv[:, :, None] * onehot).sum(1)                                     # (P, 3) toward each answer
-    d = (onehot * (push / onehot.sum(1).clamp(min=1))[:, None, :]).sum(2)        # (P, G) its answer's mean
+    bool. A group's push toward an answer is the sum of the advantages of its completions that gave it; the
+    answer means D (answer_means) carry every such push, A - D keeps the differences within one answer (a right
+    call against a wrong one). Over the step (summed over ranks by `reduce`), call-needing groups push toward
+    calling by C_call and no-call groups toward abstaining by C_none; their D are scaled by s_call, s_none in
+    [0, 1] (down, never up), the largest with s_call C_call = s_none C_none; when either push is <= 0 both D go.
+    Returns (A', {push_right_call_needing, push_right_no_call, scale_call_needing, scale_no_call})."""
+    push, d = answer_means(adv, answer, len(ANSWERS))
     right = torch.where(needs_call, push[:, 0], push[:, 1])
     c_call, c_none = reduce(right[needs_call].sum().item()), reduce(right[~needs_call].sum().item())
     if c_call > 0 and c_none > 0:
         s_call, s_none = min(1.0, c_none / c_call), min(1.0, c_call / c_none)
     else:
         s_call = s_none = 0.0
-    scale = (needs_call.to(adv.dtype) * s_call + (~needs_call).to(adv.dtype) * s_none)[:, None]
     stats = {"push_right_call_needing": c_call, "push_right_no_call": c_none, "scale_call_needing": s_call,
              "scale_no_call": s_none}
-    return adv - (1 - scale) * d, stats
+    return _scaled(adv, d, needs_call, s_call, s_none), stats
 
 
 def mean_think_entropy(entropy: torch.Tensor, think: torch.Tensor, seq_ids: torch.Tensor, n_seqs: int):
