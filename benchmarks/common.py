@@ -125,7 +125,14 @@ def _status_kib(field: str) -> int:
 
 
 def reset_peak_rss() -> int:
-    """Reset this process's peak RSS to its current RSS; returns the current RSS in bytes."""
+    """Reset this process's peak RSS to its current RSS; returns the current RSS in bytes. Freed heap pages go
+    back to the OS first (glibc malloc_trim): glibc raises its mmap threshold after a large block is freed, so
+    a warm-up's freed tensors would otherwise stay resident and the measured call would reuse them unseen."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the peak may then read low, never high
+        pass
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     return _status_kib("VmRSS") * 1024
