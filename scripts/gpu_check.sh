@@ -19,24 +19,24 @@
 # into a scratch folder. env.json and summary.md list what is absent and so not measured (vLLM, flash-attn,
 # torch.compile, the N/H/V sweeps, fp32 builds).
 #
-# Stages, in order, each under `timeout` with its own cap (GPU caps in brackets, 460 s in all) and never past the
+# Stages, in order, each under `timeout` with its own cap (GPU caps in brackets, 440 s in all; set from the first H200 run's times) and never past the
 # overall budget (a stage that hangs is killed with all its children and the next one runs; one without time
 # left is "skipped"):
 #   env           [30] versions, device, driver, git sha, file fingerprint, what is skipped; stops the run if
 #                      torch sees no GPU (GPU mode), pytest or ptxas is missing, or the kernels do not import
 #   wheels        [30] liger-kernel and cut-cross-entropy from benchmarks/wheels, `pip --isolated --no-index`
 #                      into a scratch folder put on PYTHONPATH
-#   bench_target [150] benchmarks/bench_kernels.py forward+backward at N=16384, H=4096, V=151936: the default
+#   bench_target [100] benchmarks/bench_kernels.py forward+backward at N=16384, H=4096, V=151936: the default
 #                      Triton path (fctrain-triton: forward + chunked backward) against the lm-head-matmul floor,
 #                      Liger (GRPO, FLCE) and Cut Cross-Entropy; FCTRAIN_AUTOTUNE=0 (the default tile: two
 #                      kernel builds, not eight)
-#   tests_target  [70] the bf16 float64-reference test at the largest CUDA shape (4096, 2048, 151936), default
+#   tests_target  [45] the bf16 float64-reference test at the largest CUDA shape (4096, 2048, 151936), default
 #                      backward, FCTRAIN_AUTOTUNE=0
-#   tests         [70] the rest of tests/test_logprob_entropy.py + tests/test_grpo_loss.py on CUDA shapes
+#   tests        [150] the rest of tests/test_logprob_entropy.py + tests/test_grpo_loss.py on CUDA shapes
 #                      (splits, autotune hook, spec, atomic backward, ...) with FCTRAIN_AUTOTUNE=0
-#   bench_tuned   [70] the same target shape with autotuning on: fctrain-triton and fctrain-triton-atomic,
+#   bench_tuned   [55] the same target shape with autotuning on: fctrain-triton and fctrain-triton-atomic,
 #                      forward+backward and forward only, beside the floor
-#   compile       [40] benchmarks/gpu_compile.py: every bf16 tile of the three kernels for the device's own
+#   compile       [30] benchmarks/gpu_compile.py: every bf16 tile of the three kernels for the device's own
 #                      target, 16 builds in parallel, loaded through the driver (driver_registers,
 #                      driver_spill_bytes); dry run: the default bf16 tile of fwd and dz for sm_90 with ptxas
 #
