@@ -107,6 +107,8 @@ ARMS = {
     # (a call where one is needed, `[]` where none fits) with equal mass in every step instead.
     "lr1e-6-abal-s1": ["--lr", "1e-6", "--answer_balance", "true", "--seed", "1"],
     "lr1e-6-abal": ["--lr", "1e-6", "--answer_balance", "true"],
+    # a third seed of the answer balance, and of plain RL beside it (lr1e-6-s2 above): how often each collapses
+    "lr1e-6-abal-s2": ["--lr", "1e-6", "--answer_balance", "true", "--seed", "2"],
     # Part 3's long curves, in pieces (--piece-s): the val recipe for up to 150 steps, evaluated every 10 (~50
     # training minutes), and its SFT control evaluated every 30 SFT steps (about as many training minutes)
     "long-rl": ["--lr", "1e-6", "--steps", "150", "--eval_every", "10", "--save_every", "5"],
@@ -126,7 +128,10 @@ VAL_PAIRS = (("lr1e-6", "sft-control"), ("lr1e-6-s1", "sft-control-s1"),
              ("lr1e-6-dbal-s1", "lr1e-6-s1"), ("lr1e-6-dbal-s1", "sft-control-s1"),
              ("lr1e-6-dbal", "lr1e-6"), ("lr1e-6-dbal", "sft-control"),
              ("lr1e-6-abal-s1", "lr1e-6-s1"), ("lr1e-6-abal-s1", "sft-control-s1"),
-             ("lr1e-6-abal", "lr1e-6"), ("lr1e-6-abal", "sft-control"))
+             ("lr1e-6-abal", "lr1e-6"), ("lr1e-6-abal", "sft-control"),
+             ("lr1e-6-abal-s2", "lr1e-6-s2"),
+             (("lr1e-6-abal", "lr1e-6-abal-s1"), ("lr1e-6", "lr1e-6-s1")),
+             (("lr1e-6-abal", "lr1e-6-abal-s1"), ("sft-control", "sft-control-s1")))
 HELDOUT_SETS = ("test_in", "test_ood", "test_irr", "val")
 # sft-control-s1: the control of lr1e-6-s1's own seed (2026-12-04, on the Zen 4 kind both ran on)
 HELDOUT_ARMS = ("sft-control", "lr1e-6-s1", "untrained", "sft-control-s1")
