@@ -1,0 +1,230 @@
+"""Does a policy tell call-needing from no-call prompts, whatever its threshold? (issue 30, part 1's
+threshold-free separation score, on the Qwen pilots' kept final policies)
+
+    python benchmarks/bench_decision_probe.py run --policies untrained lr1e-6-abal-s1 ... [--commit]
+    python benchmarks/bench_decision_probe.py report
+
+For each val prompt (the trainer's `split:val`, prompts over 768 tokens dropped as the trainer drops them),
+one forward pass over the prompt followed by the opening of an answer, `<answer` (Qwen answers without a
+think). The next token decides: its tokenizer writes a no-call answer as `>[]` and a call's opening as `>[`
+(BPE merges; found from the tokenizer itself, `decision_tokens`). So
+
+    score = log P(no call) - log P(call),
+
+each P summed over the vocabulary's tokens of its kind (P(other): everything else, reported).
+- AUC, no-call prompts positive (rank-sum, ties 1/2): the share of (no-call, call-needing) prompt pairs the
+  score orders the right way; 0.5 = no separation. A global shift toward calling or abstaining moves every
+  score alike and leaves the AUC where it was: a policy that learned only an offset keeps the untrained AUC.
+- At the policy's own threshold: mean P(no call) on each kind and the balanced accuracy of "no call when
+  P(no call) > P(call)".
+- CIs: bootstrap over prompts, stratified by kind; policies compared paired by prompt.
+
+One forward per prompt in float32 on CPU (about 1-4 s each here, one thread by default so a training arm
+beside it keeps its cores). Each policy's per-prompt scores go to results/qwen_pilots_cpu/decision_probe/
+<policy>.json (a policy already there is skipped); `report` writes summary.md there.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_qwen_pilots  # noqa: E402
+import common  # noqa: E402
+from bench_headroom import auc  # noqa: E402
+
+REPO = common.REPO
+RESULTS = common.RESULTS / "qwen_pilots_cpu" / "decision_probe"
+WORK = REPO / "runs" / "qwen_pilots"
+MODEL, DATA, MAX_PROMPT_TOKENS, FMT = "qwen2.5-coder-0.5b", "split:val", 768, "python"
+ANSWER_OPEN = "<answer"
+# (a, b): policy a's AUC minus b's, paired by prompt
+PAIRS = (("sft-control-s1", "untrained"), ("lr1e-6-abal-s1", "untrained"), ("lr1e-6-dbal-s1", "untrained"),
+         ("lr1e-6-abal", "untrained"), ("lr1e-6-abal-s2", "untrained"), ("lr1e-6-s2", "untrained"),
+         ("lr1e-6-abal-s1", "sft-control-s1"))
+
+
+def decision_tokens(tokenizer) -> tuple[list[int], list[int], list[int]]:
+    """(prefix ids, no-call token ids, call token ids) at the answer's decision point.
+
+    The prefix is the tokens that `<answer>[]</answer>` and `<answer>[f()]</answer>` share; after it the two
+    texts still share `c` (`>[` for Qwen, whose BPE merges `>[]` and `>[`; empty where `[` ends the prefix). A
+    token is no-call if its text starts with `c]`, call if it starts with `c` followed by a function name's
+    first letter (or by nothing but whitespace, when `c` is not empty); any other token is neither."""
+    none_ids = tokenizer.encode("<answer>[]</answer>", add_special_tokens=False)
+    call_ids = tokenizer.encode("<answer>[f()]</answer>", add_special_tokens=False)
+    k = 0
+    while k < min(len(none_ids), len(call_ids)) and none_ids[k] == call_ids[k]:
+        k += 1
+    prefix = none_ids[:k]
+    rest_none, rest_call = tokenizer.decode(none_ids[k:]), tokenizer.decode(call_ids[k:])
+    if tokenizer.decode(prefix) + rest_none != "<answer>[]</answer>" or "]" not in rest_none:
+        raise ValueError("decision_tokens: the tokenizer does not split '<answer>[]</answer>' at a token edge")
+    c = rest_none[: rest_none.index("]")]  # the text both answers still share
+    if not rest_call.startswith(c):
+        raise ValueError(f"decision_tokens: {rest_none!r} and {rest_call!r} do not share {c!r}")
+
+    def kind(text: str) -> str:
+        if text.startswith(c + "]"):
+            return "none"
+        after = text[len(c):].lstrip() if text.startswith(c) else None
+        if after is not None and ((after and (after[0].isalpha() or after[0] == "_")) or (not after and c)):
+            return "call"
+        return "other"
+
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    nones = [i for i, t in enumerate(texts) if kind(t) == "none"]
+    calls = [i for i, t in enumerate(texts) if kind(t) == "call"]
+    if none_ids[k] not in nones or call_ids[k] not in calls:
+        raise ValueError(f"decision_tokens: the answers' own next tokens are not classified ({c!r})")
+    return prefix, nones, calls
+
+
+def examples_and_prompts(tokenizer, data: str = DATA, max_prompt_tokens: int = MAX_PROMPT_TOKENS):
+    from fctrain import data as fdata
+    from fctrain import prompts as fprompts
+
+    examples = fprompts.filter_by_length(fdata.load_any(data), tokenizer, max_prompt_tokens, FMT)
+    return examples, [fprompts.build_prompt_ids(e, tokenizer, FMT) for e in examples]
+
+
+@torch.inference_mode()
+def probe(model, tokenizer, examples, prompt_ids, no_call: set[str]) -> list[dict]:
+    """Per prompt: id, no_call (bool: the prompt needs no call), log P(no call), log P(call), P(other)."""
+    prefix, nones, calls = decision_tokens(tokenizer)
+    nones_t, calls_t = torch.tensor(nones), torch.tensor(calls)
+    rows = []
+    for e, ids in zip(examples, prompt_ids):
+        logits = model(torch.tensor([ids + prefix])).logits[0, -1].double()
+        logp = logits.log_softmax(-1)
+        lp_none, lp_call = logp[nones_t].logsumexp(0).item(), logp[calls_t].logsumexp(0).item()
+        rows.append({"id": e.id, "no_call": e.id in no_call, "logp_none": lp_none,
+                     "logp_call": lp_call, "p_other": max(0.0, 1.0 - math.exp(lp_none) - math.exp(lp_call))})
+    return rows
+
+
+def summarize(rows: list[dict]) -> dict:
+    pos = [r["logp_none"] - r["logp_call"] for r in rows if r["no_call"]]
+    neg = [r["logp_none"] - r["logp_call"] for r in rows if not r["no_call"]]
+    p_none = lambda side: sum(math.exp(r["logp_none"]) for r in rows if r["no_call"] == side) / max(
+        1, sum(r["no_call"] == side for r in rows))
+    right = lambda side: sum((r["logp_none"] > r["logp_call"]) == side for r in rows if r["no_call"] == side) / max(
+        1, sum(r["no_call"] == side for r in rows))
+    return {"n_no_call": len(pos), "n_call": len(neg), "auc": auc(pos, neg),
+            "p_none_on_no_call": p_none(True), "p_none_on_call": p_none(False),
+            "balanced_acc": (right(True) + right(False)) / 2,
+            "p_other": sum(r["p_other"] for r in rows) / max(1, len(rows))}
+
+
+def auc_ci(rows_a: list[dict], rows_b: list[dict] | None = None, reps: int = 2000, seed: int = 0):
+    """(AUC of a [minus b's], 95% bootstrap interval): prompts resampled within each kind, the same prompts for
+    both policies (b's rows matched to a's by id)."""
+    if rows_b is not None:
+        by_id = {r["id"]: r for r in rows_b}
+        rows_a = [r for r in rows_a if r["id"] in by_id]
+        rows_b = [by_id[r["id"]] for r in rows_a]
+    score = lambda r: r["logp_none"] - r["logp_call"]
+    stat = lambda idx_pos, idx_neg: (
+        auc([score(rows_a[i]) for i in idx_pos], [score(rows_a[i]) for i in idx_neg])
+        - (auc([score(rows_b[i]) for i in idx_pos], [score(rows_b[i]) for i in idx_neg]) if rows_b else 0.0))
+    pos = [i for i, r in enumerate(rows_a) if r["no_call"]]
+    neg = [i for i, r in enumerate(rows_a) if not r["no_call"]]
+    rng = random.Random(seed)
+    draws = sorted(stat(rng.choices(pos, k=len(pos)), rng.choices(neg, k=len(neg))) for _ in range(reps))
+    return stat(pos, neg), draws[int(0.025 * reps)], draws[int(0.975 * reps) - 1]
+
+
+def policy_path(name: str) -> Path:
+    from fctrain import models
+
+    if name == "untrained":
+        return models.resolve_model(MODEL)
+    final = WORK / name / "final"
+    if not (final / "config.json").exists():
+        raise SystemExit(f"decision probe: {final} missing (a finished arm keeps its final policy there)")
+    return final
+
+
+def run(args) -> None:
+    from fctrain import models
+
+    torch.set_num_threads(args.threads)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    tokenizer = models.load_tokenizer(policy_path("untrained"))
+    examples, prompt_ids = examples_and_prompts(tokenizer)
+    no_call = {i for i, kind in bench_qwen_pilots.val_kinds().items() if kind == "no_call"}  # the pilots' kinds
+    for name in args.policies:
+        out = RESULTS / f"{name}.json"
+        if out.exists():
+            print(f"[probe] {out.name} exists: skipped", flush=True)
+            continue
+        path = policy_path(name)
+        t0 = time.perf_counter()
+        rows = probe(models.load_model(path), tokenizer, examples, prompt_ids, no_call)
+        meta = common.run_metadata("cpu") | {"policy": name, "path": str(path.relative_to(REPO)) if path.is_relative_to(REPO)
+                                             else path.name, "data": DATA, "max_prompt_tokens": MAX_PROMPT_TOKENS,
+                                             "threads": args.threads, "seconds": round(time.perf_counter() - t0, 1)}
+        out.write_text(json.dumps({"meta": meta, "summary": summarize(rows), "rows": rows}, indent=1) + "\n")
+        print(f"[probe] {name}: {json.dumps(summarize(rows))} ({meta['seconds']} s)", flush=True)
+        if args.commit:
+            report_md()
+            commit(f"decision probe: {name} (AUC {summarize(rows)['auc']:.3f} on val)")
+
+
+def load_all() -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))}
+
+
+def report_md() -> str:
+    res = load_all()
+    lines = ["# Decision probe on val: log P(no call) - log P(call) at the answer's opening", "",
+             "| policy | no-call / call prompts | AUC (95% CI) | P(no call) on no-call | P(no call) on call "
+             "| balanced acc at its own threshold | P(other) | machine |", "|---|---|---|---|---|---|---|---|"]
+    for name, r in res.items():
+        s, (a, lo, hi) = r["summary"], auc_ci(r["rows"])
+        lines.append(f"| {name} | {s['n_no_call']} / {s['n_call']} | {a:.3f} [{lo:.3f}, {hi:.3f}] | "
+                     f"{s['p_none_on_no_call']:.3f} | {s['p_none_on_call']:.3f} | {100 * s['balanced_acc']:.1f} | "
+                     f"{s['p_other']:.3f} | {r['meta']['device']} |")
+    pairs = [(a, b) for a, b in PAIRS if a in res and b in res]
+    if pairs:
+        lines += ["", "| AUC, a - b (paired by prompt) | difference (95% CI) |", "|---|---|"]
+        for a, b in pairs:
+            d, lo, hi = auc_ci(res[a]["rows"], res[b]["rows"])
+            lines.append(f"| {a} - {b} | {d:+.3f} [{lo:+.3f}, {hi:+.3f}] |")
+    text = "\n".join(lines) + "\n"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "summary.md").write_text(text)
+    return text
+
+
+def commit(message: str) -> None:
+    paths = [str(p.relative_to(REPO)) for p in RESULTS.iterdir() if p.is_file()]
+    subprocess.run(["git", "add", "--"] + paths, cwd=REPO, check=False)
+    subprocess.run(["git", "commit", "-q", "-m", message, "--"] + paths, cwd=REPO, check=False)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="probe policies (untrained, or arms with a kept final policy)")
+    r.add_argument("--policies", nargs="+", required=True)
+    r.add_argument("--threads", type=int, default=1)
+    r.add_argument("--commit", action="store_true", help="commit each policy's result and the summary")
+    sub.add_parser("report", help="write summary.md from the stored results")
+    args = ap.parse_args(argv)
+    if args.cmd == "run":
+        run(args)
+    else:
+        print(report_md(), end="")
+
+
+if __name__ == "__main__":
+    main()

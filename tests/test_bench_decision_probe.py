@@ -1,0 +1,83 @@
+"""benchmarks/bench_decision_probe.py (issue 30): the decision tokens from a real tokenizer, the probe on a tiny
+real model, and the AUC's indifference to a global offset."""
+from __future__ import annotations
+
+import importlib.util
+import math
+import random
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from fctrain import models
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCH))
+_spec = importlib.util.spec_from_file_location("_bench_decision_probe", BENCH / "bench_decision_probe.py")
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return models.load_tokenizer(models.resolve_model(None))  # SmolLM2's, offline
+
+
+def test_decision_tokens_split_the_two_answers_where_they_differ(tokenizer):
+    prefix, nones, calls = bench.decision_tokens(tokenizer)
+    none_ids = tokenizer.encode("<answer>[]</answer>", add_special_tokens=False)
+    call_ids = tokenizer.encode("<answer>[get_weather(city='Paris')]</answer>", add_special_tokens=False)
+    assert none_ids[: len(prefix)] == prefix == call_ids[: len(prefix)]
+    assert none_ids[len(prefix)] in nones and call_ids[len(prefix)] in calls
+    assert not set(nones) & set(calls)
+    assert all("]" in tokenizer.decode([i]) for i in nones)
+    assert not any(tokenizer.decode([i]).lstrip(">[").startswith("]") for i in calls)
+
+
+def test_probe_on_a_tiny_real_model(tmp_path, tokenizer):
+    path = models.build_tiny_model(tmp_path / "tiny")
+    model = models.load_model(path)
+    prefix, nones, calls = bench.decision_tokens(tokenizer)
+    examples = [SimpleNamespace(id=f"e{i}") for i in range(3)]
+    prompt_ids = [tokenizer.encode(t, add_special_tokens=False) for t in ("What is the weather?", "Hi", "Sort [3, 1]")]
+    rows = bench.probe(model, tokenizer, examples, prompt_ids, no_call={"e1"})
+    assert [r["no_call"] for r in rows] == [False, True, False]
+    for r, ids in zip(rows, prompt_ids):  # against a float64 softmax of the same forward's last logits
+        with torch.no_grad():
+            p = model(torch.tensor([ids + prefix])).logits[0, -1].double().softmax(-1)
+        assert math.exp(r["logp_none"]) == pytest.approx(float(p[nones].sum()), rel=1e-9)
+        assert math.exp(r["logp_call"]) == pytest.approx(float(p[calls].sum()), rel=1e-9)
+        assert r["p_other"] == pytest.approx(1 - float(p[nones].sum() + p[calls].sum()), abs=1e-12)
+
+
+def _rows(n, shift, seed, separation=1.0):
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        no_call = i % 2 == 0
+        s = rng.gauss(separation / 2 if no_call else -separation / 2, 1.0) + shift
+        rows.append({"id": f"p{i}", "no_call": no_call, "logp_none": math.log(1 / (1 + math.exp(-s))),
+                     "logp_call": math.log(1 / (1 + math.exp(s))), "p_other": 0.0})
+    return rows
+
+
+def test_a_global_offset_moves_the_threshold_not_the_auc():
+    seed = random.randrange(10**6)
+    base, shifted = _rows(80, 0.0, seed), _rows(80, -6.0, seed)  # the same prompts, all pushed toward calling
+    a, b = bench.summarize(base), bench.summarize(shifted)
+    assert a["auc"] == pytest.approx(b["auc"], abs=1e-12), seed
+    assert b["p_none_on_no_call"] < a["p_none_on_no_call"] and b["balanced_acc"] <= a["balanced_acc"], seed
+    d, lo, hi = bench.auc_ci(shifted, base)
+    assert abs(d) < 1e-12 and abs(lo) < 1e-12 and abs(hi) < 1e-12, seed
+
+
+def test_auc_and_interval_on_planted_separations():
+    seed = random.randrange(10**6)
+    apart = bench.summarize(_rows(60, 0.0, seed, separation=100.0))
+    assert apart["auc"] == 1.0 and apart["balanced_acc"] == 1.0, seed
+    # no separation: a 95% interval misses 0.5 for ~5% of seeds, so this one is fixed
+    a, lo, hi = bench.auc_ci(_rows(400, 0.0, 0, separation=0.0))
+    assert lo < 0.5 < hi and lo <= a <= hi
