@@ -19,8 +19,8 @@ each P summed over the vocabulary's tokens of its kind (P(other): everything els
   P(no call) > P(call)".
 - CIs: bootstrap over prompts, stratified by kind; policies compared paired by prompt.
 
-One forward per prompt in float32 on CPU (about 1-4 s each here, one thread by default so a training arm
-beside it keeps its cores). Each policy's per-prompt scores go to results/qwen_pilots_cpu/decision_probe/
+One forward per prompt in float32 on CPU, logits of the last position only (on the 2-core Zen 4: 2.7 s each
+on two threads, 6.5-7 s on one beside a training arm; one thread by default so such an arm keeps its cores). Each policy's per-prompt scores go to results/qwen_pilots_cpu/decision_probe/
 <policy>.json (a policy already there is skipped); `report` writes summary.md there.
 """
 from __future__ import annotations
@@ -29,7 +29,6 @@ import argparse
 import json
 import math
 import random
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,14 +36,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_headroom  # noqa: E402
 import bench_qwen_pilots  # noqa: E402
 import common  # noqa: E402
 from bench_headroom import auc  # noqa: E402
 
 REPO = common.REPO
 RESULTS = common.RESULTS / "qwen_pilots_cpu" / "decision_probe"
-WORK = REPO / "runs" / "qwen_pilots"
-MODEL, DATA, MAX_PROMPT_TOKENS, FMT = "qwen2.5-coder-0.5b", "split:val", 768, "python"
+DATA, MAX_PROMPT_TOKENS = "split:val", 768
 ANSWER_OPEN = "<answer"
 # (a, b): policy a's AUC minus b's, paired by prompt
 PAIRS = (("sft-control-s1", "untrained"), ("lr1e-6-abal-s1", "untrained"), ("lr1e-6-dbal-s1", "untrained"),
@@ -88,14 +87,6 @@ def decision_tokens(tokenizer) -> tuple[list[int], list[int], list[int]]:
     return prefix, nones, calls
 
 
-def examples_and_prompts(tokenizer, data: str = DATA, max_prompt_tokens: int = MAX_PROMPT_TOKENS):
-    from fctrain import data as fdata
-    from fctrain import prompts as fprompts
-
-    examples = fprompts.filter_by_length(fdata.load_any(data), tokenizer, max_prompt_tokens, FMT)
-    return examples, [fprompts.build_prompt_ids(e, tokenizer, FMT) for e in examples]
-
-
 @torch.inference_mode()
 def probe(model, tokenizer, examples, prompt_ids, no_call: set[str]) -> list[dict]:
     """Per prompt: id, no_call (bool: the prompt needs no call), log P(no call), log P(call), P(other)."""
@@ -103,7 +94,7 @@ def probe(model, tokenizer, examples, prompt_ids, no_call: set[str]) -> list[dic
     nones_t, calls_t = torch.tensor(nones), torch.tensor(calls)
     rows = []
     for e, ids in zip(examples, prompt_ids):
-        logits = model(torch.tensor([ids + prefix])).logits[0, -1].double()
+        logits = model(torch.tensor([ids + prefix]), logits_to_keep=1).logits[0, -1].double()
         logp = logits.log_softmax(-1)
         lp_none, lp_call = logp[nones_t].logsumexp(0).item(), logp[calls_t].logsumexp(0).item()
         rows.append({"id": e.id, "no_call": e.id in no_call, "logp_none": lp_none,
@@ -142,31 +133,20 @@ def auc_ci(rows_a: list[dict], rows_b: list[dict] | None = None, reps: int = 200
     return stat(pos, neg), draws[int(0.025 * reps)], draws[int(0.975 * reps) - 1]
 
 
-def policy_path(name: str) -> Path:
-    from fctrain import models
-
-    if name == "untrained":
-        return models.resolve_model(MODEL)
-    final = WORK / name / "final"
-    if not (final / "config.json").exists():
-        raise SystemExit(f"decision probe: {final} missing (a finished arm keeps its final policy there)")
-    return final
-
-
 def run(args) -> None:
     from fctrain import models
 
     torch.set_num_threads(args.threads)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    tokenizer = models.load_tokenizer(policy_path("untrained"))
-    examples, prompt_ids = examples_and_prompts(tokenizer)
+    tokenizer = models.load_tokenizer(models.resolve_model(bench_qwen_pilots.kept_policy("untrained")))
+    examples, prompt_ids, _ = bench_headroom.load_examples(DATA, tokenizer, MAX_PROMPT_TOKENS, None)  # the trainer's cut
     no_call = {i for i, kind in bench_qwen_pilots.val_kinds().items() if kind == "no_call"}  # the pilots' kinds
     for name in args.policies:
         out = RESULTS / f"{name}.json"
         if out.exists():
             print(f"[probe] {out.name} exists: skipped", flush=True)
             continue
-        path = policy_path(name)
+        path = models.resolve_model(bench_qwen_pilots.kept_policy(name))
         t0 = time.perf_counter()
         rows = probe(models.load_model(path), tokenizer, examples, prompt_ids, no_call)
         meta = common.run_metadata("cpu") | {"policy": name, "path": str(path.relative_to(REPO)) if path.is_relative_to(REPO)
@@ -176,7 +156,8 @@ def run(args) -> None:
         print(f"[probe] {name}: {json.dumps(summarize(rows))} ({meta['seconds']} s)", flush=True)
         if args.commit:
             report_md()
-            commit(f"decision probe: {name} (AUC {summarize(rows)['auc']:.3f} on val)")
+            bench_qwen_pilots.commit_results(f"decision probe: {name} (AUC {summarize(rows)['auc']:.3f} on val)",
+                                             RESULTS)
 
 
 def load_all() -> dict[str, dict]:
@@ -203,12 +184,6 @@ def report_md() -> str:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "summary.md").write_text(text)
     return text
-
-
-def commit(message: str) -> None:
-    paths = [str(p.relative_to(REPO)) for p in RESULTS.iterdir() if p.is_file()]
-    subprocess.run(["git", "add", "--"] + paths, cwd=REPO, check=False)
-    subprocess.run(["git", "commit", "-q", "-m", message, "--"] + paths, cwd=REPO, check=False)
 
 
 def main(argv=None) -> None:

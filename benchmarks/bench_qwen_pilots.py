@@ -413,16 +413,19 @@ def heldout_path(name: str) -> Path:
     return RESULTS / "heldout" / f"{name}.metrics.jsonl"
 
 
+def kept_policy(name: str) -> str:
+    """The model a policy name stands for: "untrained" = the raw Qwen, else the arm's kept final policy."""
+    if name == "untrained":
+        return "qwen2.5-coder-0.5b"
+    final = WORK / name / "final"
+    if not (final / "config.json").exists():
+        raise SystemExit(f"{final} missing (run the arm first: a finished arm keeps it)")
+    return str(final)
+
+
 def heldout_args(name: str) -> list[str]:
     """The trainer's own evaluation, nothing trained: the raw model or the arm's kept final policy."""
-    if name == "untrained":
-        model = "qwen2.5-coder-0.5b"
-    else:
-        final = WORK / name / "final"
-        if not (final / "config.json").exists():
-            raise SystemExit(f"held out: {final} missing (run the arm first: a finished arm keeps it)")
-        model = str(final)
-    return ["--preset", "qwen0.5b-cpu", "--model", model, "--seed", "0", "--steps", "0", "--save_every", "0",
+    return ["--preset", "qwen0.5b-cpu", "--model", kept_policy(name), "--seed", "0", "--steps", "0", "--save_every", "0",
             "--eval_data", "+".join(f"split:{s}" for s in HELDOUT_SETS), "--out_dir", str(WORK / "heldout" / name)]
 
 

@@ -55,6 +55,17 @@ def run(impl, hidden, weight, targets, temperature, g_logp, g_ent):
     return logp.detach(), ent.detach(), x.grad, w.grad
 
 
+def check_against_float64(impl, hidden, weight, targets, temperature, g_logp, g_ent, label):
+    """impl's outputs and gradients within the dtype budget of float64 `naive`, on top of the same-dtype torch
+    error; for the torch path that error is naive's over the same row chunks (its logits are those GEMMs')."""
+    got = run(impl, hidden, weight, targets, temperature, g_logp, g_ent)
+    want = run("naive", hidden.double(), weight.double(), targets, temperature, g_logp.double(), g_ent.double())
+    same = run("naive-chunked" if impl == "torch" else "naive", hidden, weight, targets, temperature, g_logp, g_ent)
+    for name, a, b, c in zip(["logp", "entropy", "grad_hidden", "grad_weight"], got, want, same):
+        within_budget(a, c, b, hidden.dtype, f"{label} {name}")
+    return got
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", SHAPES)
@@ -66,12 +77,7 @@ def test_matches_float64_reference(impl, dtype, shape, seed, temperature, peaky)
     g_logp = torch.randn(n, generator=g).to(DEVICE)
     g_ent = torch.randn(n, generator=g).to(DEVICE)
 
-    got = run(impl, hidden, weight, targets, temperature, g_logp, g_ent)
-    want = run("naive", hidden.double(), weight.double(), targets, temperature, g_logp.double(), g_ent.double())
-    # the same-dtype torch error; the torch path's own logits are those of its chunks' GEMMs
-    same = run("naive-chunked" if impl == "torch" else "naive", hidden, weight, targets, temperature, g_logp, g_ent)
-    for name, a, b, c in zip(["logp", "entropy", "grad_hidden", "grad_weight"], got, want, same):
-        within_budget(a, c, b, dtype, f"{impl} {dtype} {shape} {name}")
+    got = check_against_float64(impl, hidden, weight, targets, temperature, g_logp, g_ent, f"{impl} {dtype} {shape}")
     ignored = targets == -100
     assert (got[0][ignored] == 0).all() and (got[1][ignored] == 0).all()
 
@@ -84,11 +90,7 @@ def test_chunked_backward_over_several_chunks(monkeypatch, dtype):
     hidden, weight, targets = make_inputs(n, h, v, dtype, 4, peaky=True)
     g = torch.Generator().manual_seed(5)
     g_logp, g_ent = torch.randn(n, generator=g).to(DEVICE), torch.randn(n, generator=g).to(DEVICE)
-    got = run("triton", hidden, weight, targets, 0.7, g_logp, g_ent)
-    want = run("naive", hidden.double(), weight.double(), targets, 0.7, g_logp.double(), g_ent.double())
-    same = run("naive", hidden, weight, targets, 0.7, g_logp, g_ent)
-    for name, a, b, c in zip(["logp", "entropy", "grad_hidden", "grad_weight"], got, want, same):
-        within_budget(a, c, b, dtype, f"chunked {dtype} {name}")
+    check_against_float64("triton", hidden, weight, targets, 0.7, g_logp, g_ent, f"chunked {dtype}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -100,11 +102,7 @@ def test_torch_path_over_several_chunks(monkeypatch, dtype):
     hidden, weight, targets = make_inputs(n, h, v, dtype, 6, peaky=True)
     g = torch.Generator().manual_seed(7)
     g_logp, g_ent = torch.randn(n, generator=g).to(DEVICE), torch.randn(n, generator=g).to(DEVICE)
-    got = run("torch", hidden, weight, targets, 0.7, g_logp, g_ent)
-    want = run("naive", hidden.double(), weight.double(), targets, 0.7, g_logp.double(), g_ent.double())
-    same = run("naive-chunked", hidden, weight, targets, 0.7, g_logp, g_ent)
-    for name, a, b, c in zip(["logp", "entropy", "grad_hidden", "grad_weight"], got, want, same):
-        within_budget(a, c, b, dtype, f"torch chunks {dtype} {name}")
+    check_against_float64("torch", hidden, weight, targets, 0.7, g_logp, g_ent, f"torch chunks {dtype}")
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -316,11 +314,7 @@ def test_split_vocabulary_forward_matches_float64(monkeypatch, splits, align, dt
     targets = torch.tensor(ids + [-100], device=DEVICE)
     g = torch.Generator().manual_seed(15)
     g_logp, g_ent = torch.randn(len(targets), generator=g).to(DEVICE), torch.randn(len(targets), generator=g).to(DEVICE)
-    got = run("triton", hidden, weight, targets, 0.7, g_logp, g_ent)
-    want = run("naive", hidden.double(), weight.double(), targets, 0.7, g_logp.double(), g_ent.double())
-    same = run("naive", hidden, weight, targets, 0.7, g_logp, g_ent)
-    for name, a, b, c in zip(["logp", "entropy", "grad_hidden", "grad_weight"], got, want, same):
-        within_budget(a, c, b, dtype, f"{n_splits} splits of {per} ({dtype}) {name}")
+    check_against_float64("triton", hidden, weight, targets, 0.7, g_logp, g_ent, f"{n_splits} splits of {per} ({dtype})")
 
 
 @pytest.mark.parametrize("sms", [108, 132])  # A100, H100/H200
