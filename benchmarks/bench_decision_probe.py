@@ -40,6 +40,7 @@ import bench_headroom  # noqa: E402
 import bench_qwen_pilots  # noqa: E402
 import common  # noqa: E402
 from bench_headroom import auc  # noqa: E402
+from fctrain import prompts  # noqa: E402
 
 REPO = common.REPO
 RESULTS = common.RESULTS / "qwen_pilots_cpu" / "decision_probe"
@@ -48,49 +49,14 @@ ANSWER_OPEN = "<answer"
 # (a, b): policy a's AUC minus b's, paired by prompt
 PAIRS = (("sft-control-s1", "untrained"), ("lr1e-6-abal-s1", "untrained"), ("lr1e-6-dbal-s1", "untrained"),
          ("lr1e-6-abal", "untrained"), ("lr1e-6-abal-s2", "untrained"), ("lr1e-6-s2", "untrained"),
-         ("lr1e-6-abal-s1", "sft-control-s1"))
-
-
-def decision_tokens(tokenizer) -> tuple[list[int], list[int], list[int]]:
-    """(prefix ids, no-call token ids, call token ids) at the answer's decision point.
-
-    The prefix is the tokens that `<answer>[]</answer>` and `<answer>[f()]</answer>` share; after it the two
-    texts still share `c` (`>[` for Qwen, whose BPE merges `>[]` and `>[`; empty where `[` ends the prefix). A
-    token is no-call if its text starts with `c]`, call if it starts with `c` followed by a function name's
-    first letter (or by nothing but whitespace, when `c` is not empty); any other token is neither."""
-    none_ids = tokenizer.encode("<answer>[]</answer>", add_special_tokens=False)
-    call_ids = tokenizer.encode("<answer>[f()]</answer>", add_special_tokens=False)
-    k = 0
-    while k < min(len(none_ids), len(call_ids)) and none_ids[k] == call_ids[k]:
-        k += 1
-    prefix = none_ids[:k]
-    rest_none, rest_call = tokenizer.decode(none_ids[k:]), tokenizer.decode(call_ids[k:])
-    if tokenizer.decode(prefix) + rest_none != "<answer>[]</answer>" or "]" not in rest_none:
-        raise ValueError("decision_tokens: the tokenizer does not split '<answer>[]</answer>' at a token edge")
-    c = rest_none[: rest_none.index("]")]  # the text both answers still share
-    if not rest_call.startswith(c):
-        raise ValueError(f"decision_tokens: {rest_none!r} and {rest_call!r} do not share {c!r}")
-
-    def kind(text: str) -> str:
-        if text.startswith(c + "]"):
-            return "none"
-        after = text[len(c):].lstrip() if text.startswith(c) else None
-        if after is not None and ((after and (after[0].isalpha() or after[0] == "_")) or (not after and c)):
-            return "call"
-        return "other"
-
-    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
-    nones = [i for i, t in enumerate(texts) if kind(t) == "none"]
-    calls = [i for i, t in enumerate(texts) if kind(t) == "call"]
-    if none_ids[k] not in nones or call_ids[k] not in calls:
-        raise ValueError(f"decision_tokens: the answers' own next tokens are not classified ({c!r})")
-    return prefix, nones, calls
+         ("lr1e-6-abal-s1", "sft-control-s1"), ("lr1e-6-anchor-s1", "untrained"),
+         ("lr1e-6-anchor-s1", "sft-control-s1"), ("lr1e-6-anchor", "untrained"), ("lr1e-6-s2", "lr1e-6-abal-s1"))
 
 
 @torch.inference_mode()
 def probe(model, tokenizer, examples, prompt_ids, no_call: set[str]) -> list[dict]:
     """Per prompt: id, no_call (bool: the prompt needs no call), log P(no call), log P(call), P(other)."""
-    prefix, nones, calls = decision_tokens(tokenizer)
+    prefix, nones, calls = prompts.decision_tokens(tokenizer)
     nones_t, calls_t = torch.tensor(nones), torch.tensor(calls)
     rows = []
     for e, ids in zip(examples, prompt_ids):

@@ -77,6 +77,11 @@ class Config:
                                            # call where none fits) with equal mass: each group's push toward or away
                                            # from each answer as a whole is scaled down on the kind that pushes more;
                                            # credit within one answer is kept (run.balance_answers)
+    decision_anchor: float = 0.0           # each RL step also descends decision_anchor x m^2, m the mean over the
+                                           # step's prompts of the shift, from the frozen reference, of the log-odds
+                                           # log P(no call) - log P(call) at the answer's opening (`<answer`, no
+                                           # think): the global call / no-call offset stays the reference's while
+                                           # each prompt's decision moves freely (run.decision_log_odds; 0 = off)
     # optimisation
     lr: float = 2e-5                       # RL learning rate
     warmup_steps: int = 2                  # RL steps of linear warm-up
@@ -157,6 +162,9 @@ class Config:
             (self.dynamic_sampling >= 0, "dynamic_sampling must be >= 0 (extra rollout rounds)"),
             (not (self.decision_balance and self.answer_balance),
              "decision_balance and answer_balance exclude each other"),
+            (self.decision_anchor >= 0, "decision_anchor must be >= 0"),
+            (not (self.decision_anchor and self.fmt != "python"),
+             "decision_anchor reads the `<answer>[` decision of the python format: give --fmt python"),
             (not (self.dynamic_sampling and self.contrast_pairs), "dynamic_sampling cannot keep contrast pairs together"),
             (self.lr_schedule in ("cosine", "constant"), f"lr_schedule must be cosine or constant, got {self.lr_schedule!r}"),
             (self.micro_batch_tokens >= self.max_prompt_tokens + self.max_new_tokens,

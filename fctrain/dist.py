@@ -171,14 +171,20 @@ def dummy_backward(model, device):
     (h.sum() * 0.0 + weight.sum() * 0.0).backward()
 
 
+def dummy_forward(model, device) -> torch.Tensor:
+    """A forward on two zero tokens (hidden states returned; the caller reshards): what a rank with fewer
+    forward-only passes than its peers runs instead of one. Single-process runs never call it."""
+    ids = torch.zeros(1, 2, dtype=torch.long, device=device)
+    return forward_hidden(model, input_ids=ids, attention_mask=torch.ones_like(ids))[0]
+
+
 def dummy_pass(model, ref_model, device):
     """What a rank with fewer micro-batches than its peers runs instead of one, so that the FSDP collectives
     of all ranks stay in the same order: the reference forward (when there is one), then a zero-loss policy
     forward/backward. Single-process runs never call it."""
     if ref_model is not None:
         with torch.no_grad():
-            ids = torch.zeros(1, 2, dtype=torch.long, device=device)
-            forward_hidden(ref_model, input_ids=ids, attention_mask=torch.ones_like(ids))
+            dummy_forward(ref_model, device)
         reshard(ref_model)
     dummy_backward(model, device)
 

@@ -2,6 +2,7 @@
 
     ids = build_prompt_ids(example, tokenizer, fmt="python")     # system prompt with tools + user turns
     render_target(example, "python")                             # '<think>...</think><answer>[f(a=1)]</answer>'
+    decision_tokens(tokenizer)    # where `<answer>[]` and `<answer>[f(` part: the call / no-call decision token
 
 Three output formats (reward.FORMATS): python (the paper's <think><answer>[calls]), hermes (<tool_call> JSON
 blocks) and bfcl (BFCL's own prompt and bare call list, for leaderboard numbers). No torch or transformers
@@ -233,3 +234,38 @@ def render_target(example: Example, fmt: str = "python", think: str = "plan") ->
         return "[" + ", ".join(call_text(n, a) for n, a in calls) + "]"
     raise ValueError(f"unknown format {fmt!r}; expected one of {reward.FORMATS}")
 
+
+def decision_tokens(tokenizer) -> tuple[list[int], list[int], list[int]]:
+    """(prefix ids, no-call token ids, call token ids) at the answer's decision point.
+
+    The prefix is the tokens that `<answer>[]</answer>` and `<answer>[f()]</answer>` share; after it the two
+    texts still share `c` (`>[` for Qwen, whose BPE merges `>[]` and `>[`; empty where `[` ends the prefix). A
+    token is no-call if its text starts with `c]`, call if it starts with `c` followed by a function name's
+    first letter (or by nothing but whitespace, when `c` is not empty); any other token is neither."""
+    none_ids = tokenizer.encode("<answer>[]</answer>", add_special_tokens=False)
+    call_ids = tokenizer.encode("<answer>[f()]</answer>", add_special_tokens=False)
+    k = 0
+    while k < min(len(none_ids), len(call_ids)) and none_ids[k] == call_ids[k]:
+        k += 1
+    prefix = none_ids[:k]
+    rest_none, rest_call = tokenizer.decode(none_ids[k:]), tokenizer.decode(call_ids[k:])
+    if tokenizer.decode(prefix) + rest_none != "<answer>[]</answer>" or "]" not in rest_none:
+        raise ValueError("decision_tokens: the tokenizer does not split '<answer>[]</answer>' at a token edge")
+    c = rest_none[: rest_none.index("]")]  # the text both answers still share
+    if not rest_call.startswith(c):
+        raise ValueError(f"decision_tokens: {rest_none!r} and {rest_call!r} do not share {c!r}")
+
+    def kind(text: str) -> str:
+        if text.startswith(c + "]"):
+            return "none"
+        after = text[len(c):].lstrip() if text.startswith(c) else None
+        if after is not None and ((after and (after[0].isalpha() or after[0] == "_")) or (not after and c)):
+            return "call"
+        return "other"
+
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    nones = [i for i, t in enumerate(texts) if kind(t) == "none"]
+    calls = [i for i, t in enumerate(texts) if kind(t) == "call"]
+    if none_ids[k] not in nones or call_ids[k] not in calls:
+        raise ValueError(f"decision_tokens: the answers' own next tokens are not classified ({c!r})")
+    return prefix, nones, calls

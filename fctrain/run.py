@@ -73,7 +73,7 @@ class Trainer:
     out: Path
     tokenizer: object
     model: torch.nn.Module
-    ref_model: torch.nn.Module | None  # frozen KL reference (beta > 0)
+    ref_model: torch.nn.Module | None  # frozen reference (beta > 0: the KL term; decision_anchor > 0: its offset)
     optimizer: torch.optim.Optimizer
     engine: rollout.Engine             # VLLMEngine, or HFEngine sharing `model`
     scorer: freward.RewardScorer
@@ -84,6 +84,7 @@ class Trainer:
     step: int
     syncs: int = 0                     # weight pushes to the engine so far in this process
     sync_checked: bool = False         # the engine was checked after its first weight sync
+    decision: tuple | None = None      # --decision_anchor: prompts.decision_tokens (prefix, no-call ids, call ids)
 
 
 def choose_engine(cfg: Config, ctx: fdist.DistContext) -> bool:
@@ -104,8 +105,8 @@ def choose_engine(cfg: Config, ctx: fdist.DistContext) -> bool:
 
 
 def load_models(cfg: Config, ctx: fdist.DistContext, model_path: Path, base_path: Path, out: Path, say):
-    """The tokenizer and the policy from `model_path` (and, when beta > 0, the frozen reference: the starting
-    policy, or the warm-started one saved after SFT) on this rank's device, sharded by FSDP2 under torchrun.
+    """The tokenizer and the policy from `model_path` (and, when beta > 0 or decision_anchor > 0, the frozen
+    reference: the starting policy, or the warm-started one saved after SFT) on this rank's device, sharded by FSDP2 under torchrun.
     Returns (tokenizer, model, ref_model, layout, varlen)."""
     device_type = torch.device(ctx.device).type  # "cuda" for "cuda:3"
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "amp-bf16": torch.float32}[cfg.train_dtype]
@@ -116,7 +117,7 @@ def load_models(cfg: Config, ctx: fdist.DistContext, model_path: Path, base_path
     model.config.use_cache = False
     switches = models.setup_model_kernels(cfg, model, device_type)
     ref_model = None
-    if cfg.beta > 0:
+    if cfg.beta > 0 or cfg.decision_anchor > 0:
         ref_path = out / "reference" if (out / "reference" / "config.json").exists() else base_path
         ref_model = models.load_model(ref_path, dtype=dtype, device=ctx.device, attn_implementation=attn)
         ref_model.eval().requires_grad_(False)
@@ -476,6 +477,45 @@ def sft_loss_backward(cfg: Config, model, seqs: list[packing.Seq], layout: str, 
     return fdist.all_reduce_sum(total.item())  # host sync, once per step
 
 
+def decision_log_odds(h: torch.Tensor, w: torch.Tensor, nones: list[int], calls: list[int]) -> torch.Tensor:
+    """(M,) log P(no call) - log P(call) from hidden rows h (M, H) and the LM head w (V, H), in fp32 or wider: the
+    softmax's normaliser cancels, so only the logits of the two token sets (prompts.decision_tokens) are formed."""
+    dtype = torch.promote_types(h.dtype, torch.float32)  # fp32 at least; float64 stays float64
+    z = h.to(dtype) @ w[nones + calls].to(dtype).T
+    return z[:, :len(nones)].logsumexp(-1) - z[:, len(nones):].logsumexp(-1)
+
+
+def decision_anchor_backward(cfg: Config, model, ref_model, seqs: list[packing.Seq], nones: list[int],
+                             calls: list[int], layout: str, varlen: bool, device) -> dict:
+    """The --decision_anchor term: accumulate d(c m^2)/dθ, c = cfg.decision_anchor, m = the mean over the step's
+    prompts (every rank's) of s - s_ref, s = decision_log_odds at the answer's opening (each Seq: prompt +
+    decision prefix, one placeholder completion token). Only the mean is pinned: the prompts' differences, the
+    ranking of call against no-call prompts, get no gradient. Two passes: without gradients, s and s_ref for m;
+    then per micro-batch the gradient 2 c m ds/dθ / n, m fixed. Returns {decision_log_odds (the policy's mean s),
+    decision_shift (m), decision_anchor_loss (c m^2)}, before the update."""
+    plan = packing.plan(seqs, cfg.micro_batch_tokens, layout)
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # sum of s, sum of s_ref
+    with torch.no_grad():
+        for k in range(fdist.all_reduce_max(len(plan))):  # every rank the same passes (FSDP collectives)
+            mb = packing.build(seqs, plan[k], layout, device, varlen) if k < len(plan) else None
+            for i, m in enumerate((model, ref_model)):
+                with autocast(cfg, device):
+                    h = packing.hidden_rows(m, mb) if mb is not None else fdist.dummy_forward(m, device)
+                if mb is not None:
+                    sums[i] += decision_log_odds(h, lm_head(cfg, m), nones, calls).double().sum()
+                fdist.reshard(m)
+    n = fdist.all_reduce_sum(len(seqs))
+    s_sum, ref_sum = fdist.all_reduce_sum(sums).tolist()  # host sync, once per update
+    shift = (s_sum - ref_sum) / n
+    for mb in micro_batches(cfg, model, None, seqs, layout, varlen, device):
+        with autocast(cfg, device):
+            h = packing.hidden_rows(model, mb)
+        s = decision_log_odds(h, lm_head(cfg, model), nones, calls)
+        (2 * cfg.decision_anchor * shift / n * s.sum()).backward()
+    return {"decision_log_odds": s_sum / n, "decision_shift": shift,
+            "decision_anchor_loss": cfg.decision_anchor * shift ** 2}
+
+
 @dataclass
 class Update:
     stats: dict                   # loss, kl, entropy, clip fractions, importance weights, grad norm; {}: none
@@ -487,13 +527,15 @@ class Update:
 
 def train_on_rollouts(cfg: Config, model, ref_model, optimizer, lr: float, seqs: list[packing.Seq],
                       adv: torch.Tensor, rollout_logps: list[list[float]], thinks: list[list[bool]] | None,
-                      layout: str, varlen: bool, device, gold: list[packing.Seq] | None = None) -> Update:
+                      layout: str, varlen: bool, device, gold: list[packing.Seq] | None = None,
+                      anchor: tuple | None = None) -> Update:
     """The RL training phase on one rollout batch: old log-probs and <think> entropy (EGPO), reference
     log-probs, the fused clipped loss with global normalisation, backward, clipping and the AdamW step,
     `updates_per_batch` times. `adv` (S,) is per sequence; `thinks` marks each completion's <think> tokens
     (None for plain GRPO). `gold` (sft_coef > 0): reference completions whose mean -log p, times sft_coef, is
-    added to every update (an SFT term beside the RL loss). Returns the metrics, the final (EGPO) advantages
-    and the think entropies.
+    added to every update (an SFT term beside the RL loss). `anchor` (decision_anchor > 0): (the step's prompts
+    as decision Seqs, no-call ids, call ids) for decision_anchor_backward in every update. Returns the metrics,
+    the final (EGPO) advantages and the think entropies.
 
     Under torchrun each rank passes its own sequences (possibly none) and all ranks call this together:
     normalisers are all-reduced and every rank runs the same number of forward/backward passes, so the
@@ -511,11 +553,12 @@ def train_on_rollouts(cfg: Config, model, ref_model, optimizer, lr: float, seqs:
     zero = torch.zeros((), dtype=torch.float64, device=device)
     sums = {key: zero.clone() for key in ("loss", "kl", "clip_low", "clip_high", "entropy", "is_mean")}
     is_min, is_max, n_nonfinite = zero + float("inf"), zero.clone(), zero.clone()
-    computed_tokens, grad_norm, old_logps, sft_total = 0, float("nan"), {}, 0.0
+    computed_tokens, grad_norm, old_logps, sft_total, anchor_stats = 0, float("nan"), {}, 0.0, {}
+    kl_ref = ref_model if cfg.beta > 0 else None  # a reference kept for the decision anchor alone takes no KL pass
     for update in range(cfg.updates_per_batch):
-        for k, mb in enumerate(micro_batches(cfg, model, ref_model, seqs, layout, varlen, device)):
+        for k, mb in enumerate(micro_batches(cfg, model, kl_ref, seqs, layout, varlen, device)):
             ref_lp = None
-            if ref_model is not None:  # before the policy's forward, as in dummy_pass (same FSDP collectives)
+            if kl_ref is not None:  # before the policy's forward, as in dummy_pass (same FSDP collectives)
                 with torch.no_grad(), autocast(cfg, device):
                     hr = packing.hidden_rows(ref_model, mb)
                     rw = lm_head(cfg, ref_model)
@@ -561,6 +604,10 @@ def train_on_rollouts(cfg: Config, model, ref_model, optimizer, lr: float, seqs:
             sft_loss = sft_loss_backward(cfg, model, gold, layout, varlen, device, scale=cfg.sft_coef)
             sft_total += sft_loss / cfg.updates_per_batch
             n_nonfinite += not math.isfinite(sft_loss)
+        if anchor is not None:  # the decision anchor (its mean is a host sync; on every rank or none)
+            stats_now = decision_anchor_backward(cfg, model, ref_model, *anchor, layout, varlen, device)
+            anchor_stats = anchor_stats or stats_now  # the policy before the step's first update
+            n_nonfinite += not math.isfinite(stats_now["decision_shift"])
         # host sync, once per update: a NaN on any rank skips the update on all
         n_nan = int(fdist.all_reduce_sum(n_nonfinite).item())
         if n_nan:
@@ -577,7 +624,9 @@ def train_on_rollouts(cfg: Config, model, ref_model, optimizer, lr: float, seqs:
         minimised=("is_min",), maximised=("is_max",), device=device)
     if gold is not None:
         stats["sft_loss"] = sft_total
-        if n_seqs == 0:  # the SFT term alone: no RL metrics
+    stats.update(anchor_stats)
+    if gold is not None or anchor is not None:
+        if n_seqs == 0:  # the SFT term or the anchor alone: no RL metrics
             stats.update(dict.fromkeys(("loss", "kl", "clip_low", "clip_high", "entropy", "is_mean", "is_min",
                                         "is_max"), None))
     return Update(stats, final_adv.cpu(), think_h.cpu())
@@ -604,16 +653,26 @@ def gold_seqs(tr: Trainer, examples: list) -> list[packing.Seq]:
             for ex in examples]
 
 
+def decision_anchor_seqs(tr: Trainer, examples: list) -> tuple:
+    """(Seqs: each example's prompt + the decision prefix, with a placeholder completion token whose hidden row
+    is the decision's; no-call ids; call ids) for decision_anchor_backward."""
+    prefix, nones, calls = tr.decision
+    return [packing.Seq(tr.data.prompt_ids[ex.id] + prefix, nones[:1]) for ex in examples], nones, calls
+
+
 def policy_update(tr: Trainer, roll: Rollout, adv: Advantages, lr: float) -> Update:
     """train_on_rollouts on the kept sequences (every rank joins, even one without any); with sft_coef > 0
-    also on the reference completions of every prompt of the step, all-wrong and all-right groups included."""
+    also on the reference completions of every prompt of the step, all-wrong and all-right groups included, and
+    with decision_anchor > 0 on every prompt's decision."""
     tr.engine.sleep()  # vLLM frees its GPU memory for the update (sleep mode); the next sync or rollout wakes it
     t0 = time.perf_counter()
-    gold = gold_seqs(tr, list({ex.id: ex for ex in roll.owners}.values())) if tr.cfg.sft_coef > 0 else None
-    if gold is not None or fdist.all_reduce_sum(len(adv.keep)) > 0:  # a rank without sequences still joins
+    examples = list({ex.id: ex for ex in roll.owners}.values())
+    gold = gold_seqs(tr, examples) if tr.cfg.sft_coef > 0 else None
+    anchor = decision_anchor_seqs(tr, examples) if tr.cfg.decision_anchor > 0 else None
+    if gold is not None or anchor is not None or fdist.all_reduce_sum(len(adv.keep)) > 0:  # every rank joins
         update = train_on_rollouts(tr.cfg, tr.model, tr.ref_model, tr.optimizer, lr, adv.seqs, adv.adv[adv.keep],
                                    [roll.completions[i].logprobs for i in adv.keep], adv.think, tr.layout,
-                                   tr.varlen, tr.ctx.device, gold)
+                                   tr.varlen, tr.ctx.device, gold, anchor)
     else:  # no rank has a group with signal: nothing to train
         update = Update({}, torch.empty(0), torch.empty(0), trained=False)
     update.train_s = time.perf_counter() - t0
@@ -747,6 +806,8 @@ def log_rl_step(tr: Trainer, lr: float, t_step: float, roll: Rollout, results: l
     }
     if cfg.sft_coef > 0:
         record["sft_loss"] = stats.get("sft_loss")
+    if cfg.decision_anchor > 0:
+        record.update({k: stats.get(k) for k in ("decision_log_odds", "decision_shift", "decision_anchor_loss")})
     if adv.balance is not None:
         record.update(adv.balance)
     tr.log.add(record)
@@ -755,6 +816,8 @@ def log_rl_step(tr: Trainer, lr: float, t_step: float, roll: Rollout, results: l
                f"{stats['clip_low'] + stats['clip_high']:.3f}") if stats.get("loss") is not None else "nothing trained"
     if stats.get("sft_loss") is not None:
         trained += f" | sft {stats['sft_loss']:.3f}"
+    if stats.get("decision_shift") is not None:
+        trained += f" | decision shift {stats['decision_shift']:+.3f}"
     tr.log.say(f"step {tr.step}/{cfg.sft_steps + cfg.steps} | reward {record['reward']:.3f} | acc "
                f"{record['accuracy']:.2f} | fmt {record['format_rate']:.2f} | {trained} | zero-var "
                f"{record['zero_var_groups']}/{n_groups} | gen {roll.gen_s:.1f}s | train {update.train_s:.1f}s")
@@ -909,7 +972,7 @@ def main(argv: list[str] | None = None) -> int:
     scorer = freward.RewardScorer(cfg.reward, cfg.fmt, think_required=cfg.think == "required")
     log = MetricsLog(cfg, out, history, ctx.is_main, step)
     tr = Trainer(cfg, ctx, out, tokenizer, model, ref_model, optimizer, engine, scorer, data, log, layout, varlen,
-                 step)
+                 step, decision=prompts.decision_tokens(tokenizer) if cfg.decision_anchor > 0 else None)
     interrupt = Interrupt(say)
     if step == 0 and data.eval_examples and (cfg.eval_at_start or cfg.sft_steps == 0):
         evaluate(tr, "before")

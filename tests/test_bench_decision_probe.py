@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fctrain import models
+from fctrain import models, prompts
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCH))
@@ -27,7 +27,7 @@ def tokenizer():
 
 
 def test_decision_tokens_split_the_two_answers_where_they_differ(tokenizer):
-    prefix, nones, calls = bench.decision_tokens(tokenizer)
+    prefix, nones, calls = prompts.decision_tokens(tokenizer)
     none_ids = tokenizer.encode("<answer>[]</answer>", add_special_tokens=False)
     call_ids = tokenizer.encode("<answer>[get_weather(city='Paris')]</answer>", add_special_tokens=False)
     assert none_ids[: len(prefix)] == prefix == call_ids[: len(prefix)]
@@ -40,7 +40,7 @@ def test_decision_tokens_split_the_two_answers_where_they_differ(tokenizer):
 def test_probe_on_a_tiny_real_model(tmp_path, tokenizer):
     path = models.build_tiny_model(tmp_path / "tiny")
     model = models.load_model(path)
-    prefix, nones, calls = bench.decision_tokens(tokenizer)
+    prefix, nones, calls = prompts.decision_tokens(tokenizer)
     examples = [SimpleNamespace(id=f"e{i}") for i in range(3)]
     prompt_ids = [tokenizer.encode(t, add_special_tokens=False) for t in ("What is the weather?", "Hi", "Sort [3, 1]")]
     rows = bench.probe(model, tokenizer, examples, prompt_ids, no_call={"e1"})

@@ -304,7 +304,17 @@ RL_SCENARIOS = [
     ("seq-mean", dict(loss_agg="seq-mean-token-mean", algo="grpo", entropy_coef=0.01), "padded", 12, None),
     ("rank1-empty", dict(beta=0.05), "packed", 13, {0: [0, 1, 2], 1: []}),  # rank 1 trains nothing
     ("nan", dict(beta=0.05), "shared", 14, None),  # a NaN advantage in rank 1's group: skipped everywhere
+    # --decision_anchor beside the RL loss; its 6 prompts split 5 | 1, so rank 1 runs dummy passes (forward-only
+    # ones in the pass that finds the mean shift, a zero-loss backward in the gradient pass)
+    ("anchor", dict(beta=0.05, decision_anchor=2.0), "padded", 16, None),
 ]
+ANCHOR_SHARES = {0: [0, 1, 2, 3, 4], 1: [5]}
+DECISION_IDS = ([3, 5], [7, 11, 13])  # (no-call, call) token ids of the toy vocabulary
+
+
+def anchor_seqs(seed, n):
+    """Prompts followed by one placeholder token: the decision row of each (run.decision_anchor_seqs' form)."""
+    return [packing.Seq(s.prompt, s.completion[:1]) for s in sft_seqs(seed, n)]
 
 
 class _NoTokenizer:
@@ -340,9 +350,13 @@ def run_pieces(out, rank=None):
                 groups = [groups[i] for i in picks]
             members = [m for _, ms in groups for m in ms]
             thinks = [m[3] for m in members] if cfg.algo == "egpo" else None
+            anchor = None
+            if cfg.decision_anchor:
+                aseqs = anchor_seqs(seed, 6)
+                anchor = ([aseqs[i] for i in ANCHOR_SHARES[rank]] if rank is not None else aseqs, *DECISION_IDS)
             res = run.train_on_rollouts(cfg, model, ref if cfg.beta > 0 else None, optimizer, LR,
                                         [m[0] for m in members], torch.tensor([m[1] for m in members]),
-                                        [m[2] for m in members], thinks, layout, False, "cpu")
+                                        [m[2] for m in members], thinks, layout, False, "cpu", anchor=anchor)
             result[name] = {"stats": res.stats, "adv": res.adv, "weights": full_weights(model),
                             "steps": len(optimizer.records)}
         seqs = sft_seqs(15, 5)
@@ -383,6 +397,9 @@ def test_run_training_functions_on_two_ranks_equal_one_process(tmp_path):
     egpo = [[m[0] for g in fdist.split_for_rank(rl_groups(11, 3), r, WORLD) for m in g[1]] for r in range(WORLD)]
     assert n_micro_batches(egpo[0], "shared") > n_micro_batches(egpo[1], "shared")
     sft = [fdist.split_for_rank(sft_seqs(15, 5), r, WORLD) for r in range(WORLD)]
+    anchors = [[anchor_seqs(16, 6)[i] for i in ANCHOR_SHARES[r]] for r in range(WORLD)]
+    assert n_micro_batches(anchors[0], "padded") > n_micro_batches(anchors[1], "padded")
+    assert abs(single["anchor"]["stats"]["decision_shift"]) > 1e-3, "the policy and reference must differ"
     assert n_micro_batches(sft[0], "padded") > n_micro_batches(sft[1], "padded")
 
     for name, _, _, _, shares in RL_SCENARIOS:
@@ -398,7 +415,8 @@ def test_run_training_functions_on_two_ranks_equal_one_process(tmp_path):
         for rank, got in enumerate(ranks):  # every rank reports the whole batch's metrics
             got = got[name]
             assert got["stats"]["nan_loss"] == want["stats"]["nan_loss"], name
-            for key in ("loss", "kl", "entropy", "clip_low", "clip_high", "is_mean", "is_min", "is_max"):
+            for key in ("loss", "kl", "entropy", "clip_low", "clip_high", "is_mean", "is_min", "is_max",
+                        *(("decision_log_odds", "decision_shift", "decision_anchor_loss") if name == "anchor" else ())):
                 assert_scalar_close(got["stats"][key], want["stats"][key], f"{name} rank {rank} {key}")
             if name != "nan":
                 assert_scalar_close(got["stats"]["grad_norm"], want["stats"]["grad_norm"],

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fctrain import checkpoint, data, run
+from fctrain import checkpoint, data, packing, prompts, run
 from fctrain.config import Config, parse_config
 from fctrain.run import egpo_advantages, group_advantages, mean_think_entropy
 
@@ -501,6 +501,103 @@ def test_balance_end_to_end_logs_a_balanced_step(tiny, tmp_path, option):
             assert s_call * r["push_call_needing"] + s_none * r["push_no_call"] == pytest.approx(0, abs=1e-6)
         else:
             assert s_call * r["push_right_call_needing"] == pytest.approx(s_none * r["push_right_no_call"], abs=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decision_log_odds_matches_a_float64_softmax(dtype):
+    """log P(no call) - log P(call) from the two token sets' logits alone equals the float64 full softmax's, on
+    fresh random rows and an odd vocabulary; the budget is the fp32 dot products' rounding (inputs are exact in
+    fp32 after the cast), |dz| <= H u |h| |w| (u = 2^-24), which moves each logsumexp by at most max |dz|, plus
+    the logsumexps' own rounding."""
+    seed = random.randrange(2**31)
+    g = torch.Generator().manual_seed(seed)
+    m, hdim, vocab = 7, 37, 211
+    h, w = (3 * torch.randn(n, hdim, generator=g, dtype=torch.float64) for n in (m, vocab))
+    perm = torch.randperm(vocab, generator=g).tolist()
+    nones, calls = perm[:3], perm[3:40]
+    h, w = h.to(dtype), w.to(dtype)
+    got = run.decision_log_odds(h, w, nones, calls)
+    assert got.dtype == torch.float32 and got.shape == (m,)
+    logp = (h.double() @ w.double().T).log_softmax(-1)
+    want = logp[:, nones].logsumexp(-1) - logp[:, calls].logsumexp(-1)
+    u = 2.0**-24
+    dz = hdim * u * (h.double().abs() @ w.double().abs().T).amax(-1)
+    z_max = (h.double() @ w.double().T).abs().amax(-1)
+    budget = 2 * dz + 8 * u * (z_max + math.log(vocab))
+    assert ((got.double() - want).abs() <= budget).all(), f"seed {seed}"
+    assert torch.equal(run.decision_log_odds(h.double(), w.double(), nones, calls),
+                       run.decision_log_odds(h.double(), w.double(), nones, calls))  # float64 stays float64
+
+
+def test_decision_anchor_gradient_is_that_of_the_squared_mean_shift(tmp_path):
+    """--decision_anchor's two-pass gradient equals autograd of c * mean(s - s_ref)^2 through full forwards and a
+    full softmax, on a tiny real model in float64 (the policy: the reference plus fresh random noise), prompts of
+    odd lengths split over several micro-batches; only rounding separates the two (float64)."""
+    from fctrain.models import build_tiny_model, load_model, load_tokenizer
+    seed = random.randrange(2**31)
+    torch.manual_seed(seed)
+    path = build_tiny_model(tmp_path / "tiny")
+    tok = load_tokenizer(path)
+    ref, policy, direct = (load_model(path, dtype=torch.float64) for _ in range(3))
+    with torch.no_grad():
+        for p, q in zip(policy.parameters(), direct.parameters()):
+            p.add_(0.05 * torch.randn_like(p))
+            q.copy_(p)
+    prefix, nones, calls = prompts.decision_tokens(tok)
+    prompts_ids = [torch.randint(0, 1000, (n,)).tolist() for n in (5, 11, 3, 8)]
+    seqs = [packing.Seq(ids + prefix, nones[:1]) for ids in prompts_ids]
+    cfg = Config(decision_anchor=0.7, micro_batch_tokens=24, max_prompt_tokens=8, max_new_tokens=16)
+    stats = run.decision_anchor_backward(cfg, policy, ref, seqs, nones, calls, "padded", False, "cpu")
+
+    def s(model, ids):
+        logp = model(torch.tensor([ids + prefix])).logits[0, -1].log_softmax(-1)
+        return logp[nones].logsumexp(0) - logp[calls].logsumexp(0)
+    with torch.no_grad():
+        s_ref = torch.stack([s(ref, ids) for ids in prompts_ids])
+    s_pol = torch.stack([s(direct, ids) for ids in prompts_ids])
+    shift = (s_pol - s_ref).mean()
+    (0.7 * shift**2).backward()
+    assert stats["decision_shift"] == pytest.approx(shift.item(), rel=1e-9, abs=1e-12), f"seed {seed}"
+    assert stats["decision_anchor_loss"] == pytest.approx(0.7 * shift.item() ** 2, rel=1e-9)
+    assert stats["decision_log_odds"] == pytest.approx(s_pol.mean().item(), rel=1e-9, abs=1e-12)
+    assert abs(shift.item()) > 1e-3  # the noise moved the decision: a real gradient is compared
+    for (name, p), q in zip(policy.named_parameters(), direct.parameters()):
+        assert p.grad is not None, name
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-8, atol=1e-12 * max(1.0, q.grad.abs().max().item()),
+                                   msg=lambda m: f"{name} (seed {seed}): {m}")
+    assert all(p.grad is None for p in ref.parameters())
+
+
+def test_decision_anchor_needs_the_python_format():
+    assert parse_config(["--decision_anchor", "1"])[0].decision_anchor == 1 and Config().decision_anchor == 0
+    with pytest.raises(SystemExit):
+        parse_config(["--decision_anchor", "1", "--fmt", "hermes"])
+    with pytest.raises(SystemExit):
+        parse_config(["--decision_anchor", "-1"])
+
+
+@pytest.mark.slow
+def test_decision_anchor_end_to_end_adds_nothing_until_the_policy_moves(tiny, tmp_path):
+    """A real run with --decision_anchor beside an SFT term (which moves the policy: the tiny model's groups
+    carry no RL signal): at step 1 the policy is the reference, the shift is exactly 0 and the update is the
+    same, bit for bit, as without the anchor; at step 2 the shift is the SFT step's move and the anchor acts."""
+    root, model_dir = tiny
+    mixed = tmp_path / "mixed.jsonl"
+    data.save_jsonl(data.load_bfcl("simple_python", limit=2) + data.load_bfcl("irrelevance", limit=2), mixed)
+    common = dict(train_data=mixed, eval_data="none", sft_steps=0, steps=2, save_every=1, sft_coef=1.0,
+                  reward="binary", max_new_tokens=8)
+    with_anchor, without = tmp_path / "anchor", tmp_path / "plain"
+    assert run.main(_args(root, model_dir, with_anchor, decision_anchor=1.0, **common)) == 0
+    assert run.main(_args(root, model_dir, without, **common)) == 0
+    rl = [r for r in _metrics(with_anchor) if r["phase"] == "rl"]
+    assert rl[0]["decision_shift"] == 0.0 and rl[0]["decision_anchor_loss"] == 0.0
+    assert math.isfinite(rl[1]["decision_shift"]) and rl[1]["decision_shift"] != 0.0
+    assert all(math.isfinite(r["decision_log_odds"]) for r in rl)
+    a, b = (_weights(out / "ckpt-000001") for out in (with_anchor, without))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    a, b = (_weights(out / "ckpt-000002") for out in (with_anchor, without))
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    assert not any("decision_shift" in r for r in _metrics(without))  # the default run's records are unchanged
 
 
 @pytest.mark.slow
