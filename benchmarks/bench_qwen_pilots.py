@@ -318,6 +318,8 @@ def train_summary(history: list[dict]) -> dict:
         pushes = ("push_call_needing", "push_no_call", "push_right_call_needing", "push_right_no_call")
         out |= {k: series(k) for k in pushes + ("scale_call_needing", "scale_no_call") if any(k in r for r in rl)}
         out["emptied_groups"] = [r.get("emptied_groups") for r in rl]
+    if any("decision_shift" in r for r in rl):  # --decision_anchor: the mean log-odds and its shift, before each step
+        out |= {"decision_log_odds": series("decision_log_odds"), "decision_shift": series("decision_shift")}
     return out
 
 
@@ -370,7 +372,9 @@ def report() -> str:
                          f"step s {c['step_s']}" + (f"; balance: scales (call-needing) "
                                                     f"{c['scale_call_needing']}, (no-call) {c['scale_no_call']}, "
                                                     f"emptied groups {c['emptied_groups']}"
-                                                    if "scale_call_needing" in c else ""))
+                                                    if "scale_call_needing" in c else "")
+                         + (f"; decision log-odds {c['decision_log_odds']}, shift from the reference "
+                            f"{c['decision_shift']}" if "decision_shift" in c else ""))
     pairs = val_pairs()
     if pairs:
         lines += ["", "| final val, a - b (a side of several seeds: their mean per prompt) | n | points (95% CI, "

@@ -190,3 +190,14 @@ def test_val_pairs_compare_final_verdicts_by_prompt_and_average_a_side_of_seeds(
     # per prompt, mean over seeds: p (1+0)/2 - 0 = .5, q 1 - .5 = .5, s 0 - 1 = -1 (t is only in c1: left out)
     assert pairs[1]["diff"] == pytest.approx((0.5 + 0.5 - 1) / 3)
     assert pairs[1]["lo"] <= pairs[1]["diff"] <= pairs[1]["hi"]
+
+
+def test_train_summary_carries_the_decision_anchor_series_only_when_logged():
+    rl = lambda step, **extra: {"step": step, "phase": "rl", "reward": 0.5, "groups": 16, "zero_var_groups": 4,
+                                "completion_len": 30.0, "kl": 0.01, "entropy": 0.2, "grad_norm": 3.0,
+                                "step_s": 100.0, **extra}
+    plain = bench.train_summary([rl(1), rl(2)])
+    assert "decision_shift" not in plain and plain["mixed_groups"] == [12, 12]
+    anchored = bench.train_summary([rl(1, decision_log_odds=-2.5, decision_shift=0.0),
+                                    rl(2, decision_log_odds=-2.25, decision_shift=0.25)])
+    assert anchored["decision_shift"] == [0.0, 0.25] and anchored["decision_log_odds"] == [-2.5, -2.25]
