@@ -49,8 +49,9 @@ ANSWER_OPEN = "<answer"
 # (a, b): policy a's AUC minus b's, paired by prompt
 PAIRS = (("sft-control-s1", "untrained"), ("lr1e-6-abal-s1", "untrained"), ("lr1e-6-dbal-s1", "untrained"),
          ("lr1e-6-abal", "untrained"), ("lr1e-6-abal-s2", "untrained"), ("lr1e-6-s2", "untrained"),
-         ("lr1e-6-abal-s1", "sft-control-s1"), ("lr1e-6-anchor-s1", "untrained"),
-         ("lr1e-6-anchor-s1", "sft-control-s1"), ("lr1e-6-anchor", "untrained"), ("lr1e-6-s2", "lr1e-6-abal-s1"))
+         ("lr1e-6-abal-s1", "sft-control-s1"), ("lr1e-6-anchor5e-3-s1", "untrained"),
+         ("lr1e-6-anchor5e-3-s1", "sft-control-s1"), ("lr1e-6-anchor5e-3", "untrained"),
+         ("lr1e-6-s2", "lr1e-6-abal-s1"))
 
 
 @torch.inference_mode()

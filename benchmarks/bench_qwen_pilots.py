@@ -112,10 +112,14 @@ ARMS = {
     # The decision probe: RL policies that collapsed still rank call against no-call prompts nearly as well as
     # SFT (AUC 0.96, 0.92 against 0.97); what they lose is the offset. --decision_anchor pins the step's mean
     # log-odds log P(no call) - log P(call) at `<answer` to the reference's and leaves each prompt's free.
-    # Coefficient 1 (one value, not swept). Seed 1 first: plain RL on it fell to calling on everything.
+    # Seed 1 first: plain RL on it fell to calling on everything. Coefficient 1 (a guess) swamped the RL gradient
+    # (grad norm 1075 and 4829 at steps 2-3 against RL's ~8, all clipped to 1: the update was the anchor's alone)
+    # and overshot (shift -0.58, then +2.93 nats); stopped after step 4. The measured |d mean(s)/dθ| (~900 per
+    # nat) sets the next value: C = 0.005 makes a 1-nat drift pull with about RL's own gradient norm (2 C 900 ~ 9).
     "lr1e-6-anchor-s1": ["--lr", "1e-6", "--decision_anchor", "1.0", "--seed", "1"],
-    "lr1e-6-anchor": ["--lr", "1e-6", "--decision_anchor", "1.0"],
-    "lr1e-6-anchor-s2": ["--lr", "1e-6", "--decision_anchor", "1.0", "--seed", "2"],
+    "lr1e-6-anchor5e-3-s1": ["--lr", "1e-6", "--decision_anchor", "0.005", "--seed", "1"],
+    "lr1e-6-anchor5e-3": ["--lr", "1e-6", "--decision_anchor", "0.005"],
+    "lr1e-6-anchor5e-3-s2": ["--lr", "1e-6", "--decision_anchor", "0.005", "--seed", "2"],
     # Part 3's long curves, in pieces (--piece-s): the val recipe for up to 150 steps, evaluated every 10 (~50
     # training minutes), and its SFT control evaluated every 30 SFT steps (about as many training minutes)
     "long-rl": ["--lr", "1e-6", "--steps", "150", "--eval_every", "10", "--save_every", "5"],
@@ -137,8 +141,9 @@ VAL_PAIRS = (("lr1e-6", "sft-control"), ("lr1e-6-s1", "sft-control-s1"),
              ("lr1e-6-abal-s1", "lr1e-6-s1"), ("lr1e-6-abal-s1", "sft-control-s1"),
              ("lr1e-6-abal", "lr1e-6"), ("lr1e-6-abal", "sft-control"),
              ("lr1e-6-abal-s2", "lr1e-6-s2"),
-             ("lr1e-6-anchor-s1", "lr1e-6-s1"), ("lr1e-6-anchor-s1", "sft-control-s1"),
-             ("lr1e-6-anchor", "lr1e-6"), ("lr1e-6-anchor", "sft-control"), ("lr1e-6-anchor-s2", "lr1e-6-s2"),
+             ("lr1e-6-anchor5e-3-s1", "lr1e-6-s1"), ("lr1e-6-anchor5e-3-s1", "sft-control-s1"),
+             ("lr1e-6-anchor5e-3", "lr1e-6"), ("lr1e-6-anchor5e-3", "sft-control"),
+             ("lr1e-6-anchor5e-3-s2", "lr1e-6-s2"),
              (("lr1e-6-abal", "lr1e-6-abal-s1"), ("lr1e-6", "lr1e-6-s1")),
              (("lr1e-6-abal", "lr1e-6-abal-s1"), ("sft-control", "sft-control-s1")))
 HELDOUT_SETS = ("test_in", "test_ood", "test_irr", "val")
