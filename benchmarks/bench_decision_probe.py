@@ -77,9 +77,23 @@ def summarize(rows: list[dict]) -> dict:
     right = lambda side: sum((r["logp_none"] > r["logp_call"]) == side for r in rows if r["no_call"] == side) / max(
         1, sum(r["no_call"] == side for r in rows))
     return {"n_no_call": len(pos), "n_call": len(neg), "auc": auc(pos, neg),
+            "mean_s_no_call": sum(pos) / max(1, len(pos)), "mean_s_call": sum(neg) / max(1, len(neg)),
             "p_none_on_no_call": p_none(True), "p_none_on_call": p_none(False),
             "balanced_acc": (right(True) + right(False)) / 2,
             "p_other": sum(r["p_other"] for r in rows) / max(1, len(rows))}
+
+
+def offset(summary: dict, no_call_share: float) -> float:
+    """The policy's mean score on a mix with this share of no-call prompts (its global offset there)."""
+    return no_call_share * summary["mean_s_no_call"] + (1 - no_call_share) * summary["mean_s_call"]
+
+
+def train_no_call_share() -> float:
+    """The share of no-call prompts in the trainer's training pool (split:train): --decision_anchor pins the
+    mean score over steps drawn from it."""
+    from fctrain import data, reward
+    examples = data.load_any("split:train")
+    return sum(reward.is_irrelevance(e.category) for e in examples) / len(examples)
 
 
 def auc_ci(rows_a: list[dict], rows_b: list[dict] | None = None, reps: int = 2000, seed: int = 0):
@@ -133,13 +147,21 @@ def load_all() -> dict[str, dict]:
 
 def report_md() -> str:
     res = load_all()
+    share = train_no_call_share()
+    base = summarize(res["untrained"]["rows"]) if "untrained" in res else None
     lines = ["# Decision probe on val: log P(no call) - log P(call) at the answer's opening", "",
+             f"Mean score s on each kind of val prompt, and the offset: the mean s on a mix with the training pool's "
+             f"share of no-call prompts ({100 * share:.1f}%), what `--decision_anchor` pins (its shift from the "
+             f"untrained model's in brackets).", "",
              "| policy | no-call / call prompts | AUC (95% CI) | P(no call) on no-call | P(no call) on call "
-             "| balanced acc at its own threshold | P(other) | machine |", "|---|---|---|---|---|---|---|---|"]
+             "| balanced acc at its own threshold | mean s: no-call / call | offset at the training mix | P(other) "
+             "| machine |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in res.items():
-        s, (a, lo, hi) = r["summary"], auc_ci(r["rows"])
+        s, (a, lo, hi) = summarize(r["rows"]), auc_ci(r["rows"])
+        shift = f" ({offset(s, share) - offset(base, share):+.2f})" if base else ""
         lines.append(f"| {name} | {s['n_no_call']} / {s['n_call']} | {a:.3f} [{lo:.3f}, {hi:.3f}] | "
                      f"{s['p_none_on_no_call']:.3f} | {s['p_none_on_call']:.3f} | {100 * s['balanced_acc']:.1f} | "
+                     f"{s['mean_s_no_call']:+.2f} / {s['mean_s_call']:+.2f} | {offset(s, share):+.2f}{shift} | "
                      f"{s['p_other']:.3f} | {r['meta']['device']} |")
     pairs = [(a, b) for a, b in PAIRS if a in res and b in res]
     if pairs:

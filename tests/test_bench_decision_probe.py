@@ -77,6 +77,8 @@ def test_a_global_offset_moves_the_threshold_not_the_auc():
     a, b = bench.summarize(base), bench.summarize(shifted)
     assert a["auc"] == pytest.approx(b["auc"], abs=1e-12), seed
     assert b["p_none_on_no_call"] < a["p_none_on_no_call"] and b["balanced_acc"] <= a["balanced_acc"], seed
+    for share in (0.0, 0.373, 1.0):  # the offset moves by the shift itself, on any mix
+        assert bench.offset(b, share) - bench.offset(a, share) == pytest.approx(-6.0, abs=1e-9), seed
     d, lo, hi = bench.auc_ci(shifted, base)
     assert abs(d) < 1e-12 and abs(lo) < 1e-12 and abs(hi) < 1e-12, seed
 
@@ -88,3 +90,11 @@ def test_auc_and_interval_on_planted_separations():
     # no separation: a 95% interval misses 0.5 for ~5% of seeds, so this one is fixed
     a, lo, hi = bench.auc_ci(_rows(400, 0.0, 0, separation=0.0))
     assert lo < 0.5 < hi and lo <= a <= hi
+
+
+def test_the_offset_weighs_each_kind_by_its_share():
+    rows = [{"id": "n", "no_call": True, "logp_none": math.log(0.75), "logp_call": math.log(0.25), "p_other": 0.0},
+            {"id": "c", "no_call": False, "logp_none": math.log(0.2), "logp_call": math.log(0.8), "p_other": 0.0}]
+    s = bench.summarize(rows)
+    assert s["mean_s_no_call"] == pytest.approx(math.log(3)) and s["mean_s_call"] == pytest.approx(-math.log(4))
+    assert bench.offset(s, 0.25) == pytest.approx(0.25 * math.log(3) - 0.75 * math.log(4))
