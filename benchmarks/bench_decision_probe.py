@@ -20,8 +20,8 @@ each P summed over the vocabulary's tokens of its kind (P(other): everything els
 - CIs: bootstrap over prompts, stratified by kind; policies compared paired by prompt.
 
 One forward per prompt in float32 on CPU, logits of the last position only (on the 2-core Zen 4: 2.7 s each
-on two threads, 6.5-7 s on one beside a training arm; one thread by default so such an arm keeps its cores). Each policy's per-prompt scores go to results/qwen_pilots_cpu/decision_probe/
-<policy>.json (a policy already there is skipped); `report` writes summary.md there.
+on two threads, 6.5-7 s on one beside a training arm; one thread by default so such an arm keeps its cores).
+Each policy's per-prompt scores go to results/qwen_pilots_cpu/decision_probe/<policy>.json (a policy already there is skipped); `report` writes summary.md there.
 """
 from __future__ import annotations
 
@@ -89,10 +89,11 @@ def offset(summary: dict, no_call_share: float) -> float:
 
 
 def train_no_call_share() -> float:
-    """The share of no-call prompts in the trainer's training pool (split:train): --decision_anchor pins the
-    mean score over steps drawn from it."""
-    from fctrain import data, reward
-    examples = data.load_any("split:train")
+    """The share of no-call prompts in the trainer's training pool (split:train after its prompt-length cut):
+    --decision_anchor pins the mean score over steps drawn from it."""
+    from fctrain import models, reward
+    tokenizer = models.load_tokenizer(models.resolve_model(bench_qwen_pilots.kept_policy("untrained")))
+    examples, _, _ = bench_headroom.load_examples("split:train", tokenizer, MAX_PROMPT_TOKENS, None)
     return sum(reward.is_irrelevance(e.category) for e in examples) / len(examples)
 
 
@@ -120,7 +121,8 @@ def run(args) -> None:
     torch.set_num_threads(args.threads)
     RESULTS.mkdir(parents=True, exist_ok=True)
     tokenizer = models.load_tokenizer(models.resolve_model(bench_qwen_pilots.kept_policy("untrained")))
-    examples, prompt_ids, _ = bench_headroom.load_examples(DATA, tokenizer, MAX_PROMPT_TOKENS, None)  # the trainer's cut
+    # the trainer's cut
+    examples, prompt_ids, _ = bench_headroom.load_examples(DATA, tokenizer, MAX_PROMPT_TOKENS, None)
     no_call = {i for i, kind in bench_qwen_pilots.val_kinds().items() if kind == "no_call"}  # the pilots' kinds
     for name in args.policies:
         out = RESULTS / f"{name}.json"

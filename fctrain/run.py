@@ -106,7 +106,8 @@ def choose_engine(cfg: Config, ctx: fdist.DistContext) -> bool:
 
 def load_models(cfg: Config, ctx: fdist.DistContext, model_path: Path, base_path: Path, out: Path, say):
     """The tokenizer and the policy from `model_path` (and, when beta > 0 or decision_anchor > 0, the frozen
-    reference: the starting policy, or the warm-started one saved after SFT) on this rank's device, sharded by FSDP2 under torchrun.
+    reference: the starting policy, or the warm-started one saved after SFT) on this rank's device, sharded by
+    FSDP2 under torchrun.
     Returns (tokenizer, model, ref_model, layout, varlen)."""
     device_type = torch.device(ctx.device).type  # "cuda" for "cuda:3"
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "amp-bf16": torch.float32}[cfg.train_dtype]
