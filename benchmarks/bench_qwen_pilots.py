@@ -65,6 +65,7 @@ STEPS, EVAL_EVERY = 10, 5
 COMMON = ["--preset", "qwen0.5b-cpu", "--lr_schedule", "constant", "--warmup_steps", "2", "--seed", "0",
           "--eval_data", "split:val", "--eval_every", str(EVAL_EVERY), "--save_every", str(EVAL_EVERY),
           "--keep_last", "1", "--steps", str(STEPS)]
+SFT_START = "runs/qwen_pilots/sft-control-s1/final"  # sft-control-s1's kept final policy (run_arm keeps it)
 # In the order they run. The 5-step run at lr up to 2e-6 (results/qwen_5step_cpu) collapsed to short
 # no-call answers after 3 updates, so the sweep starts at the paper's 1e-6 and goes down.
 ARMS = {
@@ -120,6 +121,21 @@ ARMS = {
     "lr1e-6-anchor5e-3-s1": ["--lr", "1e-6", "--decision_anchor", "0.005", "--seed", "1"],
     "lr1e-6-anchor5e-3": ["--lr", "1e-6", "--decision_anchor", "0.005"],
     "lr1e-6-anchor5e-3-s2": ["--lr", "1e-6", "--decision_anchor", "0.005", "--seed", "2"],
+    # The anchor is a penalty on the offset's state: it acts only after a drift, and one update jumped 2.3 nats.
+    # --decision_project constrains each update instead: the step's first-order move of the mean log-odds is taken
+    # out in Adam's metric before the next rollout. Seed 1 first (plain RL on it fell to calling on everything).
+    "lr1e-6-proj-s1": ["--lr", "1e-6", "--decision_project", "true", "--seed", "1"],
+    "lr1e-6-proj": ["--lr", "1e-6", "--decision_project", "true"],
+    "lr1e-6-proj-s2": ["--lr", "1e-6", "--decision_project", "true", "--seed", "2"],
+    # RL from an SFT start (LUFFY / SRFT's other half; the probe: SFT spreads the two kinds of prompt 6.3 nats
+    # apart, RL at this budget 3x slower): sft-control-s1's kept final policy (26 SFT steps, val 71.7, not chosen
+    # on val: the end of its budget) trained on by plain RL, against SFT going on from the same weights for the
+    # same training seconds (sft-more-s1). Both with fresh optimizers and a fresh seed (11: neither replays the
+    # prompt order the start was trained on); the KL reference is the SFT start.
+    "sft-rl-s1": ["--model", SFT_START, "--lr", "1e-6", "--seed", "11", "--eval_at_start", "true"],
+    "sft-more-s1": ["--model", SFT_START, "--sft_steps", "100000", "--steps", "0", "--sft_think", "none",
+                    "--sft_lr", "2e-5", "--sft_batch_size", "8", "--beta", "0", "--eval_every", "10",
+                    "--save_every", "10", "--seed", "11"],
     # Part 3's long curves, in pieces (--piece-s): the val recipe for up to 150 steps, evaluated every 10 (~50
     # training minutes), and its SFT control evaluated every 30 SFT steps (about as many training minutes)
     "long-rl": ["--lr", "1e-6", "--steps", "150", "--eval_every", "10", "--save_every", "5"],
@@ -128,7 +144,8 @@ ARMS = {
 }
 START_ARM = "lr5e-7"  # its step-0 evaluation is everyone's baseline
 # an SFT control gets the training seconds of this RL arm (the pilots': finished; the long ones': so far)
-CONTROL_OF = {"sft-control": "lr1e-6", "sft-control-s1": "lr1e-6-s1", "long-sft": "long-rl"}
+CONTROL_OF = {"sft-control": "lr1e-6", "sft-control-s1": "lr1e-6-s1", "long-sft": "long-rl",
+              "sft-more-s1": "sft-rl-s1"}
 LONG_ARMS = ("long-rl", "long-sft")
 # Held out: the policies compared (in evaluation order; "untrained" is the raw model) and the comparisons.
 # lr1e-6 itself was finished before arms kept their final policy; lr1e-6-s1 is the same recipe, seed 1.
@@ -144,6 +161,9 @@ VAL_PAIRS = (("lr1e-6", "sft-control"), ("lr1e-6-s1", "sft-control-s1"),
              ("lr1e-6-anchor5e-3-s1", "lr1e-6-s1"), ("lr1e-6-anchor5e-3-s1", "sft-control-s1"),
              ("lr1e-6-anchor5e-3", "lr1e-6"), ("lr1e-6-anchor5e-3", "sft-control"),
              ("lr1e-6-anchor5e-3-s2", "lr1e-6-s2"),
+             ("lr1e-6-proj-s1", "lr1e-6-s1"), ("lr1e-6-proj-s1", "sft-control-s1"),
+             ("lr1e-6-proj", "lr1e-6"), ("lr1e-6-proj-s2", "lr1e-6-s2"),
+             ("sft-rl-s1", "sft-more-s1"), ("sft-rl-s1", "sft-control-s1"), ("sft-more-s1", "sft-control-s1"),
              (("lr1e-6-abal", "lr1e-6-abal-s1"), ("lr1e-6", "lr1e-6-s1")),
              (("lr1e-6-abal", "lr1e-6-abal-s1"), ("sft-control", "sft-control-s1")))
 HELDOUT_SETS = ("test_in", "test_ood", "test_irr", "val")
@@ -325,6 +345,8 @@ def train_summary(history: list[dict]) -> dict:
         out["emptied_groups"] = [r.get("emptied_groups") for r in rl]
     if any("decision_shift" in r for r in rl):  # --decision_anchor: the mean log-odds and its shift, before each step
         out |= {"decision_log_odds": series("decision_log_odds"), "decision_shift": series("decision_shift")}
+    if any("decision_move" in r for r in rl):  # --decision_project: the mean log-odds, the first-order move removed
+        out |= {"decision_log_odds": series("decision_log_odds"), "decision_move": series("decision_move")}
     return out
 
 
@@ -379,7 +401,9 @@ def report() -> str:
                                                     f"emptied groups {c['emptied_groups']}"
                                                     if "scale_call_needing" in c else "")
                          + (f"; decision log-odds {c['decision_log_odds']}, shift from the reference "
-                            f"{c['decision_shift']}" if "decision_shift" in c else ""))
+                            f"{c['decision_shift']}" if "decision_shift" in c else "")
+                         + (f"; decision log-odds {c['decision_log_odds']}, first-order move removed "
+                            f"{c['decision_move']}" if "decision_move" in c else ""))
     pairs = val_pairs()
     if pairs:
         lines += ["", "| final val, a - b (a side of several seeds: their mean per prompt) | n | points (95% CI, "

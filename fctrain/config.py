@@ -83,6 +83,11 @@ class Config:
                                            # think): the global call / no-call offset stays the reference's while
                                            # each prompt's decision moves freely (run.decision_log_odds; 0 = off)
                                            # (measured on Qwen, seed 1: 1 swamps RL; 0.005 did not stop a collapse)
+    decision_project: bool = False         # a constraint instead of a penalty: after each AdamW step, the step's
+                                           # first-order move of that mean log-odds (the policy's own, over the
+                                           # step's prompts) is taken out of the update in Adam's metric, so the
+                                           # offset cannot drift while each prompt's decision moves
+                                           # (run.project_decision_move; no reference model needed)
     # optimisation
     lr: float = 2e-5                       # RL learning rate
     warmup_steps: int = 2                  # RL steps of linear warm-up
@@ -164,8 +169,10 @@ class Config:
             (not (self.decision_balance and self.answer_balance),
              "decision_balance and answer_balance exclude each other"),
             (self.decision_anchor >= 0, "decision_anchor must be >= 0"),
-            (not (self.decision_anchor and self.fmt != "python"),
-             "decision_anchor reads the `<answer>[` decision of the python format: give --fmt python"),
+            (not ((self.decision_anchor or self.decision_project) and self.fmt != "python"),
+             "decision_anchor / decision_project read the `<answer>[` decision of the python format: give --fmt python"),
+            (not (self.decision_anchor and self.decision_project),
+             "decision_anchor and decision_project exclude each other (a penalty on the offset, or a constraint)"),
             (not (self.dynamic_sampling and self.contrast_pairs), "dynamic_sampling cannot keep contrast pairs together"),
             (self.lr_schedule in ("cosine", "constant"), f"lr_schedule must be cosine or constant, got {self.lr_schedule!r}"),
             (self.micro_batch_tokens >= self.max_prompt_tokens + self.max_new_tokens,

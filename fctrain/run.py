@@ -84,7 +84,8 @@ class Trainer:
     step: int
     syncs: int = 0                     # weight pushes to the engine so far in this process
     sync_checked: bool = False         # the engine was checked after its first weight sync
-    decision: tuple | None = None      # --decision_anchor: prompts.decision_tokens (prefix, no-call ids, call ids)
+    decision: tuple | None = None      # --decision_anchor / --decision_project: prompts.decision_tokens (prefix,
+                                       # no-call ids, call ids)
 
 
 def choose_engine(cfg: Config, ctx: fdist.DistContext) -> bool:
@@ -517,6 +518,73 @@ def decision_anchor_backward(cfg: Config, model, ref_model, seqs: list[packing.S
             "decision_anchor_loss": cfg.decision_anchor * shift ** 2}
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a (possibly FSDP2-sharded) tensor; the tensor itself when not sharded."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _dot(xs, ys) -> float:
+    """sum_i <xs_i, ys_i> in float64 over every rank's shards, in chunks (no float64 copy of a whole weight): a
+    float32 product is exact in float64, so g . theta before and after a step of lr 1e-6 differ by the step."""
+    total = None
+    for x, y in zip(xs, ys):
+        x, y = _local(x).reshape(-1), _local(y).reshape(-1)
+        if total is None:
+            total = torch.zeros((), dtype=torch.float64, device=x.device)
+        for i in range(0, x.numel(), 1 << 22):
+            total += torch.dot(x[i:i + (1 << 22)].double(), y[i:i + (1 << 22)].double())
+    return fdist.all_reduce_sum(total if total is not None else torch.zeros((), dtype=torch.float64)).item()
+
+
+def decision_gradient(cfg: Config, model, seqs: list[packing.Seq], nones: list[int], calls: list[int],
+                      layout: str, varlen: bool, device) -> tuple[list[torch.Tensor], float]:
+    """(d mean(s)/dθ per trainable parameter, mean s): s = decision_log_odds at the answer's opening of each of
+    the step's prompts (every rank's; the Seqs of decision_anchor_seqs), the policy as it is. The gradient is
+    taken out of .grad, which is left empty for the loss."""
+    n = fdist.all_reduce_sum(len(seqs))
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for mb in micro_batches(cfg, model, None, seqs, layout, varlen, device):
+        with autocast(cfg, device):
+            h = packing.hidden_rows(model, mb)
+        s = decision_log_odds(h, lm_head(cfg, model), nones, calls)
+        (s.sum() / n).backward()
+        total += s.detach().double().sum()
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+    for p in params:
+        p.grad = None
+    return grads, fdist.all_reduce_sum(total).item() / max(n, 1)
+
+
+def project_decision_move(optimizer, params: list, grads: list, before: float) -> tuple[float, float]:
+    """After an AdamW step: take the step's first-order move of mean s, g . Δθ (g = decision_gradient's,
+    `before` = g . θ before the step), out of the update in Adam's own metric. With P = 1/(sqrt(v_hat) + eps) per
+    element (the step's preconditioner: Adam's step is -lr P m_hat), the nearest update in the norm Δᵀ P⁻¹ Δ
+    that keeps g . Δ = 0 is Δ - (g . Δ / gᵀ P g) P g: the offset's direction is removed, every other direction
+    Adam chose is kept. Returns (the move removed, the move left after the correction; both in nats, first order);
+    a parameter without AdamW state (never stepped) is not corrected."""
+    move = _dot(grads, [p.detach() for p in params]) - before
+    precond = []
+    for p in params:
+        state, group = optimizer.state.get(p, {}), next(g for g in optimizer.param_groups
+                                                           if any(q is p for q in g["params"]))
+        if "exp_avg_sq" not in state:
+            precond.append(None)
+            continue
+        step = float(state["step"])
+        v_hat = _local(state["exp_avg_sq"]) / (1 - group["betas"][1] ** step)
+        precond.append(1 / (v_hat.sqrt() + group["eps"]))
+    keep = [i for i, pc in enumerate(precond) if pc is not None]
+    gpg = _dot([_local(grads[i]) * precond[i] for i in keep], [grads[i] for i in keep])
+    if gpg > 0:
+        c = move / gpg
+        with torch.no_grad():
+            for i in keep:
+                _local(params[i]).sub_(c * precond[i] * _local(grads[i]))
+    left = _dot(grads, [p.detach() for p in params]) - before
+    return move, left
+
+
 @dataclass
 class Update:
     stats: dict                   # loss, kl, entropy, clip fractions, importance weights, grad norm; {}: none
@@ -529,14 +597,16 @@ class Update:
 def train_on_rollouts(cfg: Config, model, ref_model, optimizer, lr: float, seqs: list[packing.Seq],
                       adv: torch.Tensor, rollout_logps: list[list[float]], thinks: list[list[bool]] | None,
                       layout: str, varlen: bool, device, gold: list[packing.Seq] | None = None,
-                      anchor: tuple | None = None) -> Update:
+                      anchor: tuple | None = None, project: tuple | None = None) -> Update:
     """The RL training phase on one rollout batch: old log-probs and <think> entropy (EGPO), reference
     log-probs, the fused clipped loss with global normalisation, backward, clipping and the AdamW step,
     `updates_per_batch` times. `adv` (S,) is per sequence; `thinks` marks each completion's <think> tokens
     (None for plain GRPO). `gold` (sft_coef > 0): reference completions whose mean -log p, times sft_coef, is
     added to every update (an SFT term beside the RL loss). `anchor` (decision_anchor > 0): (the step's prompts
-    as decision Seqs, no-call ids, call ids) for decision_anchor_backward in every update. Returns the metrics,
-    the final (EGPO) advantages and the think entropies.
+    as decision Seqs, no-call ids, call ids) for decision_anchor_backward in every update. `project`
+    (decision_project; the same form): the mean decision log-odds' gradient, taken before the first update,
+    whose first-order move is taken out of every update (project_decision_move). Returns the metrics, the final
+    (EGPO) advantages and the think entropies.
 
     Under torchrun each rank passes its own sequences (possibly none) and all ranks call this together:
     normalisers are all-reduced and every rank runs the same number of forward/backward passes, so the
@@ -556,6 +626,11 @@ def train_on_rollouts(cfg: Config, model, ref_model, optimizer, lr: float, seqs:
     is_min, is_max, n_nonfinite = zero + float("inf"), zero.clone(), zero.clone()
     computed_tokens, grad_norm, old_logps, sft_total, anchor_stats = 0, float("nan"), {}, 0.0, {}
     kl_ref = ref_model if cfg.beta > 0 else None  # a reference kept for the decision anchor alone takes no KL pass
+    if project is not None:  # the offset's gradient at the policy that sampled (a host sync)
+        g_s, s_mean = decision_gradient(cfg, model, *project, layout, varlen, device)
+        params = [p for p in model.parameters() if p.requires_grad]
+        anchor_stats = {"decision_log_odds": s_mean, "decision_move": 0.0, "decision_move_left": 0.0}
+        n_nonfinite += not math.isfinite(s_mean)
     for update in range(cfg.updates_per_batch):
         for k, mb in enumerate(micro_batches(cfg, model, kl_ref, seqs, layout, varlen, device)):
             ref_lp = None
@@ -615,8 +690,15 @@ def train_on_rollouts(cfg: Config, model, ref_model, optimizer, lr: float, seqs:
             optimizer.zero_grad(set_to_none=True)
             if fdist.is_main():
                 print(f"non-finite loss in {n_nan} micro-batch(es); update skipped")
-        else:
+        elif project is None:
             grad_norm = clip_and_step(cfg, model, optimizer, lr)
+        else:
+            before = _dot(g_s, [p.detach() for p in params])
+            grad_norm = clip_and_step(cfg, model, optimizer, lr)
+            if math.isfinite(grad_norm):  # a skipped step moved nothing
+                move, left = project_decision_move(optimizer, params, g_s, before)
+                anchor_stats["decision_move"] += move
+                anchor_stats["decision_move_left"] += left
     values = torch.stack([*sums.values(), is_min, is_max, n_nonfinite]).tolist()  # host sync, once per step
     stats = dict(zip([*sums, "is_min", "is_max"], values), nan_loss=int(values[-1]), grad_norm=grad_norm,
                  computed_tokens=computed_tokens)
@@ -626,7 +708,7 @@ def train_on_rollouts(cfg: Config, model, ref_model, optimizer, lr: float, seqs:
     if gold is not None:
         stats["sft_loss"] = sft_total
     stats.update(anchor_stats)
-    if gold is not None or anchor is not None:
+    if gold is not None or anchor is not None or project is not None:
         if n_seqs == 0:  # the SFT term or the anchor alone: no RL metrics
             stats.update(dict.fromkeys(("loss", "kl", "clip_low", "clip_high", "entropy", "is_mean", "is_min",
                                         "is_max"), None))
@@ -669,11 +751,13 @@ def policy_update(tr: Trainer, roll: Rollout, adv: Advantages, lr: float) -> Upd
     t0 = time.perf_counter()
     examples = list({ex.id: ex for ex in roll.owners}.values())
     gold = gold_seqs(tr, examples) if tr.cfg.sft_coef > 0 else None
-    anchor = decision_anchor_seqs(tr, examples) if tr.cfg.decision_anchor > 0 else None
+    decision = decision_anchor_seqs(tr, examples) if tr.decision is not None else None
+    anchor = decision if tr.cfg.decision_anchor > 0 else None
+    project = decision if tr.cfg.decision_project else None
     if gold is not None or anchor is not None or fdist.all_reduce_sum(len(adv.keep)) > 0:  # every rank joins
         update = train_on_rollouts(tr.cfg, tr.model, tr.ref_model, tr.optimizer, lr, adv.seqs, adv.adv[adv.keep],
                                    [roll.completions[i].logprobs for i in adv.keep], adv.think, tr.layout,
-                                   tr.varlen, tr.ctx.device, gold, anchor)
+                                   tr.varlen, tr.ctx.device, gold, anchor, project)
     else:  # no rank has a group with signal: nothing to train
         update = Update({}, torch.empty(0), torch.empty(0), trained=False)
     update.train_s = time.perf_counter() - t0
@@ -809,6 +893,8 @@ def log_rl_step(tr: Trainer, lr: float, t_step: float, roll: Rollout, results: l
         record["sft_loss"] = stats.get("sft_loss")
     if cfg.decision_anchor > 0:
         record.update({k: stats.get(k) for k in ("decision_log_odds", "decision_shift", "decision_anchor_loss")})
+    if cfg.decision_project:
+        record.update({k: stats.get(k) for k in ("decision_log_odds", "decision_move", "decision_move_left")})
     if adv.balance is not None:
         record.update(adv.balance)
     tr.log.add(record)
@@ -819,6 +905,8 @@ def log_rl_step(tr: Trainer, lr: float, t_step: float, roll: Rollout, results: l
         trained += f" | sft {stats['sft_loss']:.3f}"
     if stats.get("decision_shift") is not None:
         trained += f" | decision shift {stats['decision_shift']:+.3f}"
+    if stats.get("decision_move") is not None:
+        trained += f" | decision log-odds {stats['decision_log_odds']:+.3f}, move removed {stats['decision_move']:+.4f}"
     tr.log.say(f"step {tr.step}/{cfg.sft_steps + cfg.steps} | reward {record['reward']:.3f} | acc "
                f"{record['accuracy']:.2f} | fmt {record['format_rate']:.2f} | {trained} | zero-var "
                f"{record['zero_var_groups']}/{n_groups} | gen {roll.gen_s:.1f}s | train {update.train_s:.1f}s")
@@ -973,7 +1061,8 @@ def main(argv: list[str] | None = None) -> int:
     scorer = freward.RewardScorer(cfg.reward, cfg.fmt, think_required=cfg.think == "required")
     log = MetricsLog(cfg, out, history, ctx.is_main, step)
     tr = Trainer(cfg, ctx, out, tokenizer, model, ref_model, optimizer, engine, scorer, data, log, layout, varlen,
-                 step, decision=prompts.decision_tokens(tokenizer) if cfg.decision_anchor > 0 else None)
+                 step, decision=prompts.decision_tokens(tokenizer)
+                 if cfg.decision_anchor > 0 or cfg.decision_project else None)
     interrupt = Interrupt(say)
     if step == 0 and data.eval_examples and (cfg.eval_at_start or cfg.sft_steps == 0):
         evaluate(tr, "before")

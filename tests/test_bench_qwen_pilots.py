@@ -201,3 +201,7 @@ def test_train_summary_carries_the_decision_anchor_series_only_when_logged():
     anchored = bench.train_summary([rl(1, decision_log_odds=-2.5, decision_shift=0.0),
                                     rl(2, decision_log_odds=-2.25, decision_shift=0.25)])
     assert anchored["decision_shift"] == [0.0, 0.25] and anchored["decision_log_odds"] == [-2.5, -2.25]
+    projected = bench.train_summary([rl(1, decision_log_odds=-2.5, decision_move=0.125, decision_move_left=0.0),
+                                     rl(2, decision_log_odds=-2.25, decision_move=-0.5, decision_move_left=0.0)])
+    assert projected["decision_move"] == [0.125, -0.5] and projected["decision_log_odds"] == [-2.5, -2.25]
+    assert "decision_shift" not in projected and "decision_move" not in anchored

@@ -307,6 +307,9 @@ RL_SCENARIOS = [
     # --decision_anchor beside the RL loss; its 6 prompts split 5 | 1, so rank 1 runs dummy passes (forward-only
     # ones in the pass that finds the mean shift, a zero-loss backward in the gradient pass)
     ("anchor", dict(beta=0.05, decision_anchor=2.0), "padded", 16, None),
+    # --decision_project: the offset's gradient over the same uneven prompt shares, the step, then the correction
+    # on each rank's shards (dots all-reduced); the next scenario's gradients start from the corrected weights
+    ("project", dict(decision_project=True), "padded", 17, None),
 ]
 ANCHOR_SHARES = {0: [0, 1, 2, 3, 4], 1: [5]}
 DECISION_IDS = ([3, 5], [7, 11, 13])  # (no-call, call) token ids of the toy vocabulary
@@ -350,13 +353,15 @@ def run_pieces(out, rank=None):
                 groups = [groups[i] for i in picks]
             members = [m for _, ms in groups for m in ms]
             thinks = [m[3] for m in members] if cfg.algo == "egpo" else None
-            anchor = None
-            if cfg.decision_anchor:
+            decision = None
+            if cfg.decision_anchor or cfg.decision_project:
                 aseqs = anchor_seqs(seed, 6)
-                anchor = ([aseqs[i] for i in ANCHOR_SHARES[rank]] if rank is not None else aseqs, *DECISION_IDS)
+                decision = ([aseqs[i] for i in ANCHOR_SHARES[rank]] if rank is not None else aseqs, *DECISION_IDS)
             res = run.train_on_rollouts(cfg, model, ref if cfg.beta > 0 else None, optimizer, LR,
                                         [m[0] for m in members], torch.tensor([m[1] for m in members]),
-                                        [m[2] for m in members], thinks, layout, False, "cpu", anchor=anchor)
+                                        [m[2] for m in members], thinks, layout, False, "cpu",
+                                        anchor=decision if cfg.decision_anchor else None,
+                                        project=decision if cfg.decision_project else None)
             result[name] = {"stats": res.stats, "adv": res.adv, "weights": full_weights(model),
                             "steps": len(optimizer.records)}
         seqs = sft_seqs(15, 5)
@@ -400,6 +405,17 @@ def test_run_training_functions_on_two_ranks_equal_one_process(tmp_path):
     anchors = [[anchor_seqs(16, 6)[i] for i in ANCHOR_SHARES[r]] for r in range(WORLD)]
     assert n_micro_batches(anchors[0], "padded") > n_micro_batches(anchors[1], "padded")
     assert abs(single["anchor"]["stats"]["decision_shift"]) > 1e-3, "the policy and reference must differ"
+    # the move removed, g . Δθ: g a sum of fp32 terms, Δθ AdamW's step of gradients that agree within fp32 summation
+    # error (|m_hat| / sqrt(v_hat) <= 1.02 per element, tests/equivalence.py), so it agrees to FP32_REL of itself;
+    # the move left is the fp32 rounding of the corrected weights, 2 u sum |g| |θ|, far below FP32_REL of the
+    # move at this lr
+    want = single["project"]["stats"]
+    assert abs(want["decision_move"]) > 0 and abs(want["decision_move_left"]) < FP32_REL * abs(want["decision_move"])
+    for rank, got in enumerate(ranks):
+        got = got["project"]["stats"]
+        assert_verbose_close(torch.tensor(got["decision_move"]), torch.tensor(want["decision_move"]),
+                             FP32_REL * abs(want["decision_move"]), 0, f"project rank {rank} move")
+        assert abs(got["decision_move_left"]) < FP32_REL * abs(want["decision_move"]), rank
     assert n_micro_batches(sft[0], "padded") > n_micro_batches(sft[1], "padded")
 
     for name, _, _, _, shares in RL_SCENARIOS:
@@ -416,7 +432,8 @@ def test_run_training_functions_on_two_ranks_equal_one_process(tmp_path):
             got = got[name]
             assert got["stats"]["nan_loss"] == want["stats"]["nan_loss"], name
             for key in ("loss", "kl", "entropy", "clip_low", "clip_high", "is_mean", "is_min", "is_max",
-                        *(("decision_log_odds", "decision_shift", "decision_anchor_loss") if name == "anchor" else ())):
+                        *(("decision_log_odds", "decision_shift", "decision_anchor_loss") if name == "anchor" else ()),
+                        *(("decision_log_odds",) if name == "project" else ())):
                 assert_scalar_close(got["stats"][key], want["stats"][key], f"{name} rank {rank} {key}")
             if name != "nan":
                 assert_scalar_close(got["stats"]["grad_norm"], want["stats"]["grad_norm"],

@@ -600,6 +600,114 @@ def test_decision_anchor_end_to_end_adds_nothing_until_the_policy_moves(tiny, tm
     assert not any("decision_shift" in r for r in _metrics(without))  # the default run's records are unchanged
 
 
+def test_decision_gradient_is_that_of_the_mean_log_odds(tmp_path):
+    """decision_gradient (--decision_project) equals autograd of mean(s) through full forwards and a full softmax
+    on a tiny real model in float64, prompts of odd lengths over several micro-batches, and leaves .grad empty."""
+    from fctrain.models import build_tiny_model, load_model, load_tokenizer
+    seed = random.randrange(2**31)
+    torch.manual_seed(seed)
+    path = build_tiny_model(tmp_path / "tiny")
+    tok = load_tokenizer(path)
+    policy, direct = (load_model(path, dtype=torch.float64) for _ in range(2))
+    prefix, nones, calls = prompts.decision_tokens(tok)
+    prompts_ids = [torch.randint(0, 1000, (n,)).tolist() for n in (5, 11, 3, 8)]
+    seqs = [packing.Seq(ids + prefix, nones[:1]) for ids in prompts_ids]
+    cfg = Config(decision_project=True, micro_batch_tokens=24, max_prompt_tokens=8, max_new_tokens=16)
+    grads, s_mean = run.decision_gradient(cfg, policy, seqs, nones, calls, "padded", False, "cpu")
+    assert len(packing.plan(seqs, 24, "padded")) > 1
+
+    def s(ids):
+        logp = direct(torch.tensor([ids + prefix])).logits[0, -1].log_softmax(-1)
+        return logp[nones].logsumexp(0) - logp[calls].logsumexp(0)
+    mean = torch.stack([s(ids) for ids in prompts_ids]).mean()
+    mean.backward()
+    assert s_mean == pytest.approx(mean.item(), rel=1e-9, abs=1e-12), f"seed {seed}"
+    assert all(p.grad is None for p in policy.parameters())
+    for (name, _), g, q in zip(policy.named_parameters(), grads, direct.parameters()):
+        torch.testing.assert_close(g, q.grad, rtol=1e-8, atol=1e-12 * max(1.0, q.grad.abs().max().item()),
+                                   msg=lambda m: f"{name} (seed {seed}): {m}")
+
+
+def test_project_decision_move_is_adams_nearest_update_without_the_move(tmp_path):
+    """After real AdamW steps on float32 weights (fresh random weights, gradients and a direction g; weight decay
+    on), project_decision_move's result equals, in float64, θ_step - (g . Δ / gᵀPg) P g with Δ the step actually
+    taken and P = 1/(sqrt(v_hat) + eps) from the optimizer's state; g . (θ_new - θ_before) is left at the float32
+    rounding of the weights; a parameter the optimizer never stepped is left alone."""
+    seed = random.randrange(2**31)
+    torch.manual_seed(seed)
+    shapes = [(7, 5), (13,), (3, 4, 2)]
+    params = [torch.nn.Parameter(torch.randn(s)) for s in shapes] + [torch.nn.Parameter(torch.randn(4))]
+    opt = torch.optim.AdamW(params, lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+    u = 2.0 ** -24  # float32 unit roundoff
+    for step in range(3):
+        for p in params[:3]:  # the last one never gets a gradient: AdamW has no state for it
+            p.grad = torch.randn_like(p) * 10.0 ** random.uniform(-3, 1)
+        grads = [torch.randn_like(p) for p in params]
+        before = sum(torch.dot(g.double().flatten(), p.detach().double().flatten()) for g, p in zip(grads, params))
+        theta0 = [p.detach().double().clone() for p in params]
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        theta1 = [p.detach().double().clone() for p in params]
+        move, left = run.project_decision_move(opt, params, grads, before.item())
+
+        delta = [b - a for a, b in zip(theta0, theta1)]
+        want_move = sum(torch.dot(g.double().flatten(), d.flatten()) for g, d in zip(grads, delta)).item()
+        assert move == pytest.approx(want_move, rel=1e-9, abs=1e-15), f"seed {seed} step {step}"
+        precond = []
+        for p in params[:3]:
+            st = opt.state[p]
+            v_hat = st["exp_avg_sq"].double() / (1 - 0.99 ** float(st["step"]))
+            precond.append(1 / (v_hat.sqrt() + 1e-8))
+        gpg = sum((pc * g.double() ** 2).sum() for pc, g in zip(precond, grads)).item()
+        c = want_move / gpg
+        for i, p in enumerate(params[:3]):
+            corr = c * precond[i] * grads[i].double()
+            want = theta1[i] - corr
+            # the float32 product c P g and the float32 subtraction each round once (c and P themselves:
+            # float32 inputs to float64/float32 arithmetic, within a few u of the float64 values)
+            budget = 4 * u * (theta1[i].abs() + corr.abs()) + 1e-30
+            assert ((p.detach().double() - want).abs() <= budget).all(), f"seed {seed} step {step} param {i}"
+        assert torch.equal(params[3].detach().double(), theta0[3]), "no state: not corrected"
+        # the move left: the float32 rounding of the corrected weights, at most u |θ| per element, times |g|
+        new = [p.detach().double() for p in params]
+        got_left = sum(torch.dot(g.double().flatten(), (b - a).flatten()) for g, a, b in zip(grads, theta0, new))
+        bound = sum((g.double().abs() * 2 * u * (a.abs() + b.abs())).sum() for g, a, b in zip(grads, theta0, new))
+        assert abs(got_left.item()) <= bound.item(), f"seed {seed} step {step}"
+        assert left == pytest.approx(got_left.item(), rel=1e-6, abs=1e-12)
+        assert abs(want_move) > 10 * bound.item()  # the test moves something real
+
+
+def test_decision_project_config():
+    assert parse_config(["--decision_project", "true"])[0].decision_project and not Config().decision_project
+    with pytest.raises(SystemExit):
+        parse_config(["--decision_project", "true", "--fmt", "hermes"])
+    with pytest.raises(SystemExit):
+        parse_config(["--decision_project", "true", "--decision_anchor", "0.1"])
+
+
+@pytest.mark.slow
+def test_decision_project_end_to_end_removes_the_first_order_move(tiny, tmp_path):
+    """A real run with --decision_project beside an SFT term (the tiny model's groups carry no RL signal): every
+    step logs the policy's mean log-odds and a removed move; the weights differ from the same run without it from
+    step 1 on (the constraint acts on the first update), and the default run logs none of it."""
+    root, model_dir = tiny
+    mixed = tmp_path / "mixed.jsonl"
+    data.save_jsonl(data.load_bfcl("simple_python", limit=2) + data.load_bfcl("irrelevance", limit=2), mixed)
+    common = dict(train_data=mixed, eval_data="none", sft_steps=0, steps=2, save_every=1, sft_coef=1.0,
+                  reward="binary", max_new_tokens=8, beta=0)
+    with_project, without = tmp_path / "project", tmp_path / "plain"
+    assert run.main(_args(root, model_dir, with_project, decision_project="true", **common)) == 0
+    assert run.main(_args(root, model_dir, without, **common)) == 0
+    rl = [r for r in _metrics(with_project) if r["phase"] == "rl"]
+    assert len(rl) == 2
+    for r in rl:
+        assert math.isfinite(r["decision_log_odds"]) and r["decision_move"] != 0.0
+        assert abs(r["decision_move_left"]) < abs(r["decision_move"])
+    a, b = (_weights(out / "ckpt-000001") for out in (with_project, without))
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    assert not any("decision_move" in r for r in _metrics(without))
+
+
 @pytest.mark.slow
 def test_sft_term_alone_is_exactly_one_sft_step_on_the_same_prompts(tiny):
     """--sft_coef: an untrained tiny model's groups all score 0 (no RL signal), so an RL step with sft_coef 1
