@@ -143,6 +143,8 @@ ARMS = {
                  "--sft_batch_size", "8", "--beta", "0", "--eval_every", "30", "--save_every", "10"],
 }
 START_ARM = "lr5e-7"  # its step-0 evaluation is everyone's baseline
+# ... except an arm that starts from a kept policy (--model): the arm whose step-0 evaluation is that start
+START_OF = {"sft-rl-s1": "sft-rl-s1", "sft-more-s1": "sft-rl-s1"}
 # an SFT control gets the training seconds of this RL arm (the pilots': finished; the long ones': so far)
 CONTROL_OF = {"sft-control": "lr1e-6", "sft-control-s1": "lr1e-6-s1", "long-sft": "long-rl",
               "sft-more-s1": "sft-rl-s1"}
@@ -370,19 +372,22 @@ def val_pairs() -> list[dict]:
 
 def report() -> str:
     kinds = val_kinds()
-    start_hist = load(START_ARM) or []
-    start = next((r for r in start_hist if r.get("phase") == "eval" and r["step"] == 0), None)
+
+    def step0(arm):
+        return next((r for r in load(arm) or [] if r.get("phase") == "eval" and r["step"] == 0), None)
     lines, all_rows, curves = [], [], {}
     head = ("| arm | step | train s | val | call acc | call: call/none/bad | no-call acc | no-call: call/none/bad "
-            "| change since step 0 (95% CI) |")
+            "| change since step 0 (its start; 95% CI) |")
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     for arm in ARMS:
         history = load(arm)
         if history is None:
             continue
+        first = START_OF.get(arm, START_ARM)
+        start = step0(first)
         rows = eval_rows(arm, history, start, kinds)
-        if arm != START_ARM and start is not None and not any(r["step"] == 0 for r in rows):
-            rows = eval_rows(START_ARM, [start], None, kinds) + rows  # the same untrained model and engine
+        if arm != first and start is not None and not any(r["step"] == 0 for r in rows):
+            rows = eval_rows(first, [start], None, kinds) + rows  # the same starting model and engine
             rows[0]["arm"] = arm
         all_rows += rows
         curves[arm] = train_summary(history)

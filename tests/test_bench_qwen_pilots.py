@@ -205,3 +205,28 @@ def test_train_summary_carries_the_decision_anchor_series_only_when_logged():
                                      rl(2, decision_log_odds=-2.25, decision_move=-0.5, decision_move_left=0.0)])
     assert projected["decision_move"] == [0.125, -0.5] and projected["decision_log_odds"] == [-2.5, -2.25]
     assert "decision_shift" not in projected and "decision_move" not in anchored
+
+
+def test_an_arm_from_a_kept_policy_starts_at_that_policy_not_the_untrained_model(tmp_path, monkeypatch):
+    """START_OF: an arm trained from another arm's kept policy (--model) is paired with that start's step-0
+    evaluation (its own, or the arm that evaluated it), never with the untrained model's."""
+    monkeypatch.setattr(bench, "RESULTS", tmp_path)
+    monkeypatch.setattr(bench, "WORK", tmp_path / "work")
+    monkeypatch.setattr(bench, "ARMS", {"raw": [], "rl": [], "more": []})
+    monkeypatch.setattr(bench, "START_ARM", "raw")
+    monkeypatch.setattr(bench, "START_OF", {"rl": "rl", "more": "rl"})
+    monkeypatch.setattr(bench, "VAL_PAIRS", ())
+    monkeypatch.setattr(bench, "val_kinds", lambda: KINDS)
+    monkeypatch.setattr(bench, "plot", lambda rows: None)
+    zero, sft = dict.fromkeys(KINDS, 0), {"c1": 1, "c2": 1, "c3": 0, "n1": 1}
+    hist = {"raw": [_eval(0, "before", zero, {}), _eval(10, "after", sft, {})],
+            "rl": [_eval(0, "before", sft, {}), _eval(10, "after", dict(sft, c3=1), {})],
+            "more": [_eval(10, "sft-10", dict(sft, c1=0), {})]}
+    for arm, rows in hist.items():
+        (tmp_path / f"{arm}.metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    bench.report()
+    rows = {(r["arm"], r["step"]): r for r in json.loads((tmp_path / "summary.json").read_text())["rows"]}
+    assert rows[("raw", 10)]["change"] == pytest.approx(0.75)  # against the untrained model
+    assert rows[("rl", 0)]["val"] == pytest.approx(0.75) and rows[("rl", 10)]["change"] == pytest.approx(0.25)
+    assert rows[("more", 0)]["val"] == pytest.approx(0.75)  # the start's evaluation, not the untrained model's
+    assert rows[("more", 10)]["change"] == pytest.approx(-0.25)
