@@ -564,10 +564,10 @@ def project_decision_move(optimizer, params: list, grads: list, before: float) -
     Adam chose is kept. Returns (the move removed, the move left after the correction; both in nats, first order);
     a parameter without AdamW state (never stepped) is not corrected."""
     move = _dot(grads, [p.detach() for p in params]) - before
+    group_of = {id(q): g for g in optimizer.param_groups for q in g["params"]}
     precond = []
     for p in params:
-        state, group = optimizer.state.get(p, {}), next(g for g in optimizer.param_groups
-                                                           if any(q is p for q in g["params"]))
+        state, group = optimizer.state.get(p, {}), group_of[id(p)]
         if "exp_avg_sq" not in state:
             precond.append(None)
             continue
@@ -624,12 +624,12 @@ def train_on_rollouts(cfg: Config, model, ref_model, optimizer, lr: float, seqs:
     zero = torch.zeros((), dtype=torch.float64, device=device)
     sums = {key: zero.clone() for key in ("loss", "kl", "clip_low", "clip_high", "entropy", "is_mean")}
     is_min, is_max, n_nonfinite = zero + float("inf"), zero.clone(), zero.clone()
-    computed_tokens, grad_norm, old_logps, sft_total, anchor_stats = 0, float("nan"), {}, 0.0, {}
+    computed_tokens, grad_norm, old_logps, sft_total, decision_stats = 0, float("nan"), {}, 0.0, {}
     kl_ref = ref_model if cfg.beta > 0 else None  # a reference kept for the decision anchor alone takes no KL pass
     if project is not None:  # the offset's gradient at the policy that sampled (a host sync)
         g_s, s_mean = decision_gradient(cfg, model, *project, layout, varlen, device)
         params = [p for p in model.parameters() if p.requires_grad]
-        anchor_stats = {"decision_log_odds": s_mean, "decision_move": 0.0, "decision_move_left": 0.0}
+        decision_stats = {"decision_log_odds": s_mean, "decision_move": 0.0, "decision_move_left": 0.0}
         n_nonfinite += not math.isfinite(s_mean)
     for update in range(cfg.updates_per_batch):
         for k, mb in enumerate(micro_batches(cfg, model, kl_ref, seqs, layout, varlen, device)):
@@ -682,7 +682,7 @@ def train_on_rollouts(cfg: Config, model, ref_model, optimizer, lr: float, seqs:
             n_nonfinite += not math.isfinite(sft_loss)
         if anchor is not None:  # the decision anchor (its mean is a host sync; on every rank or none)
             stats_now = decision_anchor_backward(cfg, model, ref_model, *anchor, layout, varlen, device)
-            anchor_stats = anchor_stats or stats_now  # the policy before the step's first update
+            decision_stats = decision_stats or stats_now  # the policy before the step's first update
             n_nonfinite += not math.isfinite(stats_now["decision_shift"])
         # host sync, once per update: a NaN on any rank skips the update on all
         n_nan = int(fdist.all_reduce_sum(n_nonfinite).item())
@@ -697,8 +697,8 @@ def train_on_rollouts(cfg: Config, model, ref_model, optimizer, lr: float, seqs:
             grad_norm = clip_and_step(cfg, model, optimizer, lr)
             if math.isfinite(grad_norm):  # a skipped step moved nothing
                 move, left = project_decision_move(optimizer, params, g_s, before)
-                anchor_stats["decision_move"] += move
-                anchor_stats["decision_move_left"] += left
+                decision_stats["decision_move"] += move
+                decision_stats["decision_move_left"] += left
     values = torch.stack([*sums.values(), is_min, is_max, n_nonfinite]).tolist()  # host sync, once per step
     stats = dict(zip([*sums, "is_min", "is_max"], values), nan_loss=int(values[-1]), grad_norm=grad_norm,
                  computed_tokens=computed_tokens)
@@ -707,7 +707,7 @@ def train_on_rollouts(cfg: Config, model, ref_model, optimizer, lr: float, seqs:
         minimised=("is_min",), maximised=("is_max",), device=device)
     if gold is not None:
         stats["sft_loss"] = sft_total
-    stats.update(anchor_stats)
+    stats.update(decision_stats)
     if gold is not None or anchor is not None or project is not None:
         if n_seqs == 0:  # the SFT term or the anchor alone: no RL metrics
             stats.update(dict.fromkeys(("loss", "kl", "clip_low", "clip_high", "entropy", "is_mean", "is_min",
