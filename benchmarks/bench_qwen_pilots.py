@@ -367,6 +367,8 @@ def train_summary(history: list[dict]) -> dict:
         out |= {"decision_log_odds": series("decision_log_odds"), "decision_shift": series("decision_shift")}
     if any("decision_move" in r for r in rl):  # --decision_project: the mean log-odds, the first-order move removed
         out |= {"decision_log_odds": series("decision_log_odds"), "decision_move": series("decision_move")}
+        if any("decision_log_odds_after" in r for r in rl):  # the same prompts after the step: the realized move
+            out["decision_log_odds_after"] = series("decision_log_odds_after")
     return out
 
 
@@ -426,7 +428,9 @@ def report() -> str:
                          + (f"; decision log-odds {c['decision_log_odds']}, shift from the reference "
                             f"{c['decision_shift']}" if "decision_shift" in c else "")
                          + (f"; decision log-odds {c['decision_log_odds']}, first-order move removed "
-                            f"{c['decision_move']}" if "decision_move" in c else ""))
+                            f"{c['decision_move']}" if "decision_move" in c else "")
+                         + (f"; the same prompts' log-odds after the step {c['decision_log_odds_after']}"
+                            if "decision_log_odds_after" in c else ""))
     pairs = val_pairs()
     if pairs:
         lines += ["", "| final val, a - b (a side of several seeds: their mean per prompt) | n | points (95% CI, "

@@ -487,6 +487,25 @@ def decision_log_odds(h: torch.Tensor, w: torch.Tensor, nones: list[int], calls:
     return z[:, :len(nones)].logsumexp(-1) - z[:, len(nones):].logsumexp(-1)
 
 
+def decision_means(cfg: Config, models: tuple, seqs: list[packing.Seq], nones: list[int], calls: list[int],
+                   layout: str, varlen: bool, device) -> list[float]:
+    """Each model's mean decision_log_odds over the Seqs of every rank (decision_anchor_seqs), without gradients:
+    every rank runs the same passes (FSDP collectives); one host sync."""
+    plan = packing.plan(seqs, cfg.micro_batch_tokens, layout)
+    sums = torch.zeros(len(models), dtype=torch.float64, device=device)
+    with torch.no_grad():
+        for k in range(fdist.all_reduce_max(len(plan))):
+            mb = packing.build(seqs, plan[k], layout, device, varlen) if k < len(plan) else None
+            for i, m in enumerate(models):
+                with autocast(cfg, device):
+                    h = packing.hidden_rows(m, mb) if mb is not None else fdist.dummy_forward(m, device)
+                if mb is not None:
+                    sums[i] += decision_log_odds(h, lm_head(cfg, m), nones, calls).double().sum()
+                fdist.reshard(m)
+    n = max(fdist.all_reduce_sum(len(seqs)), 1)
+    return [x / n for x in fdist.all_reduce_sum(sums).tolist()]
+
+
 def decision_anchor_backward(cfg: Config, model, ref_model, seqs: list[packing.Seq], nones: list[int],
                              calls: list[int], layout: str, varlen: bool, device) -> dict:
     """The --decision_anchor term: accumulate d(c m^2)/dθ, c = cfg.decision_anchor, m = the mean over the step's
@@ -495,26 +514,15 @@ def decision_anchor_backward(cfg: Config, model, ref_model, seqs: list[packing.S
     ranking of call against no-call prompts, get no gradient. Two passes: without gradients, s and s_ref for m;
     then per micro-batch the gradient 2 c m ds/dθ / n, m fixed. Returns {decision_log_odds (the policy's mean s),
     decision_shift (m), decision_anchor_loss (c m^2)}, before the update."""
-    plan = packing.plan(seqs, cfg.micro_batch_tokens, layout)
-    sums = torch.zeros(2, dtype=torch.float64, device=device)  # sum of s, sum of s_ref
-    with torch.no_grad():
-        for k in range(fdist.all_reduce_max(len(plan))):  # every rank the same passes (FSDP collectives)
-            mb = packing.build(seqs, plan[k], layout, device, varlen) if k < len(plan) else None
-            for i, m in enumerate((model, ref_model)):
-                with autocast(cfg, device):
-                    h = packing.hidden_rows(m, mb) if mb is not None else fdist.dummy_forward(m, device)
-                if mb is not None:
-                    sums[i] += decision_log_odds(h, lm_head(cfg, m), nones, calls).double().sum()
-                fdist.reshard(m)
+    s_mean, ref_mean = decision_means(cfg, (model, ref_model), seqs, nones, calls, layout, varlen, device)
     n = fdist.all_reduce_sum(len(seqs))
-    s_sum, ref_sum = fdist.all_reduce_sum(sums).tolist()  # host sync, once per update
-    shift = (s_sum - ref_sum) / n
+    shift = s_mean - ref_mean
     for mb in micro_batches(cfg, model, None, seqs, layout, varlen, device):
         with autocast(cfg, device):
             h = packing.hidden_rows(model, mb)
         s = decision_log_odds(h, lm_head(cfg, model), nones, calls)
         (2 * cfg.decision_anchor * shift / n * s.sum()).backward()
-    return {"decision_log_odds": s_sum / n, "decision_shift": shift,
+    return {"decision_log_odds": s_mean, "decision_shift": shift,
             "decision_anchor_loss": cfg.decision_anchor * shift ** 2}
 
 
@@ -699,6 +707,8 @@ def train_on_rollouts(cfg: Config, model, ref_model, optimizer, lr: float, seqs:
                 move, left = project_decision_move(optimizer, params, g_s, before)
                 decision_stats["decision_move"] += move
                 decision_stats["decision_move_left"] += left
+    if project is not None:  # what the step did to the offset, on the same prompts (the move removed is first order)
+        decision_stats["decision_log_odds_after"] = decision_means(cfg, (model,), *project, layout, varlen, device)[0]
     values = torch.stack([*sums.values(), is_min, is_max, n_nonfinite]).tolist()  # host sync, once per step
     stats = dict(zip([*sums, "is_min", "is_max"], values), nan_loss=int(values[-1]), grad_norm=grad_norm,
                  computed_tokens=computed_tokens)
@@ -894,7 +904,8 @@ def log_rl_step(tr: Trainer, lr: float, t_step: float, roll: Rollout, results: l
     if cfg.decision_anchor > 0:
         record.update({k: stats.get(k) for k in ("decision_log_odds", "decision_shift", "decision_anchor_loss")})
     if cfg.decision_project:
-        record.update({k: stats.get(k) for k in ("decision_log_odds", "decision_move", "decision_move_left")})
+        record.update({k: stats.get(k) for k in ("decision_log_odds", "decision_move", "decision_move_left",
+                                                 "decision_log_odds_after")})
     if adv.balance is not None:
         record.update(adv.balance)
     tr.log.add(record)
@@ -906,7 +917,8 @@ def log_rl_step(tr: Trainer, lr: float, t_step: float, roll: Rollout, results: l
     if stats.get("decision_shift") is not None:
         trained += f" | decision shift {stats['decision_shift']:+.3f}"
     if stats.get("decision_move") is not None:
-        trained += f" | decision log-odds {stats['decision_log_odds']:+.3f}, move removed {stats['decision_move']:+.4f}"
+        trained += (f" | decision log-odds {stats['decision_log_odds']:+.3f} -> {stats['decision_log_odds_after']:+.3f}"
+                    f", move removed {stats['decision_move']:+.4f}")
     tr.log.say(f"step {tr.step}/{cfg.sft_steps + cfg.steps} | reward {record['reward']:.3f} | acc "
                f"{record['accuracy']:.2f} | fmt {record['format_rate']:.2f} | {trained} | zero-var "
                f"{record['zero_var_groups']}/{n_groups} | gen {roll.gen_s:.1f}s | train {update.train_s:.1f}s")

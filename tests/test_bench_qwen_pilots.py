@@ -205,6 +205,11 @@ def test_train_summary_carries_the_decision_anchor_series_only_when_logged():
                                      rl(2, decision_log_odds=-2.25, decision_move=-0.5, decision_move_left=0.0)])
     assert projected["decision_move"] == [0.125, -0.5] and projected["decision_log_odds"] == [-2.5, -2.25]
     assert "decision_shift" not in projected and "decision_move" not in anchored
+    assert "decision_log_odds_after" not in projected  # runs before the realized move was logged
+    resumed = bench.train_summary([rl(1, decision_log_odds=-2.5, decision_move=0.125, decision_move_left=0.0),
+                                   rl(2, decision_log_odds=-2.25, decision_move=-0.5, decision_move_left=0.0,
+                                      decision_log_odds_after=-2.0)])
+    assert resumed["decision_log_odds_after"] == [None, -2.0]
 
 
 def test_an_arm_from_a_kept_policy_starts_at_that_policy_not_the_untrained_model(tmp_path, monkeypatch):

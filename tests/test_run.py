@@ -702,6 +702,7 @@ def test_decision_project_end_to_end_removes_the_first_order_move(tiny, tmp_path
     assert len(rl) == 2
     for r in rl:
         assert math.isfinite(r["decision_log_odds"]) and r["decision_move"] != 0.0
+        assert math.isfinite(r["decision_log_odds_after"])  # the same prompts after the step (decision_means)
         assert abs(r["decision_move_left"]) < abs(r["decision_move"])
     a, b = (_weights(out / "ckpt-000001") for out in (with_project, without))
     assert any(not torch.equal(a[k], b[k]) for k in a)
