@@ -189,7 +189,8 @@ HELDOUT_ARMS = ("sft-control", "lr1e-6-s1", "untrained", "sft-control-s1", "sft-
                 "sft-rl-s0", "sft-more-s0", "sft-start-s0")
 HELDOUT_PAIRS = (("lr1e-6-s1", "sft-control"), ("lr1e-6-s1", "sft-control-s1"),  # (RL, control): RL - control
                  ("sft-rl-s1", "sft-more-s1"), ("sft-rl-s1", "sft-control-s1"), ("sft-more-s1", "sft-control-s1"),
-                 ("sft-rl-s0", "sft-more-s0"), ("sft-rl-s0", "sft-start-s0"), ("sft-more-s0", "sft-start-s0"))
+                 ("sft-rl-s0", "sft-more-s0"), ("sft-rl-s0", "sft-start-s0"), ("sft-more-s0", "sft-start-s0"),
+                 (("sft-rl-s0", "sft-rl-s1"), ("sft-more-s0", "sft-more-s1")))  # a side of seeds: mean per prompt
 
 
 
@@ -545,17 +546,22 @@ def heldout_rows(evals: dict, sets_of: dict, arm_val: dict) -> tuple[list[dict],
                 row["val_repeat"] = [sum(own[i] == v[i] for i in ids if i in own), sum(i in own for i in ids)]
             rows.append(row)
     comparisons = [(n, "untrained") for n in evals if n != "untrained"] + list(HELDOUT_PAIRS)
+    side = lambda x: x if isinstance(x, tuple) else (x,)
     for a, b in comparisons:
-        if a not in evals or b not in evals:
+        if not all(n in evals for n in side(a) + side(b)):
             continue
+        verdicts = lambda names: [evals[n]["verdicts"] for n in names]
         for s, ids in sets_of.items():
-            ids = [i for i in ids if i in evals[a]["verdicts"] and i in evals[b]["verdicts"]]
-            va, vb = evals[a]["verdicts"], evals[b]["verdicts"]
+            ids = [i for i in ids if all(i in v for v in verdicts(side(a) + side(b)))]
+            # a side of several seeds: each prompt's mean verdict over them (the CI covers the examples only)
+            va, vb = ({i: sum(v[i] for v in verdicts(side(x))) / len(side(x)) for i in ids} for x in (a, b))
             diff, lo, hi = paired_change([vb[i] for i in ids], [va[i] for i in ids])
-            # the smallest true difference this one-seed design detects (80% power): a lower bound, seeds vary too
-            mde = power.mde(power.se_discordance([[va[i] - vb[i] for i in ids]]))
-            pairs.append({"a": a, "b": b, "set": s, "n": len(ids), "diff": diff, "lo": lo, "hi": hi,
-                          "same": sum(va[i] == vb[i] for i in ids), "mde80": mde})
+            # the smallest true difference this design detects (80% power), seeds paired side by side when the
+            # two sides have as many: a lower bound, seeds vary too
+            per_seed = [[ra[i] - rb[i] for i in ids] for ra, rb in zip(verdicts(side(a)), verdicts(side(b)))]
+            mde = power.mde(power.se_discordance(per_seed)) if len(side(a)) == len(side(b)) else None
+            pairs.append({"a": " + ".join(side(a)), "b": " + ".join(side(b)), "set": s, "n": len(ids),
+                          "diff": diff, "lo": lo, "hi": hi, "same": sum(va[i] == vb[i] for i in ids), "mde80": mde})
     return rows, pairs
 
 
@@ -582,11 +588,13 @@ def heldout_report() -> str:
         rep = f"{r['val_repeat'][0]}/{r['val_repeat'][1]} verdicts" if "val_repeat" in r else ""
         lines.append(f"| {r['policy']} | {r['set']} | {r['n']} | {pct(r['acc'])} [{pct(r['lo'])}, {pct(r['hi'])}] | "
                      f"{pct(r['says_call'])} / {pct(r['says_none'])} / {pct(r['says_bad'])} | {rep} |")
-    lines += ["", "| comparison | set | n | change, points (95% CI, paired bootstrap) | same verdict | "
-              "detectable at 80% power, one seed (lower bound) |", "|---|---|---|---|---|---|"]
+    lines += ["", "| comparison (a side of several seeds: their mean per prompt) | set | n | change, points (95% CI, "
+              "paired bootstrap over prompts) | same verdict | detectable at 80% power (lower bound) |",
+              "|---|---|---|---|---|---|"]
     for p in pairs:
         lines.append(f"| {p['a']} - {p['b']} | {p['set']} | {p['n']} | {100 * p['diff']:+.1f} "
-                     f"[{100 * p['lo']:+.1f}, {100 * p['hi']:+.1f}] | {p['same']}/{p['n']} | {100 * p['mde80']:.1f} |")
+                     f"[{100 * p['lo']:+.1f}, {100 * p['hi']:+.1f}] | {p['same']}/{p['n']} | "
+                     + (f"{100 * p['mde80']:.1f} |" if p["mde80"] is not None else "|"))
     text = "\n".join(lines)
     out = RESULTS / "heldout"
     out.mkdir(parents=True, exist_ok=True)

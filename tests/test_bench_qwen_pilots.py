@@ -84,6 +84,25 @@ def test_heldout_rows_count_each_set_pair_policies_by_prompt_and_check_the_val_r
     assert p["mde80"] == pytest.approx((1.959964 + 0.841621) * (0.25 / 2) ** 0.5, rel=1e-5)
 
 
+def test_heldout_rows_pool_a_side_of_seeds_prompt_by_prompt(monkeypatch):
+    """A tuple on a side of HELDOUT_PAIRS: each prompt's mean verdict over those policies; prompts missing from
+    any of them are left out; the power bound pairs the seeds side by side."""
+    monkeypatch.setattr(bench, "HELDOUT_PAIRS", ((("r0", "r1"), ("c0", "c1")), (("r0", "r1"), "c0")))
+    ev = lambda v: {"verdicts": v, "decisions": {}}
+    evals = {"r0": ev({"p": 1, "q": 1, "s": 0}), "r1": ev({"p": 0, "q": 1, "s": 0, "t": 1}),
+             "c0": ev({"p": 0, "q": 1, "s": 1, "t": 0}), "c1": ev({"p": 0, "q": 0, "s": 1, "t": 1})}
+    _, pairs = bench.heldout_rows(evals, {"test_in": ["p", "q", "s", "t"]}, {})
+    pair = {(p["a"], p["b"]): p for p in pairs}
+    p = pair["r0 + r1", "c0 + c1"]
+    # t is missing from r0: left out. p: .5 - 0, q: 1 - .5, s: 0 - 1
+    assert p["n"] == 3 and p["diff"] == pytest.approx((0.5 + 0.5 - 1) / 3) and p["same"] == 0
+    assert p["lo"] <= p["diff"] <= p["hi"]
+    # seeds paired: d = [[1, 0, -1], [0, 1, -1]]: discordance 4/6, mean 0, var 2/3 over 6 pairs
+    assert p["mde80"] == pytest.approx((1.959964 + 0.841621) * (2 / 3 / 6) ** 0.5, rel=1e-5)
+    p = pair["r0 + r1", "c0"]
+    assert p["diff"] == pytest.approx((0.5 + 0 - 1) / 3) and p["mde80"] is None  # unequal sides: no pairing
+
+
 def test_heldout_args_evaluate_without_training_and_need_the_kept_policy(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "WORK", tmp_path)
     args = bench.heldout_args("untrained")
