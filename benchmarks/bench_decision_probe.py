@@ -51,7 +51,10 @@ PAIRS = (("sft-control-s1", "untrained"), ("lr1e-6-abal-s1", "untrained"), ("lr1
          ("lr1e-6-abal", "untrained"), ("lr1e-6-abal-s2", "untrained"), ("lr1e-6-s2", "untrained"),
          ("lr1e-6-abal-s1", "sft-control-s1"), ("lr1e-6-anchor5e-3-s1", "untrained"),
          ("lr1e-6-anchor5e-3-s1", "sft-control-s1"), ("lr1e-6-anchor5e-3", "untrained"),
-         ("lr1e-6-s2", "lr1e-6-abal-s1"))
+         ("lr1e-6-s2", "lr1e-6-abal-s1"),
+         # RL from an SFT start against its start and against SFT going on from it (seeds 1 and 0)
+         ("sft-rl-s1", "sft-control-s1"), ("sft-more-s1", "sft-control-s1"), ("sft-rl-s1", "sft-more-s1"),
+         ("sft-rl-s0", "sft-start-s0"), ("sft-more-s0", "sft-start-s0"), ("sft-rl-s0", "sft-more-s0"))
 
 
 @torch.inference_mode()
