@@ -179,6 +179,7 @@ VAL_PAIRS = (("lr1e-6", "sft-control"), ("lr1e-6-s1", "sft-control-s1"),
              ("sft-rl-s1", "sft-more-s1"), ("sft-rl-s1", "sft-control-s1"), ("sft-more-s1", "sft-control-s1"),
              ("sft-rl-s0", "sft-more-s0"), ("sft-rl-s0", "sft-start-s0"), ("sft-more-s0", "sft-start-s0"),
              (("sft-rl-s0", "sft-rl-s1"), ("sft-more-s0", "sft-more-s1")),
+             (("sft-rl-s0", "sft-rl-s1"), ("sft-start-s0", "sft-control-s1")),
              (("lr1e-6-abal", "lr1e-6-abal-s1"), ("lr1e-6", "lr1e-6-s1")),
              (("lr1e-6-abal", "lr1e-6-abal-s1"), ("sft-control", "sft-control-s1")))
 HELDOUT_SETS = ("test_in", "test_ood", "test_irr", "val")
@@ -190,7 +191,11 @@ HELDOUT_ARMS = ("sft-control", "lr1e-6-s1", "untrained", "sft-control-s1", "sft-
 HELDOUT_PAIRS = (("lr1e-6-s1", "sft-control"), ("lr1e-6-s1", "sft-control-s1"),  # (RL, control): RL - control
                  ("sft-rl-s1", "sft-more-s1"), ("sft-rl-s1", "sft-control-s1"), ("sft-more-s1", "sft-control-s1"),
                  ("sft-rl-s0", "sft-more-s0"), ("sft-rl-s0", "sft-start-s0"), ("sft-more-s0", "sft-start-s0"),
-                 (("sft-rl-s0", "sft-rl-s1"), ("sft-more-s0", "sft-more-s1")))  # a side of seeds: mean per prompt
+                 # a side of seeds: each prompt's mean over them; RL from SFT against SFT going on, and against
+                 # its start (SFT's best-on-val kept policy when SFT going on loses on val)
+                 (("sft-rl-s0", "sft-rl-s1"), ("sft-more-s0", "sft-more-s1")),
+             (("sft-rl-s0", "sft-rl-s1"), ("sft-start-s0", "sft-control-s1")),
+                 (("sft-rl-s0", "sft-rl-s1"), ("sft-start-s0", "sft-control-s1")))
 
 
 
