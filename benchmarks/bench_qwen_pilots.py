@@ -147,6 +147,10 @@ ARMS = {
     "sft-more-s0": ["--model", SFT_START0, "--sft_steps", "100000", "--steps", "0", "--sft_think", "none",
                     "--sft_lr", "2e-5", "--sft_batch_size", "8", "--beta", "0", "--eval_every", "10",
                     "--save_every", "10", "--seed", "10"],
+    # RL from the SFT start kept irrelevance at the start's ~70% (held out 71.7, target 80): the same arm with half
+    # of each step's prompts no-call (--no_call_share 0.5), chosen against sft-rl-s1 on val only. Its start's
+    # step-0 evaluation is sft-rl-s1's (the same weights).
+    "sft-rl-bal-s1": ["--model", SFT_START, "--lr", "1e-6", "--seed", "11", "--no_call_share", "0.5"],
     # Part 3's long curves, in pieces (--piece-s): the val recipe for up to 150 steps, evaluated every 10 (~50
     # training minutes), and its SFT control evaluated every 30 SFT steps (about as many training minutes)
     "long-rl": ["--lr", "1e-6", "--steps", "150", "--eval_every", "10", "--save_every", "5"],
@@ -155,7 +159,8 @@ ARMS = {
 }
 START_ARM = "lr5e-7"  # its step-0 evaluation is everyone's baseline
 # ... except an arm that starts from a kept policy (--model): the arm whose step-0 evaluation is that start
-START_OF = {"sft-rl-s1": "sft-rl-s1", "sft-more-s1": "sft-rl-s1", "sft-rl-s0": "sft-rl-s0", "sft-more-s0": "sft-rl-s0"}
+START_OF = {"sft-rl-s1": "sft-rl-s1", "sft-more-s1": "sft-rl-s1", "sft-rl-s0": "sft-rl-s0", "sft-more-s0": "sft-rl-s0",
+            "sft-rl-bal-s1": "sft-rl-s1"}
 # an SFT control gets the training seconds of this RL arm (the pilots': finished; the long ones': so far)
 CONTROL_OF = {"sft-control": "lr1e-6", "sft-control-s1": "lr1e-6-s1", "long-sft": "long-rl",
               "sft-more-s1": "sft-rl-s1", "sft-more-s0": "sft-rl-s0"}
@@ -180,6 +185,7 @@ VAL_PAIRS = (("lr1e-6", "sft-control"), ("lr1e-6-s1", "sft-control-s1"),
              ("sft-rl-s0", "sft-more-s0"), ("sft-rl-s0", "sft-start-s0"), ("sft-more-s0", "sft-start-s0"),
              (("sft-rl-s0", "sft-rl-s1"), ("sft-more-s0", "sft-more-s1")),
              (("sft-rl-s0", "sft-rl-s1"), ("sft-start-s0", "sft-control-s1")),
+             ("sft-rl-bal-s1", "sft-rl-s1"), ("sft-rl-bal-s1", "sft-more-s1"),
              (("lr1e-6-abal", "lr1e-6-abal-s1"), ("lr1e-6", "lr1e-6-s1")),
              (("lr1e-6-abal", "lr1e-6-abal-s1"), ("sft-control", "sft-control-s1")))
 HELDOUT_SETS = ("test_in", "test_ood", "test_irr", "val")
@@ -195,6 +201,7 @@ HELDOUT_PAIRS = (("lr1e-6-s1", "sft-control"), ("lr1e-6-s1", "sft-control-s1"), 
                  # its start (SFT's best-on-val kept policy when SFT going on loses on val)
                  (("sft-rl-s0", "sft-rl-s1"), ("sft-more-s0", "sft-more-s1")),
              (("sft-rl-s0", "sft-rl-s1"), ("sft-start-s0", "sft-control-s1")),
+             ("sft-rl-bal-s1", "sft-rl-s1"), ("sft-rl-bal-s1", "sft-more-s1"),
                  (("sft-rl-s0", "sft-rl-s1"), ("sft-start-s0", "sft-control-s1")))
 
 
