@@ -200,8 +200,6 @@ HELDOUT_PAIRS = (("lr1e-6-s1", "sft-control"), ("lr1e-6-s1", "sft-control-s1"), 
                  # a side of seeds: each prompt's mean over them; RL from SFT against SFT going on, and against
                  # its start (SFT's best-on-val kept policy when SFT going on loses on val)
                  (("sft-rl-s0", "sft-rl-s1"), ("sft-more-s0", "sft-more-s1")),
-             (("sft-rl-s0", "sft-rl-s1"), ("sft-start-s0", "sft-control-s1")),
-             ("sft-rl-bal-s1", "sft-rl-s1"), ("sft-rl-bal-s1", "sft-more-s1"),
                  (("sft-rl-s0", "sft-rl-s1"), ("sft-start-s0", "sft-control-s1")))
 
 
