@@ -254,3 +254,15 @@ def test_an_arm_from_a_kept_policy_starts_at_that_policy_not_the_untrained_model
     assert rows[("rl", 0)]["val"] == pytest.approx(0.75) and rows[("rl", 10)]["change"] == pytest.approx(0.25)
     assert rows[("more", 0)]["val"] == pytest.approx(0.75)  # the start's evaluation, not the untrained model's
     assert rows[("more", 10)]["change"] == pytest.approx(-0.25)
+
+
+def test_the_tables_name_only_defined_arms_once():
+    """Every arm a comparison, a start or a control names is defined (a typo would silently drop a row), and no
+    comparison is listed twice."""
+    side = lambda x: x if isinstance(x, tuple) else (x,)
+    for pairs, known in ((bench.VAL_PAIRS, set(bench.ARMS)), (bench.HELDOUT_PAIRS, set(bench.HELDOUT_ARMS))):
+        assert len(set(pairs)) == len(pairs)
+        assert {arm for pair in pairs for x in pair for arm in side(x)} <= known
+    assert set(bench.HELDOUT_ARMS) - {"untrained"} <= set(bench.ARMS)
+    assert set(bench.START_OF) | set(bench.START_OF.values()) | set(bench.CONTROL_OF) <= set(bench.ARMS)
+    assert set(bench.CONTROL_OF.values()) <= set(bench.ARMS)
