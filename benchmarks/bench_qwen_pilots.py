@@ -67,6 +67,7 @@ COMMON = ["--preset", "qwen0.5b-cpu", "--lr_schedule", "constant", "--warmup_ste
           "--keep_last", "1", "--steps", str(STEPS)]
 SFT_START = "runs/qwen_pilots/sft-control-s1/final"  # sft-control-s1's kept final policy (run_arm keeps it)
 SFT_START0 = "runs/qwen_pilots/sft-start-s0/final"  # sft-start-s0's: the seed-0 start (26 SFT steps, as seed 1's)
+SFT_START2 = "runs/qwen_pilots/sft-start-s2/final"  # sft-start-s2's: the seed-2 start (26 SFT steps)
 # In the order they run. The 5-step run at lr up to 2e-6 (results/qwen_5step_cpu) collapsed to short
 # no-call answers after 3 updates, so the sweep starts at the paper's 1e-6 and goes down.
 ARMS = {
@@ -151,6 +152,14 @@ ARMS = {
     # of each step's prompts no-call (--no_call_share 0.5), chosen against sft-rl-s1 on val only. Its start's
     # step-0 evaluation is sft-rl-s1's (the same weights).
     "sft-rl-bal-s1": ["--model", SFT_START, "--lr", "1e-6", "--seed", "11", "--no_call_share", "0.5"],
+    # A third SFT start (seed 2), exactly as seed 0's: three starts give a spread over seeds, which two cannot
+    "sft-start-s2": ["--sft_steps", "26", "--steps", "0", "--sft_think", "none", "--sft_lr", "2e-5",
+                     "--sft_batch_size", "8", "--beta", "0", "--eval_every", "1000", "--save_every", "13",
+                     "--seed", "2"],
+    "sft-rl-s2": ["--model", SFT_START2, "--lr", "1e-6", "--seed", "12", "--eval_at_start", "true"],
+    "sft-more-s2": ["--model", SFT_START2, "--sft_steps", "100000", "--steps", "0", "--sft_think", "none",
+                    "--sft_lr", "2e-5", "--sft_batch_size", "8", "--beta", "0", "--eval_every", "10",
+                    "--save_every", "10", "--seed", "12"],
     # Part 3's long curves, in pieces (--piece-s): the val recipe for up to 150 steps, evaluated every 10 (~50
     # training minutes), and its SFT control evaluated every 30 SFT steps (about as many training minutes)
     "long-rl": ["--lr", "1e-6", "--steps", "150", "--eval_every", "10", "--save_every", "5"],
@@ -160,10 +169,10 @@ ARMS = {
 START_ARM = "lr5e-7"  # its step-0 evaluation is everyone's baseline
 # ... except an arm that starts from a kept policy (--model): the arm whose step-0 evaluation is that start
 START_OF = {"sft-rl-s1": "sft-rl-s1", "sft-more-s1": "sft-rl-s1", "sft-rl-s0": "sft-rl-s0", "sft-more-s0": "sft-rl-s0",
-            "sft-rl-bal-s1": "sft-rl-s1"}
+            "sft-rl-bal-s1": "sft-rl-s1", "sft-rl-s2": "sft-rl-s2", "sft-more-s2": "sft-rl-s2"}
 # an SFT control gets the training seconds of this RL arm (the pilots': finished; the long ones': so far)
 CONTROL_OF = {"sft-control": "lr1e-6", "sft-control-s1": "lr1e-6-s1", "long-sft": "long-rl",
-              "sft-more-s1": "sft-rl-s1", "sft-more-s0": "sft-rl-s0"}
+              "sft-more-s1": "sft-rl-s1", "sft-more-s0": "sft-rl-s0", "sft-more-s2": "sft-rl-s2"}
 LONG_ARMS = ("long-rl", "long-sft")
 # Held out: the policies compared (in evaluation order; "untrained" is the raw model) and the comparisons.
 # lr1e-6 itself was finished before arms kept their final policy; lr1e-6-s1 is the same recipe, seed 1.
@@ -185,6 +194,9 @@ VAL_PAIRS = (("lr1e-6", "sft-control"), ("lr1e-6-s1", "sft-control-s1"),
              ("sft-rl-s0", "sft-more-s0"), ("sft-rl-s0", "sft-start-s0"), ("sft-more-s0", "sft-start-s0"),
              (("sft-rl-s0", "sft-rl-s1"), ("sft-more-s0", "sft-more-s1")),
              (("sft-rl-s0", "sft-rl-s1"), ("sft-start-s0", "sft-control-s1")),
+             ("sft-rl-s2", "sft-more-s2"), ("sft-rl-s2", "sft-start-s2"), ("sft-more-s2", "sft-start-s2"),
+             (("sft-rl-s0", "sft-rl-s1", "sft-rl-s2"), ("sft-more-s0", "sft-more-s1", "sft-more-s2")),
+             (("sft-rl-s0", "sft-rl-s1", "sft-rl-s2"), ("sft-start-s0", "sft-control-s1", "sft-start-s2")),
              ("sft-rl-bal-s1", "sft-rl-s1"), ("sft-rl-bal-s1", "sft-more-s1"),
              (("lr1e-6-abal", "lr1e-6-abal-s1"), ("lr1e-6", "lr1e-6-s1")),
              (("lr1e-6-abal", "lr1e-6-abal-s1"), ("sft-control", "sft-control-s1")))
@@ -193,14 +205,17 @@ HELDOUT_SETS = ("test_in", "test_ood", "test_irr", "val")
 # sft-rl-s1 / sft-more-s1: RL from the SFT start against SFT going on, the first RL arm above its control on val
 # (+13.3 [+5.0, +21.7], 2026-12-04, the Zen 4); evaluated held out in the same session
 HELDOUT_ARMS = ("sft-control", "lr1e-6-s1", "untrained", "sft-control-s1", "sft-rl-s1", "sft-more-s1",
-                "sft-rl-s0", "sft-more-s0", "sft-start-s0")
+                "sft-rl-s0", "sft-more-s0", "sft-start-s0", "sft-rl-s2", "sft-more-s2", "sft-start-s2")
 HELDOUT_PAIRS = (("lr1e-6-s1", "sft-control"), ("lr1e-6-s1", "sft-control-s1"),  # (RL, control): RL - control
                  ("sft-rl-s1", "sft-more-s1"), ("sft-rl-s1", "sft-control-s1"), ("sft-more-s1", "sft-control-s1"),
                  ("sft-rl-s0", "sft-more-s0"), ("sft-rl-s0", "sft-start-s0"), ("sft-more-s0", "sft-start-s0"),
                  # a side of seeds: each prompt's mean over them; RL from SFT against SFT going on, and against
                  # its start (SFT's best-on-val kept policy when SFT going on loses on val)
                  (("sft-rl-s0", "sft-rl-s1"), ("sft-more-s0", "sft-more-s1")),
-                 (("sft-rl-s0", "sft-rl-s1"), ("sft-start-s0", "sft-control-s1")))
+                 (("sft-rl-s0", "sft-rl-s1"), ("sft-start-s0", "sft-control-s1")),
+                 ("sft-rl-s2", "sft-more-s2"), ("sft-rl-s2", "sft-start-s2"), ("sft-more-s2", "sft-start-s2"),
+                 (("sft-rl-s0", "sft-rl-s1", "sft-rl-s2"), ("sft-more-s0", "sft-more-s1", "sft-more-s2")),
+                 (("sft-rl-s0", "sft-rl-s1", "sft-rl-s2"), ("sft-start-s0", "sft-control-s1", "sft-start-s2")))
 
 
 
