@@ -53,6 +53,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import power  # noqa: E402
@@ -409,7 +411,9 @@ def val_pairs() -> list[dict]:
         ids = sorted(set.intersection(*(set(finals[arm]) for arm in side(a) + side(b))))
         mean = lambda arms: [sum(finals[arm][i] for arm in arms) / len(arms) for i in ids]
         diff, lo, hi = paired_change(mean(side(b)), mean(side(a)))
-        out.append({"a": " + ".join(side(a)), "b": " + ".join(side(b)), "n": len(ids), "diff": diff, "lo": lo, "hi": hi})
+        per_seed = [[finals[x][i] - finals[y][i] for i in ids] for x, y in zip(side(a), side(b))]
+        out.append({"a": " + ".join(side(a)), "b": " + ".join(side(b)), "n": len(ids), "diff": diff, "lo": lo, "hi": hi,
+                    **(seed_interval(per_seed) if len(side(a)) == len(side(b)) > 1 else {})})
     return out
 
 
@@ -460,9 +464,9 @@ def report() -> str:
     pairs = val_pairs()
     if pairs:
         lines += ["", "| final val, a - b (a side of several seeds: their mean per prompt) | n | points (95% CI, "
-                  "paired bootstrap over prompts) |", "|---|---|---|"]
+                  "paired bootstrap over prompts) | " + SEEDS_HEAD + " |", "|---|---|---|---|"]
         lines += [f"| {q['a']} - {q['b']} | {q['n']} | {100 * q['diff']:+.1f} [{100 * q['lo']:+.1f}, "
-                  f"{100 * q['hi']:+.1f}] |" for q in pairs]
+                  f"{100 * q['hi']:+.1f}] | {seeds_cell(q)} |" for q in pairs]
     text = "\n".join(lines)
     if all_rows:
         RESULTS.mkdir(parents=True, exist_ok=True)
@@ -584,10 +588,32 @@ def heldout_rows(evals: dict, sets_of: dict, arm_val: dict) -> tuple[list[dict],
             # the smallest true difference this design detects (80% power), seeds paired side by side when the
             # two sides have as many: a lower bound, seeds vary too
             per_seed = [[ra[i] - rb[i] for i in ids] for ra, rb in zip(verdicts(side(a)), verdicts(side(b)))]
-            mde = power.mde(power.se_discordance(per_seed)) if len(side(a)) == len(side(b)) else None
+            paired = len(side(a)) == len(side(b))
+            mde = power.mde(power.se_discordance(per_seed)) if paired else None
             pairs.append({"a": " + ".join(side(a)), "b": " + ".join(side(b)), "set": s, "n": len(ids),
-                          "diff": diff, "lo": lo, "hi": hi, "same": sum(va[i] == vb[i] for i in ids), "mde80": mde})
+                          "diff": diff, "lo": lo, "hi": hi, "same": sum(va[i] == vb[i] for i in ids), "mde80": mde,
+                          **(seed_interval(per_seed) if paired and len(per_seed) > 1 else {})})
     return rows, pairs
+
+
+def seed_interval(per_seed) -> dict:
+    """Seeds paired side by side (d[s][i] = a_s - b_s on prompt i): each seed's mean difference, and the 95%
+    two-level bootstrap interval (seeds, then prompts, resampled with replacement each rep: the CI "over seeds
+    and examples"). With S seeds the percentile bootstrap sees S-1 of S parts of the between-seed variance and
+    only C(2S-1, S) seed draws (10 at S = 3): optimistic, and the per-seed values are printed beside it."""
+    d = np.asarray(per_seed, dtype=float)
+    lo, hi = np.percentile(power.bootstrap_seeds_stats(d, reps=10000, same_stream=False), [2.5, 97.5])
+    return {"per_seed": [float(x) for x in d.mean(1)], "seeds_lo": float(lo), "seeds_hi": float(hi)}
+
+
+SEEDS_HEAD = "seeds paired in order: each seed's change; 95% CI over seeds and prompts (two-level bootstrap)"
+
+
+def seeds_cell(p: dict) -> str:
+    if "per_seed" not in p:
+        return ""
+    return (", ".join(f"{100 * x:+.1f}" for x in p["per_seed"])
+            + f"; [{100 * p['seeds_lo']:+.1f}, {100 * p['seeds_hi']:+.1f}]")
 
 
 def last_val_verdicts(arm: str) -> dict | None:
@@ -614,12 +640,12 @@ def heldout_report() -> str:
         lines.append(f"| {r['policy']} | {r['set']} | {r['n']} | {pct(r['acc'])} [{pct(r['lo'])}, {pct(r['hi'])}] | "
                      f"{pct(r['says_call'])} / {pct(r['says_none'])} / {pct(r['says_bad'])} | {rep} |")
     lines += ["", "| comparison (a side of several seeds: their mean per prompt) | set | n | change, points (95% CI, "
-              "paired bootstrap over prompts) | same verdict | detectable at 80% power (lower bound) |",
-              "|---|---|---|---|---|---|"]
+              "paired bootstrap over prompts) | same verdict | detectable at 80% power (lower bound) | "
+              + SEEDS_HEAD + " |", "|---|---|---|---|---|---|---|"]
     for p in pairs:
         lines.append(f"| {p['a']} - {p['b']} | {p['set']} | {p['n']} | {100 * p['diff']:+.1f} "
                      f"[{100 * p['lo']:+.1f}, {100 * p['hi']:+.1f}] | {p['same']}/{p['n']} | "
-                     + (f"{100 * p['mde80']:.1f} |" if p["mde80"] is not None else "|"))
+                     + (f"{100 * p['mde80']:.1f} |" if p["mde80"] is not None else "|") + f" {seeds_cell(p)} |")
     text = "\n".join(lines)
     out = RESULTS / "heldout"
     out.mkdir(parents=True, exist_ok=True)

@@ -99,8 +99,21 @@ def test_heldout_rows_pool_a_side_of_seeds_prompt_by_prompt(monkeypatch):
     assert p["lo"] <= p["diff"] <= p["hi"]
     # seeds paired: d = [[1, 0, -1], [0, 1, -1]]: discordance 4/6, mean 0, var 2/3 over 6 pairs
     assert p["mde80"] == pytest.approx((1.959964 + 0.841621) * (2 / 3 / 6) ** 0.5, rel=1e-5)
+    assert p["per_seed"] == [0.0, 0.0] and p["seeds_lo"] <= 0 <= p["seeds_hi"]
     p = pair["r0 + r1", "c0"]
     assert p["diff"] == pytest.approx((0.5 + 0 - 1) / 3) and p["mde80"] is None  # unequal sides: no pairing
+    assert "per_seed" not in p
+
+
+def test_seed_interval_resamples_seeds_as_well_as_prompts():
+    """Hand-computed: seeds whose change is 1, 0, 1 on every prompt. Over prompts alone the interval would be
+    the single point 2/3; resampling seeds gives means in {0, 1/3, 2/3, 1} with P(0) = 1/27 > 2.5% and
+    P(1) = 8/27, so the two-level interval is [0, 1]."""
+    q = bench.seed_interval([[1, 1, 1, 1], [0, 0, 0, 0], [1, 1, 1, 1]])
+    assert q["per_seed"] == [1.0, 0.0, 1.0] and (q["seeds_lo"], q["seeds_hi"]) == (0.0, 1.0)
+    # identical seeds: only the prompts vary, 2 prompts with changes 1 and 0: means 0, 1/2, 1, P(0) = 1/4
+    q = bench.seed_interval([[1, 0], [1, 0], [1, 0]])
+    assert q["per_seed"] == [0.5, 0.5, 0.5] and (q["seeds_lo"], q["seeds_hi"]) == (0.0, 1.0)
 
 
 def test_heldout_args_evaluate_without_training_and_need_the_kept_policy(tmp_path, monkeypatch):
