@@ -218,6 +218,15 @@ HELDOUT_PAIRS = (("lr1e-6-s1", "sft-control"), ("lr1e-6-s1", "sft-control-s1"), 
                  ("sft-rl-s2", "sft-more-s2"), ("sft-rl-s2", "sft-start-s2"), ("sft-more-s2", "sft-start-s2"),
                  (("sft-rl-s0", "sft-rl-s1", "sft-rl-s2"), ("sft-more-s0", "sft-more-s1", "sft-more-s2")),
                  (("sft-rl-s0", "sft-rl-s1", "sft-rl-s2"), ("sft-start-s0", "sft-control-s1", "sft-start-s2")))
+# val_irr: BFCL `irrelevance` examples of (c)'s own kind, disjoint from it and never trained on (bench_rl's
+# build_sets). Val's no-call prompts (live_irrelevance, swapped tools) sit at 95% for RL from SFT, while (c) is at
+# ~72%: the irrelevance target cannot be chosen on them. Kept policies evaluated on it, each once; no choice made
+# on it is reported on it (the held-out (c) stays the report).
+VAL_IRR_ARMS = ("sft-control-s1", "sft-rl-s1", "sft-rl-bal-s1")
+VAL_IRR_PAIRS = (("sft-rl-bal-s1", "sft-rl-s1"), ("sft-rl-s1", "sft-control-s1"), ("sft-rl-bal-s1", "sft-control-s1"))
+# suite: (folder, its sets, the policies it may evaluate, its comparisons)
+SUITES = {"heldout": (HELDOUT_SETS, HELDOUT_ARMS, HELDOUT_PAIRS),
+          "val_irr": (("val_irr",), VAL_IRR_ARMS, VAL_IRR_PAIRS)}
 
 
 
@@ -508,8 +517,8 @@ def plot_curves(rows: list[dict], path: Path) -> None:
 
 # ------------------------------------------------------------------------------------------------ held out
 
-def heldout_path(name: str) -> Path:
-    return RESULTS / "heldout" / f"{name}.metrics.jsonl"
+def heldout_path(name: str, suite: str = "heldout") -> Path:
+    return RESULTS / suite / f"{name}.metrics.jsonl"
 
 
 def kept_policy(name: str) -> str:
@@ -522,44 +531,45 @@ def kept_policy(name: str) -> str:
     return str(final)
 
 
-def heldout_args(name: str) -> list[str]:
+def heldout_args(name: str, suite: str = "heldout") -> list[str]:
     """The trainer's own evaluation, nothing trained: the raw model or the arm's kept final policy."""
     return ["--preset", "qwen0.5b-cpu", "--model", kept_policy(name), "--seed", "0", "--steps", "0", "--save_every", "0",
-            "--eval_data", "+".join(f"split:{s}" for s in HELDOUT_SETS), "--out_dir", str(WORK / "heldout" / name)]
+            "--eval_data", "+".join(f"split:{s}" for s in SUITES[suite][0]), "--out_dir", str(WORK / suite / name)]
 
 
-def run_heldout(names, commit: bool) -> None:
+def run_heldout(names, commit: bool, suite: str = "heldout") -> None:
     for name in names:
-        if heldout_path(name).exists():
-            print(f"[qwen_pilots] held out {name}: finished, skipped", flush=True)
+        if heldout_path(name, suite).exists():
+            print(f"[qwen_pilots] {suite} {name}: finished, skipped", flush=True)
             continue
-        args = heldout_args(name)
-        out = WORK / "heldout" / name
+        args = heldout_args(name, suite)
+        out = WORK / suite / name
         shutil.rmtree(out, ignore_errors=True)  # an interrupted evaluation restarts (nothing to resume)
-        print(f"[qwen_pilots] held out {name}: {' '.join(args)}", flush=True)
+        print(f"[qwen_pilots] {suite} {name}: {' '.join(args)}", flush=True)
         t0 = time.time()
         if train(args, None) != 0:
-            raise SystemExit(f"held out {name}: the evaluation failed; rerun restarts it")
-        heldout_path(name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(out / "metrics.jsonl", heldout_path(name))
+            raise SystemExit(f"{suite} {name}: the evaluation failed; rerun restarts it")
+        heldout_path(name, suite).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(out / "metrics.jsonl", heldout_path(name, suite))
         meta = common.run_metadata("cpu") | {"policy": name, "args": args, "wall_s": time.time() - t0,
                                               "load_avg_end": common.load_avg()}
-        (RESULTS / "heldout" / f"{name}.meta.json").write_text(json.dumps(meta, indent=1) + "\n")
-        heldout_report()
+        (RESULTS / suite / f"{name}.meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+        heldout_report(suite)
         if commit:
-            commit_results(f"qwen pilots: held-out evaluation of {name}", RESULTS / "heldout")
+            commit_results(f"qwen pilots: {suite} evaluation of {name}", RESULTS / suite)
 
 
-def heldout_eval(name: str) -> dict | None:
-    path = heldout_path(name)
+def heldout_eval(name: str, suite: str = "heldout") -> dict | None:
+    path = heldout_path(name, suite)
     if not path.exists():
         return None
     return next(r for r in map(json.loads, open(path)) if r.get("phase") == "eval")
 
 
-def heldout_rows(evals: dict, sets_of: dict, arm_val: dict) -> tuple[list[dict], list[dict]]:
+def heldout_rows(evals: dict, sets_of: dict, arm_val: dict, compare=None) -> tuple[list[dict], list[dict]]:
     """(per policy and set: accuracy, Wilson CI and decision shares; paired comparisons).
-    evals: {policy: eval record}; sets_of: {set: [ids]}; arm_val: {policy: the arm's own last val verdicts}."""
+    evals: {policy: eval record}; sets_of: {set: [ids]}; arm_val: {policy: the arm's own last val verdicts};
+    compare: the comparisons besides each policy against "untrained" (default HELDOUT_PAIRS)."""
     rows, pairs = [], []
     for name, rec in evals.items():
         v, dec = rec["verdicts"], rec.get("decisions", {})
@@ -574,7 +584,8 @@ def heldout_rows(evals: dict, sets_of: dict, arm_val: dict) -> tuple[list[dict],
                 own = arm_val[name]
                 row["val_repeat"] = [sum(own[i] == v[i] for i in ids if i in own), sum(i in own for i in ids)]
             rows.append(row)
-    comparisons = [(n, "untrained") for n in evals if n != "untrained"] + list(HELDOUT_PAIRS)
+    comparisons = [(n, "untrained") for n in evals if n != "untrained" and "untrained" in evals] + list(
+        HELDOUT_PAIRS if compare is None else compare)
     side = lambda x: x if isinstance(x, tuple) else (x,)
     for a, b in comparisons:
         if not all(n in evals for n in side(a) + side(b)):
@@ -624,14 +635,15 @@ def last_val_verdicts(arm: str) -> dict | None:
     return (evals[0] if arm == "untrained" else evals[-1])["verdicts"]
 
 
-def heldout_report() -> str:
+def heldout_report(suite: str = "heldout") -> str:
     from fctrain import data
-    evals = {n: e for n in HELDOUT_ARMS if (e := heldout_eval(n)) is not None}
+    sets, names, compare = SUITES[suite]
+    evals = {n: e for n in names if (e := heldout_eval(n, suite)) is not None}
     if not evals:
         return ""
-    sets_of = {s: [e.id for e in data.load_split(s)] for s in HELDOUT_SETS}
+    sets_of = {s: [e.id for e in data.load_split(s)] for s in sets}
     arm_val = {n: v for n in evals if (v := last_val_verdicts(n)) is not None}
-    rows, pairs = heldout_rows(evals, sets_of, arm_val)
+    rows, pairs = heldout_rows(evals, sets_of, arm_val, compare)
     pct = lambda x: f"{100 * x:.1f}"
     lines = ["| policy | set | n | accuracy (95% CI) | answers: call / none / unparsable | val repeats the arm's own |",
              "|---|---|---|---|---|---|"]
@@ -647,10 +659,10 @@ def heldout_report() -> str:
                      f"[{100 * p['lo']:+.1f}, {100 * p['hi']:+.1f}] | {p['same']}/{p['n']} | "
                      + (f"{100 * p['mde80']:.1f} |" if p["mde80"] is not None else "|") + f" {seeds_cell(p)} |")
     text = "\n".join(lines)
-    out = RESULTS / "heldout"
+    out = RESULTS / suite
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.md").write_text(text + "\n")
-    (out / "summary.json").write_text(json.dumps({"rows": rows, "pairs": pairs, "sets": HELDOUT_SETS,
+    (out / "summary.json").write_text(json.dumps({"rows": rows, "pairs": pairs, "sets": sets,
                                                   "policies": list(evals)}, indent=1) + "\n")
     print(text, flush=True)
     return text
@@ -673,12 +685,19 @@ def main(argv=None) -> int:
     h.add_argument("--policies", nargs="+", default=list(HELDOUT_ARMS), choices=HELDOUT_ARMS)
     h.add_argument("--commit", action="store_true", help="git-commit the held-out results after each policy")
     h.add_argument("--report", action="store_true", help="only the report of what was evaluated")
+    v = sub.add_parser("val-irr", help="kept policies on val_irr: BFCL irrelevance of (c)'s kind, for choosing")
+    v.add_argument("--policies", nargs="+", default=list(VAL_IRR_ARMS), choices=VAL_IRR_ARMS)
+    v.add_argument("--commit", action="store_true", help="git-commit the results after each policy")
+    v.add_argument("--report", action="store_true", help="only the report of what was evaluated")
     args = p.parse_args(argv)
     if args.cmd == "report":
         report()
         return 0
     if args.cmd == "heldout":
         heldout_report() if args.report else run_heldout(args.policies, args.commit)
+        return 0
+    if args.cmd == "val-irr":
+        heldout_report("val_irr") if args.report else run_heldout(args.policies, args.commit, "val_irr")
         return 0
     for arm in args.arms or list(ARMS):
         if arm not in ARMS:

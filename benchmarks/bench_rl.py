@@ -15,6 +15,10 @@ Sets (fixed by SPLIT_SEED; their ids are written to RESULTS/splits.json):
 - (a) test_in: TEST_IN examples of live_simple + simple_python, never trained on (in-distribution).
 - (b) test_ood: all of `multiple` (a category never trained on: pick the right function among several).
 - (c) test_irr: TEST_IRR examples of `irrelevance` (non-live; the training negatives are live_irrelevance).
+- val_irr: the next VAL_IRR examples of the same shuffled `irrelevance` (disjoint from (c), never trained on):
+  a validation set of (c)'s own kind, for choosing settings that target irrelevance without looking at (c)
+  (val's no-call prompts are live_irrelevance and swapped tools, another kind). Not part of this protocol's
+  evaluation (EVAL_SETS); added after it ran, which changed no other set.
 
 Cells (a cell is finished when RESULTS/cells/<cell>.json exists; an interrupted cell restarts):
 - sft-base: SFT on the training pool from SmolLM2-135M-Instruct; its checkpoint starts every arm.
@@ -52,6 +56,7 @@ WORK = REPO / "runs" / "bench_rl"
 SPLIT_SEED = 16
 MAX_PROMPT_TOKENS = 512
 TEST_IN, VAL_IN, VAL_NEG, NEG_TRAIN, TEST_IRR = 150, 60, 30, 80, 120
+VAL_IRR = 120  # the rest of BFCL's 240 `irrelevance` examples after (c)
 SYN_TRAIN, SYN_VAL = 160, 30  # swapped-tool negatives (data.swapped_tools_negative) in train / val
 # The SFT target's think (fctrain.prompts.render_target): "evidence" restates the request and each tool's
 # purpose before the call / no-call decision (v4; chosen on val over "plan", whose base never abstained:
@@ -93,6 +98,7 @@ def build_sets(tokenizer) -> dict:
     pool = data.shuffle(fit(data.load_bfcl("live_simple,simple_python")), SPLIT_SEED)
     neg = data.shuffle(fit(data.load_bfcl("live_irrelevance")), SPLIT_SEED)
     test_in, val_in, train_in = pool[:TEST_IN], pool[TEST_IN:TEST_IN + VAL_IN], pool[TEST_IN + VAL_IN:]
+    irr = data.shuffle(data.load_bfcl("irrelevance"), SPLIT_SEED)  # (c) and val_irr: not length-filtered, as before
     val_neg, train_neg = neg[:VAL_NEG], neg[VAL_NEG:VAL_NEG + NEG_TRAIN]
 
     def swapped(examples, n, seed):  # n questions of `examples`, each beside another one's tools
@@ -108,7 +114,7 @@ def build_sets(tokenizer) -> dict:
     sets = {"train": data.shuffle(train_in + train_neg + swapped(train_in, SYN_TRAIN, SPLIT_SEED), SPLIT_SEED),
             "val": val_in + val_neg + swapped(val_in, SYN_VAL, SPLIT_SEED),
             "test_in": test_in, "test_ood": data.load_bfcl("multiple"),
-            "test_irr": data.shuffle(data.load_bfcl("irrelevance"), SPLIT_SEED)[:TEST_IRR]}
+            "test_irr": irr[:TEST_IRR], "val_irr": irr[TEST_IRR:TEST_IRR + VAL_IRR]}
     ids = {name: {e.id for e in exs} for name, exs in sets.items()}
     for a in ids:
         for b in ids:

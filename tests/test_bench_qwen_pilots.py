@@ -273,9 +273,12 @@ def test_the_tables_name_only_defined_arms_once():
     """Every arm a comparison, a start or a control names is defined (a typo would silently drop a row), and no
     comparison is listed twice."""
     side = lambda x: x if isinstance(x, tuple) else (x,)
-    for pairs, known in ((bench.VAL_PAIRS, set(bench.ARMS)), (bench.HELDOUT_PAIRS, set(bench.HELDOUT_ARMS))):
+    suites = [(pairs, set(arms)) for _, arms, pairs in bench.SUITES.values()]
+    for pairs, known in [(bench.VAL_PAIRS, set(bench.ARMS))] + suites:
         assert len(set(pairs)) == len(pairs)
         assert {arm for pair in pairs for x in pair for arm in side(x)} <= known
-    assert set(bench.HELDOUT_ARMS) - {"untrained"} <= set(bench.ARMS)
+    for _, arms, _ in bench.SUITES.values():
+        assert set(arms) - {"untrained"} <= set(bench.ARMS)
+    assert bench.SUITES["heldout"] == (bench.HELDOUT_SETS, bench.HELDOUT_ARMS, bench.HELDOUT_PAIRS)
     assert set(bench.START_OF) | set(bench.START_OF.values()) | set(bench.CONTROL_OF) <= set(bench.ARMS)
     assert set(bench.CONTROL_OF.values()) <= set(bench.ARMS)

@@ -32,6 +32,7 @@ def test_sets_are_fixed_disjoint_and_large_enough():
     cats = lambda k: {e.category for e in sets[k]}  # noqa: E731
     assert cats("test_in") <= {"live_simple", "simple_python"} and cats("test_ood") == {"multiple"}
     assert cats("test_irr") == {"irrelevance"} and "irrelevance" not in cats("train")
+    assert cats("val_irr") == {"irrelevance"} and len(ids["val_irr"]) == 120  # (c)'s kind, disjoint from it (above)
     # negatives are trained on: live_irrelevance and questions beside another example's tools
     assert cats("train") == {"live_simple", "simple_python", "live_irrelevance", "synthetic_irrelevance"}
     for name in ("train", "val"):  # built from that set's own questions and tools: nothing of a test set
