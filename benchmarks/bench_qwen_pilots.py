@@ -5,6 +5,7 @@ without collapsing the policy, before any long run or held-out evaluation.
     python benchmarks/bench_qwen_pilots.py run --arms lr5e-7 lr5e-7-pairs
     python benchmarks/bench_qwen_pilots.py report                # table, paired changes and the plot
     python benchmarks/bench_qwen_pilots.py heldout --commit      # the kept final policies on (a)/(b)/(c)
+    python benchmarks/bench_qwen_pilots.py val-irr --commit      # kept policies on val_irr, (c)'s kind, for choosing
     python benchmarks/bench_qwen_pilots.py run --arms long-rl long-sft --piece-s 5400 --commit   # a piece each
 
 Every arm is `python -m fctrain.run --preset qwen0.5b-cpu` (as it was when the pilots ran: lr 2e-6 with
@@ -28,6 +29,10 @@ the untrained model and the final policy of each arm in HELDOUT_ARMS on the held
 (`--steps 0`), so its val verdicts must repeat the arm's own last val evaluation, which the report counts.
 It reports each set's accuracy (Wilson 95% CI), the call / no-call decisions, and paired changes (bootstrap
 over the set's prompts): each policy against the untrained model, and the RL arm against the SFT control.
+
+`val-irr` evaluates kept policies (VAL_IRR_ARMS) the same way on `val_irr`: the 120 BFCL `irrelevance` examples
+that (c) leaves unused. Val's own no-call prompts are another kind (live_irrelevance, swapped tools), so a
+setting aimed at the irrelevance target is chosen on val + val_irr, never on (c).
 
 The long arms (issue 30, part 3: the curve until it flattens or 150 RL steps, against the SFT control at the
 same training seconds) outlast a session, so they run in pieces: `--piece-s S` interrupts an arm's trainer
