@@ -237,7 +237,7 @@ VAL_IRR_ARMS = ("sft-control-s1", "sft-rl-s1", "sft-rl-bal-s1", "sft-start-s0", 
 VAL_IRR_PAIRS = (("sft-rl-bal-s1", "sft-rl-s1"), ("sft-rl-s1", "sft-control-s1"), ("sft-rl-bal-s1", "sft-control-s1"),
                  ("sft-rl-bal-s0", "sft-rl-s0"), ("sft-rl-s0", "sft-start-s0"), ("sft-rl-bal-s0", "sft-start-s0"),
                  (("sft-rl-bal-s0", "sft-rl-bal-s1"), ("sft-rl-s0", "sft-rl-s1")))
-# suite: (folder, its sets, the policies it may evaluate, its comparisons)
+# suite (its folder under RESULTS and WORK): (its sets, the policies it may evaluate, its comparisons)
 SUITES = {"heldout": (HELDOUT_SETS, HELDOUT_ARMS, HELDOUT_PAIRS),
           "val_irr": (("val_irr",), VAL_IRR_ARMS, VAL_IRR_PAIRS)}
 
