@@ -161,6 +161,8 @@ ARMS = {
     "sft-rl-bal-s1": ["--model", SFT_START, "--lr", "1e-6", "--seed", "11", "--no_call_share", "0.5"],
     # chosen on validation (val +0.8 [+0.0, +2.5], val_irr +9.2 [+4.2, +15.0] against sft-rl-s1): its seed 0
     "sft-rl-bal-s0": ["--model", SFT_START0, "--lr", "1e-6", "--seed", "10", "--no_call_share", "0.5"],
+    # ... and its seed 2 (the start that collapsed to abstaining); three seeds of the balanced mix
+    "sft-rl-bal-s2": ["--model", SFT_START2, "--lr", "1e-6", "--seed", "12", "--no_call_share", "0.5"],
     # A third SFT start (seed 2), exactly as seed 0's: three starts give a spread over seeds, which two cannot
     "sft-start-s2": ["--sft_steps", "26", "--steps", "0", "--sft_think", "none", "--sft_lr", "2e-5",
                      "--sft_batch_size", "8", "--beta", "0", "--eval_every", "1000", "--save_every", "13",
@@ -178,7 +180,8 @@ ARMS = {
 START_ARM = "lr5e-7"  # its step-0 evaluation is everyone's baseline
 # ... except an arm that starts from a kept policy (--model): the arm whose step-0 evaluation is that start
 START_OF = {"sft-rl-s1": "sft-rl-s1", "sft-more-s1": "sft-rl-s1", "sft-rl-s0": "sft-rl-s0", "sft-more-s0": "sft-rl-s0",
-            "sft-rl-bal-s1": "sft-rl-s1", "sft-rl-bal-s0": "sft-rl-s0", "sft-rl-s2": "sft-rl-s2", "sft-more-s2": "sft-rl-s2"}
+            "sft-rl-bal-s1": "sft-rl-s1", "sft-rl-bal-s0": "sft-rl-s0", "sft-rl-s2": "sft-rl-s2", "sft-more-s2": "sft-rl-s2",
+            "sft-rl-bal-s2": "sft-rl-s2"}
 # an SFT control gets the training seconds of this RL arm (the pilots': finished; the long ones': so far)
 CONTROL_OF = {"sft-control": "lr1e-6", "sft-control-s1": "lr1e-6-s1", "long-sft": "long-rl",
               "sft-more-s1": "sft-rl-s1", "sft-more-s0": "sft-rl-s0", "sft-more-s2": "sft-rl-s2"}
@@ -187,6 +190,9 @@ LONG_ARMS = ("long-rl", "long-sft")
 # lr1e-6 itself was finished before arms kept their final policy; lr1e-6-s1 is the same recipe, seed 1.
 # Val comparisons of final policies, paired by prompt (a, b): a - b. A tuple of arms on a side is its mean over
 # seeds, prompt by prompt (the interval then covers the examples, not the spread between those seeds).
+# three seeds side by side (the start of seed 1 is sft-control-s1's kept policy)
+RL3, MORE3 = ("sft-rl-s0", "sft-rl-s1", "sft-rl-s2"), ("sft-more-s0", "sft-more-s1", "sft-more-s2")
+START3, BAL3 = ("sft-start-s0", "sft-control-s1", "sft-start-s2"), ("sft-rl-bal-s0", "sft-rl-bal-s1", "sft-rl-bal-s2")
 VAL_PAIRS = (("lr1e-6", "sft-control"), ("lr1e-6-s1", "sft-control-s1"),
              (("lr1e-6", "lr1e-6-s1"), ("sft-control", "sft-control-s1")),
              ("lr1e-6-dbal-s1", "lr1e-6-s1"), ("lr1e-6-dbal-s1", "sft-control-s1"),
@@ -204,10 +210,14 @@ VAL_PAIRS = (("lr1e-6", "sft-control"), ("lr1e-6-s1", "sft-control-s1"),
              (("sft-rl-s0", "sft-rl-s1"), ("sft-more-s0", "sft-more-s1")),
              (("sft-rl-s0", "sft-rl-s1"), ("sft-start-s0", "sft-control-s1")),
              ("sft-rl-s2", "sft-more-s2"), ("sft-rl-s2", "sft-start-s2"), ("sft-more-s2", "sft-start-s2"),
-             (("sft-rl-s0", "sft-rl-s1", "sft-rl-s2"), ("sft-more-s0", "sft-more-s1", "sft-more-s2")),
-             (("sft-rl-s0", "sft-rl-s1", "sft-rl-s2"), ("sft-start-s0", "sft-control-s1", "sft-start-s2")),
+             (RL3, MORE3),
+             (RL3, START3),
              ("sft-rl-bal-s1", "sft-rl-s1"), ("sft-rl-bal-s1", "sft-more-s1"),
              ("sft-rl-bal-s0", "sft-rl-s0"), ("sft-rl-bal-s0", "sft-more-s0"),
+             ("sft-rl-bal-s2", "sft-rl-s2"), ("sft-rl-bal-s2", "sft-more-s2"),
+             (BAL3, RL3),
+             (BAL3, MORE3),
+             (BAL3, START3),
              (("lr1e-6-abal", "lr1e-6-abal-s1"), ("lr1e-6", "lr1e-6-s1")),
              (("lr1e-6-abal", "lr1e-6-abal-s1"), ("sft-control", "sft-control-s1")))
 HELDOUT_SETS = ("test_in", "test_ood", "test_irr", "val")
@@ -216,7 +226,7 @@ HELDOUT_SETS = ("test_in", "test_ood", "test_irr", "val")
 # (+13.3 [+5.0, +21.7], 2026-12-04, the Zen 4); evaluated held out in the same session
 HELDOUT_ARMS = ("sft-control", "lr1e-6-s1", "untrained", "sft-control-s1", "sft-rl-s1", "sft-more-s1",
                 "sft-rl-s0", "sft-more-s0", "sft-start-s0", "sft-rl-s2", "sft-more-s2", "sft-start-s2",
-                "sft-rl-bal-s1")
+                "sft-rl-bal-s1", "sft-rl-bal-s0", "sft-rl-bal-s2")
 HELDOUT_PAIRS = (("lr1e-6-s1", "sft-control"), ("lr1e-6-s1", "sft-control-s1"),  # (RL, control): RL - control
                  ("sft-rl-s1", "sft-more-s1"), ("sft-rl-s1", "sft-control-s1"), ("sft-more-s1", "sft-control-s1"),
                  ("sft-rl-s0", "sft-more-s0"), ("sft-rl-s0", "sft-start-s0"), ("sft-more-s0", "sft-start-s0"),
@@ -225,18 +235,28 @@ HELDOUT_PAIRS = (("lr1e-6-s1", "sft-control"), ("lr1e-6-s1", "sft-control-s1"), 
                  (("sft-rl-s0", "sft-rl-s1"), ("sft-more-s0", "sft-more-s1")),
                  (("sft-rl-s0", "sft-rl-s1"), ("sft-start-s0", "sft-control-s1")),
                  ("sft-rl-s2", "sft-more-s2"), ("sft-rl-s2", "sft-start-s2"), ("sft-more-s2", "sft-start-s2"),
-                 (("sft-rl-s0", "sft-rl-s1", "sft-rl-s2"), ("sft-more-s0", "sft-more-s1", "sft-more-s2")),
-                 (("sft-rl-s0", "sft-rl-s1", "sft-rl-s2"), ("sft-start-s0", "sft-control-s1", "sft-start-s2")),
+                 (RL3, MORE3),
+                 (RL3, START3),
                  # half the step's prompts no-call, chosen on val + val_irr
-                 ("sft-rl-bal-s1", "sft-rl-s1"), ("sft-rl-bal-s1", "sft-more-s1"), ("sft-rl-bal-s1", "sft-control-s1"))
+                 ("sft-rl-bal-s1", "sft-rl-s1"), ("sft-rl-bal-s1", "sft-more-s1"), ("sft-rl-bal-s1", "sft-control-s1"),
+                 # its seeds 0 and 2 (the choice made on seed 1), then three seeds
+                 ("sft-rl-bal-s0", "sft-rl-s0"), ("sft-rl-bal-s0", "sft-more-s0"),
+                 ("sft-rl-bal-s2", "sft-rl-s2"), ("sft-rl-bal-s2", "sft-more-s2"),
+                 (BAL3, RL3),
+                 (BAL3, MORE3),
+                 (BAL3, START3))
 # val_irr: BFCL `irrelevance` examples of (c)'s own kind, disjoint from it and never trained on (bench_rl's
 # build_sets). Val's no-call prompts (live_irrelevance, swapped tools) sit at 95% for RL from SFT, while (c) is at
 # ~72%: the irrelevance target cannot be chosen on them. Kept policies evaluated on it, each once; no choice made
 # on it is reported on it (the held-out (c) stays the report).
-VAL_IRR_ARMS = ("sft-control-s1", "sft-rl-s1", "sft-rl-bal-s1", "sft-start-s0", "sft-rl-s0", "sft-rl-bal-s0")
+VAL_IRR_ARMS = ("sft-control-s1", "sft-rl-s1", "sft-rl-bal-s1", "sft-start-s0", "sft-rl-s0", "sft-rl-bal-s0",
+                "sft-start-s2", "sft-rl-s2", "sft-rl-bal-s2")
 VAL_IRR_PAIRS = (("sft-rl-bal-s1", "sft-rl-s1"), ("sft-rl-s1", "sft-control-s1"), ("sft-rl-bal-s1", "sft-control-s1"),
                  ("sft-rl-bal-s0", "sft-rl-s0"), ("sft-rl-s0", "sft-start-s0"), ("sft-rl-bal-s0", "sft-start-s0"),
-                 (("sft-rl-bal-s0", "sft-rl-bal-s1"), ("sft-rl-s0", "sft-rl-s1")))
+                 (("sft-rl-bal-s0", "sft-rl-bal-s1"), ("sft-rl-s0", "sft-rl-s1")),
+                 ("sft-rl-bal-s2", "sft-rl-s2"), ("sft-rl-s2", "sft-start-s2"), ("sft-rl-bal-s2", "sft-start-s2"),
+                 (BAL3, RL3),
+                 (BAL3, START3))
 # suite (its folder under RESULTS and WORK): (its sets, the policies it may evaluate, its comparisons)
 SUITES = {"heldout": (HELDOUT_SETS, HELDOUT_ARMS, HELDOUT_PAIRS),
           "val_irr": (("val_irr",), VAL_IRR_ARMS, VAL_IRR_PAIRS)}
