@@ -171,6 +171,12 @@ ARMS = {
     "sft-more-s2": ["--model", SFT_START2, "--sft_steps", "100000", "--steps", "0", "--sft_think", "none",
                     "--sft_lr", "2e-5", "--sft_batch_size", "8", "--beta", "0", "--eval_every", "10",
                     "--save_every", "10", "--seed", "12"],
+    # EGPO vs GRPO where the think is the model's own (issue 30): asked for a think, raw Qwen writes none (10 of
+    # 1,920 samples open one; the SFT starts answer without one), so EGPO's H was 0 and EGPO = GRPO by
+    # construction. --think prefill opens the think in the prompt and the model writes it. The same seed and
+    # start for both: their first rollouts coincide, and from then on only EGPO's entropy term differs.
+    "think-egpo-s0": ["--think", "prefill", "--algo", "egpo", "--lr", "1e-6", "--seed", "0", "--eval_at_start", "true"],
+    "think-grpo-s0": ["--think", "prefill", "--algo", "grpo", "--lr", "1e-6", "--seed", "0"],
     # Part 3's long curves, in pieces (--piece-s): the val recipe for up to 150 steps, evaluated every 10 (~50
     # training minutes), and its SFT control evaluated every 30 SFT steps (about as many training minutes)
     "long-rl": ["--lr", "1e-6", "--steps", "150", "--eval_every", "10", "--save_every", "5"],
@@ -181,7 +187,7 @@ START_ARM = "lr5e-7"  # its step-0 evaluation is everyone's baseline
 # ... except an arm that starts from a kept policy (--model): the arm whose step-0 evaluation is that start
 START_OF = {"sft-rl-s1": "sft-rl-s1", "sft-more-s1": "sft-rl-s1", "sft-rl-s0": "sft-rl-s0", "sft-more-s0": "sft-rl-s0",
             "sft-rl-bal-s1": "sft-rl-s1", "sft-rl-bal-s0": "sft-rl-s0", "sft-rl-s2": "sft-rl-s2", "sft-more-s2": "sft-rl-s2",
-            "sft-rl-bal-s2": "sft-rl-s2"}
+            "sft-rl-bal-s2": "sft-rl-s2", "think-egpo-s0": "think-egpo-s0", "think-grpo-s0": "think-egpo-s0"}
 # an SFT control gets the training seconds of this RL arm (the pilots': finished; the long ones': so far)
 CONTROL_OF = {"sft-control": "lr1e-6", "sft-control-s1": "lr1e-6-s1", "long-sft": "long-rl",
               "sft-more-s1": "sft-rl-s1", "sft-more-s0": "sft-rl-s0", "sft-more-s2": "sft-rl-s2"}
@@ -219,7 +225,8 @@ VAL_PAIRS = (("lr1e-6", "sft-control"), ("lr1e-6-s1", "sft-control-s1"),
              (BAL3, MORE3),
              (BAL3, START3),
              (("lr1e-6-abal", "lr1e-6-abal-s1"), ("lr1e-6", "lr1e-6-s1")),
-             (("lr1e-6-abal", "lr1e-6-abal-s1"), ("sft-control", "sft-control-s1")))
+             (("lr1e-6-abal", "lr1e-6-abal-s1"), ("sft-control", "sft-control-s1")),
+             ("think-egpo-s0", "think-grpo-s0"))
 HELDOUT_SETS = ("test_in", "test_ood", "test_irr", "val")
 # sft-control-s1: the control of lr1e-6-s1's own seed (2026-12-04, on the Zen 4 kind both ran on)
 # sft-rl-s1 / sft-more-s1: RL from the SFT start against SFT going on, the first RL arm above its control on val
@@ -429,6 +436,8 @@ def train_summary(history: list[dict]) -> dict:
     out = {"steps": len(rl), "reward": series("reward"), "mixed_groups": [r["groups"] - r["zero_var_groups"] for r in rl],
            "completion_len": series("completion_len"), "kl": series("kl"), "entropy": series("entropy"),
            "grad_norm": series("grad_norm"), "step_s": series("step_s")}
+    if any(r.get("think_entropy") is not None for r in rl):  # EGPO's H: the think tokens' mean entropy (nats)
+        out["think_entropy"] = series("think_entropy")
     if any("scale_call_needing" in r for r in rl):  # --decision_balance / --answer_balance
         pushes = ("push_call_needing", "push_no_call", "push_right_call_needing", "push_right_no_call")
         out |= {k: series(k) for k in pushes + ("scale_call_needing", "scale_no_call") if any(k in r for r in rl)}
@@ -502,7 +511,8 @@ def report() -> str:
                          + (f"; decision log-odds {c['decision_log_odds']}, first-order move removed "
                             f"{c['decision_move']}" if "decision_move" in c else "")
                          + (f"; the same prompts' log-odds after the step {c['decision_log_odds_after']}"
-                            if "decision_log_odds_after" in c else ""))
+                            if "decision_log_odds_after" in c else "")
+                         + (f"; think entropy {c['think_entropy']}" if "think_entropy" in c else ""))
     pairs = val_pairs()
     if pairs:
         lines += ["", "| final val, a - b (a side of several seeds: their mean per prompt) | n | points (95% CI, "

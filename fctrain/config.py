@@ -22,6 +22,8 @@ from fctrain import prompts
 from fctrain import reward as freward
 from fctrain.checkpoint import latest_checkpoint
 
+THINK_MODES = ("required", "optional", "prefill")
+
 
 @dataclass(frozen=True)
 class Config:
@@ -35,7 +37,10 @@ class Config:
     eval_limit: int = 0                    # eval examples per "+"-part of eval_data (0 = all)
     fmt: str = "python"                    # output format: python (<think><answer>[calls]) | hermes
     think: str = "required"                # python format: required (the paper: <think> first) | optional (an
-                                           # <answer> alone also counts, in the reward and the evaluation)
+                                           # <answer> alone also counts, in the reward and the evaluation) |
+                                           # prefill (every prompt ends with an opened `<think>` that the model
+                                           # goes on writing: its own think, never a template; scored as
+                                           # required on the prefill + completion; EGPO's H is that think's)
     max_prompt_tokens: int = 512           # longer prompts are dropped
     max_new_tokens: int = 160              # completion budget per sample
     max_bad_rows: float = 0.01             # malformed rows of a JSONL/xLAM file are skipped, counted and reported by
@@ -138,7 +143,13 @@ class Config:
             (self.algo in ("egpo", "grpo"), f"algo must be egpo or grpo, got {self.algo!r}"),
             (self.reward in freward.KINDS, f"reward must be one of {freward.KINDS}, got {self.reward!r}"),
             (self.fmt in ("python", "hermes"), f"fmt must be python or hermes, got {self.fmt!r}"),
-            (self.think in ("required", "optional"), f"think must be required or optional, got {self.think!r}"),
+            (self.think in THINK_MODES, f"think must be one of {THINK_MODES}, got {self.think!r}"),
+            (not (self.think == "prefill" and self.fmt != "python"), "think prefill is for the python format"),
+            (not (self.think == "prefill" and self.sft_think == "none" and (self.sft_steps or self.sft_coef)),
+             "think prefill opens a think the SFT target must go on with: give --sft_think plan|restate|evidence"),
+            (not (self.think == "prefill" and (self.decision_anchor or self.decision_project)),
+             "decision_anchor / decision_project read the decision right after the prompt; with think prefill "
+             "the prompt ends inside the think"),
             (self.sft_think in prompts.THINK_STYLES, f"sft_think must be one of {prompts.THINK_STYLES}"),
             (self.time_budget_s >= 0, "time_budget_s must be >= 0"),
             (self.sft_coef >= 0, "sft_coef must be >= 0"),
@@ -181,6 +192,17 @@ class Config:
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"bad config: {message}")
+
+    @property
+    def prefill(self) -> str:
+        """The text every prompt ends with and every completion is scored after: an opened think for
+        think="prefill", else nothing."""
+        return prompts.THINK_PREFILL if self.think == "prefill" else ""
+
+    @property
+    def think_required(self) -> bool:
+        """Whether the reward and the evaluation need the <think> block (in the prefill + completion)."""
+        return self.think != "optional"
 
 
 PRESETS = {

@@ -84,9 +84,16 @@ def build_messages(example: Example, fmt: str = "python") -> list[dict]:
     return [{"role": "system", "content": sys_prompt}] + turns
 
 
-def build_prompt_ids(example: Example, tokenizer, fmt: str = "python") -> list[int]:
-    """Token ids of the chat-templated prompt, ending with the assistant generation prompt."""
-    return chat_prompt_ids(tokenizer, build_messages(example, fmt))
+# --think prefill: the assistant turn opens with this, so the model writes its own think from the first token
+# (as R1-style chat templates do). The completion is scored after it: prefill + completion.
+THINK_PREFILL = "<think>\n"
+
+
+def build_prompt_ids(example: Example, tokenizer, fmt: str = "python", prefill: str = "") -> list[int]:
+    """Token ids of the chat-templated prompt, ending with the assistant generation prompt and then `prefill`
+    (the first words of the assistant's answer, e.g. THINK_PREFILL; tokenized on its own)."""
+    ids = chat_prompt_ids(tokenizer, build_messages(example, fmt))
+    return ids + tokenizer.encode(prefill, add_special_tokens=False) if prefill else ids
 
 
 def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
@@ -100,9 +107,10 @@ def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     return [int(i) for i in ids]
 
 
-def filter_by_length(examples: list[Example], tokenizer, max_prompt_tokens: int, fmt: str = "python") -> list[Example]:
-    """Examples whose prompt is at most `max_prompt_tokens` tokens."""
-    return [ex for ex in examples if len(build_prompt_ids(ex, tokenizer, fmt)) <= max_prompt_tokens]
+def filter_by_length(examples: list[Example], tokenizer, max_prompt_tokens: int, fmt: str = "python",
+                     prefill: str = "") -> list[Example]:
+    """Examples whose prompt (`prefill` included) is at most `max_prompt_tokens` tokens."""
+    return [ex for ex in examples if len(build_prompt_ids(ex, tokenizer, fmt, prefill)) <= max_prompt_tokens]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -144,12 +144,12 @@ def load_data(cfg: Config, tokenizer, say) -> TrainData:
     skipped = Counter()  # malformed rows skipped (each file printed them with their line numbers)
     with usage_error(f"train_data {cfg.train_data!r}"):
         examples = fdata.load_any(cfg.train_data, on_error="skip", skipped=skipped, max_bad=cfg.max_bad_rows)
-    examples = prompts.filter_by_length(examples, tokenizer, cfg.max_prompt_tokens, cfg.fmt)
+    examples = prompts.filter_by_length(examples, tokenizer, cfg.max_prompt_tokens, cfg.fmt, cfg.prefill)
     eval_sets = {}
     for part in ([] if cfg.eval_data.lower() in ("", "none") else cfg.eval_data.split("+")):
         with usage_error(f"eval_data {part.strip()!r}"):
             found = fdata.load_any(part.strip(), on_error="skip", skipped=skipped, max_bad=cfg.max_bad_rows)
-        found = prompts.filter_by_length(found, tokenizer, cfg.max_prompt_tokens, cfg.fmt)
+        found = prompts.filter_by_length(found, tokenizer, cfg.max_prompt_tokens, cfg.fmt, cfg.prefill)
         eval_sets[part.strip()] = fdata.shuffle(found, cfg.seed)[:cfg.eval_limit or None]
     data = TrainData(examples, {}, eval_sets, cfg.seed)
     train_ids = {e.id for e in examples}
@@ -161,7 +161,7 @@ def load_data(cfg: Config, tokenizer, say) -> TrainData:
         data.check_share(cfg.prompts_per_step, cfg.no_call_share)
         if cfg.contrast_pairs:
             data.check_pairs()
-    data.prompt_ids = {e.id: prompts.build_prompt_ids(e, tokenizer, cfg.fmt) for e in examples}
+    data.prompt_ids = {e.id: prompts.build_prompt_ids(e, tokenizer, cfg.fmt, cfg.prefill) for e in examples}
     say(f"data: {len(examples)} train examples ({cfg.train_data}), {len(data.eval_examples)} eval ({cfg.eval_data})"
         + (f"; skipped {sum(skipped.values())} malformed rows (listed above)" if skipped else ""))
     return data
@@ -257,7 +257,7 @@ def sample_rollouts(tr: Trainer, batch: list, round: int = 0) -> Rollout:
 def score_rollouts(tr: Trainer, roll: Rollout) -> tuple[list, torch.Tensor, float]:
     """(reward.RewardResult per completion, rewards (P, G), seconds). A failing scorer gives 0, counted."""
     t0 = time.perf_counter()
-    results = tr.scorer([c.text for c in roll.completions], roll.owners)
+    results = tr.scorer([tr.cfg.prefill + c.text for c in roll.completions], roll.owners)
     rewards = torch.tensor([r.reward for r in results], dtype=torch.float32).view(-1, tr.cfg.group_size)
     return results, rewards, time.perf_counter() - t0
 
@@ -370,13 +370,14 @@ def mean_think_entropy(entropy: torch.Tensor, think: torch.Tensor, seq_ids: torc
     return total / count.clamp(min=1), count > 0
 
 
-def think_token_mask(tokenizer, token_ids: list[int], text: str, fmt: str) -> list[bool]:
-    """Which completion tokens lie inside the <think>...</think> span of `text` (by character offsets
-    accumulated over single-token decodes; exact for text that decodes token by token)."""
-    parsed = freward.parse(text, fmt)
+def think_token_mask(tokenizer, token_ids: list[int], text: str, fmt: str, prefill: str = "") -> list[bool]:
+    """Which completion tokens lie inside the <think>...</think> span of `prefill` + `text` (by character offsets
+    accumulated over single-token decodes; exact for text that decodes token by token). `text` is the
+    completion's; `prefill`, what the prompt ended with (--think prefill), is not among its tokens."""
+    parsed = freward.parse(prefill + text, fmt)
     if parsed.think_span is None:
         return [False] * len(token_ids)
-    lo, hi = parsed.think_span
+    lo, hi = (i - len(prefill) for i in parsed.think_span)
     mask, pos = [], 0
     for tok in token_ids:
         piece = len(tokenizer.decode([tok]))
@@ -405,7 +406,7 @@ def compute_advantages(tr: Trainer, roll: Rollout, rewards: torch.Tensor) -> Adv
     comps = roll.completions
     skip, balance = zero_var, None
     if cfg.decision_balance or cfg.answer_balance:
-        answer = torch.tensor([ANSWERS.index(answer_kind(c.text, cfg)) for c in comps]).view_as(adv)
+        answer = torch.tensor([ANSWERS.index(answer_kind(cfg.prefill + c.text, cfg)) for c in comps]).view_as(adv)
         needs_call = torch.tensor([not freward.is_irrelevance(ex.category) for ex in roll.owners[::cfg.group_size]])
         if cfg.decision_balance:
             adv, balance = balance_decision(adv, answer == 0, needs_call, fdist.all_reduce_sum)
@@ -417,7 +418,7 @@ def compute_advantages(tr: Trainer, roll: Rollout, rewards: torch.Tensor) -> Adv
     keep = [i for i in range(len(comps)) if not skip[i // cfg.group_size] and len(comps[i].token_ids) > 0]
     seqs = [packing.Seq(tr.data.prompt_ids[roll.owners[i].id], comps[i].token_ids, i // cfg.group_size)
             for i in keep]
-    think = [think_token_mask(tr.tokenizer, comps[i].token_ids, comps[i].text, cfg.fmt)
+    think = [think_token_mask(tr.tokenizer, comps[i].token_ids, comps[i].text, cfg.fmt, cfg.prefill)
              for i in keep] if cfg.algo == "egpo" else None
     return Advantages(adv.flatten(), zero_var, keep, seqs, think, balance)
 
@@ -739,10 +740,13 @@ def clip_and_step(cfg: Config, model, optimizer, lr: float) -> float:
 
 
 def gold_seqs(tr: Trainer, examples: list) -> list[packing.Seq]:
-    """Each example's prompt + its reference completion (prompts.render_target with sft_think) + EOS."""
+    """Each example's prompt + its reference completion (prompts.render_target with sft_think) + EOS. With
+    --think prefill the prompt already opened the think: the completion goes on from inside it."""
+    def target(ex):
+        text = prompts.render_target(ex, tr.cfg.fmt, tr.cfg.sft_think)
+        return text.removeprefix("<think>") if tr.cfg.prefill else text
     return [packing.Seq(tr.data.prompt_ids[ex.id],
-                        tr.tokenizer.encode(prompts.render_target(ex, tr.cfg.fmt, tr.cfg.sft_think),
-                                            add_special_tokens=False) + [tr.tokenizer.eos_token_id])
+                        tr.tokenizer.encode(target(ex), add_special_tokens=False) + [tr.tokenizer.eos_token_id])
             for ex in examples]
 
 
@@ -925,8 +929,9 @@ def log_rl_step(tr: Trainer, lr: float, t_step: float, roll: Rollout, results: l
 
 
 def answer_kind(text: str, cfg: Config) -> str:
-    """"call" (a parsed answer with calls), "none" (a parsed answer without) or "bad" (unparsable)."""
-    parsed = freward.parse(text, cfg.fmt, think_required=cfg.think == "required")
+    """"call" (a parsed answer with calls), "none" (a parsed answer without) or "bad" (unparsable). `text` is
+    the whole answer: with --think prefill, the prefill + the completion."""
+    parsed = freward.parse(text, cfg.fmt, think_required=cfg.think_required)
     return "bad" if not parsed.ok else "call" if parsed.calls else "none"
 
 
@@ -939,7 +944,7 @@ def evaluate(tr: Trainer, tag: str) -> dict:
     share = fdist.split_for_rank(tr.data.eval_examples, ctx.rank, ctx.world_size)
     records = fdist.all_gather_list(generate_records(tr.engine, tr.tokenizer, share, fmt=cfg.fmt,
                                                      max_tokens=cfg.max_new_tokens,
-                                                     think_required=cfg.think == "required"))
+                                                     think_required=cfg.think_required, prefill=cfg.prefill))
     fault_point("eval")
     summary = summarize(records)
     set_of = {e.id: name for name, exs in eval_sets.items() for e in exs}
@@ -1070,7 +1075,7 @@ def main(argv: list[str] | None = None) -> int:
     data = load_data(cfg, tokenizer, say)
     step, history = restore(ckpt, ctx, model, optimizer, data, say) if ckpt is not None else (0, [])
     engine = start_engine(cfg, ctx, use_vllm, model, tokenizer, model_path, data, say)
-    scorer = freward.RewardScorer(cfg.reward, cfg.fmt, think_required=cfg.think == "required")
+    scorer = freward.RewardScorer(cfg.reward, cfg.fmt, think_required=cfg.think_required)
     log = MetricsLog(cfg, out, history, ctx.is_main, step)
     tr = Trainer(cfg, ctx, out, tokenizer, model, ref_model, optimizer, engine, scorer, data, log, layout, varlen,
                  step, decision=prompts.decision_tokens(tokenizer)

@@ -242,6 +242,8 @@ def test_train_summary_carries_the_decision_anchor_series_only_when_logged():
                                    rl(2, decision_log_odds=-2.25, decision_move=-0.5, decision_move_left=0.0,
                                       decision_log_odds_after=-2.0)])
     assert resumed["decision_log_odds_after"] == [None, -2.0]
+    assert "think_entropy" not in bench.train_summary([rl(1, think_entropy=None), rl(2)])  # no think: nothing
+    assert bench.train_summary([rl(1, think_entropy=None), rl(2, think_entropy=0.25)])["think_entropy"] == [None, 0.25]
 
 
 def test_an_arm_from_a_kept_policy_starts_at_that_policy_not_the_untrained_model(tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ from fctrain.cleaning import calls_to_ground_truth, main, parse_verdict, validat
 from fctrain.config import Config, parse_config
 from fctrain.data import (BFCL_CATEGORIES, Example, TrainData, load_any, load_bfcl, load_jsonl, load_xlam, save_jsonl,
                           shuffle, split, swapped_tools_negative)
-from fctrain.prompts import build_messages, build_prompt_ids, filter_by_length, render_target
+from fctrain.prompts import THINK_PREFILL, build_messages, build_prompt_ids, filter_by_length, render_target
 from tests.bfcl_ref import bfcl_system_prompt, bfcl_verdict
 
 EXPECTED_COUNTS = {"simple_python": 400, "multiple": 200, "parallel": 200, "parallel_multiple": 200,
@@ -205,6 +205,13 @@ def test_prompt_ids_and_length_filter(bfcl, tokenizer):
     cut = sorted(lengths)[len(lengths) // 2]
     kept = filter_by_length(sample, tokenizer, cut)
     assert [x.id for x in kept] == [x.id for x, n in zip(sample, lengths) if n <= cut]
+    # --think prefill: the prompt goes on with the opened think, tokenized on its own, and the length filter
+    # counts it
+    opened = build_prompt_ids(e, tokenizer, "python", prefill=THINK_PREFILL)
+    extra = tokenizer.encode(THINK_PREFILL, add_special_tokens=False)
+    assert extra and opened == ids + extra and tokenizer.decode(opened).endswith("assistant\n<think>\n")
+    assert [x.id for x in filter_by_length(sample, tokenizer, cut, prefill=THINK_PREFILL)] == \
+        [x.id for x, n in zip(sample, lengths) if n + len(extra) <= cut]
 
 
 def test_render_target_matches_bfcl(bfcl):

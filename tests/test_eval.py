@@ -13,6 +13,7 @@ import pytest
 from fctrain import eval as ev
 from fctrain.eval import __main__ as eval_cli
 from fctrain.assets import fetch_wheel
+from fctrain.prompts import THINK_PREFILL
 
 BFCL_WHEEL = "bfcl-eval==2026.3.23"
 
@@ -344,6 +345,13 @@ def test_evaluate_for_the_trainer(tiny_dir, capsys, tmp_path):
     # Prompts over the limit are not generated; an empty output holds no call (BFCL's rule).
     capped = ev.evaluate(engine, tokenizer, examples, fmt="hermes", max_tokens=6, max_prompt_tokens=10)
     assert capped["finish_reasons"] == {"prompt_too_long": 6} and capped["tokens"]["generated"] == 0
+    # --think prefill: each prompt ends with the opened think and each record is judged on prefill + completion
+    plain = ev.generate_records(engine, tokenizer, examples, fmt="python", max_tokens=4)
+    opened = ev.generate_records(engine, tokenizer, examples, fmt="python", max_tokens=4, prefill=THINK_PREFILL)
+    extra = len(tokenizer.encode(THINK_PREFILL, add_special_tokens=False))
+    assert [r.prompt_tokens for r in opened] == [r.prompt_tokens + extra for r in plain]
+    assert all(r.text.startswith(THINK_PREFILL) for r in opened)
+    assert not any(r.text.startswith(THINK_PREFILL) for r in plain)
     assert {c: v["correct"] for c, v in capped["categories"].items()} == \
         {"simple_python": 0, "irrelevance": 2, "live_relevance": 0}
     # --compare reads the summaries the CLI writes.
@@ -385,6 +393,10 @@ def test_cli_resume_after_interrupt(tiny_dir, tmp_path, monkeypatch):
         eval_cli.main([*argv, "--out", str(out)])
     with pytest.raises(SystemExit, match="^error: .*max_tokens: 8 there, 9 now"):
         eval_cli.main([*argv, "--out", str(out), "--resume", "--max-tokens", "9"])
+    with pytest.raises(SystemExit, match="^error: .*think: 'required' there, 'prefill' now"):
+        eval_cli.main([*argv, "--out", str(out), "--resume", "--think", "prefill"])
+    progress = out / "progress.json"  # a run from before --think existed was judged with the think required
+    progress.write_text(json.dumps({k: v for k, v in json.loads(progress.read_text()).items() if k != "think"}))
 
     monkeypatch.setattr(eval_cli, "generate_records", real)
     calls.clear()

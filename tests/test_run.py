@@ -48,6 +48,11 @@ def test_answer_kind_reads_the_call_decision_in_the_runs_format():
     assert run.answer_kind("<answer>[f(a=</answer>", optional) == "bad"
     assert run.answer_kind('<tool_call>{"name": "f", "arguments": {}}</tool_call>', Config(fmt="hermes")) == "call"
     assert run.answer_kind("no tool fits", Config(fmt="hermes")) == "none"
+    prefill = Config(think="prefill")  # the whole answer: the prefill (an opened think) + the completion
+    assert run.answer_kind(prefill.prefill + "x</think><answer>[]</answer>", prefill) == "none"
+    assert run.answer_kind("x</think><answer>[]</answer>", prefill) == "bad"
+    assert prefill.think_required and Config(think="required").think_required and not optional.think_required
+    assert Config().prefill == optional.prefill == ""
 
 
 def test_lr_schedule():
@@ -110,6 +115,46 @@ def test_think_token_mask(tiny):
     mask = run.think_token_mask(tok, ids, text, "python")
     inside = tok.decode([t for t, m in zip(ids, mask) if m])
     assert "call f now" in inside and "answer" not in inside
+    # --think prefill: the completion starts inside the think the prompt opened; its first tokens are think
+    # tokens, and the prefill's own characters shift nothing
+    text = " call f now</think><answer>[f(a=1)]</answer>"
+    ids = tok.encode(text, add_special_tokens=False)
+    mask = run.think_token_mask(tok, ids, text, "python", prefill="<think>\n")
+    inside = tok.decode([t for t, m in zip(ids, mask) if m])
+    assert mask[0] and "call f now" in inside and "answer" not in inside and "think" not in inside
+    assert run.think_token_mask(tok, ids, text, "python") == [False] * len(ids)  # without it: no think
+
+
+def test_think_prefill_end_to_end_trains_on_the_models_own_think(tiny):
+    """--think prefill: every prompt ends with the opened think, SFT goes on from inside it, and the rollouts,
+    scored as prefill + completion, parse and give EGPO a think to measure."""
+    from fctrain.models import load_tokenizer
+    root, model_dir = tiny
+    tok = load_tokenizer(model_dir)
+    cfg = Config(model=str(model_dir), train_data=str(root / "train.jsonl"), eval_data="none", think="prefill",
+                 sft_think="plan")
+    extra = tok.encode(cfg.prefill, add_special_tokens=False)
+    ids = run.load_data(cfg, tok, lambda *a: None).prompt_ids
+    assert ids and all(p[-len(extra):] == extra for p in ids.values())
+    out = root / "prefill"
+    assert run.main(_args(root, model_dir, out, think="prefill", algo="egpo", sft_steps=30, steps=1, save_every=0,
+                          eval_limit=2)) == 0
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    rl = next(r for r in rows if r["phase"] == "rl")
+    # the tiny model learnt to close the think it was handed: without the prefill in front no completion parses
+    assert rl["format_rate"] > 0 and rl["think_entropy"] is not None and rl["think_entropy"] > 0
+    assert rows[-1]["phase"] == "eval" and rows[-1]["eval_format_ok"] > 0
+
+
+def test_think_prefill_config():
+    for bad, match in [(dict(fmt="hermes"), "python format"),
+                       (dict(sft_think="none", sft_steps=1), "sft_think"),
+                       (dict(decision_anchor=0.01), "inside the think"),
+                       (dict(decision_project=True), "inside the think")]:
+        with pytest.raises(ValueError, match=match):
+            Config(think="prefill", **bad)
+    with pytest.raises(ValueError, match="think must be one of"):
+        Config(think="forced")
 
 
 def _args(root, model_dir, out, **over):

@@ -205,12 +205,15 @@ def engine_context_length(engine) -> int | None:
 
 def generate_records(engine, tokenizer, examples, fmt: str = "python", max_tokens: int = 256,
                      batch_size: int = 64, max_prompt_tokens: int | None = None, progress: bool = False,
-                     prompts: list[list[int]] | None = None, think_required: bool = True) -> list[Record]:
+                     prompts: list[list[int]] | None = None, think_required: bool = True,
+                     prefill: str = "") -> list[Record]:
     """Greedy completions for `examples` (one per prompt) scored with `judge`, in the order given.
 
     A prompt longer than `max_prompt_tokens` (default: the engine's context length minus one) is not sent:
     it scores as an empty output (finish_reason "prompt_too_long"), as an inference error does in BFCL.
-    `prompts` are the examples' prompt token ids when already built.
+    `prompts` are the examples' prompt token ids when already built (`prefill` included). `prefill`: the text
+    each prompt ends with (the trainer's --think prefill: an opened think); the record's text, judged, is
+    `prefill` + the completion.
     """
     fmt = normalize_format(fmt)
     if batch_size < 1:
@@ -228,7 +231,7 @@ def generate_records(engine, tokenizer, examples, fmt: str = "python", max_token
     for start in range(0, len(examples), batch_size):
         batch = examples[start:start + batch_size]
         batch_prompts = (prompts[start:start + batch_size] if prompts is not None
-                         else [build_prompt_ids(ex, tokenizer, fmt=fmt) for ex in batch])
+                         else [build_prompt_ids(ex, tokenizer, fmt=fmt, prefill=prefill) for ex in batch])
         fits = [max_prompt_tokens is None or len(p) <= max_prompt_tokens for p in batch_prompts]
         sent = [p for p, ok in zip(batch_prompts, fits) if ok]
         outputs = iter(engine.generate(sent, n=1, temperature=0.0, top_p=1.0, max_tokens=max_tokens,
@@ -236,7 +239,7 @@ def generate_records(engine, tokenizer, examples, fmt: str = "python", max_token
         for ex, prompt, ok in zip(batch, batch_prompts, fits):
             if ok:
                 completion = next(outputs)[0]
-                rec = judge(completion.text, ex, fmt, think_required=think_required)
+                rec = judge(prefill + completion.text, ex, fmt, think_required=think_required)
                 rec.output_tokens = len(completion.token_ids)
                 rec.finish_reason = str(completion.finish_reason or "")
             else:

@@ -3,7 +3,7 @@ table, BFCL-format result files, a before/after comparison; scoring and aggregat
 library's (fctrain/eval/__init__.py).
 
     python -m fctrain.eval --model M [--categories ...] [--format python|hermes|bfcl] [--limit K]
-                           [--engine vllm|hf|auto] [--max-tokens N] [--out DIR]
+                           [--think required|optional|prefill] [--engine vllm|hf|auto] [--max-tokens N] [--out DIR]
     python -m fctrain.eval --compare runs/eval/before runs/eval/after      # two summaries (files or run dirs)
     python -m fctrain.eval --rescore runs/eval/before                       # recount its result files
     python -m fctrain.eval ... --resume                                     # continue an interrupted run
@@ -32,7 +32,7 @@ from fctrain import data
 from fctrain.eval import (SINGLE_TURN, Record, bfcl_group_dir, compare_table, format_table, generate_records, judge,
                           load_summary, normalize_format, read_result_files, rescore, summarize,
                           write_result_files)
-from fctrain.prompts import build_prompt_ids
+from fctrain.prompts import THINK_PREFILL, build_prompt_ids
 
 def _machine() -> dict:
     info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()}
@@ -110,7 +110,8 @@ class UsageError(ValueError):
 
 
 # What must match for `--resume` to continue a run: the same model, prompts and generation settings.
-RESUME_KEYS = ("model_path", "name", "format", "max_tokens")
+RESUME_KEYS = ("model_path", "name", "format", "max_tokens", "think")
+RESUME_DEFAULTS = {"think": "required"}  # what a run recorded before the key existed used
 
 
 def _resume_records(out: Path, name: str, meta: dict, examples, fmt: str) -> tuple[list[Record], float]:
@@ -120,7 +121,8 @@ def _resume_records(out: Path, name: str, meta: dict, examples, fmt: str) -> tup
     if not state_path.exists():
         return [], 0.0
     state = json.loads(state_path.read_text())
-    diff = {k: (state.get(k), meta[k]) for k in RESUME_KEYS if state.get(k) != meta[k]}
+    diff = {k: (state.get(k, RESUME_DEFAULTS.get(k)), meta[k]) for k in RESUME_KEYS
+            if state.get(k, RESUME_DEFAULTS.get(k)) != meta[k]}
     if diff:
         raise UsageError(f"--resume: {out} holds a run with other settings "
                          + ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items()))
@@ -133,7 +135,7 @@ def _resume_records(out: Path, name: str, meta: dict, examples, fmt: str) -> tup
             if ex is None:  # a category or example outside this run's selection: left as it is
                 continue
             ours = entry.get("fctrain") or {}
-            rec = judge(ours.get("raw", entry["result"]), ex, fmt)
+            rec = judge(ours.get("raw", entry["result"]), ex, fmt, think_required=meta["think"] != "optional")
             rec.prompt_tokens = int(entry.get("input_token_count") or 0)
             rec.output_tokens = int(entry.get("output_token_count") or 0)
             rec.finish_reason = str(ours.get("finish_reason", ""))
@@ -168,6 +170,7 @@ def run_cli(args) -> dict:
         raise ValueError(f"no BFCL examples for categories {categories}")
     meta = {"model": str(args.model) if args.model else name, "model_path": str(model_path), "name": name,
             "format": fmt, "engine": args.engine, "max_tokens": args.max_tokens, "limit": args.limit,
+            "think": args.think,
             "command": " ".join(["python -m fctrain.eval"] + sys.argv[1:]), "machine": _machine()}
     done, previous_s = _resume_records(out, name, meta, examples, fmt) if args.resume else ([], 0.0)
     if done:
@@ -176,7 +179,8 @@ def run_cli(args) -> dict:
     index = {ex.id: i for i, ex in enumerate(examples)}
     done_ids = {r.id for r in done}
     todo = [ex for ex in examples if ex.id not in done_ids]
-    prompts = [build_prompt_ids(ex, tokenizer, fmt=fmt) for ex in examples]
+    prefill = THINK_PREFILL if args.think == "prefill" else ""
+    prompts = [build_prompt_ids(ex, tokenizer, fmt=fmt, prefill=prefill) for ex in examples]
     # Context: room for the longest prompt plus max_tokens, within the model's own limit. Prompts that do
     # not fit the model at all are scored as empty outputs (generate_records).
     context = _model_context_length(model_path) or 2048
@@ -206,7 +210,8 @@ def run_cli(args) -> dict:
             recs = generate_records(engine, tokenizer, batch, fmt=fmt,
                                     max_tokens=args.max_tokens, batch_size=step,
                                     max_prompt_tokens=max_model_len - 1, progress=True,
-                                    prompts=[prompts[ex.id] for ex in batch])
+                                    prompts=[prompts[ex.id] for ex in batch],
+                                    think_required=args.think != "optional", prefill=prefill)
             records.extend(recs)
             records.sort(key=lambda r: index[r.id])
             touched = {r.category for r in recs}
@@ -243,6 +248,9 @@ def main(argv=None) -> int:
                    help=f"BFCL v4 single-turn categories (default: all {len(SINGLE_TURN)})")
     p.add_argument("--format", default="python", help="python (paper <think>/<answer>) | hermes | bfcl")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first K examples of each category")
+    p.add_argument("--think", default="required", choices=("required", "optional", "prefill"),
+                   help="python format: the <think> block required (the paper), optional, or prefill (each prompt "
+                        "ends with an opened <think>, as the trainer's --think prefill; judged on prefill + completion)")
     p.add_argument("--engine", default="auto", choices=("vllm", "hf", "auto"))
     p.add_argument("--max-tokens", type=int, default=256, help="generation cap per completion")
     p.add_argument("--batch-size", type=int, default=256, help="prompts per engine.generate call")
