@@ -22,9 +22,14 @@ class Example:
     messages: list[dict]          # [{"role": "user"|"assistant"|"system", "content": str}]
     tools: list[dict]             # BFCL function schemas {"name", "description", "parameters": {"type": "dict", ...}}
     ground_truth: list[dict] = field(default_factory=list)  # [{name: {param: [allowed values]}}]; "" = may omit
+    think: str | None = None      # optional reasoning before the answer (SFT with --sft_think data), e.g. the
+                                  # model's own (benchmarks/bench_self_think.py); never shown in the prompt
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["think"] is None:  # rows without one keep the format they always had
+            del d["think"]
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), ensure_ascii=False)
@@ -36,12 +41,15 @@ class Example:
         missing = [k for k in ("id", "category", "messages", "tools") if k not in obj]
         if missing:
             raise ValueError(f"example lacks {missing}")
-        extra = set(obj) - {"id", "category", "messages", "tools", "ground_truth"}
+        extra = set(obj) - {"id", "category", "messages", "tools", "ground_truth", "think"}
         if extra:
             raise ValueError(f"unknown example keys {sorted(extra)}")
-        ex = cls(str(obj["id"]), obj["category"], obj["messages"], obj["tools"], obj.get("ground_truth", []))
+        ex = cls(str(obj["id"]), obj["category"], obj["messages"], obj["tools"], obj.get("ground_truth", []),
+                 obj.get("think"))
         if not isinstance(ex.category, str):
             raise ValueError("category must be a string")
+        if ex.think is not None and (not isinstance(ex.think, str) or "<think>" in ex.think or "</think>" in ex.think):
+            raise ValueError("think must be a string without <think> / </think> tags")
         if not isinstance(ex.messages, list) or not all(
                 isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)
                 for m in ex.messages):

@@ -175,7 +175,7 @@ def call_text(name: str, args: dict) -> str:
     return f"{name}(" + ", ".join(f"{p}={_py(v)}" for p, v in args.items()) + ")"
 
 
-THINK_STYLES = ("plan", "restate", "evidence", "none")
+THINK_STYLES = ("plan", "restate", "evidence", "none", "data")
 EVIDENCE_WORDS, EVIDENCE_TOOLS = 10, 3  # "evidence" think: words kept of the request and of each description
 
 
@@ -209,7 +209,8 @@ def render_target(example: Example, fmt: str = "python", think: str = "plan") ->
     think="evidence": the think first restates the request and what each tool does, so the call / no-call
     decision ("f fits, so I call f with a and b." / "None of them fits, so I make no call.") is taken next to
     its evidence rather than on the first token. think="none": the answer alone, no think block (the python
-    format then needs the trainer's --think optional)."""
+    format then needs the trainer's --think optional). think="data": the example's own `think` (e.g. the
+    model's own reasoning, sampled by benchmarks/bench_self_think.py); an example without one is refused."""
     if think not in THINK_STYLES:
         raise ValueError(f"unknown think style {think!r}; expected one of {THINK_STYLES}")
     calls = _target_calls(example)
@@ -227,6 +228,10 @@ def render_target(example: Example, fmt: str = "python", think: str = "plan") ->
         think = "I need to call " + ", then ".join(
             f"{name} with " + (", ".join(f"{p}={_py(v)}" for p, v in args.items()) or "no arguments")
             for name, args in calls) + "."
+    elif style == "data":
+        if example.think is None:
+            raise ValueError(f"example {example.id}: sft_think data needs the example's own think; it has none")
+        think = example.think
     elif style != "none":
         think = "None of the available functions can do what the user asks, so I make no call."
     head = "" if style == "none" else f"<think>{think}</think>"

@@ -157,6 +157,12 @@ def load_data(cfg: Config, tokenizer, say) -> TrainData:
         raise SystemExit("error: eval_data overlaps train_data; evaluation must be held out")
     if not examples:
         raise SystemExit(f"error: no training examples in {cfg.train_data!r} within {cfg.max_prompt_tokens} tokens")
+    if cfg.sft_think == "data" and (cfg.sft_steps or cfg.sft_coef):
+        missing = [e.id for e in examples if e.think is None]
+        if missing:
+            raise SystemExit(f"error: sft_think data: {len(missing)} of {len(examples)} training examples have no "
+                             f"think of their own (first: {missing[0]}); give them one (a `think` field) or "
+                             "choose another --sft_think")
     if cfg.steps:
         data.check_share(cfg.prompts_per_step, cfg.no_call_share)
         if cfg.contrast_pairs:

@@ -1,0 +1,120 @@
+"""The model's own think, for an SFT start whose think is not a template (issue 30: EGPO vs GRPO).
+
+    .venv/bin/python benchmarks/bench_self_think.py [--model qwen2.5-coder-0.5b] [--data split:train]
+        [--out benchmarks/results/qwen_pilots_cpu/self_think] [--max_think_tokens 64] [--seed 0] [--commit]
+
+EGPO's term is the entropy of the completion's think. Raw Qwen2.5-Coder-0.5B asked for
+`<think>...</think><answer>[...]</answer>` writes no think (10 of 1,920 samples open one), so its H is 0 and
+EGPO = GRPO by construction; an SFT start trained on a templated think (`--sft_think evidence`) writes that
+template back with near-zero entropy (SmolLM2: 0.02-0.06 nats per token), the same tie. Handed an opened
+`<think>` (the trainer's `--think prefill`), the raw model does reason in its own words, but seldom closes the
+think: it runs on into prose, code or an answer of its own (0 of 12 samples parsed in a probe). So the think an
+SFT start learns is taken from the model and the answer from the data (STaR's rationale without the hint; the
+think is not checked against the answer, which the reward alone judges):
+
+1. Each training prompt + the opened think (`fctrain.prompts.THINK_PREFILL`), one sample at T 0.7 (seeded), at
+   most max_think_tokens tokens, stopped before the first `</think>`, `<answer`, `</answer>`, `<tool_call>`
+   or a code fence.
+2. The think is that text, cut back to its last finished sentence or line when the sample ran out of tokens
+   (`own_think`); an example whose think comes out empty is dropped and counted.
+3. Written as our JSONL (the `think` field) to OUT/train.jsonl, with OUT/meta.json: model, settings, counts,
+   the thinks' length in tokens, git sha, machine.
+
+An SFT start then trains with `--think prefill --sft_think data --train_data OUT/train.jsonl`: the prompt opens
+the think, the target goes on in the model's own words and closes it before the gold answer.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import REPO, RESULTS, git_sha  # noqa: E402
+from fctrain import data, models, prompts, rollout  # noqa: E402
+
+OUT = RESULTS / "qwen_pilots_cpu" / "self_think"
+STOPS = ["</think>", "<answer", "</answer>", "<tool_call>", "```"]
+ENDS = (".\n", ". ", "\n")
+
+
+def own_think(text: str, finish_reason: str) -> str:
+    """The think kept from one sample's `text` (the engine already cut it before any stop string): whitespace
+    trimmed; a sample that ran out of tokens ("length") is cut back to its last finished sentence or line,
+    when it has one. Empty when nothing is left."""
+    if finish_reason == "length":
+        cut = max(text.rfind(end) for end in ENDS)
+        if cut > 0:
+            text = text[:cut + 1]
+    text = text.strip()
+    return "" if any(tag in text for tag in ("<think>", "</think>")) else text
+
+
+def make(model: str, data_spec: str, out: Path, max_think_tokens: int, seed: int, engine_kind: str,
+         temperature: float = 0.7, batch: int = 64) -> dict:
+    path = models.resolve_model(model)
+    tokenizer = models.load_tokenizer(path)
+    examples = data.load_any(data_spec)
+    prompt_ids = [prompts.build_prompt_ids(ex, tokenizer, "python", prompts.THINK_PREFILL) for ex in examples]
+    kw = dict(dtype="float32", max_model_len=max(map(len, prompt_ids)) + max_think_tokens) if engine_kind == "vllm" else {}
+    t0 = time.perf_counter()
+    engine = rollout.make_engine(engine_kind, path, **kw)
+    kept, lengths, dropped = [], [], []
+    try:
+        for start in range(0, len(examples), batch):
+            outs = engine.generate(prompt_ids[start:start + batch], n=1, temperature=temperature, top_p=1.0,
+                                   max_tokens=max_think_tokens, stop=STOPS, seed=seed + start)
+            for ex, (c,) in zip(examples[start:start + batch], outs):
+                think = own_think(c.text, c.finish_reason)
+                if not think:
+                    dropped.append(ex.id)
+                    continue
+                ex.think = think
+                kept.append(ex)
+                lengths.append(len(tokenizer.encode(think, add_special_tokens=False)))
+            print(f"[self_think] {min(start + batch, len(examples))}/{len(examples)} prompts, {len(kept)} kept",
+                  file=sys.stderr, flush=True)
+    finally:
+        engine.close()
+    out.mkdir(parents=True, exist_ok=True)
+    data.save_jsonl(kept, out / "train.jsonl")
+    meta = {"model": model, "model_path": str(path), "data": data_spec, "examples": len(examples),
+            "kept": len(kept), "dropped_empty": len(dropped), "dropped_ids": dropped[:50],
+            "temperature": temperature, "max_think_tokens": max_think_tokens, "stops": STOPS, "seed": seed,
+            "engine": engine_kind, "think_tokens": {"median": statistics.median(lengths) if lengths else None,
+                                                    "min": min(lengths, default=None), "max": max(lengths, default=None)},
+            "seconds": round(time.perf_counter() - t0, 1), "git_sha": git_sha(),
+            "machine": subprocess.run(["uname", "-srm"], capture_output=True, text=True).stdout.strip(),
+            "command": " ".join(["python benchmarks/bench_self_think.py"] + sys.argv[1:])}
+    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="qwen2.5-coder-0.5b")
+    p.add_argument("--data", default="split:train", help="the training prompts (never val or test)")
+    p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--max_think_tokens", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--engine", default="vllm", choices=rollout.ENGINE_KINDS)
+    p.add_argument("--commit", action="store_true", help="commit OUT's two files")
+    args = p.parse_args(argv)
+    if args.max_think_tokens < 1:
+        p.error("--max_think_tokens must be >= 1")
+    meta = make(args.model, args.data, args.out, args.max_think_tokens, args.seed, args.engine)
+    print(json.dumps({k: meta[k] for k in ("examples", "kept", "dropped_empty", "think_tokens", "seconds")}))
+    if args.commit:
+        paths = [str(args.out / "train.jsonl"), str(args.out / "meta.json")]
+        subprocess.run(["git", "add", "--"] + paths, cwd=REPO, check=False)
+        subprocess.run(["git", "commit", "-q", "-m", f"self_think: the model's own think for {meta['kept']} of "
+                        f"{meta['examples']} training prompts", "--"] + paths, cwd=REPO, check=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""The model's own think for SFT: the `think` field of an example, --sft_think data, and the script that samples
+it (benchmarks/bench_self_think.py) on a tiny real model."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from fctrain import data, run
+from fctrain.example import Example
+from fctrain.prompts import render_target
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCH.parent))
+_spec = importlib.util.spec_from_file_location("_bench_self_think", BENCH / "bench_self_think.py")
+st = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(st)
+
+
+def test_own_think_keeps_finished_sentences_of_a_cut_sample():
+    assert st.own_think("  I need f. Then I", "length") == "I need f."
+    assert st.own_think("First line\nsecond li", "length") == "First line"
+    assert st.own_think("I need f. Then I", "stop") == "I need f. Then I"  # stopped at a tag: all of it
+    assert st.own_think("no end in sight", "length") == "no end in sight"  # nothing finished: kept whole
+    assert st.own_think(" \n ", "stop") == "" and st.own_think("", "length") == ""
+
+
+def test_example_think_round_trips_and_is_checked():
+    ex = data.load_bfcl("simple_python", limit=1)[0]
+    assert "think" not in json.loads(ex.to_json())  # rows without one keep their format
+    ex.think = "The user wants the area, so f fits."
+    back = Example.from_json(ex.to_json())
+    assert back == ex and back.think == ex.think
+    for bad in (3, "a <think> b", "a </think>"):
+        with pytest.raises(ValueError, match="think must be"):
+            Example.from_dict(json.loads(ex.to_json()) | {"think": bad})
+    target = render_target(back, "python", "data")
+    assert target.startswith(f"<think>{ex.think}</think><answer>[") and target.endswith("]</answer>")
+    back.think = None
+    with pytest.raises(ValueError, match="has none"):
+        render_target(back, "python", "data")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from fctrain.models import build_tiny_model
+    root = tmp_path_factory.mktemp("self_think")
+    model_dir = build_tiny_model(root / "tiny", hidden_size=64, num_layers=2, num_heads=2)
+    examples = data.load_bfcl("simple_python", limit=6)
+    data.save_jsonl(examples[:4], root / "train.jsonl")
+    data.save_jsonl(examples[4:], root / "eval.jsonl")
+    return root, model_dir
+
+
+def test_make_samples_a_think_per_prompt_and_sft_trains_on_it(tiny):
+    root, model_dir = tiny
+    out = root / "made"
+    meta = st.make(str(model_dir), str(root / "train.jsonl"), out, max_think_tokens=12, seed=0, engine_kind="hf")
+    rows = data.load_jsonl(out / "train.jsonl")
+    assert meta["examples"] == 4 and meta["kept"] == len(rows) and meta["kept"] + meta["dropped_empty"] == 4
+    assert rows and all(r.think and "<think>" not in r.think for r in rows)
+    assert json.loads((out / "meta.json").read_text())["kept"] == len(rows)
+    # SFT from inside the opened think on the model's own words; a training set without them is refused
+    args = ["--model", str(model_dir), "--engine", "hf", "--eval_data", str(root / "eval.jsonl"), "--eval_limit", "1",
+            "--sft_steps", "2", "--sft_batch_size", "2", "--steps", "0", "--max_new_tokens", "16",
+            "--think", "prefill", "--sft_think", "data", "--save_every", "0"]
+    assert run.main(args + ["--train_data", str(out / "train.jsonl"), "--out_dir", str(root / "sft")]) == 0
+    logged = [json.loads(line) for line in open(root / "sft" / "metrics.jsonl")]
+    assert [r["phase"] for r in logged] == ["sft", "sft", "eval"]
+    with pytest.raises(SystemExit, match="sft_think data: 4 of 4 training examples have no think"):
+        run.main(args + ["--train_data", str(root / "train.jsonl"), "--out_dir", str(root / "refused")])
