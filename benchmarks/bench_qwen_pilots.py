@@ -75,6 +75,8 @@ COMMON = ["--preset", "qwen0.5b-cpu", "--lr_schedule", "constant", "--warmup_ste
 SFT_START = "runs/qwen_pilots/sft-control-s1/final"  # sft-control-s1's kept final policy (run_arm keeps it)
 SFT_START0 = "runs/qwen_pilots/sft-start-s0/final"  # sft-start-s0's: the seed-0 start (26 SFT steps, as seed 1's)
 SFT_START2 = "runs/qwen_pilots/sft-start-s2/final"  # sft-start-s2's: the seed-2 start (26 SFT steps)
+SELF_THINK = "benchmarks/results/qwen_pilots_cpu/self_think/train.jsonl"  # bench_self_think.py: the model's own thinks
+THINK_START = "runs/qwen_pilots/think-sft-start-s1/final"  # think-sft-start-s1's: SFT on them, from inside the think
 # In the order they run. The 5-step run at lr up to 2e-6 (results/qwen_5step_cpu) collapsed to short
 # no-call answers after 3 updates, so the sweep starts at the paper's 1e-6 and goes down.
 ARMS = {
@@ -173,10 +175,17 @@ ARMS = {
                     "--save_every", "10", "--seed", "12"],
     # EGPO vs GRPO where the think is the model's own (issue 30): asked for a think, raw Qwen writes none (10 of
     # 1,920 samples open one; the SFT starts answer without one), so EGPO's H was 0 and EGPO = GRPO by
-    # construction. --think prefill opens the think in the prompt and the model writes it. The same seed and
-    # start for both: their first rollouts coincide, and from then on only EGPO's entropy term differs.
-    "think-egpo-s0": ["--think", "prefill", "--algo", "egpo", "--lr", "1e-6", "--seed", "0", "--eval_at_start", "true"],
-    "think-grpo-s0": ["--think", "prefill", "--algo", "grpo", "--lr", "1e-6", "--seed", "0"],
+    # construction. Handed an opened think (--think prefill) the raw model reasons in its own words but closed
+    # it in 0 of 12 probe samples, and seed 0's SFT start skips it (`<think>\n<answer>...`): no reward to learn
+    # from either way. So an SFT start learns the format from the model's own thinks (bench_self_think.py:
+    # one T 0.7 sample per training prompt, the gold answer after it), seed 1 as the other starts, and then
+    # EGPO and GRPO from it, same seed: their first rollouts coincide, and then only EGPO's term differs.
+    "think-sft-start-s1": ["--think", "prefill", "--sft_think", "data", "--train_data", SELF_THINK,
+                           "--sft_steps", "26", "--steps", "0", "--sft_lr", "2e-5", "--sft_batch_size", "8",
+                           "--beta", "0", "--eval_every", "1000", "--save_every", "13", "--seed", "1"],
+    "think-egpo-s1": ["--model", THINK_START, "--think", "prefill", "--algo", "egpo", "--lr", "1e-6", "--seed", "11",
+                      "--eval_at_start", "true"],
+    "think-grpo-s1": ["--model", THINK_START, "--think", "prefill", "--algo", "grpo", "--lr", "1e-6", "--seed", "11"],
     # Part 3's long curves, in pieces (--piece-s): the val recipe for up to 150 steps, evaluated every 10 (~50
     # training minutes), and its SFT control evaluated every 30 SFT steps (about as many training minutes)
     "long-rl": ["--lr", "1e-6", "--steps", "150", "--eval_every", "10", "--save_every", "5"],
@@ -187,7 +196,7 @@ START_ARM = "lr5e-7"  # its step-0 evaluation is everyone's baseline
 # ... except an arm that starts from a kept policy (--model): the arm whose step-0 evaluation is that start
 START_OF = {"sft-rl-s1": "sft-rl-s1", "sft-more-s1": "sft-rl-s1", "sft-rl-s0": "sft-rl-s0", "sft-more-s0": "sft-rl-s0",
             "sft-rl-bal-s1": "sft-rl-s1", "sft-rl-bal-s0": "sft-rl-s0", "sft-rl-s2": "sft-rl-s2", "sft-more-s2": "sft-rl-s2",
-            "sft-rl-bal-s2": "sft-rl-s2", "think-egpo-s0": "think-egpo-s0", "think-grpo-s0": "think-egpo-s0"}
+            "sft-rl-bal-s2": "sft-rl-s2", "think-egpo-s1": "think-egpo-s1", "think-grpo-s1": "think-egpo-s1"}
 # an SFT control gets the training seconds of this RL arm (the pilots': finished; the long ones': so far)
 CONTROL_OF = {"sft-control": "lr1e-6", "sft-control-s1": "lr1e-6-s1", "long-sft": "long-rl",
               "sft-more-s1": "sft-rl-s1", "sft-more-s0": "sft-rl-s0", "sft-more-s2": "sft-rl-s2"}
@@ -226,7 +235,7 @@ VAL_PAIRS = (("lr1e-6", "sft-control"), ("lr1e-6-s1", "sft-control-s1"),
              (BAL3, START3),
              (("lr1e-6-abal", "lr1e-6-abal-s1"), ("lr1e-6", "lr1e-6-s1")),
              (("lr1e-6-abal", "lr1e-6-abal-s1"), ("sft-control", "sft-control-s1")),
-             ("think-egpo-s0", "think-grpo-s0"))
+             ("think-egpo-s1", "think-grpo-s1"))
 HELDOUT_SETS = ("test_in", "test_ood", "test_irr", "val")
 # sft-control-s1: the control of lr1e-6-s1's own seed (2026-12-04, on the Zen 4 kind both ran on)
 # sft-rl-s1 / sft-more-s1: RL from the SFT start against SFT going on, the first RL arm above its control on val
