@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import REPO, RESULTS, git_sha  # noqa: E402
+from benchmarks.common import REPO, RESULTS, device_name, git_sha  # noqa: E402
 from fctrain import data, models, prompts, rollout  # noqa: E402
 
 OUT = RESULTS / "qwen_pilots_cpu" / "self_think"
@@ -88,7 +88,7 @@ def make(model: str, data_spec: str, out: Path, max_think_tokens: int, seed: int
             "engine": engine_kind, "think_tokens": {"median": statistics.median(lengths) if lengths else None,
                                                     "min": min(lengths, default=None), "max": max(lengths, default=None)},
             "seconds": round(time.perf_counter() - t0, 1), "git_sha": git_sha(),
-            "machine": subprocess.run(["uname", "-srm"], capture_output=True, text=True).stdout.strip(),
+            "machine": device_name("cpu"),
             "command": " ".join(["python benchmarks/bench_self_think.py"] + sys.argv[1:])}
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
