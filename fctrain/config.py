@@ -22,8 +22,6 @@ from fctrain import prompts
 from fctrain import reward as freward
 from fctrain.checkpoint import latest_checkpoint
 
-THINK_MODES = ("required", "optional", "prefill")
-
 
 @dataclass(frozen=True)
 class Config:
@@ -143,10 +141,10 @@ class Config:
             (self.algo in ("egpo", "grpo"), f"algo must be egpo or grpo, got {self.algo!r}"),
             (self.reward in freward.KINDS, f"reward must be one of {freward.KINDS}, got {self.reward!r}"),
             (self.fmt in ("python", "hermes"), f"fmt must be python or hermes, got {self.fmt!r}"),
-            (self.think in THINK_MODES, f"think must be one of {THINK_MODES}, got {self.think!r}"),
+            (self.think in prompts.THINK_MODES, f"think must be one of {prompts.THINK_MODES}, got {self.think!r}"),
             (not (self.think == "prefill" and self.fmt != "python"), "think prefill is for the python format"),
             (not (self.think == "prefill" and self.sft_think == "none" and (self.sft_steps or self.sft_coef)),
-             "think prefill opens a think the SFT target must go on with: give --sft_think plan|restate|evidence"),
+             "think prefill opens a think the SFT target must go on with: give --sft_think plan|restate|evidence|data"),
             (not (self.think == "prefill" and (self.decision_anchor or self.decision_project)),
              "decision_anchor / decision_project read the decision right after the prompt; with think prefill "
              "the prompt ends inside the think"),
@@ -197,7 +195,7 @@ class Config:
     def prefill(self) -> str:
         """The text every prompt ends with and every completion is scored after: an opened think for
         think="prefill", else nothing."""
-        return prompts.THINK_PREFILL if self.think == "prefill" else ""
+        return prompts.think_prefill(self.think)
 
     @property
     def think_required(self) -> bool:

@@ -87,6 +87,12 @@ def build_messages(example: Example, fmt: str = "python") -> list[dict]:
 # --think prefill: the assistant turn opens with this, so the model writes its own think from the first token
 # (as R1-style chat templates do). The completion is scored after it: prefill + completion.
 THINK_PREFILL = "<think>\n"
+THINK_MODES = ("required", "optional", "prefill")  # the python format's think: --think (trainer and fctrain.eval)
+
+
+def think_prefill(think: str) -> str:
+    """What each prompt ends with for a --think mode: THINK_PREFILL for "prefill", else nothing."""
+    return THINK_PREFILL if think == "prefill" else ""
 
 
 def build_prompt_ids(example: Example, tokenizer, fmt: str = "python", prefill: str = "") -> list[int]:

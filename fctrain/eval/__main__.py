@@ -32,7 +32,7 @@ from fctrain import data
 from fctrain.eval import (SINGLE_TURN, Record, bfcl_group_dir, compare_table, format_table, generate_records, judge,
                           load_summary, normalize_format, read_result_files, rescore, summarize,
                           write_result_files)
-from fctrain.prompts import THINK_PREFILL, build_prompt_ids
+from fctrain.prompts import THINK_MODES, build_prompt_ids, think_prefill
 
 def _machine() -> dict:
     info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()}
@@ -179,7 +179,7 @@ def run_cli(args) -> dict:
     index = {ex.id: i for i, ex in enumerate(examples)}
     done_ids = {r.id for r in done}
     todo = [ex for ex in examples if ex.id not in done_ids]
-    prefill = THINK_PREFILL if args.think == "prefill" else ""
+    prefill = think_prefill(args.think)
     prompts = [build_prompt_ids(ex, tokenizer, fmt=fmt, prefill=prefill) for ex in examples]
     # Context: room for the longest prompt plus max_tokens, within the model's own limit. Prompts that do
     # not fit the model at all are scored as empty outputs (generate_records).
@@ -248,7 +248,7 @@ def main(argv=None) -> int:
                    help=f"BFCL v4 single-turn categories (default: all {len(SINGLE_TURN)})")
     p.add_argument("--format", default="python", help="python (paper <think>/<answer>) | hermes | bfcl")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first K examples of each category")
-    p.add_argument("--think", default="required", choices=("required", "optional", "prefill"),
+    p.add_argument("--think", default="required", choices=THINK_MODES,
                    help="python format: the <think> block required (the paper), optional, or prefill (each prompt "
                         "ends with an opened <think>, as the trainer's --think prefill; judged on prefill + completion)")
     p.add_argument("--engine", default="auto", choices=("vllm", "hf", "auto"))
