@@ -173,6 +173,11 @@ ARMS = {
     "sft-more-s2": ["--model", SFT_START2, "--sft_steps", "100000", "--steps", "0", "--sft_think", "none",
                     "--sft_lr", "2e-5", "--sft_batch_size", "8", "--beta", "0", "--eval_every", "10",
                     "--save_every", "10", "--seed", "12"],
+    # The held-out irrelevance set (c) offers a function on the question's topic that cannot answer it; the
+    # training pool's 160 swapped-tool negatives offer one from another field (13 of 160 share a topic word with
+    # their question). The same questions beside near-miss tools instead (split:train_nm, data.near_miss_candidates:
+    # 141 of 160 share one), everything else as sft-rl-s1; chosen against it on val_irr and val.
+    "sft-rl-nm-s1": ["--model", SFT_START, "--lr", "1e-6", "--seed", "11", "--train_data", "split:train_nm"],
     # EGPO vs GRPO where the think is the model's own (issue 30): asked for a think, raw Qwen writes none (10 of
     # 1,920 samples open one; the SFT starts answer without one), so EGPO's H was 0 and EGPO = GRPO by
     # construction. Handed an opened think (--think prefill) the raw model reasons in its own words but closed
@@ -196,7 +201,8 @@ START_ARM = "lr5e-7"  # its step-0 evaluation is everyone's baseline
 # ... except an arm that starts from a kept policy (--model): the arm whose step-0 evaluation is that start
 START_OF = {"sft-rl-s1": "sft-rl-s1", "sft-more-s1": "sft-rl-s1", "sft-rl-s0": "sft-rl-s0", "sft-more-s0": "sft-rl-s0",
             "sft-rl-bal-s1": "sft-rl-s1", "sft-rl-bal-s0": "sft-rl-s0", "sft-rl-s2": "sft-rl-s2", "sft-more-s2": "sft-rl-s2",
-            "sft-rl-bal-s2": "sft-rl-s2", "think-egpo-s1": "think-egpo-s1", "think-grpo-s1": "think-egpo-s1"}
+            "sft-rl-bal-s2": "sft-rl-s2", "think-egpo-s1": "think-egpo-s1", "think-grpo-s1": "think-egpo-s1",
+            "sft-rl-nm-s1": "sft-rl-s1"}
 # an SFT control gets the training seconds of this RL arm (the pilots': finished; the long ones': so far)
 CONTROL_OF = {"sft-control": "lr1e-6", "sft-control-s1": "lr1e-6-s1", "long-sft": "long-rl",
               "sft-more-s1": "sft-rl-s1", "sft-more-s0": "sft-rl-s0", "sft-more-s2": "sft-rl-s2"}
@@ -235,7 +241,8 @@ VAL_PAIRS = (("lr1e-6", "sft-control"), ("lr1e-6-s1", "sft-control-s1"),
              (BAL3, START3),
              (("lr1e-6-abal", "lr1e-6-abal-s1"), ("lr1e-6", "lr1e-6-s1")),
              (("lr1e-6-abal", "lr1e-6-abal-s1"), ("sft-control", "sft-control-s1")),
-             ("think-egpo-s1", "think-grpo-s1"))
+             ("think-egpo-s1", "think-grpo-s1"),
+             ("sft-rl-nm-s1", "sft-rl-s1"), ("sft-rl-nm-s1", "sft-more-s1"))
 HELDOUT_SETS = ("test_in", "test_ood", "test_irr", "val")
 # sft-control-s1: the control of lr1e-6-s1's own seed (2026-12-04, on the Zen 4 kind both ran on)
 # sft-rl-s1 / sft-more-s1: RL from the SFT start against SFT going on, the first RL arm above its control on val
@@ -266,13 +273,14 @@ HELDOUT_PAIRS = (("lr1e-6-s1", "sft-control"), ("lr1e-6-s1", "sft-control-s1"), 
 # ~72%: the irrelevance target cannot be chosen on them. Kept policies evaluated on it, each once; no choice made
 # on it is reported on it (the held-out (c) stays the report).
 VAL_IRR_ARMS = ("sft-control-s1", "sft-rl-s1", "sft-rl-bal-s1", "sft-start-s0", "sft-rl-s0", "sft-rl-bal-s0",
-                "sft-start-s2", "sft-rl-s2", "sft-rl-bal-s2")
+                "sft-start-s2", "sft-rl-s2", "sft-rl-bal-s2", "sft-rl-nm-s1")
 VAL_IRR_PAIRS = (("sft-rl-bal-s1", "sft-rl-s1"), ("sft-rl-s1", "sft-control-s1"), ("sft-rl-bal-s1", "sft-control-s1"),
                  ("sft-rl-bal-s0", "sft-rl-s0"), ("sft-rl-s0", "sft-start-s0"), ("sft-rl-bal-s0", "sft-start-s0"),
                  (("sft-rl-bal-s0", "sft-rl-bal-s1"), ("sft-rl-s0", "sft-rl-s1")),
                  ("sft-rl-bal-s2", "sft-rl-s2"), ("sft-rl-s2", "sft-start-s2"), ("sft-rl-bal-s2", "sft-start-s2"),
                  (BAL3, RL3),
-                 (BAL3, START3))
+                 (BAL3, START3),
+                 ("sft-rl-nm-s1", "sft-rl-s1"), ("sft-rl-nm-s1", "sft-control-s1"))
 # suite (its folder under RESULTS and WORK): (its sets, the policies it may evaluate, its comparisons)
 SUITES = {"heldout": (HELDOUT_SETS, HELDOUT_ARMS, HELDOUT_PAIRS),
           "val_irr": (("val_irr",), VAL_IRR_ARMS, VAL_IRR_PAIRS)}

@@ -22,6 +22,7 @@ import json
 import random
 import re
 import sys
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -228,6 +229,51 @@ def swapped_tools_negative(question: Example, tools_from: Example) -> Example:
         raise ValueError(f"{question.id} and {tools_from.id} share a function; not a negative")
     return Example(f"neg:{question.id}|{tools_from.id}", SYNTHETIC_IRRELEVANCE, [dict(m) for m in question.messages],
                    copy.deepcopy(tools_from.tools), [])
+
+
+# Words that say nothing about a function's topic: left out when near_miss_candidates compares texts.
+_FILLER = frozenset("""a an and are as at be by can do does for from get given how i in into is it its me my of on or
+    set that the this to what which with you your calculate compute find fetch retrieve return returns specified
+    specific based using use who whom whose where when why will would should could please about also has have
+    had was were not no if than then there some any all""".split())
+
+
+def _topic_words(text: str) -> set[str]:
+    """Lower-case words of `text`, camelCase and snake_case split, filler words left out."""
+    words = {w.lower() for w in re.findall(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])", text) if len(w) > 1} - _FILLER
+    return {w[:-1] if len(w) > 3 and w.endswith("s") else w for w in words}  # prices, price: one word
+
+
+def _jaccard(a: set, b: set) -> float:
+    return len(a & b) / len(a | b) if a | b else 0.0
+
+
+def near_miss_candidates(question: Example, pool: list[Example], max_name_overlap: float = 0.2,
+                         max_description_overlap: float = 0.3) -> list[Example]:
+    """The examples of `pool` whose tools could make a *near-miss* negative for `question`
+    (swapped_tools_negative(question, candidate)), nearest topic first: BFCL's `irrelevance` category offers a
+    function on the question's topic that cannot answer it ("Who won the last world cup?" beside
+    get_match_stats), where a random swap offers one from another field that a model rejects easily.
+    Topic = the words of the question's turns against those of the candidate's function names and descriptions
+    (cosine of the word sets; ties in a fixed order of their own per question). A candidate is left out when it shares a function name with the question, or when
+    one of its functions looks like a renamed copy of one of the question's own: more than `max_name_overlap` of
+    the name words or `max_description_overlap` of the description words in common (Jaccard). A rule, not a
+    judge: a nearby function may still answer a question, so the negatives it makes are read before use."""
+    asked = _topic_words(" ".join(str(m.get("content", "")) for m in question.messages))
+    own = [(_topic_words(t["name"]), _topic_words(str(t.get("description", "")))) for t in question.tools]
+    names = {t["name"] for t in question.tools}
+    scored = []
+    for i, cand in enumerate(pool):
+        if names & {t["name"] for t in cand.tools}:
+            continue
+        theirs = [(_topic_words(t["name"]), _topic_words(str(t.get("description", "")))) for t in cand.tools]
+        if any(_jaccard(n, m) > max_name_overlap or _jaccard(d, e) > max_description_overlap
+               for n, d in own for m, e in theirs):
+            continue
+        offered = set().union(*(n | d for n, d in theirs)) if theirs else set()
+        score = len(asked & offered) / ((len(asked) * len(offered)) ** 0.5) if asked and offered else 0.0
+        scored.append((-score, zlib.crc32(f"{question.id}|{cand.id}".encode()), i, cand))
+    return [cand for *_, cand in sorted(scored, key=lambda x: x[:3])]  # ties: a fixed per-question order
 
 
 def negative_sources(example_id: str) -> tuple[str, str] | None:

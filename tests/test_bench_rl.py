@@ -27,7 +27,7 @@ def test_sets_are_fixed_disjoint_and_large_enough():
     names = list(ids)
     for i, a in enumerate(names):
         for b in names[i + 1:]:
-            assert not ids[a] & ids[b], (a, b)
+            assert {a, b} == {"train", "train_nm"} or not ids[a] & ids[b], (a, b)
     assert len(ids["test_in"]) >= 150 and len(ids["test_ood"]) >= 200 and len(ids["test_irr"]) >= 100
     cats = lambda k: {e.category for e in sets[k]}  # noqa: E731
     assert cats("test_in") <= {"live_simple", "simple_python"} and cats("test_ood") == {"multiple"}
@@ -35,14 +35,23 @@ def test_sets_are_fixed_disjoint_and_large_enough():
     assert cats("val_irr") == {"irrelevance"} and len(ids["val_irr"]) == 120  # (c)'s kind, disjoint from it (above)
     # negatives are trained on: live_irrelevance and questions beside another example's tools
     assert cats("train") == {"live_simple", "simple_python", "live_irrelevance", "synthetic_irrelevance"}
-    for name in ("train", "val"):  # built from that set's own questions and tools: nothing of a test set
+    for name in ("train", "val", "train_nm"):  # built from that set's own questions and tools: nothing of a test set
         for e in sets[name]:
             if e.category == "synthetic_irrelevance":
                 q, t = e.id[len("neg:"):].split("|")
                 assert q in ids[name] and t in ids[name] and q != t and not e.ground_truth, e.id
     assert not cats("train") & {"multiple", "irrelevance"}
-    # the committed manifest the trainer reads as split:<set> is exactly these sets
     from fctrain import data
+    # train_nm: train with the same swapped-tool questions, each beside its nearest-topic tools that pass the rules
+    synthetic = lambda k: [e for e in sets[k] if e.category == "synthetic_irrelevance"]  # noqa: E731
+    assert ids["train"] - {e.id for e in synthetic("train")} == ids["train_nm"] - {e.id for e in synthetic("train_nm")}
+    question = lambda e: e.id[len("neg:"):].split("|")[0]  # noqa: E731
+    assert sorted(map(question, synthetic("train"))) == sorted(map(question, synthetic("train_nm")))
+    by_id = {e.id: e for e in sets["train"]}
+    pool = [e for e in sets["train"] if e.ground_truth]
+    for e in synthetic("train_nm"):
+        assert e.id.split("|")[1] in {c.id for c in data.near_miss_candidates(by_id[question(e)], pool)}, e.id
+    # the committed manifest the trainer reads as split:<set> is exactly these sets
     committed = json.loads((data.SPLITS_DIR / f"{data.DEFAULT_SPLITS}.json").read_text())
     assert committed == bench.manifest(sets)
     assert [e.id for e in data.load_any("split:test_in+split:test_irr")] == \

@@ -394,6 +394,30 @@ def test_swapped_tools_negative_is_scored_as_irrelevance():
         data.swapped_tools_negative(a, a)
 
 
+def test_near_miss_candidates_rank_by_topic_and_leave_out_renamed_copies():
+    from fctrain import data
+
+    def ex(i, question, name, description):
+        return Example(id=f"e{i}", category="simple_python", messages=[{"role": "user", "content": question}],
+                       tools=[{"name": name, "description": description, "parameters": {}}])
+    q = ex(0, "Who won the NBA Most Valuable Player award in 2020?", "sports_stats.get_mvp",
+           "Get the most valuable player of a sports league season.")
+    pool = [ex(1, "x", "recipe.find", "Find a recipe by its ingredients."),
+            ex(2, "x", "basketball.team_ranking", "Retrieve the NBA ranking of a basketball team."),
+            ex(3, "x", "get_player_awards", "Retrieve the awards a player won in a season."),
+            ex(4, "x", "sportsStats.getMVP", "Returns the MVP of a sports league."),       # renamed copy: name words
+            ex(5, "x", "league.best_player", "Get the most valuable player of a sports league season."),  # description
+            ex(6, "x", "sports_stats.get_mvp", "A different text."),                       # the same function name
+            q]
+    got = [e.id for e in data.near_miss_candidates(q, pool)]
+    assert got[:2] == ["e3", "e2"] and set(got) == {"e1", "e2", "e3"}  # on the topic first, the unrelated last
+    assert got == [e.id for e in data.near_miss_candidates(q, list(reversed(pool)))]  # order of the pool: no matter
+    # filler words and plurals do not count as topic: "Find" / "the" are filler, "awards" is "award"
+    assert data._topic_words("Find the getPlayerAwards of NBA") == {"player", "award", "nba"}
+    neg = data.swapped_tools_negative(q, pool[2])
+    assert neg.ground_truth == [] and neg.tools == pool[2].tools
+
+
 def test_no_call_share_draws_each_kind_in_its_own_order_and_resumes_from_plain_ints():
     def ex(i, category):
         return Example(id=f"{category}_{i}", category=category, messages=[{"role": "user", "content": "q"}],
