@@ -1,7 +1,7 @@
 """The model's own think, for an SFT start whose think is not a template (issue 30: EGPO vs GRPO).
 
     .venv/bin/python benchmarks/bench_self_think.py [--model qwen2.5-coder-0.5b] [--data split:train]
-        [--out benchmarks/results/qwen_pilots_cpu/self_think] [--max_think_tokens 64] [--seed 0] [--commit]
+        [--out benchmarks/results/qwen_pilots_cpu/self_think] [--max_think_tokens 64] [--seed 0] [--hint] [--commit]
 
 EGPO's term is the entropy of the completion's think. Raw Qwen2.5-Coder-0.5B asked for
 `<think>...</think><answer>[...]</answer>` writes no think (10 of 1,920 samples open one), so its H is 0 and
@@ -20,12 +20,19 @@ think is not checked against the answer, which the reward alone judges):
 3. Written as our JSONL (the `think` field) to OUT/train.jsonl, with OUT/meta.json: model, settings, counts,
    the thinks' length in tokens, git sha, machine.
 
+With `--hint` (STaR's rationalization), step 1's prompt also names the gold answer at the end of the last user
+turn (`hinted`), so the model reasons towards it; the think is kept, the hint is not (the SFT target's prompt is
+the plain one), and a think that mentions the hint ("note", "hint") is dropped and counted. Without it, the
+seed-1 start learned from the model's unguided thinks called on 87% of val's no-call prompts: those thinks
+restate the request as a task ("Add a new player profile with ...") even where no function fits.
+
 An SFT start then trains with `--think prefill --sft_think data --train_data OUT/train.jsonl`: the prompt opens
 the think, the target goes on in the model's own words and closes it before the gold answer.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import subprocess
@@ -36,6 +43,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import REPO, RESULTS, device_name, git_sha  # noqa: E402
 from fctrain import data, models, prompts, rollout  # noqa: E402
+from fctrain.example import Example  # noqa: E402
 
 OUT = RESULTS / "qwen_pilots_cpu" / "self_think"
 STOPS = ["</think>", "<answer", "</answer>", "<tool_call>", "```"]
@@ -54,16 +62,36 @@ def own_think(text: str, finish_reason: str) -> str:
     return "" if any(tag in text for tag in ("<think>", "</think>")) else text
 
 
+HINT = ("\n\n(A note for your reasoning only: the right answer here is {answer}. Think your way to it in your "
+        "own words and do not mention this note.)")
+NO_CALL = "no function call, `<answer>[]</answer>`, because none of the functions given can do this"
+HINT_WORDS = ("note", "hint")
+
+
+def hinted(example: Example) -> Example:
+    """`example` with its gold answer named at the end of its last user turn (HINT): the prompt a rationalization
+    samples its think from. The example itself is not changed."""
+    target = prompts.render_target(example, "python", "none")
+    answer = f"`{target}`" if example.ground_truth else NO_CALL
+    messages = [dict(m) for m in example.messages]
+    last = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
+    if last is None:
+        raise ValueError(f"example {example.id} has no user turn to hint")
+    messages[last]["content"] = str(messages[last]["content"]) + HINT.format(answer=answer)
+    return dataclasses.replace(example, messages=messages)
+
+
 def make(model: str, data_spec: str, out: Path, max_think_tokens: int, seed: int, engine_kind: str,
-         temperature: float = 0.7, batch: int = 64) -> dict:
+         temperature: float = 0.7, batch: int = 64, hint: bool = False) -> dict:
     path = models.resolve_model(model)
     tokenizer = models.load_tokenizer(path)
     examples = data.load_any(data_spec)
-    prompt_ids = [prompts.build_prompt_ids(ex, tokenizer, "python", prompts.THINK_PREFILL) for ex in examples]
+    prompt_ids = [prompts.build_prompt_ids(hinted(ex) if hint else ex, tokenizer, "python", prompts.THINK_PREFILL)
+                  for ex in examples]
     kw = dict(dtype="float32", max_model_len=max(map(len, prompt_ids)) + max_think_tokens) if engine_kind == "vllm" else {}
     t0 = time.perf_counter()
     engine = rollout.make_engine(engine_kind, path, **kw)
-    kept, lengths, dropped = [], [], []
+    kept, lengths, dropped, dropped_hint = [], [], [], []
     try:
         for start in range(0, len(examples), batch):
             outs = engine.generate(prompt_ids[start:start + batch], n=1, temperature=temperature, top_p=1.0,
@@ -72,6 +100,9 @@ def make(model: str, data_spec: str, out: Path, max_think_tokens: int, seed: int
                 think = own_think(c.text, c.finish_reason)
                 if not think:
                     dropped.append(ex.id)
+                    continue
+                if hint and any(w in think.lower() for w in HINT_WORDS):
+                    dropped_hint.append(ex.id)
                     continue
                 ex.think = think
                 kept.append(ex)
@@ -83,7 +114,9 @@ def make(model: str, data_spec: str, out: Path, max_think_tokens: int, seed: int
     out.mkdir(parents=True, exist_ok=True)
     data.save_jsonl(kept, out / "train.jsonl")
     meta = {"model": model, "model_path": str(path), "data": data_spec, "examples": len(examples),
-            "kept": len(kept), "dropped_empty": len(dropped), "dropped_ids": dropped[:50],
+            "kept": len(kept), "dropped_empty": len(dropped), "dropped_ids": dropped[:50], "hint": hint,
+            "dropped_hint": len(dropped_hint), "dropped_hint_ids": dropped_hint[:50],
+            "prompt_tokens_median": statistics.median(map(len, prompt_ids)) if prompt_ids else None,
             "temperature": temperature, "max_think_tokens": max_think_tokens, "stops": STOPS, "seed": seed,
             "engine": engine_kind, "think_tokens": {"median": statistics.median(lengths) if lengths else None,
                                                     "min": min(lengths, default=None), "max": max(lengths, default=None)},
@@ -102,12 +135,17 @@ def main(argv=None) -> int:
     p.add_argument("--max_think_tokens", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--engine", default="vllm", choices=rollout.ENGINE_KINDS)
+    p.add_argument("--hint", action="store_true", help="name the gold answer in the prompt the think is sampled "
+                   "from (STaR's rationalization); default OUT then ends in _hint")
     p.add_argument("--commit", action="store_true", help="commit OUT's two files")
     args = p.parse_args(argv)
     if args.max_think_tokens < 1:
         p.error("--max_think_tokens must be >= 1")
-    meta = make(args.model, args.data, args.out, args.max_think_tokens, args.seed, args.engine)
-    print(json.dumps({k: meta[k] for k in ("examples", "kept", "dropped_empty", "think_tokens", "seconds")}))
+    if args.hint and args.out == OUT:
+        args.out = OUT.with_name(OUT.name + "_hint")
+    meta = make(args.model, args.data, args.out, args.max_think_tokens, args.seed, args.engine, hint=args.hint)
+    print(json.dumps({k: meta[k] for k in ("examples", "kept", "dropped_empty", "dropped_hint", "think_tokens",
+                                           "seconds")}))
     if args.commit:
         paths = [str(args.out / "train.jsonl"), str(args.out / "meta.json")]
         subprocess.run(["git", "add", "--"] + paths, cwd=REPO, check=False)

@@ -44,6 +44,21 @@ def test_example_think_round_trips_and_is_checked():
         render_target(back, "python", "data")
 
 
+def test_hinted_names_the_gold_answer_in_the_last_user_turn_only():
+    ex = data.load_bfcl("simple_python", limit=1)[0]
+    before = ex.to_json()
+    h = st.hinted(ex)
+    assert ex.to_json() == before  # the example itself keeps its prompt
+    gold = render_target(ex, "python", "none")
+    assert gold.startswith("<answer>[") and gold != "<answer>[]</answer>"
+    assert h.messages[-1]["content"] == ex.messages[-1]["content"] + st.HINT.format(answer=f"`{gold}`")
+    assert h.messages[:-1] == ex.messages[:-1] and h.tools == ex.tools and h.ground_truth == ex.ground_truth
+    neg = data.swapped_tools_negative(ex, data.load_bfcl("simple_python", limit=2)[1])
+    assert st.NO_CALL in st.hinted(neg).messages[-1]["content"]
+    with pytest.raises(ValueError, match="no user turn"):
+        st.hinted(Example("x", "simple_python", [{"role": "system", "content": "s"}], ex.tools, ex.ground_truth))
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     from fctrain.models import build_tiny_model
@@ -63,6 +78,14 @@ def test_make_samples_a_think_per_prompt_and_sft_trains_on_it(tiny):
     assert meta["examples"] == 4 and meta["kept"] == len(rows) and meta["kept"] + meta["dropped_empty"] == 4
     assert rows and all(r.think and "<think>" not in r.think for r in rows)
     assert json.loads((out / "meta.json").read_text())["kept"] == len(rows)
+    # the rationalization: thinks sampled beside the gold answer, kept on the plain prompt
+    hinted_meta = st.make(str(model_dir), str(root / "train.jsonl"), root / "hinted", max_think_tokens=12, seed=0,
+                          engine_kind="hf", hint=True)
+    hinted_rows = data.load_jsonl(root / "hinted" / "train.jsonl")
+    assert hinted_meta["prompt_tokens_median"] > meta["prompt_tokens_median"] + 20  # the hint is in the prompt
+    assert hinted_meta["hint"] and hinted_meta["kept"] + hinted_meta["dropped_empty"] + hinted_meta["dropped_hint"] == 4
+    plain = {e.id: e.messages for e in data.load_jsonl(root / "train.jsonl")}
+    assert all(r.messages == plain[r.id] and not any(w in r.think.lower() for w in st.HINT_WORDS) for r in hinted_rows)
     # SFT from inside the opened think on the model's own words; a training set without them is refused
     args = ["--model", str(model_dir), "--engine", "hf", "--eval_data", str(root / "eval.jsonl"), "--eval_limit", "1",
             "--sft_steps", "2", "--sft_batch_size", "2", "--steps", "0", "--max_new_tokens", "16",
