@@ -116,8 +116,11 @@ def build_sets(tokenizer) -> dict:
         out = []
         for neg in negatives:
             q = by_id[data.negative_sources(neg.id)[0]]
-            out += next(n for c in data.near_miss_candidates(q, examples)
-                        if (n := fit([data.swapped_tools_negative(q, c)])))
+            found = next((n for c in data.near_miss_candidates(q, examples)
+                          if (n := fit([data.swapped_tools_negative(q, c)]))), None)
+            if found is None:
+                raise AssertionError(f"no near-miss tools for {q.id} fit {MAX_PROMPT_TOKENS} prompt tokens")
+            out += found
         return out
 
     train_swapped = swapped(train_in, SYN_TRAIN, SPLIT_SEED)

@@ -255,10 +255,11 @@ def near_miss_candidates(question: Example, pool: list[Example], max_name_overla
     function on the question's topic that cannot answer it ("Who won the last world cup?" beside
     get_match_stats), where a random swap offers one from another field that a model rejects easily.
     Topic = the words of the question's turns against those of the candidate's function names and descriptions
-    (cosine of the word sets; ties in a fixed order of their own per question). A candidate is left out when it shares a function name with the question, or when
-    one of its functions looks like a renamed copy of one of the question's own: more than `max_name_overlap` of
-    the name words or `max_description_overlap` of the description words in common (Jaccard). A rule, not a
-    judge: a nearby function may still answer a question, so the negatives it makes are read before use."""
+    (cosine of the word sets; ties in a fixed order of their own per question). A candidate is left out when it
+    shares a function name with the question, or when one of its functions looks like a renamed copy of one of
+    the question's own: more than `max_name_overlap` of the name words or `max_description_overlap` of the
+    description words in common (Jaccard). A rule, not a judge: a nearby function may still answer a question,
+    so the negatives it makes are read before use."""
     asked = _topic_words(" ".join(str(m.get("content", "")) for m in question.messages))
     own = [(_topic_words(t["name"]), _topic_words(str(t.get("description", "")))) for t in question.tools]
     names = {t["name"] for t in question.tools}
