@@ -7,6 +7,7 @@ without collapsing the policy, before any long run or held-out evaluation.
     python benchmarks/bench_qwen_pilots.py heldout --commit      # the kept final policies on (a)/(b)/(c)
     python benchmarks/bench_qwen_pilots.py val-irr --commit      # kept policies on val_irr, (c)'s kind, for choosing
     python benchmarks/bench_qwen_pilots.py run --arms long-rl long-sft --piece-s 5400 --commit   # a piece each
+    python benchmarks/bench_qwen_pilots.py rebuild --arms sft-start-s0 --commit   # a kept policy back, new machine
 
 Every arm is `python -m fctrain.run --preset qwen0.5b-cpu` (as it was when the pilots ran: lr 2e-6 with
 a cosine schedule, overridden here; the preset now holds what these pilots chose: 1e-6, constant) (16 prompts
@@ -178,6 +179,13 @@ ARMS = {
     # their question). The same questions beside near-miss tools instead (split:train_nm, data.near_miss_candidates:
     # 141 of 160 share one), everything else as sft-rl-s1; chosen against it on val_irr and val.
     "sft-rl-nm-s1": ["--model", SFT_START, "--lr", "1e-6", "--seed", "11", "--train_data", "split:train_nm"],
+    # chosen on val_irr (+7.5 [+3.3, +12.5] against sft-rl-s1) and val (+0.8): its seeds 0 and 2, as sft-rl-s0/-s2.
+    # Their starts were rebuilt on another machine (`rebuild`: a sibling of the committed start, not a copy), so
+    # each evaluates its own start at step 0.
+    "sft-rl-nm-s0": ["--model", SFT_START0, "--lr", "1e-6", "--seed", "10", "--train_data", "split:train_nm",
+                     "--eval_at_start", "true"],
+    "sft-rl-nm-s2": ["--model", SFT_START2, "--lr", "1e-6", "--seed", "12", "--train_data", "split:train_nm",
+                     "--eval_at_start", "true"],
     # EGPO vs GRPO where the think is the model's own (issue 30): asked for a think, raw Qwen writes none (10 of
     # 1,920 samples open one; the SFT starts answer without one), so EGPO's H was 0 and EGPO = GRPO by
     # construction. Handed an opened think (--think prefill) the raw model reasons in its own words but closed
@@ -202,7 +210,7 @@ START_ARM = "lr5e-7"  # its step-0 evaluation is everyone's baseline
 START_OF = {"sft-rl-s1": "sft-rl-s1", "sft-more-s1": "sft-rl-s1", "sft-rl-s0": "sft-rl-s0", "sft-more-s0": "sft-rl-s0",
             "sft-rl-bal-s1": "sft-rl-s1", "sft-rl-bal-s0": "sft-rl-s0", "sft-rl-s2": "sft-rl-s2", "sft-more-s2": "sft-rl-s2",
             "sft-rl-bal-s2": "sft-rl-s2", "think-egpo-s1": "think-egpo-s1", "think-grpo-s1": "think-egpo-s1",
-            "sft-rl-nm-s1": "sft-rl-s1"}
+            "sft-rl-nm-s1": "sft-rl-s1", "sft-rl-nm-s0": "sft-rl-nm-s0", "sft-rl-nm-s2": "sft-rl-nm-s2"}
 # an SFT control gets the training seconds of this RL arm (the pilots': finished; the long ones': so far)
 CONTROL_OF = {"sft-control": "lr1e-6", "sft-control-s1": "lr1e-6-s1", "long-sft": "long-rl",
               "sft-more-s1": "sft-rl-s1", "sft-more-s0": "sft-rl-s0", "sft-more-s2": "sft-rl-s2"}
@@ -214,6 +222,7 @@ LONG_ARMS = ("long-rl", "long-sft")
 # three seeds side by side (the start of seed 1 is sft-control-s1's kept policy)
 RL3, MORE3 = ("sft-rl-s0", "sft-rl-s1", "sft-rl-s2"), ("sft-more-s0", "sft-more-s1", "sft-more-s2")
 START3, BAL3 = ("sft-start-s0", "sft-control-s1", "sft-start-s2"), ("sft-rl-bal-s0", "sft-rl-bal-s1", "sft-rl-bal-s2")
+NM3 = ("sft-rl-nm-s0", "sft-rl-nm-s1", "sft-rl-nm-s2")
 VAL_PAIRS = (("lr1e-6", "sft-control"), ("lr1e-6-s1", "sft-control-s1"),
              (("lr1e-6", "lr1e-6-s1"), ("sft-control", "sft-control-s1")),
              ("lr1e-6-dbal-s1", "lr1e-6-s1"), ("lr1e-6-dbal-s1", "sft-control-s1"),
@@ -242,14 +251,17 @@ VAL_PAIRS = (("lr1e-6", "sft-control"), ("lr1e-6-s1", "sft-control-s1"),
              (("lr1e-6-abal", "lr1e-6-abal-s1"), ("lr1e-6", "lr1e-6-s1")),
              (("lr1e-6-abal", "lr1e-6-abal-s1"), ("sft-control", "sft-control-s1")),
              ("think-egpo-s1", "think-grpo-s1"),
-             ("sft-rl-nm-s1", "sft-rl-s1"), ("sft-rl-nm-s1", "sft-more-s1"))
+             ("sft-rl-nm-s1", "sft-rl-s1"), ("sft-rl-nm-s1", "sft-more-s1"),
+             ("sft-rl-nm-s0", "sft-rl-s0"), ("sft-rl-nm-s0", "sft-more-s0"),
+             ("sft-rl-nm-s2", "sft-rl-s2"), ("sft-rl-nm-s2", "sft-more-s2"),
+             (NM3, RL3), (NM3, MORE3))
 HELDOUT_SETS = ("test_in", "test_ood", "test_irr", "val")
 # sft-control-s1: the control of lr1e-6-s1's own seed (2026-12-04, on the Zen 4 kind both ran on)
 # sft-rl-s1 / sft-more-s1: RL from the SFT start against SFT going on, the first RL arm above its control on val
 # (+13.3 [+5.0, +21.7], 2026-12-04, the Zen 4); evaluated held out in the same session
 HELDOUT_ARMS = ("sft-control", "lr1e-6-s1", "untrained", "sft-control-s1", "sft-rl-s1", "sft-more-s1",
                 "sft-rl-s0", "sft-more-s0", "sft-start-s0", "sft-rl-s2", "sft-more-s2", "sft-start-s2",
-                "sft-rl-bal-s1", "sft-rl-bal-s0", "sft-rl-bal-s2")
+                "sft-rl-bal-s1", "sft-rl-bal-s0", "sft-rl-bal-s2", "sft-rl-nm-s0", "sft-rl-nm-s1", "sft-rl-nm-s2")
 HELDOUT_PAIRS = (("lr1e-6-s1", "sft-control"), ("lr1e-6-s1", "sft-control-s1"),  # (RL, control): RL - control
                  ("sft-rl-s1", "sft-more-s1"), ("sft-rl-s1", "sft-control-s1"), ("sft-more-s1", "sft-control-s1"),
                  ("sft-rl-s0", "sft-more-s0"), ("sft-rl-s0", "sft-start-s0"), ("sft-more-s0", "sft-start-s0"),
@@ -267,20 +279,31 @@ HELDOUT_PAIRS = (("lr1e-6-s1", "sft-control"), ("lr1e-6-s1", "sft-control-s1"), 
                  ("sft-rl-bal-s2", "sft-rl-s2"), ("sft-rl-bal-s2", "sft-more-s2"),
                  (BAL3, RL3),
                  (BAL3, MORE3),
-                 (BAL3, START3))
+                 (BAL3, START3),
+                 # the swapped-tool negatives beside near-miss tools (split:train_nm), chosen on val + val_irr (seed 1;
+                 # policies of seeds 0 and 1 rebuilt on another machine than their plain-RL siblings: see `rebuild`)
+                 ("sft-rl-nm-s0", "sft-rl-s0"), ("sft-rl-nm-s0", "sft-more-s0"), ("sft-rl-nm-s0", "sft-start-s0"),
+                 ("sft-rl-nm-s1", "sft-rl-s1"), ("sft-rl-nm-s1", "sft-more-s1"), ("sft-rl-nm-s1", "sft-control-s1"),
+                 ("sft-rl-nm-s2", "sft-rl-s2"), ("sft-rl-nm-s2", "sft-more-s2"), ("sft-rl-nm-s2", "sft-start-s2"),
+                 (NM3, RL3),
+                 (NM3, MORE3),
+                 (NM3, START3))
 # val_irr: BFCL `irrelevance` examples of (c)'s own kind, disjoint from it and never trained on (bench_rl's
 # build_sets). Val's no-call prompts (live_irrelevance, swapped tools) sit at 95% for RL from SFT, while (c) is at
 # ~72%: the irrelevance target cannot be chosen on them. Kept policies evaluated on it, each once; no choice made
 # on it is reported on it (the held-out (c) stays the report).
 VAL_IRR_ARMS = ("sft-control-s1", "sft-rl-s1", "sft-rl-bal-s1", "sft-start-s0", "sft-rl-s0", "sft-rl-bal-s0",
-                "sft-start-s2", "sft-rl-s2", "sft-rl-bal-s2", "sft-rl-nm-s1")
+                "sft-start-s2", "sft-rl-s2", "sft-rl-bal-s2", "sft-rl-nm-s1", "sft-rl-nm-s0", "sft-rl-nm-s2")
 VAL_IRR_PAIRS = (("sft-rl-bal-s1", "sft-rl-s1"), ("sft-rl-s1", "sft-control-s1"), ("sft-rl-bal-s1", "sft-control-s1"),
                  ("sft-rl-bal-s0", "sft-rl-s0"), ("sft-rl-s0", "sft-start-s0"), ("sft-rl-bal-s0", "sft-start-s0"),
                  (("sft-rl-bal-s0", "sft-rl-bal-s1"), ("sft-rl-s0", "sft-rl-s1")),
                  ("sft-rl-bal-s2", "sft-rl-s2"), ("sft-rl-s2", "sft-start-s2"), ("sft-rl-bal-s2", "sft-start-s2"),
                  (BAL3, RL3),
                  (BAL3, START3),
-                 ("sft-rl-nm-s1", "sft-rl-s1"), ("sft-rl-nm-s1", "sft-control-s1"))
+                 ("sft-rl-nm-s1", "sft-rl-s1"), ("sft-rl-nm-s1", "sft-control-s1"),
+                 ("sft-rl-nm-s0", "sft-rl-s0"), ("sft-rl-nm-s0", "sft-start-s0"),
+                 ("sft-rl-nm-s2", "sft-rl-s2"), ("sft-rl-nm-s2", "sft-start-s2"),
+                 (NM3, RL3))
 # suite (its folder under RESULTS and WORK): (its sets, the policies it may evaluate, its comparisons)
 SUITES = {"heldout": (HELDOUT_SETS, HELDOUT_ARMS, HELDOUT_PAIRS),
           "val_irr": (("val_irr",), VAL_IRR_ARMS, VAL_IRR_PAIRS)}
@@ -391,16 +414,86 @@ def run_arm(arm: str, commit: bool, piece_s: float | None = None, any_machine: b
     meta = common.run_metadata("cpu") | {"arm": arm, "args": args, "wall_s": time.time() - t0,
                                           "load_avg_end": common.load_avg()}
     (RESULTS / f"{arm}.meta.json").write_text(json.dumps(meta, indent=1) + "\n")
-    ckpts = sorted(out.glob("ckpt-*"))
-    for ckpt in ckpts[:-1]:  # ~6 GB each; the metrics are the result
-        shutil.rmtree(ckpt, ignore_errors=True)
-    if ckpts:  # the final policy stays (2 GB, no optimizer state) for a held-out evaluation: out/final
-        (ckpts[-1] / "trainer_state.pt").unlink(missing_ok=True)
-        shutil.rmtree(out / "final", ignore_errors=True)
-        ckpts[-1].rename(out / "final")
+    keep_final(out)
     report()
     if commit:
         commit_results(f"qwen pilots: arm {arm} finished (val only)")
+
+
+def keep_final(out: Path) -> None:
+    """A finished trainer's last checkpoint becomes out/final (weights only, 2 GB) for later arms and held-out
+    evaluations; the others go (~6 GB each with the optimizer; the metrics are the result)."""
+    ckpts = sorted(out.glob("ckpt-*"), key=lambda c: int(c.name.split("-")[1]))
+    for ckpt in ckpts[:-1]:
+        shutil.rmtree(ckpt, ignore_errors=True)
+    if ckpts:
+        (ckpts[-1] / "trainer_state.pt").unlink(missing_ok=True)
+        shutil.rmtree(out / "final", ignore_errors=True)
+        ckpts[-1].rename(out / "final")
+
+
+# ------------------------------------------------------------------------------------------------ rebuild
+# Kept policies (2 GB each) live under runs/, which a new machine does not have: only the recipe and the metrics
+# are committed. `rebuild` runs a finished arm's trainer again, with the same options, to put its kept policy
+# back for the arms that start from it and for held-out evaluations, and says how closely it repeats the
+# committed run: its last val verdicts and call decisions, prompt by prompt. Sampling, fp32 kernels and thread
+# scheduling differ across kinds of machine, so a rebuilt policy is a sibling of the committed one, not a copy;
+# its own metrics go to RESULTS/rebuilt and never replace the arm's.
+
+def rebuilt_path(arm: str) -> Path:
+    return RESULTS / "rebuilt" / f"{arm}.metrics.jsonl"
+
+
+def rebuild_args(arm: str) -> list[str]:
+    """The arm's trainer options as it ran; an SFT control's time budget becomes the SFT steps it reached (the
+    seconds of one machine are another number of steps on another), an RL arm keeps its step count."""
+    history = load(arm) if metrics_path(arm).exists() else None
+    if history is None:
+        raise SystemExit(f"{arm} has not finished: nothing to rebuild (run it)")
+    args = COMMON + ARMS[arm] + ["--out_dir", str(WORK / arm)]
+    if arm in CONTROL_OF:
+        args += ["--sft_steps", str(sum(r.get("phase") == "sft" for r in history))]
+    return args
+
+
+def agreement(committed: list[dict], rebuilt: list[dict]) -> dict:
+    """The last val evaluation of each, prompt by prompt: how many verdicts and call decisions are the same."""
+    last = lambda h: [r for r in h if r.get("phase") == "eval" and "verdicts" in r][-1]
+    a, b = last(committed), last(rebuilt)
+    ids = sorted(set(a["verdicts"]) & set(b["verdicts"]))
+    same_decision = sum(a.get("decisions", {}).get(i) == b.get("decisions", {}).get(i) for i in ids)
+    return {"n": len(ids), "committed_acc": sum(a["verdicts"][i] for i in ids) / len(ids),
+            "rebuilt_acc": sum(b["verdicts"][i] for i in ids) / len(ids),
+            "same_verdicts": sum(a["verdicts"][i] == b["verdicts"][i] for i in ids), "same_decisions": same_decision}
+
+
+def rebuild_arm(arm: str, commit: bool) -> dict:
+    out = WORK / arm
+    if (out / "final" / "config.json").exists():
+        print(f"[qwen_pilots] {arm}: kept policy present, nothing to rebuild", flush=True)
+        return {}
+    args = rebuild_args(arm)
+    if any(out.glob("ckpt-*")):
+        args += ["--resume", str(out)]
+    print(f"[qwen_pilots] rebuild {arm}: {' '.join(args)}", flush=True)
+    t0 = time.time()
+    if train(args, None) != 0:
+        raise SystemExit(f"rebuild {arm}: the trainer failed; rerun resumes from its last checkpoint")
+    from fctrain.run import training_seconds
+    history = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    same = agreement(load(arm), history)
+    rebuilt_path(arm).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(out / "metrics.jsonl", rebuilt_path(arm))
+    meta = common.run_metadata("cpu") | {"arm": arm, "args": args, "wall_s": time.time() - t0,
+                                          "train_s": round(training_seconds(history), 1), "agreement": same}
+    (RESULTS / "rebuilt" / f"{arm}.meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    keep_final(out)
+    print(f"[qwen_pilots] rebuild {arm}: last val {100 * same['rebuilt_acc']:.1f} (committed "
+          f"{100 * same['committed_acc']:.1f}); the same verdict on {same['same_verdicts']}/{same['n']} prompts, "
+          f"the same call decision on {same['same_decisions']}/{same['n']}", flush=True)
+    if commit:
+        commit_results(f"qwen pilots: {arm} rebuilt on {meta['device']}", RESULTS / "rebuilt")
+    return same
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -749,7 +842,16 @@ def main(argv=None) -> int:
     v.add_argument("--policies", nargs="+", default=list(VAL_IRR_ARMS), choices=VAL_IRR_ARMS)
     v.add_argument("--commit", action="store_true", help="git-commit the results after each policy")
     v.add_argument("--report", action="store_true", help="only the report of what was evaluated")
+    b = sub.add_parser("rebuild", help="run finished arms again to put back their kept policies (a new machine)")
+    b.add_argument("--arms", nargs="+", required=True)
+    b.add_argument("--commit", action="store_true", help="git-commit RESULTS/rebuilt after each arm")
     args = p.parse_args(argv)
+    if args.cmd == "rebuild":
+        for arm in args.arms:
+            if arm not in ARMS:
+                raise SystemExit(f"unknown arm {arm!r}; known: {list(ARMS)}")
+            rebuild_arm(arm, args.commit)
+        return 0
     if args.cmd == "report":
         report()
         return 0

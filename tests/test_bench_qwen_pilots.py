@@ -284,3 +284,44 @@ def test_the_tables_name_only_defined_arms_once():
     assert bench.SUITES["heldout"] == (bench.HELDOUT_SETS, bench.HELDOUT_ARMS, bench.HELDOUT_PAIRS)
     assert set(bench.START_OF) | set(bench.START_OF.values()) | set(bench.CONTROL_OF) <= set(bench.ARMS)
     assert set(bench.CONTROL_OF.values()) <= set(bench.ARMS)
+
+
+def test_rebuild_reruns_a_finished_arm_keeps_its_policy_and_counts_what_repeats(tmp_path, monkeypatch):
+    """rebuild: the arm's own options (an SFT control's seconds become the steps it reached), the policy kept
+    as final, its metrics beside the committed ones (never over them), and the agreement prompt by prompt."""
+    monkeypatch.setattr(bench, "RESULTS", tmp_path)
+    monkeypatch.setattr(bench, "WORK", tmp_path / "work")
+    committed = [_eval(0, "before", dict.fromkeys(KINDS, 0), {}), {"step": 1, "phase": "sft", "step_s": 50.0},
+                 {"step": 2, "phase": "sft", "step_s": 50.0},
+                 _eval(2, "after", {"c1": 1, "c2": 1, "c3": 0, "n1": 1},
+                       {"c1": "call", "c2": "call", "c3": "none", "n1": "none"})]
+    arm = "sft-control-s1"  # a control: its budget was seconds
+    (tmp_path / f"{arm}.metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in committed))
+    calls = []
+
+    def fake_train(args, piece_s):
+        calls.append(args)
+        out = Path(args[args.index("--out_dir") + 1])
+        for step in (1, 2):
+            (out / f"ckpt-{step:06d}").mkdir(parents=True)
+            (out / f"ckpt-{step:06d}" / "config.json").write_text("{}")
+            (out / f"ckpt-{step:06d}" / "trainer_state.pt").write_text("optimizer")
+        rebuilt = committed[:3] + [_eval(2, "after", {"c1": 1, "c2": 0, "c3": 0, "n1": 1},
+                                         {"c1": "call", "c2": "bad", "c3": "none", "n1": "none"})]
+        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rebuilt))
+        return 0
+
+    monkeypatch.setattr(bench, "train", fake_train)
+    same = bench.rebuild_arm(arm, commit=False)
+    args = calls[0]
+    last = lambda key: args[len(args) - 1 - args[::-1].index(key) + 1]
+    assert last("--sft_steps") == "2" and "--time_budget_s" not in args and "--resume" not in args
+    assert same == {"n": 4, "committed_acc": 0.75, "rebuilt_acc": 0.5, "same_verdicts": 3, "same_decisions": 3}
+    final = tmp_path / "work" / arm / "final"
+    assert (final / "config.json").exists() and not (final / "trainer_state.pt").exists()
+    assert not list((tmp_path / "work" / arm).glob("ckpt-*"))
+    assert len(open(tmp_path / f"{arm}.metrics.jsonl").readlines()) == 4  # the committed run untouched
+    assert json.loads((tmp_path / "rebuilt" / f"{arm}.meta.json").read_text())["agreement"] == same
+    assert bench.rebuild_arm(arm, commit=False) == {} and len(calls) == 1  # kept: nothing to do
+    with pytest.raises(SystemExit, match="has not finished"):
+        bench.rebuild_arm("sft-rl-s1", commit=False)
