@@ -77,6 +77,7 @@ SFT_START = "runs/qwen_pilots/sft-control-s1/final"  # sft-control-s1's kept fin
 SFT_START0 = "runs/qwen_pilots/sft-start-s0/final"  # sft-start-s0's: the seed-0 start (26 SFT steps, as seed 1's)
 SFT_START2 = "runs/qwen_pilots/sft-start-s2/final"  # sft-start-s2's: the seed-2 start (26 SFT steps)
 SELF_THINK = "benchmarks/results/qwen_pilots_cpu/self_think/train.jsonl"  # bench_self_think.py: the model's own thinks
+SELF_THINK_HINT = "benchmarks/results/qwen_pilots_cpu/self_think_hint/train.jsonl"  # --hint: reasoned toward the gold
 THINK_START = "runs/qwen_pilots/think-sft-start-s1/final"  # think-sft-start-s1's: SFT on them, from inside the think
 # In the order they run. The 5-step run at lr up to 2e-6 (results/qwen_5step_cpu) collapsed to short
 # no-call answers after 3 updates, so the sweep starts at the paper's 1e-6 and goes down.
@@ -196,6 +197,12 @@ ARMS = {
     "think-sft-start-s1": ["--think", "prefill", "--sft_think", "data", "--train_data", SELF_THINK,
                            "--sft_steps", "26", "--steps", "0", "--sft_lr", "2e-5", "--sft_batch_size", "8",
                            "--beta", "0", "--eval_every", "1000", "--save_every", "13", "--seed", "1"],
+    # think-sft-start-s1 called on 87% of val's no-call prompts: its thinks restate every request as a task. The
+    # same start from thinks sampled with the gold answer named (bench_self_think.py --hint, STaR's rationalization;
+    # the hint is not in the SFT prompt), so a think can say that no function fits before answering `[]`.
+    "think-hint-sft-start-s1": ["--think", "prefill", "--sft_think", "data", "--train_data", SELF_THINK_HINT,
+                                "--sft_steps", "26", "--steps", "0", "--sft_lr", "2e-5", "--sft_batch_size", "8",
+                                "--beta", "0", "--eval_every", "1000", "--save_every", "13", "--seed", "1"],
     "think-egpo-s1": ["--model", THINK_START, "--think", "prefill", "--algo", "egpo", "--lr", "1e-6", "--seed", "11",
                       "--eval_at_start", "true"],
     "think-grpo-s1": ["--model", THINK_START, "--think", "prefill", "--algo", "grpo", "--lr", "1e-6", "--seed", "11"],
