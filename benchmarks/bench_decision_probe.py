@@ -3,6 +3,7 @@ threshold-free separation score, on the Qwen pilots' kept final policies)
 
     python benchmarks/bench_decision_probe.py run --policies untrained lr1e-6-abal-s1 ... [--commit]
     python benchmarks/bench_decision_probe.py report
+    python benchmarks/bench_decision_probe.py think --policies think-hint-sft-start-s1 [--commit]
 
 For each val prompt (the trainer's `split:val`, prompts over 768 tokens dropped as the trainer drops them),
 one forward pass over the prompt followed by the opening of an answer, `<answer` (Qwen answers without a
@@ -22,6 +23,13 @@ each P summed over the vocabulary's tokens of its kind (P(other): everything els
 One forward per prompt in float32 on CPU, logits of the last position only (on the 2-core Zen 4: 2.7 s each
 on two threads, 6.5-7 s on one beside a training arm; one thread by default so such an arm keeps its cores).
 Each policy's per-prompt scores go to results/qwen_pilots_cpu/decision_probe/<policy>.json (a policy already there is skipped); `report` writes summary.md there.
+
+`think`: the same decision for a policy that thinks first (`--think prefill`, the think starts of EGPO vs GRPO).
+Each val prompt ends with the opened think; the policy's own greedy think is generated (up to the trainer's
+160 tokens, stopped at `</think>`), and the decision is read after three leads, each tokenized with the answer
+as the SFT target is: its own think + `</think>` (what the evaluation sees), a fixed no-call think (NO_CALL_THINK:
+does a think that says "no call" lead to `[]`?), and on the SFT data it was trained on, the data's own think
+(teacher-forced: did SFT fit its no-call targets?). Results: decision_probe/think/<policy>.json and summary.md.
 """
 from __future__ import annotations
 
@@ -146,6 +154,125 @@ def run(args) -> None:
                                              RESULTS)
 
 
+THINK_RESULTS = RESULTS / "think"
+NO_CALL_THINK = "None of the available functions can do what the user asks, so I make no call."
+THINK_MAX_TOKENS, THINK_TRAIN_ROWS = 160, 40  # the trainer's completion budget; SFT rows probed (half no-call)
+
+
+@torch.inference_mode()
+def decision_after(model, tokenizer, ids: list[int], leads: list[str]) -> list[tuple[float, float]]:
+    """(log P(no call), log P(call)) at the answer's opening after each lead, all after the same prompt `ids`:
+    the prompt is run once and its cache cut back to it before each lead."""
+    out = model(torch.tensor([ids]), use_cache=True)
+    cache, scores = out.past_key_values, []
+    for lead in leads:
+        prefix, nones, calls = prompts.decision_tokens(tokenizer, lead)
+        cache.crop(len(ids))
+        logp = model(torch.tensor([prefix]), past_key_values=cache, use_cache=True,
+                     logits_to_keep=1).logits[0, -1].double().log_softmax(-1)
+        scores.append((logp[nones].logsumexp(0).item(), logp[calls].logsumexp(0).item()))
+    return scores
+
+
+def think_probe(model, tokenizer, engine, examples, prompt_ids, no_call: set[str]) -> list[dict]:
+    """Per val prompt (its ids end with the opened think): the policy's greedy think, whether it closed, and the
+    decision after it and after NO_CALL_THINK."""
+    outs = engine.generate(prompt_ids, n=1, temperature=0.0, top_p=1.0, max_tokens=THINK_MAX_TOKENS,
+                           stop=["</think>"], seed=0)
+    rows = []
+    for e, ids, (c,) in zip(examples, prompt_ids, outs):
+        think = c.text.split("</think>")[0]
+        (own_n, own_c), (neg_n, neg_c) = decision_after(model, tokenizer, ids, [think + "</think>",
+                                                                                 NO_CALL_THINK + "</think>"])
+        rows.append({"id": e.id, "no_call": e.id in no_call, "think": think,
+                     "closed": "</think>" in tokenizer.decode(c.token_ids), "logp_none": own_n, "logp_call": own_c,
+                     "p_other": max(0.0, 1 - math.exp(own_n) - math.exp(own_c)),
+                     "nc_logp_none": neg_n, "nc_logp_call": neg_c})
+    return rows
+
+
+def think_summary(rows: list[dict], fit: list[dict]) -> dict:
+    mean = lambda xs: sum(xs) / max(1, len(xs))
+    side = lambda no_call: [r for r in rows if r["no_call"] == no_call]
+    return summarize(rows) | {
+        "closed_no_call": mean([r["closed"] for r in side(True)]),
+        "closed_call": mean([r["closed"] for r in side(False)]),
+        "think_words_no_call": mean([len(r["think"].split()) for r in side(True)]),
+        "nc_think_p_none_on_no_call": mean([math.exp(r["nc_logp_none"]) for r in side(True)]),
+        "nc_think_p_none_on_call": mean([math.exp(r["nc_logp_none"]) for r in side(False)]),
+        "sft_fit_p_none_on_no_call": mean([math.exp(r["logp_none"]) for r in fit if r["no_call"]]),
+        "sft_fit_p_none_on_call": mean([math.exp(r["logp_none"]) for r in fit if not r["no_call"]]),
+        "sft_fit_auc": auc([r["logp_none"] - r["logp_call"] for r in fit if r["no_call"]],
+                           [r["logp_none"] - r["logp_call"] for r in fit if not r["no_call"]])}
+
+
+def run_think(args) -> None:
+    from fctrain import data as fdata
+    from fctrain import models, reward
+    from fctrain.rollout import HFEngine
+
+    torch.set_num_threads(args.threads)
+    THINK_RESULTS.mkdir(parents=True, exist_ok=True)
+    tokenizer = models.load_tokenizer(models.resolve_model(bench_qwen_pilots.kept_policy("untrained")))
+    pre = prompts.THINK_PREFILL
+    examples = [e for e in fdata.load_split("val")
+                if len(prompts.build_prompt_ids(e, tokenizer, "python", pre)) <= MAX_PROMPT_TOKENS]  # the trainer's cut
+    prompt_ids = [prompts.build_prompt_ids(e, tokenizer, "python", pre) for e in examples]
+    no_call = {i for i, kind in bench_qwen_pilots.val_kinds().items() if kind == "no_call"}
+    sft = [e for e in fdata.load_any(bench_qwen_pilots.SELF_THINK_HINT)
+           if len(prompts.build_prompt_ids(e, tokenizer, "python", pre)) <= MAX_PROMPT_TOKENS]
+    half = THINK_TRAIN_ROWS // 2
+    sft = ([e for e in sft if reward.is_irrelevance(e.category)][:half]
+           + [e for e in sft if not reward.is_irrelevance(e.category)][:half])
+    for name in args.policies:
+        out = THINK_RESULTS / f"{name}.json"
+        if out.exists():
+            print(f"[think probe] {out.name} exists: skipped", flush=True)
+            continue
+        path = models.resolve_model(bench_qwen_pilots.kept_policy(name))
+        t0 = time.perf_counter()
+        model = models.load_model(path)
+        rows = think_probe(model, tokenizer, HFEngine(model, tokenizer, batch_size=8), examples, prompt_ids, no_call)
+        fit = []
+        for e in sft:  # teacher-forced: the SFT target's own think before the answer
+            ((n, c),) = decision_after(model, tokenizer, prompts.build_prompt_ids(e, tokenizer, "python", pre),
+                                       [prompts.render_target(e, "python", "data").removeprefix("<think>")
+                                        .split("<answer>")[0]])
+            fit.append({"id": e.id, "no_call": reward.is_irrelevance(e.category), "logp_none": n, "logp_call": c})
+        meta = common.run_metadata("cpu") | {"policy": name, "data": DATA, "threads": args.threads,
+                                             "sft_data": bench_qwen_pilots.SELF_THINK_HINT,
+                                             "seconds": round(time.perf_counter() - t0, 1)}
+        out.write_text(json.dumps({"meta": meta, "summary": think_summary(rows, fit), "rows": rows, "sft_fit": fit},
+                                  indent=1) + "\n")
+        print(f"[think probe] {name}: {json.dumps(think_summary(rows, fit))} ({meta['seconds']} s)", flush=True)
+        if args.commit:
+            think_report_md()
+            bench_qwen_pilots.commit_results(f"decision probe after the think: {name}", THINK_RESULTS)
+
+
+def think_report_md() -> str:
+    lines = ["# Decision after the policy's own think (val, --think prefill)", "",
+             "P(no call): the probability of `[]` at the answer's opening. Own think: the policy's greedy think "
+             f"(<= {THINK_MAX_TOKENS} tokens). Fixed no-call think: \"{NO_CALL_THINK}\". SFT fit: the SFT data's "
+             f"own thinks, teacher-forced ({THINK_TRAIN_ROWS} rows, half no-call).", "",
+             "| policy | think closed: no-call / call | AUC after own think "
+             "| P(no call) after own think: no-call / call | balanced acc "
+             "| P(no call) after the fixed no-call think: no-call / call "
+             "| SFT fit: P(no call) no-call / call, AUC | machine |", "|---|---|---|---|---|---|---|---|"]
+    for p in sorted(THINK_RESULTS.glob("*.json")):
+        r = json.loads(p.read_text())
+        s, (a, lo, hi) = r["summary"], auc_ci(r["rows"])
+        lines.append(f"| {p.stem} | {100 * s['closed_no_call']:.0f}% / {100 * s['closed_call']:.0f}% "
+                     f"| {a:.3f} [{lo:.3f}, {hi:.3f}] | {s['p_none_on_no_call']:.3f} / {s['p_none_on_call']:.3f} "
+                     f"| {100 * s['balanced_acc']:.1f} "
+                     f"| {s['nc_think_p_none_on_no_call']:.3f} / {s['nc_think_p_none_on_call']:.3f} "
+                     f"| {s['sft_fit_p_none_on_no_call']:.3f} / {s['sft_fit_p_none_on_call']:.3f}, "
+                     f"{s['sft_fit_auc']:.3f} | {r['meta']['device']} |")
+    text = "\n".join(lines) + "\n"
+    (THINK_RESULTS / "summary.md").write_text(text)
+    return text
+
+
 def load_all() -> dict[str, dict]:
     return {p.stem: json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))}
 
@@ -188,9 +315,15 @@ def main(argv=None) -> None:
     r.add_argument("--threads", type=int, default=1)
     r.add_argument("--commit", action="store_true", help="commit each policy's result and the summary")
     sub.add_parser("report", help="write summary.md from the stored results")
+    t = sub.add_parser("think", help="the decision after a thinking policy's own think (--think prefill)")
+    t.add_argument("--policies", nargs="+", required=True)
+    t.add_argument("--threads", type=int, default=1)
+    t.add_argument("--commit", action="store_true", help="commit each policy's result and the summary")
     args = ap.parse_args(argv)
     if args.cmd == "run":
         run(args)
+    elif args.cmd == "think":
+        run_think(args)
     else:
         print(report_md(), end="")
 

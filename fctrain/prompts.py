@@ -254,22 +254,25 @@ def render_target(example: Example, fmt: str = "python", think: str = "plan") ->
     raise ValueError(f"unknown format {fmt!r}; expected one of {reward.FORMATS}")
 
 
-def decision_tokens(tokenizer) -> tuple[list[int], list[int], list[int]]:
+def decision_tokens(tokenizer, lead: str = "") -> tuple[list[int], list[int], list[int]]:
     """(prefix ids, no-call token ids, call token ids) at the answer's decision point.
 
-    The prefix is the tokens that `<answer>[]</answer>` and `<answer>[f()]</answer>` share; after it the two
+    The prefix is the tokens that `lead<answer>[]</answer>` and `lead<answer>[f()]</answer>` share (`lead`, what
+    comes before the answer in the completion, e.g. a think and its `</think>`, tokenized with it as the SFT
+    target is, since BPE may merge across the edge); after it the two
     texts still share `c` (`>[` for Qwen, whose BPE merges `>[]` and `>[`; empty where `[` ends the prefix). A
     token is no-call if its text starts with `c]`, call if it starts with `c` followed by a function name's
     first letter (or by nothing but whitespace, when `c` is not empty); any other token is neither."""
-    none_ids = tokenizer.encode("<answer>[]</answer>", add_special_tokens=False)
-    call_ids = tokenizer.encode("<answer>[f()]</answer>", add_special_tokens=False)
+    none_text, call_text_ = lead + "<answer>[]</answer>", lead + "<answer>[f()]</answer>"
+    none_ids = tokenizer.encode(none_text, add_special_tokens=False)
+    call_ids = tokenizer.encode(call_text_, add_special_tokens=False)
     k = 0
     while k < min(len(none_ids), len(call_ids)) and none_ids[k] == call_ids[k]:
         k += 1
     prefix = none_ids[:k]
     rest_none, rest_call = tokenizer.decode(none_ids[k:]), tokenizer.decode(call_ids[k:])
-    if tokenizer.decode(prefix) + rest_none != "<answer>[]</answer>" or "]" not in rest_none:
-        raise ValueError("decision_tokens: the tokenizer does not split '<answer>[]</answer>' at a token edge")
+    if tokenizer.decode(prefix) + rest_none != none_text or "]" not in rest_none:
+        raise ValueError(f"decision_tokens: the tokenizer does not split {none_text!r} at a token edge")
     c = rest_none[: rest_none.index("]")]  # the text both answers still share
     if not rest_call.startswith(c):
         raise ValueError(f"decision_tokens: {rest_none!r} and {rest_call!r} do not share {c!r}")

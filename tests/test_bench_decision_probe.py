@@ -37,6 +37,18 @@ def test_decision_tokens_split_the_two_answers_where_they_differ(tokenizer):
     assert not any(tokenizer.decode([i]).lstrip(">[").startswith("]") for i in calls)
 
 
+@pytest.mark.parametrize("lead", ["<think>\nNo tool fits.</think>", "x</think>", " ok >", "<think>a\n\n</think>\n"])
+def test_decision_tokens_after_a_lead_are_tokenized_with_it(tokenizer, lead):
+    """With a think before the answer, the split is found on lead + answer tokenized together (as the SFT target
+    is), so a BPE merge across `</think><answer` cannot hide the decision token."""
+    prefix, nones, calls = prompts.decision_tokens(tokenizer, lead)
+    for answer, kind in (("[]</answer>", nones), ("[get_weather(city='Paris')]</answer>", calls)):
+        ids = tokenizer.encode(lead + "<answer>" + answer, add_special_tokens=False)
+        assert ids[: len(prefix)] == prefix and ids[len(prefix)] in kind
+    assert tokenizer.decode(prefix).startswith(lead.rstrip(">")) and not set(nones) & set(calls)
+    assert (prompts.decision_tokens(tokenizer, "")[1:]) == (nones, calls)  # the token kinds do not depend on it
+
+
 def test_probe_on_a_tiny_real_model(tmp_path, tokenizer):
     path = models.build_tiny_model(tmp_path / "tiny")
     model = models.load_model(path)
@@ -98,3 +110,34 @@ def test_the_offset_weighs_each_kind_by_its_share():
     s = bench.summarize(rows)
     assert s["mean_s_no_call"] == pytest.approx(math.log(3)) and s["mean_s_call"] == pytest.approx(-math.log(4))
     assert bench.offset(s, 0.25) == pytest.approx(0.25 * math.log(3) - 0.75 * math.log(4))
+
+
+def test_decision_after_each_lead_equals_a_fresh_forward(tmp_path, tokenizer):
+    """The think probe runs the prompt once and cuts its cache back before each lead: each score must be the one a
+    fresh forward over prompt + lead + answer opening gives (float64: only rounding, ~1e-16 relative, apart)."""
+    model = models.load_model(models.build_tiny_model(tmp_path / "tiny"), dtype=torch.float64)
+    ids = tokenizer.encode("Book a table for two.<think>\n", add_special_tokens=False)
+    leads = ["I call book with people.</think>", bench.NO_CALL_THINK + "</think>", "</think>"]
+    got = bench.decision_after(model, tokenizer, ids, leads)
+    for lead, (lp_none, lp_call) in zip(leads, got):
+        prefix, nones, calls = prompts.decision_tokens(tokenizer, lead)
+        with torch.no_grad():
+            logp = model(torch.tensor([ids + prefix])).logits[0, -1].log_softmax(-1)
+        assert lp_none == pytest.approx(float(logp[nones].logsumexp(0)), rel=1e-9)
+        assert lp_call == pytest.approx(float(logp[calls].logsumexp(0)), rel=1e-9)
+
+
+def test_think_probe_rows_on_a_tiny_real_model(tmp_path, tokenizer):
+    from fctrain.rollout import HFEngine
+    model = models.load_model(models.build_tiny_model(tmp_path / "tiny"))
+    examples = [SimpleNamespace(id=f"e{i}") for i in range(3)]
+    ids = [tokenizer.encode(t + "<think>\n", add_special_tokens=False) for t in ("Weather?", "Hi", "Sort [3, 1]")]
+    rows = bench.think_probe(model, tokenizer, HFEngine(model, tokenizer, batch_size=2), examples, ids, {"e1"})
+    assert [r["no_call"] for r in rows] == [False, True, False]
+    for r, prompt in zip(rows, ids):
+        assert "</think>" not in r["think"] and isinstance(r["closed"], bool)
+        ((n, c), (nn, nc)) = bench.decision_after(model, tokenizer, prompt, [r["think"] + "</think>",
+                                                                             bench.NO_CALL_THINK + "</think>"])
+        assert (r["logp_none"], r["logp_call"], r["nc_logp_none"], r["nc_logp_call"]) == pytest.approx((n, c, nn, nc))
+    s = bench.think_summary(rows, [dict(r) for r in rows])
+    assert 0 <= s["closed_no_call"] <= 1 and s["sft_fit_auc"] == pytest.approx(s["auc"])
