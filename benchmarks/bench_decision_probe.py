@@ -135,23 +135,36 @@ def run(args) -> None:
     # the trainer's cut
     examples, prompt_ids, _ = bench_headroom.load_examples(DATA, tokenizer, MAX_PROMPT_TOKENS, None)
     no_call = {i for i, kind in bench_qwen_pilots.val_kinds().items() if kind == "no_call"}  # the pilots' kinds
+
+    def evaluate(model):
+        rows = probe(model, tokenizer, examples, prompt_ids, no_call)
+        return {"summary": summarize(rows), "rows": rows}, f"AUC {summarize(rows)['auc']:.3f} on val"
+    probe_policies(args, RESULTS, "probe", "decision probe", evaluate, report_md,
+                   {"data": DATA, "max_prompt_tokens": MAX_PROMPT_TOKENS})
+
+
+def probe_policies(args, out_dir: Path, tag: str, what: str, evaluate, report, meta: dict) -> None:
+    """Each of args.policies not yet in out_dir (untrained, or an arm with a kept final policy): loaded,
+    `evaluate(model)` -> (result dict, a few words for the log), written with the run's metadata to
+    out_dir/<policy>.json; with args.commit, `report()` and a commit after each."""
+    from fctrain import models
+
     for name in args.policies:
-        out = RESULTS / f"{name}.json"
+        out = out_dir / f"{name}.json"
         if out.exists():
-            print(f"[probe] {out.name} exists: skipped", flush=True)
+            print(f"[{tag}] {out.name} exists: skipped", flush=True)
             continue
         path = models.resolve_model(bench_qwen_pilots.kept_policy(name))
         t0 = time.perf_counter()
-        rows = probe(models.load_model(path), tokenizer, examples, prompt_ids, no_call)
-        meta = common.run_metadata("cpu") | {"policy": name, "path": str(path.relative_to(REPO)) if path.is_relative_to(REPO)
-                                             else path.name, "data": DATA, "max_prompt_tokens": MAX_PROMPT_TOKENS,
-                                             "threads": args.threads, "seconds": round(time.perf_counter() - t0, 1)}
-        out.write_text(json.dumps({"meta": meta, "summary": summarize(rows), "rows": rows}, indent=1) + "\n")
-        print(f"[probe] {name}: {json.dumps(summarize(rows))} ({meta['seconds']} s)", flush=True)
+        result, words = evaluate(models.load_model(path))
+        result = {"meta": common.run_metadata("cpu") | meta | {
+            "policy": name, "path": str(path.relative_to(REPO)) if path.is_relative_to(REPO) else path.name,
+            "threads": args.threads, "seconds": round(time.perf_counter() - t0, 1)}} | result
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"[{tag}] {name}: {json.dumps(result['summary'])} ({result['meta']['seconds']} s)", flush=True)
         if args.commit:
-            report_md()
-            bench_qwen_pilots.commit_results(f"decision probe: {name} (AUC {summarize(rows)['auc']:.3f} on val)",
-                                             RESULTS)
+            report()
+            bench_qwen_pilots.commit_results(f"{what}: {name} ({words})", out_dir)
 
 
 THINK_RESULTS = RESULTS / "think"
@@ -215,23 +228,17 @@ def run_think(args) -> None:
     THINK_RESULTS.mkdir(parents=True, exist_ok=True)
     tokenizer = models.load_tokenizer(models.resolve_model(bench_qwen_pilots.kept_policy("untrained")))
     pre = prompts.THINK_PREFILL
-    examples = [e for e in fdata.load_split("val")
-                if len(prompts.build_prompt_ids(e, tokenizer, "python", pre)) <= MAX_PROMPT_TOKENS]  # the trainer's cut
-    prompt_ids = [prompts.build_prompt_ids(e, tokenizer, "python", pre) for e in examples]
+    val = [(e, prompts.build_prompt_ids(e, tokenizer, "python", pre)) for e in fdata.load_split("val")]
+    examples = [e for e, ids in val if len(ids) <= MAX_PROMPT_TOKENS]  # the trainer's cut
+    prompt_ids = [ids for _, ids in val if len(ids) <= MAX_PROMPT_TOKENS]
     no_call = {i for i, kind in bench_qwen_pilots.val_kinds().items() if kind == "no_call"}
     sft = [e for e in fdata.load_any(bench_qwen_pilots.SELF_THINK_HINT)
            if len(prompts.build_prompt_ids(e, tokenizer, "python", pre)) <= MAX_PROMPT_TOKENS]
     half = THINK_TRAIN_ROWS // 2
     sft = ([e for e in sft if reward.is_irrelevance(e.category)][:half]
            + [e for e in sft if not reward.is_irrelevance(e.category)][:half])
-    for name in args.policies:
-        out = THINK_RESULTS / f"{name}.json"
-        if out.exists():
-            print(f"[think probe] {out.name} exists: skipped", flush=True)
-            continue
-        path = models.resolve_model(bench_qwen_pilots.kept_policy(name))
-        t0 = time.perf_counter()
-        model = models.load_model(path)
+
+    def evaluate(model):
         rows = think_probe(model, tokenizer, HFEngine(model, tokenizer, batch_size=8), examples, prompt_ids, no_call)
         fit = []
         for e in sft:  # teacher-forced: the SFT target's own think before the answer
@@ -239,15 +246,11 @@ def run_think(args) -> None:
                                        [prompts.render_target(e, "python", "data").removeprefix("<think>")
                                         .split("<answer>")[0]])
             fit.append({"id": e.id, "no_call": reward.is_irrelevance(e.category), "logp_none": n, "logp_call": c})
-        meta = common.run_metadata("cpu") | {"policy": name, "data": DATA, "threads": args.threads,
-                                             "sft_data": bench_qwen_pilots.SELF_THINK_HINT,
-                                             "seconds": round(time.perf_counter() - t0, 1)}
-        out.write_text(json.dumps({"meta": meta, "summary": think_summary(rows, fit), "rows": rows, "sft_fit": fit},
-                                  indent=1) + "\n")
-        print(f"[think probe] {name}: {json.dumps(think_summary(rows, fit))} ({meta['seconds']} s)", flush=True)
-        if args.commit:
-            think_report_md()
-            bench_qwen_pilots.commit_results(f"decision probe after the think: {name}", THINK_RESULTS)
+        s = think_summary(rows, fit)
+        return {"summary": s, "rows": rows, "sft_fit": fit}, f"P(no call) on no-call {s['p_none_on_no_call']:.3f}"
+    probe_policies(args, THINK_RESULTS, "think probe", "decision probe after the think", evaluate, think_report_md,
+                   {"data": DATA, "max_prompt_tokens": MAX_PROMPT_TOKENS,
+                    "sft_data": bench_qwen_pilots.SELF_THINK_HINT})
 
 
 def think_report_md() -> str:

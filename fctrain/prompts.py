@@ -11,6 +11,7 @@ import; tokenizers are passed in.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 
 from fctrain import reward
@@ -263,9 +264,9 @@ def decision_tokens(tokenizer, lead: str = "") -> tuple[list[int], list[int], li
     texts still share `c` (`>[` for Qwen, whose BPE merges `>[]` and `>[`; empty where `[` ends the prefix). A
     token is no-call if its text starts with `c]`, call if it starts with `c` followed by a function name's
     first letter (or by nothing but whitespace, when `c` is not empty); any other token is neither."""
-    none_text, call_text_ = lead + "<answer>[]</answer>", lead + "<answer>[f()]</answer>"
+    none_text = lead + "<answer>[]</answer>"
     none_ids = tokenizer.encode(none_text, add_special_tokens=False)
-    call_ids = tokenizer.encode(call_text_, add_special_tokens=False)
+    call_ids = tokenizer.encode(lead + "<answer>[f()]</answer>", add_special_tokens=False)
     k = 0
     while k < min(len(none_ids), len(call_ids)) and none_ids[k] == call_ids[k]:
         k += 1
@@ -276,7 +277,16 @@ def decision_tokens(tokenizer, lead: str = "") -> tuple[list[int], list[int], li
     c = rest_none[: rest_none.index("]")]  # the text both answers still share
     if not rest_call.startswith(c):
         raise ValueError(f"decision_tokens: {rest_none!r} and {rest_call!r} do not share {c!r}")
+    nones, calls = (list(ids) for ids in _decision_kinds(tokenizer, c))
+    if none_ids[k] not in nones or call_ids[k] not in calls:
+        raise ValueError(f"decision_tokens: the answers' own next tokens are not classified ({c!r})")
+    return prefix, nones, calls
 
+
+@functools.lru_cache(maxsize=4)
+def _decision_kinds(tokenizer, c: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(no-call ids, call ids) of the whole vocabulary for the shared text `c` (decision_tokens' rule): decoded once
+    per tokenizer, since a probe asks again for every lead."""
     def kind(text: str) -> str:
         if text.startswith(c + "]"):
             return "none"
@@ -285,9 +295,5 @@ def decision_tokens(tokenizer, lead: str = "") -> tuple[list[int], list[int], li
             return "call"
         return "other"
 
-    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
-    nones = [i for i, t in enumerate(texts) if kind(t) == "none"]
-    calls = [i for i, t in enumerate(texts) if kind(t) == "call"]
-    if none_ids[k] not in nones or call_ids[k] not in calls:
-        raise ValueError(f"decision_tokens: the answers' own next tokens are not classified ({c!r})")
-    return prefix, nones, calls
+    kinds = [kind(t) for t in tokenizer.batch_decode([[i] for i in range(len(tokenizer))])]
+    return (tuple(i for i, k in enumerate(kinds) if k == "none"), tuple(i for i, k in enumerate(kinds) if k == "call"))

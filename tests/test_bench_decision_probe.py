@@ -3,6 +3,7 @@ real model, and the AUC's indifference to a global offset."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import random
 import sys
@@ -141,3 +142,21 @@ def test_think_probe_rows_on_a_tiny_real_model(tmp_path, tokenizer):
         assert (r["logp_none"], r["logp_call"], r["nc_logp_none"], r["nc_logp_call"]) == pytest.approx((n, c, nn, nc))
     s = bench.think_summary(rows, [dict(r) for r in rows])
     assert 0 <= s["closed_no_call"] <= 1 and s["sft_fit_auc"] == pytest.approx(s["auc"])
+
+
+def test_probe_policies_writes_each_policy_once(tmp_path, monkeypatch):
+    """Both subcommands' loop: each policy loaded, evaluated and written with its metadata; one already written
+    is skipped, not overwritten."""
+    path = models.build_tiny_model(tmp_path / "tiny")
+    monkeypatch.setattr(bench.bench_qwen_pilots, "kept_policy", lambda name: str(path))
+    seen = []
+
+    def evaluate(model):
+        seen.append(type(model).__name__)
+        return {"summary": {"auc": 0.5}, "rows": []}, "words"
+    (tmp_path / "b.json").write_text("kept")
+    args = SimpleNamespace(policies=["a", "b"], threads=1, commit=False)
+    bench.probe_policies(args, tmp_path, "t", "w", evaluate, lambda: None, {"data": "split:val"})
+    assert len(seen) == 1 and (tmp_path / "b.json").read_text() == "kept"
+    out = json.loads((tmp_path / "a.json").read_text())
+    assert out["summary"] == {"auc": 0.5} and out["meta"]["policy"] == "a" and out["meta"]["data"] == "split:val"
