@@ -26,6 +26,13 @@ the plain one), and a think that mentions the hint ("note", "hint") is dropped a
 seed-1 start learned from the model's unguided thinks called on 87% of val's no-call prompts: those thinks
 restate the request as a task ("Add a new player profile with ...") even where no function fits.
 
+With `--refuse K` (and `--hint`), an example whose think disagrees with its answer is sampled K more times from
+the same hinted prompt, and the first think that agrees is kept; one that never does is dropped and counted. A
+think agrees when it says that no function fits (`says_no_call`: "none of the functions", "no suitable function",
+"cannot", "I'm sorry", ...) exactly when the answer is `[]`. In the hinted data only 52 of 236 no-call thinks say
+so (the rest restate the request as a task, as call thinks do, so after such a think the data says `[]` about 1
+time in 3), and 26 of 399 call thinks do, then call ("I'm sorry, but I can't assist with that request.").
+
 An SFT start then trains with `--think prefill --sft_think data --train_data OUT/train.jsonl`: the prompt opens
 the think, the target goes on in the model's own words and closes it before the gold answer.
 """
@@ -34,6 +41,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -66,6 +74,22 @@ HINT = ("\n\n(A note for your reasoning only: the right answer here is {answer}.
         "own words and do not mention this note.)")
 NO_CALL = "no function call, `<answer>[]</answer>`, because none of the functions given can do this"
 HINT_WORDS = ("note", "hint")
+# a think that says no call fits: no function / none of them fits, it cannot be done, an apology
+REFUSAL = re.compile(
+    r"\bno (?:suitable |relevant |appropriate |available |matching |such |single |specific |existing |given )?"
+    r"(?:function|tool|api|method)s?\b|\bnone of (?:the|these|those|them)\b|\bno function call"
+    r"|\b(?:cannot|can ?not|can't|unable to|not able to)\b|\bi'?m sorry\b|\bi apologi[sz]e\b"
+    r"|\b(?:does not|doesn't|do not|don't|is not|isn't|are not|aren't) (?:seem to )?(?:have|provide|support|include"
+    r"|offer|contain|exist|match|fit|apply|relate|cover|available|relevant|applicable|possible|related)\b"
+    r"|\bnot (?:possible|available|supported|provided|applicable|relevant|related)\b"
+    r"|\bnot (?:something|a task|a question) (?:that )?(?:the |any )?(?:given |provided |available )?"
+    r"(?:function|tool)s?\b", re.IGNORECASE)
+
+
+def says_no_call(think: str) -> bool:
+    """Whether `think` says that no call fits (REFUSAL: no function fits, none of them, it cannot be done, an
+    apology). A plain text test, for choosing among sampled thinks; it reads no answer."""
+    return REFUSAL.search(think) is not None
 
 
 def hinted(example: Example) -> Example:
@@ -82,7 +106,7 @@ def hinted(example: Example) -> Example:
 
 
 def make(model: str, data_spec: str, out: Path, max_think_tokens: int, seed: int, engine_kind: str,
-         temperature: float = 0.7, batch: int = 64, hint: bool = False) -> dict:
+         temperature: float = 0.7, batch: int = 64, hint: bool = False, refuse: int = 0) -> dict:
     path = models.resolve_model(model)
     tokenizer = models.load_tokenizer(path)
     examples = data.load_any(data_spec)
@@ -91,31 +115,69 @@ def make(model: str, data_spec: str, out: Path, max_think_tokens: int, seed: int
     kw = dict(dtype="float32", max_model_len=max(map(len, prompt_ids)) + max_think_tokens) if engine_kind == "vllm" else {}
     t0 = time.perf_counter()
     engine = rollout.make_engine(engine_kind, path, **kw)
-    kept, lengths, dropped, dropped_hint = [], [], [], []
+    kept, lengths, dropped, dropped_hint, dropped_disagreeing, agreed_at = [], [], [], [], [], {}
+
+    def usable(c) -> str:
+        """The think kept from completion `c`: "" when nothing is left or it names the hint."""
+        think = own_think(c.text, c.finish_reason)
+        return "" if hint and any(w in think.lower() for w in HINT_WORDS) else think
+
     try:
+        thinks: dict[int, str] = {}
         for start in range(0, len(examples), batch):
             outs = engine.generate(prompt_ids[start:start + batch], n=1, temperature=temperature, top_p=1.0,
                                    max_tokens=max_think_tokens, stop=STOPS, seed=seed + start)
-            for ex, (c,) in zip(examples[start:start + batch], outs):
+            for i, (c,) in enumerate(outs, start):
                 think = own_think(c.text, c.finish_reason)
                 if not think:
-                    dropped.append(ex.id)
-                    continue
-                if hint and any(w in think.lower() for w in HINT_WORDS):
-                    dropped_hint.append(ex.id)
-                    continue
-                ex.think = think
-                kept.append(ex)
-                lengths.append(len(tokenizer.encode(think, add_special_tokens=False)))
-            print(f"[self_think] {min(start + batch, len(examples))}/{len(examples)} prompts, {len(kept)} kept",
+                    dropped.append(examples[i].id)
+                elif not usable(c):
+                    dropped_hint.append(examples[i].id)
+                else:
+                    thinks[i] = think
+            print(f"[self_think] {min(start + batch, len(examples))}/{len(examples)} prompts, {len(thinks)} kept",
                   file=sys.stderr, flush=True)
+        if refuse:  # a think must say no call fits exactly when the answer is []: resample the others
+            def agrees(i: int, think: str) -> bool:
+                return bool(think) and says_no_call(think) == (not examples[i].ground_truth)
+            redo = [i for i, ex in enumerate(examples) if i in thinks and not agrees(i, thinks[i])
+                    or i not in thinks and not ex.ground_truth]  # a no-call example's empty think too
+            agreed_at.update((examples[i].id, 0) for i in thinks if i not in set(redo))
+            for start in range(0, len(redo), max(1, batch // refuse)):
+                part = redo[start:start + max(1, batch // refuse)]
+                outs = engine.generate([prompt_ids[i] for i in part], n=refuse, temperature=temperature, top_p=1.0,
+                                       max_tokens=max_think_tokens, stop=STOPS, seed=seed + len(examples) + start * refuse)
+                for i, samples in zip(part, outs):
+                    j = next((j for j, c in enumerate(samples, 1) if agrees(i, usable(c))), None)
+                    if j is None:
+                        thinks.pop(i, None)
+                        dropped_disagreeing.append(examples[i].id)
+                    else:
+                        thinks[i] = usable(samples[j - 1])
+                        agreed_at[examples[i].id] = j
+                print(f"[self_think] resampled {min(start + len(part), len(redo))}/{len(redo)} prompts",
+                      file=sys.stderr, flush=True)
+            resampled = {examples[i].id for i in redo}  # counted once: kept, or dropped as disagreeing
+            dropped[:] = [x for x in dropped if x not in resampled]
+            dropped_hint[:] = [x for x in dropped_hint if x not in resampled]
     finally:
         engine.close()
+    for i in sorted(thinks):
+        ex = examples[i]
+        ex.think = thinks[i]
+        kept.append(ex)
+        lengths.append(len(tokenizer.encode(ex.think, add_special_tokens=False)))
     out.mkdir(parents=True, exist_ok=True)
     data.save_jsonl(kept, out / "train.jsonl")
     meta = {"model": model, "model_path": str(path), "data": data_spec, "examples": len(examples),
             "kept": len(kept), "dropped_empty": len(dropped), "dropped_ids": dropped[:50], "hint": hint,
-            "dropped_hint": len(dropped_hint), "dropped_hint_ids": dropped_hint[:50],
+            "dropped_hint": len(dropped_hint), "dropped_hint_ids": dropped_hint[:50], "refuse": refuse,
+            "dropped_disagreeing": len(dropped_disagreeing), "dropped_disagreeing_ids": dropped_disagreeing[:50],
+            # with --refuse, how many kept thinks agreed with their answer at each sample (0: the first pass)
+            "agreed_at": {str(k): sum(v == k for v in agreed_at.values()) for k in sorted(set(agreed_at.values()))},
+            "no_call_kept": sum(not ex.ground_truth for ex in kept),
+            "no_call_says_no_call": sum(not ex.ground_truth and says_no_call(ex.think) for ex in kept),
+            "call_says_no_call": sum(bool(ex.ground_truth) and says_no_call(ex.think) for ex in kept),
             "prompt_tokens_median": statistics.median(map(len, prompt_ids)) if prompt_ids else None,
             "temperature": temperature, "max_think_tokens": max_think_tokens, "stops": STOPS, "seed": seed,
             "engine": engine_kind, "think_tokens": {"median": statistics.median(lengths) if lengths else None,
@@ -137,15 +199,21 @@ def main(argv=None) -> int:
     p.add_argument("--engine", default="vllm", choices=rollout.ENGINE_KINDS)
     p.add_argument("--hint", action="store_true", help="name the gold answer in the prompt the think is sampled "
                    "from (STaR's rationalization); default OUT then ends in _hint")
+    p.add_argument("--refuse", type=int, default=0, metavar="K", help="with --hint: resample an example whose "
+                   "think disagrees with its answer (says no function fits, or not, when it calls) up to K times, "
+                   "keep the first that agrees (default OUT then ends in _refuse)")
     p.add_argument("--commit", action="store_true", help="commit OUT's two files")
     args = p.parse_args(argv)
     if args.max_think_tokens < 1:
         p.error("--max_think_tokens must be >= 1")
+    if args.refuse < 0 or (args.refuse and not args.hint):
+        p.error("--refuse K needs K >= 0 and --hint (the no-call answer named is what a think can refuse by)")
     if args.hint and args.out == OUT:
-        args.out = OUT.with_name(OUT.name + "_hint")
-    meta = make(args.model, args.data, args.out, args.max_think_tokens, args.seed, args.engine, hint=args.hint)
-    print(json.dumps({k: meta[k] for k in ("examples", "kept", "dropped_empty", "dropped_hint", "think_tokens",
-                                           "seconds")}))
+        args.out = OUT.with_name(OUT.name + "_hint" + ("_refuse" if args.refuse else ""))
+    meta = make(args.model, args.data, args.out, args.max_think_tokens, args.seed, args.engine, hint=args.hint,
+                refuse=args.refuse)
+    print(json.dumps({k: meta[k] for k in ("examples", "kept", "dropped_empty", "dropped_hint", "dropped_disagreeing",
+                                           "agreed_at", "no_call_says_no_call", "think_tokens", "seconds")}))
     if args.commit:
         paths = [str(args.out / "train.jsonl"), str(args.out / "meta.json")]
         subprocess.run(["git", "add", "--"] + paths, cwd=REPO, check=False)

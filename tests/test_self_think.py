@@ -95,3 +95,44 @@ def test_make_samples_a_think_per_prompt_and_sft_trains_on_it(tiny):
     assert [r["phase"] for r in logged] == ["sft", "sft", "eval"]
     with pytest.raises(SystemExit, match="sft_think data: 4 of 4 training examples have no think"):
         run.main(args + ["--train_data", str(root / "train.jsonl"), "--out_dir", str(root / "refused")])
+
+
+@pytest.mark.parametrize("think,no_call", [
+    ("None of the functions given can fetch the weather.", True),
+    ("There is no suitable function for this request.", True),
+    ("I'm sorry, but I can't assist with that request.", True),
+    ("The tools provided do not support booking flights.", True),
+    ("Booking a flight is not possible with these tools.", True),
+    ("I need the area of a triangle with base 10 and height 5, so calculate_triangle_area fits.", False),
+    ("Call get_weather with city='Paris' and unit='celsius'.", False),
+    ("The nonexistent key is not a concern; sort the list by name.", False),
+])
+def test_says_no_call_reads_a_refusal_not_a_task(think, no_call):
+    assert st.says_no_call(think) is no_call
+
+
+def test_refuse_keeps_for_each_example_the_first_think_that_agrees_with_its_answer(tiny, monkeypatch):
+    """--refuse K: a think must say no call fits exactly when the answer is []; the others are resampled. The tiny
+    model writes no refusals, so the test reads 'says no call' as an even-length think: about half of its samples."""
+    root, model_dir = tiny
+    calls = data.load_bfcl("simple_python", limit=4)
+    negs = [data.swapped_tools_negative(calls[0], calls[1]), data.swapped_tools_negative(calls[2], calls[3])]
+    data.save_jsonl(calls + negs, root / "mixed.jsonl")
+    hinted_meta = st.make(str(model_dir), str(root / "mixed.jsonl"), root / "mixed_hint", max_think_tokens=12,
+                          seed=0, engine_kind="hf", hint=True)
+    first = {r.id: r.think for r in data.load_jsonl(root / "mixed_hint" / "train.jsonl")}
+    monkeypatch.setattr(st, "says_no_call", lambda think: len(think) % 2 == 0)
+    meta = st.make(str(model_dir), str(root / "mixed.jsonl"), root / "mixed_refuse", max_think_tokens=12, seed=0,
+                   engine_kind="hf", hint=True, refuse=6)
+    rows = data.load_jsonl(root / "mixed_refuse" / "train.jsonl")
+    assert hinted_meta["dropped_disagreeing"] == 0 and hinted_meta["agreed_at"] == {}  # off without --refuse
+    assert rows and all((len(r.think) % 2 == 0) == (not r.ground_truth) for r in rows)  # each agrees
+    assert meta["kept"] == len(rows) == sum(meta["agreed_at"].values())
+    assert meta["kept"] + meta["dropped_empty"] + meta["dropped_hint"] + meta["dropped_disagreeing"] == 6
+    again = [r for r in rows if r.think != first.get(r.id)]  # resampled: a later sample, kept only if it agrees
+    agreed_first = [i for i, t in first.items() if (len(t) % 2 == 0) == i.startswith("neg:")]
+    assert {r.id for r in rows} - {r.id for r in again} == set(agreed_first)  # first-pass agreement kept as it was
+    assert meta["agreed_at"].get("0", 0) == len(agreed_first) and len(again) == meta["kept"] - len(agreed_first)
+    assert meta["no_call_kept"] == sum(not r.ground_truth for r in rows)
+    with pytest.raises(SystemExit):
+        st.main(["--refuse", "4", "--data", str(root / "mixed.jsonl")])  # refusing needs the hint
