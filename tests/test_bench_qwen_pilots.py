@@ -129,6 +129,25 @@ def test_heldout_args_evaluate_without_training_and_need_the_kept_policy(tmp_pat
     assert bench.heldout_args("sft-control")[3] == str(tmp_path / "sft-control" / "final")
 
 
+def test_eval_rows_keep_val_irr_out_of_val_and_report_it_beside(tmp_path):
+    """The long near-miss arms evaluate val + val_irr at once: val, its kinds and the change since step 0 stay
+    val's alone; val_irr is its own column (accuracy and call share), and a curve can plot it."""
+    kinds = KINDS | {"i1": "val_irr", "i2": "val_irr", "i3": "val_irr", "i4": "val_irr"}
+    start = _eval(0, "before", {"c1": 1, "c2": 0, "c3": 0, "n1": 0, "i1": 0, "i2": 0, "i3": 0, "i4": 1},
+                  {"c1": "call", "c2": "call", "c3": "call", "n1": "call", "i1": "call", "i2": "call", "i3": "call",
+                   "i4": "none"})
+    later = _eval(10, "rl-10", {"c1": 1, "c2": 1, "c3": 0, "n1": 1, "i1": 1, "i2": 1, "i3": 0, "i4": 1},
+                  {"c1": "call", "c2": "call", "c3": "bad", "n1": "none", "i1": "none", "i2": "none", "i3": "call",
+                   "i4": "none"})
+    rows = bench.eval_rows("arm", [start, {"step": 1, "phase": "rl", "step_s": 60.0}, later], start, kinds)
+    assert [r["val"] for r in rows] == [0.25, 0.75] and rows[1]["no_call_acc"] == 1.0
+    assert [r["val_irr"] for r in rows] == [0.25, 0.75] and [r["val_irr_says_call"] for r in rows] == [0.75, 0.25]
+    assert rows[1]["change"] == 0.5  # val's 4 prompts only: (0 + 1 + 0 + 1) / 4
+    assert "val_irr" not in bench.eval_rows("arm", [_eval(0, "before", dict.fromkeys(KINDS, 1), {})], None, KINDS)[0]
+    bench.plot_curves(rows, tmp_path / "curves.png")  # a fourth panel
+    assert (tmp_path / "curves.png").stat().st_size > 0
+
+
 def test_long_arms_run_in_pieces_and_the_control_follows_its_rl_arms_seconds(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "RESULTS", tmp_path / "results")
     monkeypatch.setattr(bench, "WORK", tmp_path / "work")
