@@ -80,7 +80,6 @@ SELF_THINK = "benchmarks/results/qwen_pilots_cpu/self_think/train.jsonl"  # benc
 SELF_THINK_HINT = "benchmarks/results/qwen_pilots_cpu/self_think_hint/train.jsonl"  # --hint: reasoned toward the gold
 THINK_START = "runs/qwen_pilots/think-sft-start-s1/final"  # think-sft-start-s1's: SFT on them, from inside the think
 SELF_THINK_REFUSE = "benchmarks/results/qwen_pilots_cpu/self_think_hint_refuse/train.jsonl"  # --hint --refuse 8
-REFUSE_START = "runs/qwen_pilots/think-refuse-sft-start-s1/final"  # think-refuse-sft-start-s1's
 VAL_AND_IRR = "split:val+split:val_irr"  # the long near-miss arms: both validation sets at each evaluation
 # In the order they run. The 5-step run at lr up to 2e-6 (results/qwen_5step_cpu) collapsed to short
 # no-call answers after 3 updates, so the sweep starts at the paper's 1e-6 and goes down.
@@ -206,17 +205,22 @@ ARMS = {
     "think-hint-sft-start-s1": ["--think", "prefill", "--sft_think", "data", "--train_data", SELF_THINK_HINT,
                                 "--sft_steps", "26", "--steps", "0", "--sft_lr", "2e-5", "--sft_batch_size", "8",
                                 "--beta", "0", "--eval_every", "1000", "--save_every", "13", "--seed", "1"],
-    # Neither think start answers `[]` on val: in their data ~3 of 4 no-call thinks restate the request as a task
-    # (and ~1 in 15 call thinks refuse, then call). The same start from thinks that agree with their answer
-    # (bench_self_think.py --hint --refuse 8: a think that disagrees is resampled, the first that agrees kept),
-    # then EGPO and GRPO from it, same seed, as below.
+    # Neither think start answers `[]` on val. The probe after the think (bench_decision_probe.py think,
+    # think-hint-sft-start-s1) says why: P(no call) at the answer is 0.33 on every prompt, after its own think,
+    # after a fixed "None of the available functions can..." think, and teacher-forced on its own SFT data (0.34 on
+    # no-call rows, 0.33 on call rows; 0.33 after the data's refusing thinks): the data's share of `[]` (37%), not
+    # conditioned on anything. 26 SFT steps of token-mean loss over ~55-token targets give the one decision token
+    # ~1/55 of each example's weight (~1/20 in the answer-only start, which separates at AUC 0.97). So: the same
+    # start with the think as context and only `</think>` + the answer trained (--sft_loss answer); and on thinks
+    # that agree with their answer (bench_self_think.py --hint --refuse 8: one that disagrees is resampled).
+    "think-ans-sft-start-s1": ["--think", "prefill", "--sft_think", "data", "--train_data", SELF_THINK_HINT,
+                               "--sft_loss", "answer", "--sft_steps", "26", "--steps", "0", "--sft_lr", "2e-5",
+                               "--sft_batch_size", "8", "--beta", "0", "--eval_every", "1000", "--save_every", "13",
+                               "--seed", "1"],
     "think-refuse-sft-start-s1": ["--think", "prefill", "--sft_think", "data", "--train_data", SELF_THINK_REFUSE,
-                                  "--sft_steps", "26", "--steps", "0", "--sft_lr", "2e-5", "--sft_batch_size", "8",
-                                  "--beta", "0", "--eval_every", "1000", "--save_every", "13", "--seed", "1"],
-    "think-refuse-egpo-s1": ["--model", REFUSE_START, "--think", "prefill", "--algo", "egpo", "--lr", "1e-6",
-                             "--seed", "11", "--eval_at_start", "true"],
-    "think-refuse-grpo-s1": ["--model", REFUSE_START, "--think", "prefill", "--algo", "grpo", "--lr", "1e-6",
-                             "--seed", "11"],
+                                  "--sft_loss", "answer", "--sft_steps", "26", "--steps", "0", "--sft_lr", "2e-5",
+                                  "--sft_batch_size", "8", "--beta", "0", "--eval_every", "1000", "--save_every",
+                                  "13", "--seed", "1"],
     "think-egpo-s1": ["--model", THINK_START, "--think", "prefill", "--algo", "egpo", "--lr", "1e-6", "--seed", "11",
                       "--eval_at_start", "true"],
     "think-grpo-s1": ["--model", THINK_START, "--think", "prefill", "--algo", "grpo", "--lr", "1e-6", "--seed", "11"],
@@ -241,7 +245,6 @@ START_ARM = "lr5e-7"  # its step-0 evaluation is everyone's baseline
 START_OF = {"sft-rl-s1": "sft-rl-s1", "sft-more-s1": "sft-rl-s1", "sft-rl-s0": "sft-rl-s0", "sft-more-s0": "sft-rl-s0",
             "sft-rl-bal-s1": "sft-rl-s1", "sft-rl-bal-s0": "sft-rl-s0", "sft-rl-s2": "sft-rl-s2", "sft-more-s2": "sft-rl-s2",
             "sft-rl-bal-s2": "sft-rl-s2", "think-egpo-s1": "think-egpo-s1", "think-grpo-s1": "think-egpo-s1",
-            "think-refuse-egpo-s1": "think-refuse-egpo-s1", "think-refuse-grpo-s1": "think-refuse-egpo-s1",
             "sft-rl-nm-s1": "sft-rl-s1", "sft-rl-nm-s0": "sft-rl-nm-s0", "sft-rl-nm-s2": "sft-rl-nm-s2",
             "long-nm-s1": "long-nm-s1", "long-nm-more-s1": "long-nm-s1"}
 # an SFT control gets the training seconds of this RL arm (the pilots': finished; the long ones': so far)
@@ -284,8 +287,8 @@ VAL_PAIRS = (("lr1e-6", "sft-control"), ("lr1e-6-s1", "sft-control-s1"),
              (BAL3, START3),
              (("lr1e-6-abal", "lr1e-6-abal-s1"), ("lr1e-6", "lr1e-6-s1")),
              (("lr1e-6-abal", "lr1e-6-abal-s1"), ("sft-control", "sft-control-s1")),
-             ("think-egpo-s1", "think-grpo-s1"), ("think-refuse-sft-start-s1", "think-hint-sft-start-s1"),
-             ("think-refuse-egpo-s1", "think-refuse-grpo-s1"),
+             ("think-egpo-s1", "think-grpo-s1"), ("think-ans-sft-start-s1", "think-hint-sft-start-s1"),
+             ("think-refuse-sft-start-s1", "think-ans-sft-start-s1"),
              ("sft-rl-nm-s1", "sft-rl-s1"), ("sft-rl-nm-s1", "sft-more-s1"),
              ("sft-rl-nm-s0", "sft-rl-s0"), ("sft-rl-nm-s0", "sft-more-s0"),
              ("sft-rl-nm-s2", "sft-rl-s2"), ("sft-rl-nm-s2", "sft-more-s2"),

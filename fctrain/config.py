@@ -107,6 +107,8 @@ class Config:
     sft_think: str = "evidence"            # SFT target's think: evidence (restates the request and what each tool
                                            # does, then decides) | plan (names function + parameters) | restate
                                            # (spells out the whole answer)
+    sft_loss: str = "all"                  # the SFT target's tokens trained: all | answer (the think's own words are
+                                           # context, not targets: `</think>` and the answer are trained)
     sft_coef: float = 0.0                  # RL steps also descend sft_coef x the mean -log p of the reference
                                            # completions (sft_think) of the step's prompts: an SFT term beside the
                                            # RL loss (LUFFY / SRFT-style mixed objective; 0 = off)
@@ -149,6 +151,9 @@ class Config:
              "decision_anchor / decision_project read the decision right after the prompt; with think prefill "
              "the prompt ends inside the think"),
             (self.sft_think in prompts.THINK_STYLES, f"sft_think must be one of {prompts.THINK_STYLES}"),
+            (self.sft_loss in ("all", "answer"), f"sft_loss must be all or answer, got {self.sft_loss!r}"),
+            (not (self.sft_loss == "answer" and self.sft_think == "none"),
+             "sft_loss answer trains the answer after the think: sft_think none has no think"),
             (self.time_budget_s >= 0, "time_budget_s must be >= 0"),
             (self.sft_coef >= 0, "sft_coef must be >= 0"),
             (not (self.sft_think == "none" and self.fmt == "python" and self.think == "required"

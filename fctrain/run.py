@@ -747,13 +747,27 @@ def clip_and_step(cfg: Config, model, optimizer, lr: float) -> float:
 
 def gold_seqs(tr: Trainer, examples: list) -> list[packing.Seq]:
     """Each example's prompt + its reference completion (prompts.render_target with sft_think) + EOS. With
-    --think prefill the prompt already opened the think: the completion goes on from inside it."""
-    def target(ex):
-        text = prompts.render_target(ex, tr.cfg.fmt, tr.cfg.sft_think)
-        return text.removeprefix("<think>") if tr.cfg.prefill else text
-    return [packing.Seq(tr.data.prompt_ids[ex.id],
-                        tr.tokenizer.encode(target(ex), add_special_tokens=False) + [tr.tokenizer.eos_token_id])
-            for ex in examples]
+    --think prefill the prompt already opened the think: the completion goes on from inside it. With --sft_loss
+    answer the think's own words join the prompt (context, not targets): `</think>`, the answer and EOS are
+    trained, so the one call / no-call token is not outweighed by a think many times its length."""
+    cfg, tok = tr.cfg, tr.tokenizer
+    seqs = []
+    for ex in examples:
+        text = prompts.render_target(ex, cfg.fmt, cfg.sft_think)
+        text = text.removeprefix("<think>") if cfg.prefill else text
+        ids = tok.encode(text, add_special_tokens=False) + [tok.eos_token_id]
+        n = think_tokens(tok, ids, text[:text.index("</think>")]) if cfg.sft_loss == "answer" else 0
+        seqs.append(packing.Seq(tr.data.prompt_ids[ex.id] + ids[:n], ids[n:]))
+    return seqs
+
+
+def think_tokens(tokenizer, ids: list[int], think: str) -> int:
+    """How many leading tokens of `ids` decode to a part of `think` (the target's text before `</think>`): a
+    token that straddles the think's end (`.</`) is not one of them, so it stays trained."""
+    n = 0
+    while n < len(ids) and think.startswith(tokenizer.decode(ids[:n + 1])):
+        n += 1
+    return n
 
 
 def decision_anchor_seqs(tr: Trainer, examples: list) -> tuple:

@@ -775,6 +775,49 @@ def test_sft_term_alone_is_exactly_one_sft_step_on_the_same_prompts(tiny):
     assert "sft_loss" not in _metrics(sft)[0]  # the default run's records are unchanged
 
 
+@pytest.mark.parametrize("text, think", [("abc</think><answer>[]</answer>", "abc"),
+                                         ("pi is 3.14.</think><answer>[f(x=1)]</answer>", "pi is 3.14."),
+                                         ("call f(x).</think>", "call f(x)."), ("é</think>", "é"), ("</think>", "")])
+def test_think_tokens_stop_before_the_first_token_that_leaves_the_think(tiny, text, think):
+    from fctrain.models import load_tokenizer
+    tok = load_tokenizer(tiny[1])
+    ids = tok.encode(text, add_special_tokens=False)
+    n = run.think_tokens(tok, ids, think)
+    assert think.startswith(tok.decode(ids[:n])) and not think.startswith(tok.decode(ids[:n + 1]))
+    assert len(tok.decode(ids[:n])) >= len(think) - max(len(tok.decode([i])) for i in ids)  # at most one token short
+
+
+def test_sft_loss_answer_moves_the_think_into_the_prompt_and_trains_the_rest(tiny):
+    """--sft_loss answer: the same tokens as --sft_loss all, split later: the think's words are context (the
+    prompt), `</think>` + the answer + EOS are trained. An SFT step with it trains, on a different loss."""
+    from types import SimpleNamespace
+    from fctrain.models import load_tokenizer
+    root, model_dir = tiny
+    tok = load_tokenizer(model_dir)
+    exs = data.load_bfcl("simple_python", limit=2)
+    exs[0].think, exs[1].think = "The user wants the area, so f fits.", "I need f with base 10 and height 5."
+    seqs = {}
+    for loss in ("all", "answer"):
+        cfg = Config(model=str(model_dir), think="prefill", sft_think="data", sft_loss=loss)
+        ids = {e.id: prompts.build_prompt_ids(e, tok, cfg.fmt, cfg.prefill) for e in exs}
+        seqs[loss] = run.gold_seqs(SimpleNamespace(cfg=cfg, tokenizer=tok, data=SimpleNamespace(prompt_ids=ids)), exs)
+    for ex, a, b in zip(exs, seqs["all"], seqs["answer"]):
+        assert a.prompt + a.completion == b.prompt + b.completion and b.prompt[:len(a.prompt)] == a.prompt
+        assert ex.think.startswith(tok.decode(b.prompt[len(a.prompt):])) and len(b.prompt) > len(a.prompt) + 3
+        trained = tok.decode(b.completion)
+        assert "</think><answer>[" in trained and len(trained) < len(tok.decode(a.completion)) - 20
+    data.save_jsonl(exs, root / "thinks.jsonl")
+    losses = {}
+    for loss in ("all", "answer"):
+        out = root / f"sft_loss_{loss}"
+        assert run.main(_args(root, model_dir, out, train_data=root / "thinks.jsonl", eval_data="none", sft_steps=1,
+                              steps=0, save_every=0, think="prefill", sft_think="data", sft_loss=loss)) == 0
+        losses[loss] = [r for r in _metrics(out) if r["phase"] == "sft"][0]["loss"]
+    assert all(math.isfinite(x) for x in losses.values()) and losses["all"] != losses["answer"]
+    with pytest.raises(ValueError, match="sft_think none has no think"):
+        Config(sft_think="none", think="optional", sft_loss="answer")
+
+
 @pytest.mark.slow
 def test_dynamic_sampling_refills_zero_variance_groups(tiny):
     """DAPO: an untrained tiny model's groups all score 0 (no variance), so each step samples the extra
