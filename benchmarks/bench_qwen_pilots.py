@@ -189,6 +189,12 @@ ARMS = {
                      "--eval_at_start", "true"],
     "sft-rl-nm-s2": ["--model", SFT_START2, "--lr", "1e-6", "--seed", "12", "--train_data", "split:train_nm",
                      "--eval_at_start", "true"],
+    # Irrelevance, the other lever: a group none of whose 4 samples is right teaches nothing (zero variance), so a
+    # near-miss negative the policy always calls on is never pushed toward `[]`. LUFFY's gold answer in such a
+    # group (--gold_in_group; the gold in the model's own answer-only form, --sft_think none): sft-rl-nm-s1 with
+    # it, chosen against it on val + val_irr.
+    "sft-rl-nm-gold-s1": ["--model", SFT_START, "--lr", "1e-6", "--seed", "11", "--train_data", "split:train_nm",
+                          "--gold_in_group", "true", "--sft_think", "none"],
     # EGPO vs GRPO where the think is the model's own (issue 30): asked for a think, raw Qwen writes none (10 of
     # 1,920 samples open one; the SFT starts answer without one), so EGPO's H was 0 and EGPO = GRPO by
     # construction. Handed an opened think (--think prefill) the raw model reasons in its own words but closed
@@ -246,7 +252,7 @@ START_OF = {"sft-rl-s1": "sft-rl-s1", "sft-more-s1": "sft-rl-s1", "sft-rl-s0": "
             "sft-rl-bal-s1": "sft-rl-s1", "sft-rl-bal-s0": "sft-rl-s0", "sft-rl-s2": "sft-rl-s2", "sft-more-s2": "sft-rl-s2",
             "sft-rl-bal-s2": "sft-rl-s2", "think-egpo-s1": "think-egpo-s1", "think-grpo-s1": "think-egpo-s1",
             "sft-rl-nm-s1": "sft-rl-s1", "sft-rl-nm-s0": "sft-rl-nm-s0", "sft-rl-nm-s2": "sft-rl-nm-s2",
-            "long-nm-s1": "long-nm-s1", "long-nm-more-s1": "long-nm-s1"}
+            "long-nm-s1": "long-nm-s1", "long-nm-more-s1": "long-nm-s1", "sft-rl-nm-gold-s1": "sft-rl-s1"}
 # an SFT control gets the training seconds of this RL arm (the pilots': finished; the long ones': so far)
 CONTROL_OF = {"sft-control": "lr1e-6", "sft-control-s1": "lr1e-6-s1", "long-sft": "long-rl",
               "sft-more-s1": "sft-rl-s1", "sft-more-s0": "sft-rl-s0", "sft-more-s2": "sft-rl-s2",
@@ -292,7 +298,7 @@ VAL_PAIRS = (("lr1e-6", "sft-control"), ("lr1e-6-s1", "sft-control-s1"),
              ("sft-rl-nm-s1", "sft-rl-s1"), ("sft-rl-nm-s1", "sft-more-s1"),
              ("sft-rl-nm-s0", "sft-rl-s0"), ("sft-rl-nm-s0", "sft-more-s0"),
              ("sft-rl-nm-s2", "sft-rl-s2"), ("sft-rl-nm-s2", "sft-more-s2"),
-             (NM3, RL3), (NM3, MORE3))
+             (NM3, RL3), (NM3, MORE3), ("sft-rl-nm-gold-s1", "sft-rl-nm-s1"))
 HELDOUT_SETS = ("test_in", "test_ood", "test_irr", "val")
 # sft-control-s1: the control of lr1e-6-s1's own seed (2026-12-04, on the Zen 4 kind both ran on)
 # sft-rl-s1 / sft-more-s1: RL from the SFT start against SFT going on, the first RL arm above its control on val
@@ -331,7 +337,8 @@ HELDOUT_PAIRS = (("lr1e-6-s1", "sft-control"), ("lr1e-6-s1", "sft-control-s1"), 
 # ~72%: the irrelevance target cannot be chosen on them. Kept policies evaluated on it, each once; no choice made
 # on it is reported on it (the held-out (c) stays the report).
 VAL_IRR_ARMS = ("sft-control-s1", "sft-rl-s1", "sft-rl-bal-s1", "sft-start-s0", "sft-rl-s0", "sft-rl-bal-s0",
-                "sft-start-s2", "sft-rl-s2", "sft-rl-bal-s2", "sft-rl-nm-s1", "sft-rl-nm-s0", "sft-rl-nm-s2")
+                "sft-start-s2", "sft-rl-s2", "sft-rl-bal-s2", "sft-rl-nm-s1", "sft-rl-nm-s0", "sft-rl-nm-s2",
+                "sft-rl-nm-gold-s1")
 VAL_IRR_PAIRS = (("sft-rl-bal-s1", "sft-rl-s1"), ("sft-rl-s1", "sft-control-s1"), ("sft-rl-bal-s1", "sft-control-s1"),
                  ("sft-rl-bal-s0", "sft-rl-s0"), ("sft-rl-s0", "sft-start-s0"), ("sft-rl-bal-s0", "sft-start-s0"),
                  (("sft-rl-bal-s0", "sft-rl-bal-s1"), ("sft-rl-s0", "sft-rl-s1")),
@@ -341,7 +348,7 @@ VAL_IRR_PAIRS = (("sft-rl-bal-s1", "sft-rl-s1"), ("sft-rl-s1", "sft-control-s1")
                  ("sft-rl-nm-s1", "sft-rl-s1"), ("sft-rl-nm-s1", "sft-control-s1"),
                  ("sft-rl-nm-s0", "sft-rl-s0"), ("sft-rl-nm-s0", "sft-start-s0"),
                  ("sft-rl-nm-s2", "sft-rl-s2"), ("sft-rl-nm-s2", "sft-start-s2"),
-                 (NM3, RL3))
+                 (NM3, RL3), ("sft-rl-nm-gold-s1", "sft-rl-nm-s1"))
 # suite (its folder under RESULTS and WORK): (its sets, the policies it may evaluate, its comparisons)
 SUITES = {"heldout": (HELDOUT_SETS, HELDOUT_ARMS, HELDOUT_PAIRS),
           "val_irr": (("val_irr",), VAL_IRR_ARMS, VAL_IRR_PAIRS)}

@@ -109,6 +109,8 @@ class Config:
                                            # (spells out the whole answer)
     sft_loss: str = "all"                  # the SFT target's tokens trained: all | answer (the think's own words are
                                            # context, not targets: `</think>` and the answer are trained)
+    gold_in_group: bool = False            # LUFFY-style: a group with no right completion gets the prompt's gold
+                                           # answer (the SFT target, sft_think) in place of its last sample
     sft_coef: float = 0.0                  # RL steps also descend sft_coef x the mean -log p of the reference
                                            # completions (sft_think) of the step's prompts: an SFT term beside the
                                            # RL loss (LUFFY / SRFT-style mixed objective; 0 = off)
@@ -145,7 +147,8 @@ class Config:
             (self.fmt in ("python", "hermes"), f"fmt must be python or hermes, got {self.fmt!r}"),
             (self.think in prompts.THINK_MODES, f"think must be one of {prompts.THINK_MODES}, got {self.think!r}"),
             (not (self.think == "prefill" and self.fmt != "python"), "think prefill is for the python format"),
-            (not (self.think == "prefill" and self.sft_think == "none" and (self.sft_steps or self.sft_coef)),
+            (not (self.think == "prefill" and self.sft_think == "none"
+                  and (self.sft_steps or self.sft_coef or self.gold_in_group)),
              "think prefill opens a think the SFT target must go on with: give --sft_think plan|restate|evidence|data"),
             (not (self.think == "prefill" and (self.decision_anchor or self.decision_project)),
              "decision_anchor / decision_project read the decision right after the prompt; with think prefill "
@@ -157,7 +160,7 @@ class Config:
             (self.time_budget_s >= 0, "time_budget_s must be >= 0"),
             (self.sft_coef >= 0, "sft_coef must be >= 0"),
             (not (self.sft_think == "none" and self.fmt == "python" and self.think == "required"
-                  and (self.sft_steps or self.sft_coef)),
+                  and (self.sft_steps or self.sft_coef or self.gold_in_group)),
              "sft_think none writes answers without a think block: give --think optional"),
             (self.no_call_share == -1 or 0 <= self.no_call_share <= 1, "no_call_share must be -1 or in [0, 1]"),
             (not self.contrast_pairs or (self.prompts_per_step % 2 == 0 and self.no_call_share == -1),

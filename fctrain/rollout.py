@@ -63,7 +63,8 @@ def engine_dtype(dtype: str, on_gpu: bool) -> str:
 @dataclass
 class Completion:
     token_ids: list[int]  # generated tokens only (the prompt excluded); ends with EOS when EOS stopped it
-    logprobs: list[float]  # log-prob of each sampled token after temperature/top-p; len == len(token_ids)
+    logprobs: list[float] | None  # log-prob of each sampled token after temperature/top-p; len == len(token_ids);
+                                  # None: not sampled (the trainer's --gold_in_group answer)
     text: str  # decoded without special tokens, cut before the first stop string
     finish_reason: str  # "stop" (EOS or a stop string) or "length" (max_tokens reached)
 

@@ -285,6 +285,29 @@ def refill_groups(tr: Trainer, roll: Rollout, results: list, rewards: torch.Tens
     return roll, results, rewards, reward_s
 
 
+def gold_in_group(tr: Trainer, roll: Rollout, results: list, rewards: torch.Tensor):
+    """LUFFY's off-policy guidance, simplified (--gold_in_group): a group none of whose completions is right
+    gets the prompt's gold answer (gold_text) in place of its last sample, scored by the same reward, so a prompt
+    the policy always gets wrong still has a mixed group to learn from: the gold pushed up, the wrong answers
+    down. The gold is not sampled: its log-probs are None and its importance weight against the sampler is 1
+    (train_on_rollouts). A gold answer the reward does not pay in full is not put in. Returns (the rollout and
+    rewards to train on, how many groups got the gold); `roll`, `results` and `rewards` are not changed."""
+    cfg, tok, G = tr.cfg, tr.tokenizer, tr.cfg.group_size
+    completions, rewards, n = list(roll.completions), rewards.clone(), 0
+    for p in range(rewards.shape[0]):
+        if any(r.correct for r in results[p * G:(p + 1) * G]):
+            continue
+        ex, text = roll.owners[p * G], gold_text(cfg, roll.owners[p * G])
+        (scored,) = tr.scorer([cfg.prefill + text], [ex])
+        if not scored.correct or scored.reward < 1.0:
+            continue
+        ids = tok.encode(text, add_special_tokens=False) + [tok.eos_token_id]
+        completions[(p + 1) * G - 1] = rollout.Completion(ids, None, text, "stop")
+        rewards[p, G - 1] = scored.reward
+        n += 1
+    return Rollout(completions, roll.owners, roll.gen_s), rewards, n
+
+
 # ------------------------------------------------------------------------------------------------ 3. advantage
 
 def group_advantages(rewards: torch.Tensor, norm: str = "std"):
@@ -401,6 +424,7 @@ class Advantages:
     seqs: list[packing.Seq]           # their prompt + completion tokens
     think: list[list[bool]] | None    # EGPO: each kept completion's <think> tokens; None for GRPO
     balance: dict | None = None       # --decision_balance / --answer_balance: the step's pushes and their scales
+    gold_groups: int | None = None    # --gold_in_group: the groups (all ranks) given their gold answer
 
 
 def compute_advantages(tr: Trainer, roll: Rollout, rewards: torch.Tensor) -> Advantages:
@@ -675,7 +699,7 @@ def train_on_rollouts(cfg: Config, model, ref_model, optimizer, lr: float, seqs:
             loss, m = kernels.grpo_objective(
                 logp, ent, final_adv[mb.seqs], torch.ones_like(mb.targets, dtype=torch.bool),
                 old_logp=old_logps[k], ref_logp=ref_lp,
-                rollout_logp=packing.per_token(rollout_logps, mb) if cfg.rollout_is_cap > 0 else None,
+                rollout_logp=sampler_logps(rollout_logps, seqs, mb, old_logps[k]) if cfg.rollout_is_cap > 0 else None,
                 seq_ids=mb.seq_ids, config=loss_config)
             n_mb = len(mb.targets)
             share = n_mb / n_total if cfg.loss_agg == "token-mean" else len(mb.seqs) / n_seqs
@@ -732,6 +756,17 @@ def train_on_rollouts(cfg: Config, model, ref_model, optimizer, lr: float, seqs:
     return Update(stats, final_adv.cpu(), think_h.cpu())
 
 
+def sampler_logps(rollout_logps: list, seqs: list[packing.Seq], mb: packing.MicroBatch,
+                  old: torch.Tensor) -> torch.Tensor:
+    """The sampler's log-prob of each of the micro-batch's tokens, for the rollout importance weight; a sequence
+    it did not sample (None: --gold_in_group's gold answer) takes the trainer's old log-probs: weight 1."""
+    if all(lp is not None for lp in rollout_logps):
+        return packing.per_token(rollout_logps, mb)
+    unsampled = [[lp is None] * len(s.completion) for lp, s in zip(rollout_logps, seqs)]
+    filled = [[0.0] * len(s.completion) if lp is None else lp for lp, s in zip(rollout_logps, seqs)]
+    return torch.where(packing.per_token(unsampled, mb, torch.bool), old, packing.per_token(filled, mb))
+
+
 def clip_and_step(cfg: Config, model, optimizer, lr: float) -> float:
     """Clip the global gradient norm and step; a NaN/inf gradient skips the update (returns nan)."""
     for group in optimizer.param_groups:
@@ -753,12 +788,18 @@ def gold_seqs(tr: Trainer, examples: list) -> list[packing.Seq]:
     cfg, tok = tr.cfg, tr.tokenizer
     seqs = []
     for ex in examples:
-        text = prompts.render_target(ex, cfg.fmt, cfg.sft_think)
-        text = text.removeprefix("<think>") if cfg.prefill else text
+        text = gold_text(cfg, ex)
         ids = tok.encode(text, add_special_tokens=False) + [tok.eos_token_id]
         n = think_tokens(tok, ids, text[:text.index("</think>")]) if cfg.sft_loss == "answer" else 0
         seqs.append(packing.Seq(tr.data.prompt_ids[ex.id] + ids[:n], ids[n:]))
     return seqs
+
+
+def gold_text(cfg: Config, ex) -> str:
+    """The example's reference completion as the policy would write it (prompts.render_target with sft_think),
+    from inside the think when the prompt opened it (--think prefill)."""
+    text = prompts.render_target(ex, cfg.fmt, cfg.sft_think)
+    return text.removeprefix("<think>") if cfg.prefill else text
 
 
 def think_tokens(tokenizer, ids: list[int], think: str) -> int:
@@ -932,6 +973,8 @@ def log_rl_step(tr: Trainer, lr: float, t_step: float, roll: Rollout, results: l
                                                  "decision_log_odds_after")})
     if adv.balance is not None:
         record.update(adv.balance)
+    if adv.gold_groups is not None:  # reward, accuracy and lengths above are the sampled completions'
+        record["gold_groups"] = adv.gold_groups
     tr.log.add(record)
     tr.log.progress(reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.2f}")
     trained = (f"ent {stats['entropy']:.2f} | kl {stats['kl']:.4f} | clip "
@@ -1136,8 +1179,11 @@ def main(argv: list[str] | None = None) -> int:
                 roll, results, rewards, reward_s = refill_groups(tr, roll, results, rewards, reward_s)
             except Exception as e:
                 engine_failed(tr, position, e)
-        adv = compute_advantages(tr, roll, rewards)                             # 3. advantage
-        update = policy_update(tr, roll, adv, lr)                               # 4. loss and update
+        trained, train_rewards, gold = (gold_in_group(tr, roll, results, rewards) if cfg.gold_in_group
+                                        else (roll, rewards, None))             #    (LUFFY: gold in all-wrong groups)
+        adv = compute_advantages(tr, trained, train_rewards)                    # 3. advantage
+        adv.gold_groups = None if gold is None else fdist.all_reduce_sum(gold)
+        update = policy_update(tr, trained, adv, lr)                            # 4. loss and update
         fault_point("step")
         sync_s = sync_engine(tr) if update.trained else 0.0                     # 5. sync
         tr.step += 1

@@ -818,6 +818,66 @@ def test_sft_loss_answer_moves_the_think_into_the_prompt_and_trains_the_rest(tin
         Config(sft_think="none", think="optional", sft_loss="answer")
 
 
+def test_gold_in_group_replaces_the_last_sample_of_an_all_wrong_group_only(tiny):
+    """--gold_in_group: a group with no right completion gets the gold answer (scored, not sampled: log-probs
+    None) in place of its last sample; a group with a right one, the inputs, and a gold the reward would not pay
+    in full are left alone."""
+    from types import SimpleNamespace
+    from fctrain import reward as freward
+    from fctrain.models import load_tokenizer
+    from fctrain.rollout import Completion
+    tok = load_tokenizer(tiny[1])
+    exs = data.load_bfcl("simple_python", limit=2)
+    cfg = Config(model=str(tiny[1]), group_size=3, think="optional", sft_think="none", reward="binary")
+    scorer = freward.RewardScorer(cfg.reward, cfg.fmt, think_required=cfg.think_required)
+    right = prompts.render_target(exs[1], "python", "none")
+    texts = ["<answer>[]</answer>", "no answer", "<answer>[f(x=1)]</answer>"] + [right, "nope", "nope"]
+    comps = [Completion(tok.encode(t, add_special_tokens=False), [-1.0] * len(tok.encode(t, add_special_tokens=False)),
+                        t, "stop") for t in texts]
+    owners = [exs[0]] * 3 + [exs[1]] * 3
+    results = scorer(texts, owners)
+    rewards = torch.tensor([r.reward for r in results]).view(2, 3)
+    roll = run.Rollout(comps, owners, 1.0)
+    tr = SimpleNamespace(cfg=cfg, tokenizer=tok, scorer=scorer)
+    trained, trained_rewards, n = run.gold_in_group(tr, roll, results, rewards)
+    assert n == 1 and trained_rewards.tolist() == [[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]]
+    gold = trained.completions[2]
+    assert gold.logprobs is None and gold.text == prompts.render_target(exs[0], "python", "none")
+    assert gold.token_ids[-1] == tok.eos_token_id and tok.decode(gold.token_ids[:-1]) == gold.text
+    assert trained.completions[:2] + trained.completions[3:] == comps[:2] + comps[3:]
+    assert roll.completions == comps and rewards[0].tolist() == [0.0, 0.0, 0.0]  # the inputs are not changed
+    unpaid = SimpleNamespace(cfg=cfg, tokenizer=tok, scorer=lambda t, e: [freward.RewardResult(0.5, True, False, None)])
+    assert run.gold_in_group(unpaid, roll, results, rewards)[2] == 0
+
+
+def test_an_unsampled_sequence_takes_importance_weight_one():
+    """sampler_logps: a sequence with no sampler log-probs (the gold answer) gets the trainer's old ones, so
+    min(exp(old - rollout), cap) = 1 on its tokens; sampled sequences keep the sampler's."""
+    seqs = [packing.Seq([1, 2], [3, 4, 5]), packing.Seq([1, 2], [6, 7])]
+    mb = packing.build(seqs, [[0, 1]], "padded")
+    old = torch.tensor([-0.1, -0.2, -0.3, -0.4, -0.5])
+    assert run.sampler_logps([[-1.0, -2.0, -3.0], [-4.0, -5.0]], seqs, mb, old).tolist() == [-1, -2, -3, -4, -5]
+    got = run.sampler_logps([[-1.0, -2.0, -3.0], None], seqs, mb, old)
+    assert got.tolist() == pytest.approx([-1.0, -2.0, -3.0, -0.4, -0.5])
+
+
+def test_gold_in_group_gives_an_all_wrong_step_something_to_learn(tiny):
+    """An untrained tiny model's groups all score 0: without the gold nothing is trained; with it every group
+    is mixed (the gold right, the samples wrong) and trained, and the record counts the groups given gold while
+    its reward stays the sampled completions'."""
+    root, model_dir = tiny
+    common = dict(eval_data="none", save_every=0, reward="binary", max_new_tokens=8, sft_steps=0, steps=1,
+                  prompts_per_step=2, think="optional", sft_think="none")
+    assert run.main(_args(root, model_dir, root / "no_gold", **common)) == 0
+    assert run.main(_args(root, model_dir, root / "gold", gold_in_group="true", **common)) == 0
+    plain, gold = ([r for r in _metrics(root / out) if r["phase"] == "rl"][0] for out in ("no_gold", "gold"))
+    assert plain["trained_seqs"] == 0 and "gold_groups" not in plain
+    assert gold["gold_groups"] == 2 and gold["zero_var_groups"] == 0 and gold["trained_seqs"] == 8
+    assert gold["reward"] == 0.0 and math.isfinite(gold["loss"]) and gold["is_max"] <= 2.0
+    with pytest.raises(ValueError, match="think prefill opens a think"):
+        Config(think="prefill", sft_think="none", sft_steps=0, gold_in_group=True)
+
+
 @pytest.mark.slow
 def test_dynamic_sampling_refills_zero_variance_groups(tiny):
     """DAPO: an untrained tiny model's groups all score 0 (no variance), so each step samples the extra
