@@ -237,14 +237,15 @@ ARMS = {
                  "--sft_batch_size", "8", "--beta", "0", "--eval_every", "30", "--save_every", "10"],
     # ... and the long curve of the closest recipe (sft-rl-nm-s1, held out (a) met, irrelevance 1.1 points short at
     # 10 steps, val_irr 53.3 -> 65.0 in those 10): the same arm, same seed, for up to 150 steps, val and val_irr
-    # evaluated every 10 (a checkpoint is chosen on them, never on (a)-(c)); SFT going on from the same start for
+    # evaluated every 10 (the best mean of the two is kept, --keep_best: the policy held out, never chosen on
+    # (a)-(c)); SFT going on from the same start for
     # the same training seconds (sft-more-s1's recipe and seed), evaluated every 20 SFT steps (~as many seconds).
     "long-nm-s1": ["--model", SFT_START, "--lr", "1e-6", "--seed", "11", "--train_data", "split:train_nm",
                    "--steps", "150", "--eval_every", "10", "--save_every", "5", "--eval_data", VAL_AND_IRR,
-                   "--eval_at_start", "true"],
+                   "--eval_at_start", "true", "--keep_best", "true"],
     "long-nm-more-s1": ["--model", SFT_START, "--sft_steps", "100000", "--steps", "0", "--sft_think", "none",
                         "--sft_lr", "2e-5", "--sft_batch_size", "8", "--beta", "0", "--eval_every", "20",
-                        "--save_every", "10", "--seed", "11", "--eval_data", VAL_AND_IRR],
+                        "--save_every", "10", "--seed", "11", "--eval_data", VAL_AND_IRR, "--keep_best", "true"],
 }
 START_ARM = "lr5e-7"  # its step-0 evaluation is everyone's baseline
 # ... except an arm that starts from a kept policy (--model): the arm whose step-0 evaluation is that start
@@ -732,6 +733,11 @@ def kept_policy(name: str) -> str:
     """The model a policy name stands for: "untrained" = the raw Qwen, else the arm's kept final policy."""
     if name == "untrained":
         return "qwen2.5-coder-0.5b"
+    if name in LONG_ARMS:  # the best on validation (--keep_best), not the last
+        best = WORK / name / "best"
+        if not (best / "config.json").exists():
+            raise SystemExit(f"{best} missing: no evaluation of {name} beat its first (then its start is the best)")
+        return str(best)
     final = WORK / name / "final"
     if not (final / "config.json").exists():
         raise SystemExit(f"{final} missing (run the arm first: a finished arm keeps it)")

@@ -71,6 +71,27 @@ def save_checkpoint(cfg, out: Path, step, model, tokenizer, optimizer, data_stat
     return final
 
 
+def save_policy(model, tokenizer, path: Path):
+    """The policy's weights and tokenizer alone (loadable with --model), written to a temporary directory and
+    renamed over `path`, so a crash leaves the previous one whole. Under torchrun every rank calls it (a sharded
+    model's gathering is collective) and rank 0 writes."""
+    tmp = path.with_name(f".tmp-{path.name}")
+    main = fdist.is_main()
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if fdist.is_sharded(model):
+        fdist.save_pretrained(model, tmp, tokenizer)
+    elif main:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    if main:
+        fsync_tree(tmp)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+        fsync_tree(path.parent, files=False)
+    fdist.barrier()
+
+
 def fsync_tree(path: Path, files: bool = True):
     """Flush `path`'s files (when `files`) and its directories to disk, so that a power loss after a rename
     cannot leave the renamed directory holding truncated files."""

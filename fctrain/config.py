@@ -137,6 +137,8 @@ class Config:
     eval_at_start: bool = False            # also evaluate the untrained model
     save_every: int = 10                   # steps between checkpoints
     keep_last: int = 2                     # checkpoints kept
+    keep_best: bool = False                # out_dir/best: the evaluated policy with the highest mean accuracy over
+                                           # the eval sets so far (weights only; an earlier one wins a tie)
     tensorboard: bool = False              # also log to <out_dir>/tb
     wandb: bool = False                    # also log to Weights & Biases (project fctrain)
 
@@ -236,7 +238,7 @@ PRESETS = {
 
 # What a resumed run may change: its length, evaluation, checkpointing and logging. Anything else (model,
 # data, format, algorithm, batch shape, optimiser, seed...) would make it another run, so it is refused.
-RESUME_OVERRIDES = ("steps", "eval_every", "eval_at_start", "eval_limit", "save_every", "keep_last",
+RESUME_OVERRIDES = ("steps", "eval_every", "eval_at_start", "eval_limit", "save_every", "keep_last", "keep_best",
                     "time_budget_s", "tensorboard", "wandb", "max_bad_rows", "engine_memory", "engine_check")
 
 # Fields that are gone, each with why: a checkpoint saved while it existed still resumes (the key is dropped).

@@ -56,7 +56,7 @@ from fctrain import prompts
 from fctrain import reward as freward
 from fctrain import rollout
 from fctrain.checkpoint import (fault_point, latest_checkpoint, load_optimizer_state, load_trainer_state,
-                                save_checkpoint, set_rng_state)
+                                save_checkpoint, save_policy, set_rng_state)
 from fctrain.config import ADAMW_BETAS, Config, parse_config
 from fctrain.data import TrainData
 from fctrain.eval import generate_records, paired_change, summarize, wilson_interval
@@ -1037,7 +1037,24 @@ def evaluate(tr: Trainer, tag: str) -> dict:
             tr.log.say(f"  {name}: {first} -> {tag}: {100 * diff:+.1f} points (95% CI {100 * lo:+.1f} to "
                        f"{100 * hi:+.1f}, paired bootstrap over its {len(exs)} examples)")
     tr.log.add(record)
+    if cfg.keep_best:
+        keep_best(tr, record)
     return record
+
+
+def keep_best(tr: Trainer, record: dict):
+    """--keep_best: the policy of an evaluation whose mean accuracy over the eval sets beats every earlier one's
+    (those before a resume included) is saved to out_dir/best, with best.json naming its step."""
+    score = lambda r: float(np.mean([v["accuracy"] for v in r["eval_sets"].values()]))
+    earlier = [score(r) for r in tr.log.history if r.get("phase") == "eval" and "eval_sets" in r and r is not record]
+    if earlier and score(record) <= max(earlier):
+        return
+    save_policy(tr.model, tr.tokenizer, tr.out / "best")
+    if fdist.is_main():
+        (tr.out / "best" / "best.json").write_text(json.dumps(
+            {"step": record["step"], "tag": record["tag"], "mean_accuracy": score(record),
+             "eval_sets": {k: v["accuracy"] for k, v in record["eval_sets"].items()}}, indent=1) + "\n")
+    tr.log.say(f"best so far: step {record['step']} (mean accuracy {score(record):.3f}) -> {tr.out / 'best'}")
 
 
 # ------------------------------------------------------------------------------------------------ checkpoint

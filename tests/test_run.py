@@ -878,6 +878,45 @@ def test_gold_in_group_gives_an_all_wrong_step_something_to_learn(tiny):
         Config(think="prefill", sft_think="none", sft_steps=0, gold_in_group=True)
 
 
+def test_keep_best_saves_the_policy_of_each_evaluation_that_beats_every_earlier_one(tiny, tmp_path):
+    """--keep_best: out/best is rewritten only when an evaluation's mean accuracy over its sets beats every earlier
+    one (a tie keeps the earlier), evaluations from before a resume included; best.json names the step."""
+    from types import SimpleNamespace
+    from safetensors.torch import load_file
+    from fctrain.models import load_tokenizer
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny[1])
+    history, said = [], []
+    tr = SimpleNamespace(model=model, tokenizer=load_tokenizer(tiny[1]), out=tmp_path,
+                         log=SimpleNamespace(history=history, say=said.append))
+    saved = []
+    for step, (a, b) in enumerate([(0.5, 0.5), (0.6, 0.3), (0.2, 0.8), (0.9, 0.7), (0.8, 0.8)]):
+        with torch.no_grad():
+            next(model.parameters()).fill_(step)  # a weight that says which step's policy was saved
+        record = {"step": step, "phase": "eval", "tag": f"step-{step}",
+                  "eval_sets": {"v": {"accuracy": a}, "w": {"accuracy": b}}}
+        history.append(record)
+        run.keep_best(tr, record)
+        best = json.loads((tmp_path / "best" / "best.json").read_text())
+        saved.append(best["step"])
+        first = next(model.named_parameters())[0]
+        assert float(load_file(tmp_path / "best" / "model.safetensors")[first].flatten()[0]) == best["step"]
+    assert saved == [0, 0, 0, 3, 3] and len(said) == 2  # 0.45 < 0.5 = 0.5 (tie: the earlier) < 0.8 = 0.8
+    assert (tmp_path / "best" / "config.json").exists() and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_keep_best_in_a_run_and_on_resume(tiny):
+    root, model_dir = tiny
+    out = root / "best_run"
+    args = _args(root, model_dir, out, sft_steps=0, steps=1, eval_every=1, eval_at_start="true", keep_best="true",
+                 max_new_tokens=8, think="optional", sft_think="none")
+    assert run.main(args) == 0
+    evals = [r for r in map(json.loads, open(out / "metrics.jsonl")) if r.get("phase") == "eval"]
+    scores = [sum(v["accuracy"] for v in r["eval_sets"].values()) / len(r["eval_sets"]) for r in evals]
+    assert json.loads((out / "best" / "best.json").read_text())["step"] == evals[scores.index(max(scores))]["step"]
+    assert run.main(["--resume", str(out), "--steps", "2", "--keep_best", "true"]) == 0  # an allowed override
+
+
 @pytest.mark.slow
 def test_dynamic_sampling_refills_zero_variance_groups(tiny):
     """DAPO: an untrained tiny model's groups all score 0 (no variance), so each step samples the extra
