@@ -117,10 +117,13 @@ def make(model: str, data_spec: str, out: Path, max_think_tokens: int, seed: int
     engine = rollout.make_engine(engine_kind, path, **kw)
     kept, lengths, dropped, dropped_hint, dropped_disagreeing, agreed_at = [], [], [], [], [], {}
 
+    def names_hint(think: str) -> bool:
+        return hint and any(w in think.lower() for w in HINT_WORDS)
+
     def usable(c) -> str:
         """The think kept from completion `c`: "" when nothing is left or it names the hint."""
         think = own_think(c.text, c.finish_reason)
-        return "" if hint and any(w in think.lower() for w in HINT_WORDS) else think
+        return "" if names_hint(think) else think
 
     try:
         thinks: dict[int, str] = {}
@@ -131,7 +134,7 @@ def make(model: str, data_spec: str, out: Path, max_think_tokens: int, seed: int
                 think = own_think(c.text, c.finish_reason)
                 if not think:
                     dropped.append(examples[i].id)
-                elif not usable(c):
+                elif names_hint(think):
                     dropped_hint.append(examples[i].id)
                 else:
                     thinks[i] = think
@@ -142,7 +145,7 @@ def make(model: str, data_spec: str, out: Path, max_think_tokens: int, seed: int
                 return bool(think) and says_no_call(think) == (not examples[i].ground_truth)
             redo = [i for i, ex in enumerate(examples) if i in thinks and not agrees(i, thinks[i])
                     or i not in thinks and not ex.ground_truth]  # a no-call example's empty think too
-            agreed_at.update((examples[i].id, 0) for i in thinks if i not in set(redo))
+            agreed_at.update((examples[i].id, 0) for i in set(thinks) - set(redo))
             for start in range(0, len(redo), max(1, batch // refuse)):
                 part = redo[start:start + max(1, batch // refuse)]
                 outs = engine.generate([prompt_ids[i] for i in part], n=refuse, temperature=temperature, top_p=1.0,
