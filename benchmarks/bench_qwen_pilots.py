@@ -79,6 +79,7 @@ SFT_START2 = "runs/qwen_pilots/sft-start-s2/final"  # sft-start-s2's: the seed-2
 SELF_THINK = "benchmarks/results/qwen_pilots_cpu/self_think/train.jsonl"  # bench_self_think.py: the model's own thinks
 SELF_THINK_HINT = "benchmarks/results/qwen_pilots_cpu/self_think_hint/train.jsonl"  # --hint: reasoned toward the gold
 THINK_START = "runs/qwen_pilots/think-sft-start-s1/final"  # think-sft-start-s1's: SFT on them, from inside the think
+THINK_ANS_START = "runs/qwen_pilots/think-ans-sft-start-s1/final"  # the think start that abstains (--sft_loss answer)
 SELF_THINK_REFUSE = "benchmarks/results/qwen_pilots_cpu/self_think_hint_refuse/train.jsonl"  # --hint --refuse 8
 VAL_AND_IRR = "split:val+split:val_irr"  # the long near-miss arms: both validation sets at each evaluation
 # In the order they run. The 5-step run at lr up to 2e-6 (results/qwen_5step_cpu) collapsed to short
@@ -230,6 +231,14 @@ ARMS = {
     "think-egpo-s1": ["--model", THINK_START, "--think", "prefill", "--algo", "egpo", "--lr", "1e-6", "--seed", "11",
                       "--eval_at_start", "true"],
     "think-grpo-s1": ["--model", THINK_START, "--think", "prefill", "--algo", "grpo", "--lr", "1e-6", "--seed", "11"],
+    # EGPO against GRPO was never measured on a think start that reaches both answers (think-egpo-s1's start
+    # called on 87% of no-call prompts; its GRPO twin never ran). think-ans-sft-start-s1 answers `[]` on 91.7% of
+    # val's no-call prompts after its own think (val 72.5): the pair again from it, same seed, EGPO's step-0
+    # evaluation the start of both.
+    "think-ans-egpo-s1": ["--model", THINK_ANS_START, "--think", "prefill", "--algo", "egpo", "--lr", "1e-6",
+                          "--seed", "11", "--eval_at_start", "true"],
+    "think-ans-grpo-s1": ["--model", THINK_ANS_START, "--think", "prefill", "--algo", "grpo", "--lr", "1e-6",
+                          "--seed", "11"],
     # Part 3's long curves, in pieces (--piece-s): the val recipe for up to 150 steps, evaluated every 10 (~50
     # training minutes), and its SFT control evaluated every 30 SFT steps (about as many training minutes)
     "long-rl": ["--lr", "1e-6", "--steps", "150", "--eval_every", "10", "--save_every", "5"],
@@ -252,6 +261,7 @@ START_ARM = "lr5e-7"  # its step-0 evaluation is everyone's baseline
 START_OF = {"sft-rl-s1": "sft-rl-s1", "sft-more-s1": "sft-rl-s1", "sft-rl-s0": "sft-rl-s0", "sft-more-s0": "sft-rl-s0",
             "sft-rl-bal-s1": "sft-rl-s1", "sft-rl-bal-s0": "sft-rl-s0", "sft-rl-s2": "sft-rl-s2", "sft-more-s2": "sft-rl-s2",
             "sft-rl-bal-s2": "sft-rl-s2", "think-egpo-s1": "think-egpo-s1", "think-grpo-s1": "think-egpo-s1",
+            "think-ans-egpo-s1": "think-ans-egpo-s1", "think-ans-grpo-s1": "think-ans-egpo-s1",
             "sft-rl-nm-s1": "sft-rl-s1", "sft-rl-nm-s0": "sft-rl-nm-s0", "sft-rl-nm-s2": "sft-rl-nm-s2",
             "long-nm-s1": "long-nm-s1", "long-nm-more-s1": "long-nm-s1", "sft-rl-nm-gold-s1": "sft-rl-s1"}
 # an SFT control gets the training seconds of this RL arm (the pilots': finished; the long ones': so far)
@@ -294,7 +304,8 @@ VAL_PAIRS = (("lr1e-6", "sft-control"), ("lr1e-6-s1", "sft-control-s1"),
              (BAL3, START3),
              (("lr1e-6-abal", "lr1e-6-abal-s1"), ("lr1e-6", "lr1e-6-s1")),
              (("lr1e-6-abal", "lr1e-6-abal-s1"), ("sft-control", "sft-control-s1")),
-             ("think-egpo-s1", "think-grpo-s1"), ("think-ans-sft-start-s1", "think-hint-sft-start-s1"),
+             ("think-egpo-s1", "think-grpo-s1"), ("think-ans-egpo-s1", "think-ans-grpo-s1"),
+             ("think-ans-sft-start-s1", "think-hint-sft-start-s1"),
              ("think-refuse-sft-start-s1", "think-ans-sft-start-s1"),
              ("sft-rl-nm-s1", "sft-rl-s1"), ("sft-rl-nm-s1", "sft-more-s1"),
              ("sft-rl-nm-s0", "sft-rl-s0"), ("sft-rl-nm-s0", "sft-more-s0"),
