@@ -14,7 +14,7 @@ Algorithm (arXiv 2508.05118, FunRL/EGPO), per step:
  3. Advantage A_i = (r_i - mean(r)) / std(r) within the group; groups with zero variance are counted
     and left out of the loss. EGPO: A_i' = A_i + lambda * clip(H_i, -|A_i|/alpha, |A_i|/alpha), H_i the
     mean (detached) entropy of completion i's <think> tokens, from step 4's first forward pass.
-    `algo=grpo` keeps A_i.
+    `algo=grpo` keeps A_i (and logs H_i, the measure EGPO adds).
  4. Loss and update: the two layers of kernels.fused_linear_grpo_loss, fused_linear_logprob_entropy then
     grpo_objective (clipped ratio, k3 KL to a frozen reference when beta > 0, truncated importance weight
     for the engine/trainer mismatch), micro-batched by a token budget, never materialising [tokens x vocab]
@@ -422,7 +422,7 @@ class Advantages:
     keep: list[int]                   # the completions trained on (not zero-variance, not empty, not emptied by
                                       # --decision_balance / --answer_balance)
     seqs: list[packing.Seq]           # their prompt + completion tokens
-    think: list[list[bool]] | None    # EGPO: each kept completion's <think> tokens; None for GRPO
+    think: list[list[bool]] | None    # each kept completion's <think> tokens (EGPO's term; logged for GRPO)
     balance: dict | None = None       # --decision_balance / --answer_balance: the step's pushes and their scales
     gold_groups: int | None = None    # --gold_in_group: the groups (all ranks) given their gold answer
 
@@ -448,8 +448,9 @@ def compute_advantages(tr: Trainer, roll: Rollout, rewards: torch.Tensor) -> Adv
     keep = [i for i in range(len(comps)) if not skip[i // cfg.group_size] and len(comps[i].token_ids) > 0]
     seqs = [packing.Seq(tr.data.prompt_ids[roll.owners[i].id], comps[i].token_ids, i // cfg.group_size)
             for i in keep]
-    think = [think_token_mask(tr.tokenizer, comps[i].token_ids, comps[i].text, cfg.fmt, cfg.prefill)
-             for i in keep] if cfg.algo == "egpo" else None
+    # every completion's <think> tokens: EGPO's term, and the think's entropy logged under GRPO too (the measure
+    # EGPO - GRPO is reported beside)
+    think = [think_token_mask(tr.tokenizer, comps[i].token_ids, comps[i].text, cfg.fmt, cfg.prefill) for i in keep]
     return Advantages(adv.flatten(), zero_var, keep, seqs, think, balance)
 
 
@@ -628,7 +629,7 @@ def project_decision_move(optimizer, params: list, grads: list, before: float) -
 class Update:
     stats: dict                   # loss, kl, entropy, clip fractions, importance weights, grad norm; {}: none
     adv: torch.Tensor             # (S,) each trained sequence's advantage as trained (EGPO's term added)
-    think_entropy: torch.Tensor   # (S,) each trained sequence's mean <think> entropy (nan: none, or GRPO)
+    think_entropy: torch.Tensor   # (S,) each trained sequence's mean <think> entropy (nan: none)
     trained: bool = True          # some rank trained on some sequence
     train_s: float = 0.0
 
@@ -640,9 +641,10 @@ def train_on_rollouts(cfg: Config, model, ref_model, optimizer, lr: float, seqs:
     """The RL training phase on one rollout batch: old log-probs and <think> entropy (EGPO), reference
     log-probs, the fused clipped loss with global normalisation, backward, clipping and the AdamW step,
     `updates_per_batch` times. `adv` (S,) is per sequence; `thinks` marks each completion's <think> tokens
-    (None for plain GRPO). `gold` (sft_coef > 0): reference completions whose mean -log p, times sft_coef, is
-    added to every update (an SFT term beside the RL loss). `anchor` (decision_anchor > 0): (the step's prompts
-    as decision Seqs, no-call ids, call ids) for decision_anchor_backward in every update. `project`
+    (None: not measured; EGPO adds its term, GRPO only reports their entropy). `gold` (sft_coef > 0):
+    reference completions whose mean -log p, times sft_coef, is added to every update (an SFT term beside the
+    RL loss). `anchor` (decision_anchor > 0): (the step's prompts as decision Seqs, no-call ids, call ids) for
+    decision_anchor_backward in every update. `project`
     (decision_project; the same form): the mean decision log-odds' gradient, taken before the first update,
     whose first-order move is taken out of every update (project_decision_move). Returns the metrics, the final
     (EGPO) advantages and the think entropies.
@@ -691,11 +693,12 @@ def train_on_rollouts(cfg: Config, model, ref_model, optimizer, lr: float, seqs:
                                                              temperature=cfg.temperature, impl=cfg.impl)
             if update == 0:
                 old_logps[k] = logp.detach()  # old log-probs of the policy that sampled
-                if thinks is not None:  # EGPO: A' = A + lambda * clip(H) (a completion without <think>: H = 0)
+                if thinks is not None:  # the think's mean entropy; EGPO: A' = A + lambda * clip(H) (no think: H = 0)
                     think = packing.per_token(thinks, mb, torch.bool)
                     h_think, has_think = mean_think_entropy(ent, think, mb.seq_ids, len(mb.seqs))
                     think_h[mb.seqs] = torch.where(has_think, h_think, float("nan"))
-                    final_adv[mb.seqs] = egpo_advantages(adv[mb.seqs], h_think, cfg.egpo_lambda, cfg.egpo_alpha)
+                    if cfg.algo == "egpo":
+                        final_adv[mb.seqs] = egpo_advantages(adv[mb.seqs], h_think, cfg.egpo_lambda, cfg.egpo_alpha)
             loss, m = kernels.grpo_objective(
                 logp, ent, final_adv[mb.seqs], torch.ones_like(mb.targets, dtype=torch.bool),
                 old_logp=old_logps[k], ref_logp=ref_lp,
@@ -935,7 +938,7 @@ def log_rl_step(tr: Trainer, lr: float, t_step: float, roll: Rollout, results: l
     seqs = adv.seqs
     my_adv = adv.adv.clone()  # (P * G,) as trained: EGPO's term added to the completions trained on
     my_adv[adv.keep] = update.adv
-    my_think = torch.full((len(roll.completions),), float("nan"))  # (P * G,) nan: not trained on, or GRPO
+    my_think = torch.full((len(roll.completions),), float("nan"))  # (P * G,) nan: not trained on, or no think
     my_think[adv.keep] = update.think_entropy
     mine = dict(results=results, lengths=[len(c.token_ids) for c in roll.completions],
                 truncated=[c.finish_reason == "length" for c in roll.completions], zero_var=adv.zero_var.tolist(),

@@ -226,3 +226,34 @@ def test_one_lm_head_pass_per_micro_batch_gives_the_two_pass_update(llama, monke
         assert torch.equal(p, q), f"{name}: max diff {(p - q).abs().max().item():.3g}"
         changed += not torch.equal(p, llama.get_parameter(name))
     assert changed > 0
+
+
+def test_grpo_reports_the_think_entropy_and_trains_as_without_it(llama):
+    """GRPO measures each completion's think entropy (what EGPO would add) without using it: the same weights as
+    a GRPO update that was handed no think masks, bit for bit, EGPO's think entropies, and its advantages
+    unchanged; EGPO on the same batch moves them by lambda * clip(H)."""
+    g = torch.Generator().manual_seed(6)
+    seqs = _random_seqs(g, 3)
+    adv = torch.randn(len(seqs), generator=g)
+    rollout = [(-torch.rand(len(s.completion), generator=g) * 3).tolist() for s in seqs]
+    thinks = [(torch.rand(len(s.completion), generator=g) < 0.6).tolist() for s in seqs]
+    thinks[0] = [False] * len(thinks[0])  # a completion without a think: no entropy, no term
+    out = {}
+    for algo, masks in (("grpo", thinks), ("grpo", None), ("egpo", thinks)):
+        cfg = Config(micro_batch_tokens=150, max_prompt_tokens=40, max_new_tokens=30, temperature=0.7, lr=1e-3,
+                     algo=algo, impl="torch")
+        model = copy.deepcopy(llama).train()
+        res = run.train_on_rollouts(cfg, model, None, torch.optim.SGD(model.parameters(), lr=cfg.lr), cfg.lr, seqs,
+                                    adv, rollout, masks, "packed", False, "cpu")
+        out[algo, masks is not None] = res, model
+    (grpo, grpo_model), (bare, bare_model), (egpo, _) = out["grpo", True], out["grpo", False], out["egpo", True]
+    assert torch.equal(grpo.adv, adv) and torch.equal(bare.adv, adv)
+    for p, q in zip(grpo_model.parameters(), bare_model.parameters()):
+        assert torch.equal(p, q)
+    assert bare.think_entropy.isnan().all()
+    assert grpo.think_entropy[0].isnan() and (grpo.think_entropy[1:] > 0).all()
+    torch.testing.assert_close(grpo.think_entropy, egpo.think_entropy, equal_nan=True, rtol=0, atol=0)
+    bound = adv.abs() / 2
+    want = adv + 0.4 * torch.minimum(grpo.think_entropy.nan_to_num(0.0), bound)  # H >= 0: only the upper clip
+    torch.testing.assert_close(egpo.adv, want, rtol=0, atol=1e-6)
+    assert not torch.equal(egpo.adv, adv)

@@ -127,7 +127,7 @@ def test_think_token_mask(tiny):
 
 def test_think_prefill_end_to_end_trains_on_the_models_own_think(tiny):
     """--think prefill: every prompt ends with the opened think, SFT goes on from inside it, and the rollouts,
-    scored as prefill + completion, parse and give EGPO a think to measure."""
+    scored as prefill + completion, parse and give the think entropy a think to measure."""
     from fctrain.models import load_tokenizer
     root, model_dir = tiny
     tok = load_tokenizer(model_dir)
@@ -137,7 +137,8 @@ def test_think_prefill_end_to_end_trains_on_the_models_own_think(tiny):
     ids = run.load_data(cfg, tok, lambda *a: None).prompt_ids
     assert ids and all(p[-len(extra):] == extra for p in ids.values())
     out = root / "prefill"
-    assert run.main(_args(root, model_dir, out, think="prefill", algo="egpo", sft_steps=30, steps=1, save_every=0,
+    # GRPO: its think entropy is measured too (EGPO's term on it: test_packing's grpo_reports_the_think_entropy)
+    assert run.main(_args(root, model_dir, out, think="prefill", algo="grpo", sft_steps=30, steps=1, save_every=0,
                           eval_limit=2)) == 0
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     rl = next(r for r in rows if r["phase"] == "rl")
