@@ -350,7 +350,10 @@ HELDOUT_PAIRS = (("lr1e-6-s1", "sft-control"), ("lr1e-6-s1", "sft-control-s1"), 
 # on it is reported on it (the held-out (c) stays the report).
 VAL_IRR_ARMS = ("sft-control-s1", "sft-rl-s1", "sft-rl-bal-s1", "sft-start-s0", "sft-rl-s0", "sft-rl-bal-s0",
                 "sft-start-s2", "sft-rl-s2", "sft-rl-bal-s2", "sft-rl-nm-s1", "sft-rl-nm-s0", "sft-rl-nm-s2",
-                "sft-rl-nm-gold-s1")
+                "sft-rl-nm-gold-s1",
+                # the think start that abstains on val (91.7% of its no-call prompts), and EGPO / GRPO from it: does a
+                # think of its own help on (c)'s kind? (each with its --think prefill, eval_options)
+                "think-ans-sft-start-s1", "think-ans-egpo-s1", "think-ans-grpo-s1")
 VAL_IRR_PAIRS = (("sft-rl-bal-s1", "sft-rl-s1"), ("sft-rl-s1", "sft-control-s1"), ("sft-rl-bal-s1", "sft-control-s1"),
                  ("sft-rl-bal-s0", "sft-rl-s0"), ("sft-rl-s0", "sft-start-s0"), ("sft-rl-bal-s0", "sft-start-s0"),
                  (("sft-rl-bal-s0", "sft-rl-bal-s1"), ("sft-rl-s0", "sft-rl-s1")),
@@ -360,7 +363,9 @@ VAL_IRR_PAIRS = (("sft-rl-bal-s1", "sft-rl-s1"), ("sft-rl-s1", "sft-control-s1")
                  ("sft-rl-nm-s1", "sft-rl-s1"), ("sft-rl-nm-s1", "sft-control-s1"),
                  ("sft-rl-nm-s0", "sft-rl-s0"), ("sft-rl-nm-s0", "sft-start-s0"),
                  ("sft-rl-nm-s2", "sft-rl-s2"), ("sft-rl-nm-s2", "sft-start-s2"),
-                 (NM3, RL3), ("sft-rl-nm-gold-s1", "sft-rl-nm-s1"))
+                 (NM3, RL3), ("sft-rl-nm-gold-s1", "sft-rl-nm-s1"),
+                 ("think-ans-sft-start-s1", "sft-control-s1"), ("think-ans-egpo-s1", "think-ans-grpo-s1"),
+                 ("think-ans-egpo-s1", "think-ans-sft-start-s1"), ("think-ans-egpo-s1", "sft-rl-nm-s1"))
 # suite (its folder under RESULTS and WORK): (its sets, the policies it may evaluate, its comparisons)
 SUITES = {"heldout": (HELDOUT_SETS, HELDOUT_ARMS, HELDOUT_PAIRS),
           "val_irr": (("val_irr",), VAL_IRR_ARMS, VAL_IRR_PAIRS)}
@@ -755,10 +760,21 @@ def kept_policy(name: str) -> str:
     return str(final)
 
 
+EVAL_OPTIONS = ("--think", "--fmt")  # an arm's options that change how it is prompted and scored, not trained
+
+
+def eval_options(name: str) -> list[str]:
+    """The arm's own prompt and answer form (a --think prefill policy answers after the think it is handed)."""
+    args = ARMS.get(name, [])
+    return [x for i, key in enumerate(args) if key in EVAL_OPTIONS for x in (key, args[i + 1])]
+
+
 def heldout_args(name: str, suite: str = "heldout") -> list[str]:
-    """The trainer's own evaluation, nothing trained: the raw model or the arm's kept final policy."""
+    """The trainer's own evaluation, nothing trained: the raw model or the arm's kept final policy, prompted and
+    scored as the arm trained and validated it."""
     return ["--preset", "qwen0.5b-cpu", "--model", kept_policy(name), "--seed", "0", "--steps", "0", "--save_every", "0",
-            "--eval_data", "+".join(f"split:{s}" for s in SUITES[suite][0]), "--out_dir", str(WORK / suite / name)]
+            *eval_options(name), "--eval_data", "+".join(f"split:{s}" for s in SUITES[suite][0]),
+            "--out_dir", str(WORK / suite / name)]
 
 
 def run_heldout(names, commit: bool, suite: str = "heldout") -> None:

@@ -127,6 +127,11 @@ def test_heldout_args_evaluate_without_training_and_need_the_kept_policy(tmp_pat
     (tmp_path / "sft-control" / "final").mkdir(parents=True)
     (tmp_path / "sft-control" / "final" / "config.json").write_text("{}")
     assert bench.heldout_args("sft-control")[3] == str(tmp_path / "sft-control" / "final")
+    assert "--think" not in bench.heldout_args("sft-control")
+    (tmp_path / "think-ans-egpo-s1" / "final").mkdir(parents=True)
+    (tmp_path / "think-ans-egpo-s1" / "final" / "config.json").write_text("{}")
+    args = bench.heldout_args("think-ans-egpo-s1", "val_irr")  # validated with the opened think: evaluated with it
+    assert last("--think") == "prefill" and last("--eval_data") == "split:val_irr"
 
 
 def test_eval_rows_keep_val_irr_out_of_val_and_report_it_beside(tmp_path):
