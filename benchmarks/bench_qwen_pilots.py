@@ -317,7 +317,10 @@ HELDOUT_SETS = ("test_in", "test_ood", "test_irr", "val")
 # (+13.3 [+5.0, +21.7], 2026-12-04, the Zen 4); evaluated held out in the same session
 HELDOUT_ARMS = ("sft-control", "lr1e-6-s1", "untrained", "sft-control-s1", "sft-rl-s1", "sft-more-s1",
                 "sft-rl-s0", "sft-more-s0", "sft-start-s0", "sft-rl-s2", "sft-more-s2", "sft-start-s2",
-                "sft-rl-bal-s1", "sft-rl-bal-s0", "sft-rl-bal-s2", "sft-rl-nm-s0", "sft-rl-nm-s1", "sft-rl-nm-s2")
+                "sft-rl-bal-s1", "sft-rl-bal-s0", "sft-rl-bal-s2", "sft-rl-nm-s0", "sft-rl-nm-s1", "sft-rl-nm-s2",
+                # the long near-miss curve's best on val + val_irr (kept_policy), once 3 evaluations in a row (30
+                # steps) found no better one: does the budget lift (c) where 10 steps did not? One seed
+                "long-nm-s1")
 HELDOUT_PAIRS = (("lr1e-6-s1", "sft-control"), ("lr1e-6-s1", "sft-control-s1"),  # (RL, control): RL - control
                  ("sft-rl-s1", "sft-more-s1"), ("sft-rl-s1", "sft-control-s1"), ("sft-more-s1", "sft-control-s1"),
                  ("sft-rl-s0", "sft-more-s0"), ("sft-rl-s0", "sft-start-s0"), ("sft-more-s0", "sft-start-s0"),
@@ -343,7 +346,9 @@ HELDOUT_PAIRS = (("lr1e-6-s1", "sft-control"), ("lr1e-6-s1", "sft-control-s1"), 
                  ("sft-rl-nm-s2", "sft-rl-s2"), ("sft-rl-nm-s2", "sft-more-s2"), ("sft-rl-nm-s2", "sft-start-s2"),
                  (NM3, RL3),
                  (NM3, MORE3),
-                 (NM3, START3))
+                 (NM3, START3),
+                 # the same recipe and seed, longer (not an equal-time control: long-nm-more-s1 is that)
+                 ("long-nm-s1", "sft-rl-nm-s1"), ("long-nm-s1", "sft-control-s1"))
 # val_irr: BFCL `irrelevance` examples of (c)'s own kind, disjoint from it and never trained on (bench_rl's
 # build_sets). Val's no-call prompts (live_irrelevance, swapped tools) sit at 95% for RL from SFT, while (c) is at
 # ~72%: the irrelevance target cannot be chosen on them. Kept policies evaluated on it, each once; no choice made
@@ -868,8 +873,14 @@ def seeds_cell(p: dict) -> str:
 
 
 def last_val_verdicts(arm: str) -> dict | None:
+    """The val verdicts of the policy an arm keeps: its last evaluation, the untrained model's first, and a long
+    arm's evaluation at the step of its best policy (best.json; None when that is not known here)."""
     history = load(arm if arm != "untrained" else START_ARM) or []
     evals = [r for r in history if r.get("phase") == "eval" and "verdicts" in r]
+    if arm in LONG_ARMS:
+        best = WORK / arm / "best" / "best.json"
+        step = json.loads(best.read_text())["step"] if best.exists() else None
+        evals = [r for r in evals if r["step"] == step]
     if not evals:
         return None
     return (evals[0] if arm == "untrained" else evals[-1])["verdicts"]

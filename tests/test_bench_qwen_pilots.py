@@ -349,3 +349,16 @@ def test_rebuild_reruns_a_finished_arm_keeps_its_policy_and_counts_what_repeats(
     assert bench.rebuild_arm(arm, commit=False) == {} and len(calls) == 1  # kept: nothing to do
     with pytest.raises(SystemExit, match="has not finished"):
         bench.rebuild_arm("sft-rl-s1", commit=False)
+
+
+def test_a_long_arm_repeats_the_val_verdicts_of_the_policy_it_keeps(tmp_path, monkeypatch):
+    """A long arm holds out its best policy (--keep_best), not its last: its val verdicts to repeat are those of
+    the evaluation at best.json's step, and none when the kept policy's step is not known on this machine."""
+    monkeypatch.setattr(bench, "WORK", tmp_path)
+    history = [{"phase": "eval", "step": s, "verdicts": {"q": s == 50}} for s in (0, 50, 60)]
+    monkeypatch.setattr(bench, "load", lambda arm: history)
+    assert bench.last_val_verdicts("sft-rl-nm-s1") == {"q": False}  # a pilot arm: its last evaluation
+    assert bench.last_val_verdicts("long-nm-s1") is None
+    (tmp_path / "long-nm-s1" / "best").mkdir(parents=True)
+    (tmp_path / "long-nm-s1" / "best" / "best.json").write_text(json.dumps({"step": 50}))
+    assert bench.last_val_verdicts("long-nm-s1") == {"q": True}
