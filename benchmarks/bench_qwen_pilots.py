@@ -255,6 +255,21 @@ ARMS = {
     "long-nm-more-s1": ["--model", SFT_START, "--sft_steps", "100000", "--steps", "0", "--sft_think", "none",
                         "--sft_lr", "2e-5", "--sft_batch_size", "8", "--beta", "0", "--eval_every", "20",
                         "--save_every", "10", "--seed", "11", "--eval_data", VAL_AND_IRR, "--keep_best", "true"],
+    # long-nm-s1 rose on val + val_irr to step 50 and was flat for 30 steps after (stopped at 80), its kept policy
+    # held out at (c) 83.3: seeds 0 and 2 of the same design, fixed before they run at 80 steps (the best of the
+    # evaluations every 10 kept and held out), each with its equal-seconds SFT control (sft-more-s0 / -s2's seeds)
+    "long-nm-s0": ["--model", SFT_START0, "--lr", "1e-6", "--seed", "10", "--train_data", "split:train_nm",
+                   "--steps", "80", "--eval_every", "10", "--save_every", "5", "--eval_data", VAL_AND_IRR,
+                   "--eval_at_start", "true", "--keep_best", "true"],
+    "long-nm-more-s0": ["--model", SFT_START0, "--sft_steps", "100000", "--steps", "0", "--sft_think", "none",
+                        "--sft_lr", "2e-5", "--sft_batch_size", "8", "--beta", "0", "--eval_every", "20",
+                        "--save_every", "10", "--seed", "10", "--eval_data", VAL_AND_IRR, "--keep_best", "true"],
+    "long-nm-s2": ["--model", SFT_START2, "--lr", "1e-6", "--seed", "12", "--train_data", "split:train_nm",
+                   "--steps", "80", "--eval_every", "10", "--save_every", "5", "--eval_data", VAL_AND_IRR,
+                   "--eval_at_start", "true", "--keep_best", "true"],
+    "long-nm-more-s2": ["--model", SFT_START2, "--sft_steps", "100000", "--steps", "0", "--sft_think", "none",
+                        "--sft_lr", "2e-5", "--sft_batch_size", "8", "--beta", "0", "--eval_every", "20",
+                        "--save_every", "10", "--seed", "12", "--eval_data", VAL_AND_IRR, "--keep_best", "true"],
 }
 START_ARM = "lr5e-7"  # its step-0 evaluation is everyone's baseline
 # ... except an arm that starts from a kept policy (--model): the arm whose step-0 evaluation is that start
@@ -263,12 +278,15 @@ START_OF = {"sft-rl-s1": "sft-rl-s1", "sft-more-s1": "sft-rl-s1", "sft-rl-s0": "
             "sft-rl-bal-s2": "sft-rl-s2", "think-egpo-s1": "think-egpo-s1", "think-grpo-s1": "think-egpo-s1",
             "think-ans-egpo-s1": "think-ans-egpo-s1", "think-ans-grpo-s1": "think-ans-egpo-s1",
             "sft-rl-nm-s1": "sft-rl-s1", "sft-rl-nm-s0": "sft-rl-nm-s0", "sft-rl-nm-s2": "sft-rl-nm-s2",
-            "long-nm-s1": "long-nm-s1", "long-nm-more-s1": "long-nm-s1", "sft-rl-nm-gold-s1": "sft-rl-s1"}
+            "long-nm-s1": "long-nm-s1", "long-nm-more-s1": "long-nm-s1", "sft-rl-nm-gold-s1": "sft-rl-s1",
+            "long-nm-s0": "long-nm-s0", "long-nm-more-s0": "long-nm-s0", "long-nm-s2": "long-nm-s2",
+            "long-nm-more-s2": "long-nm-s2"}
 # an SFT control gets the training seconds of this RL arm (the pilots': finished; the long ones': so far)
 CONTROL_OF = {"sft-control": "lr1e-6", "sft-control-s1": "lr1e-6-s1", "long-sft": "long-rl",
               "sft-more-s1": "sft-rl-s1", "sft-more-s0": "sft-rl-s0", "sft-more-s2": "sft-rl-s2",
-              "long-nm-more-s1": "long-nm-s1"}
-LONG_ARMS = ("long-rl", "long-sft", "long-nm-s1", "long-nm-more-s1")
+              "long-nm-more-s1": "long-nm-s1", "long-nm-more-s0": "long-nm-s0", "long-nm-more-s2": "long-nm-s2"}
+LONG_ARMS = ("long-rl", "long-sft", "long-nm-s1", "long-nm-more-s1", "long-nm-s0", "long-nm-more-s0", "long-nm-s2",
+             "long-nm-more-s2")
 # Held out: the policies compared (in evaluation order; "untrained" is the raw model) and the comparisons.
 # lr1e-6 itself was finished before arms kept their final policy; lr1e-6-s1 is the same recipe, seed 1.
 # Val comparisons of final policies, paired by prompt (a, b): a - b. A tuple of arms on a side is its mean over
