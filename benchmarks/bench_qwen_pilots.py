@@ -82,6 +82,23 @@ THINK_START = "runs/qwen_pilots/think-sft-start-s1/final"  # think-sft-start-s1'
 THINK_ANS_START = "runs/qwen_pilots/think-ans-sft-start-s1/final"  # the think start that abstains (--sft_loss answer)
 SELF_THINK_REFUSE = "benchmarks/results/qwen_pilots_cpu/self_think_hint_refuse/train.jsonl"  # --hint --refuse 8
 VAL_AND_IRR = "split:val+split:val_irr"  # the long near-miss arms: both validation sets at each evaluation
+
+
+def long_nm(start: str, seed: str, steps: str) -> list[str]:
+    """A long near-miss RL arm: sft-rl-nm's recipe from `start` for up to `steps`, val + val_irr every 10 steps,
+    the best of them kept (--keep_best: the policy held out)."""
+    return ["--model", start, "--lr", "1e-6", "--seed", seed, "--train_data", "split:train_nm", "--steps", steps,
+            "--eval_every", "10", "--save_every", "5", "--eval_data", VAL_AND_IRR, "--eval_at_start", "true",
+            "--keep_best", "true"]
+
+
+def long_nm_more(start: str, seed: str) -> list[str]:
+    """Its control: SFT going on from the same start (sft-more's recipe) for the RL arm's training seconds."""
+    return ["--model", start, "--sft_steps", "100000", "--steps", "0", "--sft_think", "none", "--sft_lr", "2e-5",
+            "--sft_batch_size", "8", "--beta", "0", "--eval_every", "20", "--save_every", "10", "--seed", seed,
+            "--eval_data", VAL_AND_IRR, "--keep_best", "true"]
+
+
 # In the order they run. The 5-step run at lr up to 2e-6 (results/qwen_5step_cpu) collapsed to short
 # no-call answers after 3 updates, so the sweep starts at the paper's 1e-6 and goes down.
 ARMS = {
@@ -249,27 +266,15 @@ ARMS = {
     # evaluated every 10 (the best mean of the two is kept, --keep_best: the policy held out, never chosen on
     # (a)-(c)); SFT going on from the same start for
     # the same training seconds (sft-more-s1's recipe and seed), evaluated every 20 SFT steps (~as many seconds).
-    "long-nm-s1": ["--model", SFT_START, "--lr", "1e-6", "--seed", "11", "--train_data", "split:train_nm",
-                   "--steps", "150", "--eval_every", "10", "--save_every", "5", "--eval_data", VAL_AND_IRR,
-                   "--eval_at_start", "true", "--keep_best", "true"],
-    "long-nm-more-s1": ["--model", SFT_START, "--sft_steps", "100000", "--steps", "0", "--sft_think", "none",
-                        "--sft_lr", "2e-5", "--sft_batch_size", "8", "--beta", "0", "--eval_every", "20",
-                        "--save_every", "10", "--seed", "11", "--eval_data", VAL_AND_IRR, "--keep_best", "true"],
+    "long-nm-s1": long_nm(SFT_START, "11", "150"),
+    "long-nm-more-s1": long_nm_more(SFT_START, "11"),
     # long-nm-s1 rose on val + val_irr to step 50 and was flat for 30 steps after (stopped at 80), its kept policy
     # held out at (c) 83.3: seeds 0 and 2 of the same design, fixed before they run at 80 steps (the best of the
     # evaluations every 10 kept and held out), each with its equal-seconds SFT control (sft-more-s0 / -s2's seeds)
-    "long-nm-s0": ["--model", SFT_START0, "--lr", "1e-6", "--seed", "10", "--train_data", "split:train_nm",
-                   "--steps", "80", "--eval_every", "10", "--save_every", "5", "--eval_data", VAL_AND_IRR,
-                   "--eval_at_start", "true", "--keep_best", "true"],
-    "long-nm-more-s0": ["--model", SFT_START0, "--sft_steps", "100000", "--steps", "0", "--sft_think", "none",
-                        "--sft_lr", "2e-5", "--sft_batch_size", "8", "--beta", "0", "--eval_every", "20",
-                        "--save_every", "10", "--seed", "10", "--eval_data", VAL_AND_IRR, "--keep_best", "true"],
-    "long-nm-s2": ["--model", SFT_START2, "--lr", "1e-6", "--seed", "12", "--train_data", "split:train_nm",
-                   "--steps", "80", "--eval_every", "10", "--save_every", "5", "--eval_data", VAL_AND_IRR,
-                   "--eval_at_start", "true", "--keep_best", "true"],
-    "long-nm-more-s2": ["--model", SFT_START2, "--sft_steps", "100000", "--steps", "0", "--sft_think", "none",
-                        "--sft_lr", "2e-5", "--sft_batch_size", "8", "--beta", "0", "--eval_every", "20",
-                        "--save_every", "10", "--seed", "12", "--eval_data", VAL_AND_IRR, "--keep_best", "true"],
+    "long-nm-s0": long_nm(SFT_START0, "10", "80"),
+    "long-nm-more-s0": long_nm_more(SFT_START0, "10"),
+    "long-nm-s2": long_nm(SFT_START2, "12", "80"),
+    "long-nm-more-s2": long_nm_more(SFT_START2, "12"),
 }
 START_ARM = "lr5e-7"  # its step-0 evaluation is everyone's baseline
 # ... except an arm that starts from a kept policy (--model): the arm whose step-0 evaluation is that start

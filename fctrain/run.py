@@ -644,9 +644,9 @@ def train_on_rollouts(cfg: Config, model, ref_model, optimizer, lr: float, seqs:
     (None: not measured; EGPO adds its term, GRPO only reports their entropy). `gold` (sft_coef > 0):
     reference completions whose mean -log p, times sft_coef, is added to every update (an SFT term beside the
     RL loss). `anchor` (decision_anchor > 0): (the step's prompts as decision Seqs, no-call ids, call ids) for
-    decision_anchor_backward in every update. `project`
-    (decision_project; the same form): the mean decision log-odds' gradient, taken before the first update,
-    whose first-order move is taken out of every update (project_decision_move). Returns the metrics, the final
+    decision_anchor_backward in every update. `project` (decision_project; the same form): the mean decision
+    log-odds' gradient, taken before the first update, whose first-order move is taken out of every update
+    (project_decision_move). Returns the metrics, the final
     (EGPO) advantages and the think entropies.
 
     Under torchrun each rank passes its own sequences (possibly none) and all ranks call this together:

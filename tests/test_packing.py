@@ -253,7 +253,6 @@ def test_grpo_reports_the_think_entropy_and_trains_as_without_it(llama):
     assert bare.think_entropy.isnan().all()
     assert grpo.think_entropy[0].isnan() and (grpo.think_entropy[1:] > 0).all()
     torch.testing.assert_close(grpo.think_entropy, egpo.think_entropy, equal_nan=True, rtol=0, atol=0)
-    bound = adv.abs() / 2
-    want = adv + 0.4 * torch.minimum(grpo.think_entropy.nan_to_num(0.0), bound)  # H >= 0: only the upper clip
-    torch.testing.assert_close(egpo.adv, want, rtol=0, atol=1e-6)
+    # EGPO's term on the H GRPO reported (a completion without a think: H = 0); the formula: test_run
+    assert torch.equal(egpo.adv, run.egpo_advantages(adv, grpo.think_entropy.nan_to_num(0.0)))
     assert not torch.equal(egpo.adv, adv)
