@@ -343,7 +343,9 @@ HELDOUT_ARMS = ("sft-control", "lr1e-6-s1", "untrained", "sft-control-s1", "sft-
                 "sft-rl-bal-s1", "sft-rl-bal-s0", "sft-rl-bal-s2", "sft-rl-nm-s0", "sft-rl-nm-s1", "sft-rl-nm-s2",
                 # the long near-miss curve's best on val + val_irr (kept_policy), once 3 evaluations in a row (30
                 # steps) found no better one: does the budget lift (c) where 10 steps did not? One seed
-                "long-nm-s1")
+                "long-nm-s1",
+                # its equal-seconds SFT control: its best on val + val_irr, or its start if none beat it (evaluated_as)
+                "long-nm-more-s1")
 HELDOUT_PAIRS = (("lr1e-6-s1", "sft-control"), ("lr1e-6-s1", "sft-control-s1"),  # (RL, control): RL - control
                  ("sft-rl-s1", "sft-more-s1"), ("sft-rl-s1", "sft-control-s1"), ("sft-more-s1", "sft-control-s1"),
                  ("sft-rl-s0", "sft-more-s0"), ("sft-rl-s0", "sft-start-s0"), ("sft-more-s0", "sft-start-s0"),
@@ -371,7 +373,7 @@ HELDOUT_PAIRS = (("lr1e-6-s1", "sft-control"), ("lr1e-6-s1", "sft-control-s1"), 
                  (NM3, MORE3),
                  (NM3, START3),
                  # the same recipe and seed, longer (not an equal-time control: long-nm-more-s1 is that)
-                 ("long-nm-s1", "sft-rl-nm-s1"), ("long-nm-s1", "sft-control-s1"))
+                 ("long-nm-s1", "sft-rl-nm-s1"), ("long-nm-s1", "sft-control-s1"), ("long-nm-s1", "long-nm-more-s1"))
 # val_irr: BFCL `irrelevance` examples of (c)'s own kind, disjoint from it and never trained on (bench_rl's
 # build_sets). Val's no-call prompts (live_irrelevance, swapped tools) sit at 95% for RL from SFT, while (c) is at
 # ~72%: the irrelevance target cannot be chosen on them. Kept policies evaluated on it, each once; no choice made
@@ -779,6 +781,8 @@ def kept_policy(name: str) -> str:
         return "qwen2.5-coder-0.5b"
     if name in LONG_ARMS:  # the best on validation (--keep_best), not the last
         best = WORK / name / "best"
+        if name in CONTROL_OF and control_keeps_its_start(name):
+            return ARMS[name][ARMS[name].index("--model") + 1]
         if not (best / "config.json").exists():
             raise SystemExit(f"{best} missing: no evaluation of {name} beat its first (then its start is the best)")
         return str(best)
@@ -786,6 +790,29 @@ def kept_policy(name: str) -> str:
     if not (final / "config.json").exists():
         raise SystemExit(f"{final} missing (run the arm first: a finished arm keeps it)")
     return str(final)
+
+
+def mean_accuracy(record: dict) -> float:
+    """An evaluation's mean accuracy over its sets (what --keep_best ranks)."""
+    accuracies = [v["accuracy"] for v in record["eval_sets"].values()]
+    return sum(accuracies) / len(accuracies)
+
+
+def start_eval(name: str) -> dict:
+    """The evaluation of an arm's start: its START_OF arm's at step 0."""
+    rows = load(START_OF.get(name, START_ARM)) or []
+    found = next((r for r in rows if r.get("phase") == "eval" and r["step"] == 0 and "eval_sets" in r), None)
+    if found is None:
+        raise SystemExit(f"{START_OF.get(name, START_ARM)} has no evaluation at step 0: {name}'s start is not scored")
+    return found
+
+
+def control_keeps_its_start(name: str) -> bool:
+    """A long SFT control is not evaluated at its start, its RL arm is (the same model on the same sets, its
+    step 0): the control keeps its start, as --keep_best would with that evaluation, unless one of its own
+    evaluations beats it (a strictly higher mean; the RL arm's best had to beat the same number)."""
+    own = [mean_accuracy(r) for r in load(name) or [] if r.get("phase") == "eval" and "eval_sets" in r]
+    return not own or max(own) <= mean_accuracy(start_eval(name))
 
 
 EVAL_OPTIONS = ("--think", "--fmt")  # an arm's options that change how it is prompted and scored, not trained
@@ -805,8 +832,19 @@ def heldout_args(name: str, suite: str = "heldout") -> list[str]:
             "--out_dir", str(WORK / suite / name)]
 
 
+def evaluated_as(name: str) -> str:
+    """The policy whose held-out evaluation stands for `name`: a finished long control that keeps its start is
+    its start's arm (that arm's kept final policy, evaluated once), any other policy itself."""
+    if name in LONG_ARMS and name in CONTROL_OF and metrics_path(name).exists() and control_keeps_its_start(name):
+        return Path(kept_policy(name)).parent.name
+    return name
+
+
 def run_heldout(names, commit: bool, suite: str = "heldout") -> None:
     for name in names:
+        if (same := evaluated_as(name)) != name:
+            print(f"[qwen_pilots] {suite} {name}: kept its start, {same}'s policy: evaluated as {same}", flush=True)
+            name = same
         if heldout_path(name, suite).exists():
             print(f"[qwen_pilots] {suite} {name}: finished, skipped", flush=True)
             continue
@@ -828,7 +866,7 @@ def run_heldout(names, commit: bool, suite: str = "heldout") -> None:
 
 
 def heldout_eval(name: str, suite: str = "heldout") -> dict | None:
-    path = heldout_path(name, suite)
+    path = heldout_path(evaluated_as(name), suite)
     if not path.exists():
         return None
     return next(r for r in map(json.loads, open(path)) if r.get("phase") == "eval")
@@ -896,8 +934,11 @@ def seeds_cell(p: dict) -> str:
 
 
 def last_val_verdicts(arm: str) -> dict | None:
-    """The val verdicts of the policy an arm keeps: its last evaluation, the untrained model's first, and a long
-    arm's evaluation at the step of its best policy (best.json; None when that is not known here)."""
+    """The val verdicts of the policy an arm keeps: its last evaluation, the untrained model's first, a long
+    arm's evaluation at the step of its best policy (best.json; None when that is not known here), and a long
+    control's start's (the RL arm's step 0) when it keeps its start."""
+    if arm in LONG_ARMS and arm in CONTROL_OF and control_keeps_its_start(arm):
+        return start_eval(arm)["verdicts"]  # its kept policy is its start: the RL arm's evaluation at step 0
     history = load(arm if arm != "untrained" else START_ARM) or []
     evals = [r for r in history if r.get("phase") == "eval" and "verdicts" in r]
     if arm in LONG_ARMS:

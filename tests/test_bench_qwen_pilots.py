@@ -362,3 +362,38 @@ def test_a_long_arm_repeats_the_val_verdicts_of_the_policy_it_keeps(tmp_path, mo
     (tmp_path / "long-nm-s1" / "best").mkdir(parents=True)
     (tmp_path / "long-nm-s1" / "best" / "best.json").write_text(json.dumps({"step": 50}))
     assert bench.last_val_verdicts("long-nm-s1") == {"q": True}
+
+
+def test_a_long_control_keeps_its_start_unless_one_of_its_evaluations_beats_it(tmp_path, monkeypatch):
+    """A long SFT control is not evaluated at step 0, its RL arm is, on the same start: the control keeps that
+    start (its model, the RL arm's step-0 verdicts, the start arm's held-out evaluation once it has finished)
+    until an evaluation of its own has a strictly higher mean over the eval sets, as --keep_best ranks them."""
+    monkeypatch.setattr(bench, "RESULTS", tmp_path)
+    acc = lambda val, irr: {"split:val": {"accuracy": val}, "split:val_irr": {"accuracy": irr}}
+    rl = [{"phase": "eval", "step": 0, "eval_sets": acc(0.75, 0.5), "verdicts": {"q": "start"}},
+          {"phase": "eval", "step": 10, "eval_sets": acc(0.9, 0.9), "verdicts": {"q": "rl"}}]
+    control = [{"phase": "sft", "step": 1}, {"phase": "eval", "step": 20, "eval_sets": acc(0.875, 0.25),
+                                             "verdicts": {"q": "sft-20"}}]
+    logs = {"long-nm-s1": rl, "long-nm-more-s1": control}
+    monkeypatch.setattr(bench, "load", lambda arm: logs.get(arm))
+    assert bench.START_OF["long-nm-more-s1"] == "long-nm-s1"
+    assert bench.control_keeps_its_start("long-nm-more-s1")  # 0.5625 < the start's 0.625
+    start_model = bench.ARMS["long-nm-more-s1"][bench.ARMS["long-nm-more-s1"].index("--model") + 1]
+    assert bench.kept_policy("long-nm-more-s1") == start_model == bench.SFT_START
+    assert bench.last_val_verdicts("long-nm-more-s1") == {"q": "start"}
+    assert bench.evaluated_as("long-nm-more-s1") == "long-nm-more-s1"  # still running: not yet
+    (tmp_path / "long-nm-more-s1.metrics.jsonl").write_text("")
+    assert bench.evaluated_as("long-nm-more-s1") == "sft-control-s1"
+    (tmp_path / "heldout").mkdir()
+    (tmp_path / "heldout" / "sft-control-s1.metrics.jsonl").write_text(json.dumps({"phase": "eval", "n": 1}) + "\n")
+    assert bench.heldout_eval("long-nm-more-s1") == {"phase": "eval", "n": 1}
+    control[1]["eval_sets"] = acc(0.5, 0.75)  # a mean of 0.625 (exact in binary): equal, not better
+    assert bench.control_keeps_its_start("long-nm-more-s1")
+    control[1]["eval_sets"] = acc(0.5, 0.875)
+    assert not bench.control_keeps_its_start("long-nm-more-s1")
+    assert bench.evaluated_as("long-nm-more-s1") == "long-nm-more-s1" and bench.heldout_eval("long-nm-more-s1") is None
+    logs["long-nm-more-s1"] = None  # not run yet: its start
+    assert bench.control_keeps_its_start("long-nm-more-s1")
+    logs["long-nm-more-s1"], logs["long-nm-s1"] = control, rl[1:]
+    with pytest.raises(SystemExit, match="no evaluation at step 0"):
+        bench.control_keeps_its_start("long-nm-more-s1")
