@@ -300,6 +300,7 @@ LONG_ARMS = ("long-rl", "long-sft", "long-nm-s1", "long-nm-more-s1", "long-nm-s0
 RL3, MORE3 = ("sft-rl-s0", "sft-rl-s1", "sft-rl-s2"), ("sft-more-s0", "sft-more-s1", "sft-more-s2")
 START3, BAL3 = ("sft-start-s0", "sft-control-s1", "sft-start-s2"), ("sft-rl-bal-s0", "sft-rl-bal-s1", "sft-rl-bal-s2")
 NM3 = ("sft-rl-nm-s0", "sft-rl-nm-s1", "sft-rl-nm-s2")
+LONG3, LONG_MORE3 = ("long-nm-s0", "long-nm-s1", "long-nm-s2"), ("long-nm-more-s0", "long-nm-more-s1", "long-nm-more-s2")
 VAL_PAIRS = (("lr1e-6", "sft-control"), ("lr1e-6-s1", "sft-control-s1"),
              (("lr1e-6", "lr1e-6-s1"), ("sft-control", "sft-control-s1")),
              ("lr1e-6-dbal-s1", "lr1e-6-s1"), ("lr1e-6-dbal-s1", "sft-control-s1"),
@@ -345,7 +346,9 @@ HELDOUT_ARMS = ("sft-control", "lr1e-6-s1", "untrained", "sft-control-s1", "sft-
                 # steps) found no better one: does the budget lift (c) where 10 steps did not? One seed
                 "long-nm-s1",
                 # its equal-seconds SFT control: its best on val + val_irr, or its start if none beat it (evaluated_as)
-                "long-nm-more-s1")
+                "long-nm-more-s1",
+                # seeds 0 and 2 of both, fixed before they ran (2026-12-05)
+                "long-nm-s0", "long-nm-more-s0", "long-nm-s2", "long-nm-more-s2")
 HELDOUT_PAIRS = (("lr1e-6-s1", "sft-control"), ("lr1e-6-s1", "sft-control-s1"),  # (RL, control): RL - control
                  ("sft-rl-s1", "sft-more-s1"), ("sft-rl-s1", "sft-control-s1"), ("sft-more-s1", "sft-control-s1"),
                  ("sft-rl-s0", "sft-more-s0"), ("sft-rl-s0", "sft-start-s0"), ("sft-more-s0", "sft-start-s0"),
@@ -373,7 +376,13 @@ HELDOUT_PAIRS = (("lr1e-6-s1", "sft-control"), ("lr1e-6-s1", "sft-control-s1"), 
                  (NM3, MORE3),
                  (NM3, START3),
                  # the same recipe and seed, longer (not an equal-time control: long-nm-more-s1 is that)
-                 ("long-nm-s1", "sft-rl-nm-s1"), ("long-nm-s1", "sft-control-s1"), ("long-nm-s1", "long-nm-more-s1"))
+                 ("long-nm-s1", "sft-rl-nm-s1"), ("long-nm-s1", "sft-control-s1"), ("long-nm-s1", "long-nm-more-s1"),
+                 ("long-nm-s0", "long-nm-more-s0"), ("long-nm-s0", "sft-start-s0"), ("long-nm-s0", "sft-rl-nm-s0"),
+                 ("long-nm-s2", "long-nm-more-s2"), ("long-nm-s2", "sft-start-s2"), ("long-nm-s2", "sft-rl-nm-s2"),
+                 # issue 30's test: RL against its equal-seconds control over three seeds, (a) +5 and (c) >= 80
+                 (LONG3, LONG_MORE3),
+                 (LONG3, START3),
+                 (LONG3, NM3))
 # val_irr: BFCL `irrelevance` examples of (c)'s own kind, disjoint from it and never trained on (bench_rl's
 # build_sets). Val's no-call prompts (live_irrelevance, swapped tools) sit at 95% for RL from SFT, while (c) is at
 # ~72%: the irrelevance target cannot be chosen on them. Kept policies evaluated on it, each once; no choice made
