@@ -842,9 +842,10 @@ def heldout_args(name: str, suite: str = "heldout") -> list[str]:
 
 
 def evaluated_as(name: str) -> str:
-    """The policy whose held-out evaluation stands for `name`: a finished long control that keeps its start is
-    its start's arm (that arm's kept final policy, evaluated once), any other policy itself."""
-    if name in LONG_ARMS and name in CONTROL_OF and metrics_path(name).exists() and control_keeps_its_start(name):
+    """The policy whose held-out evaluation stands for `name`: a long control that has run (its curve so far:
+    long arms stay in pieces) and keeps its start is its start's arm (that arm's kept final policy, evaluated
+    once), any other policy itself."""
+    if name in LONG_ARMS and name in CONTROL_OF and load(name) and control_keeps_its_start(name):
         return Path(kept_policy(name)).parent.name
     return name
 

@@ -381,8 +381,6 @@ def test_a_long_control_keeps_its_start_unless_one_of_its_evaluations_beats_it(t
     start_model = bench.ARMS["long-nm-more-s1"][bench.ARMS["long-nm-more-s1"].index("--model") + 1]
     assert bench.kept_policy("long-nm-more-s1") == start_model == bench.SFT_START
     assert bench.last_val_verdicts("long-nm-more-s1") == {"q": "start"}
-    assert bench.evaluated_as("long-nm-more-s1") == "long-nm-more-s1"  # still running: not yet
-    (tmp_path / "long-nm-more-s1.metrics.jsonl").write_text("")
     assert bench.evaluated_as("long-nm-more-s1") == "sft-control-s1"
     (tmp_path / "heldout").mkdir()
     (tmp_path / "heldout" / "sft-control-s1.metrics.jsonl").write_text(json.dumps({"phase": "eval", "n": 1}) + "\n")
@@ -392,8 +390,8 @@ def test_a_long_control_keeps_its_start_unless_one_of_its_evaluations_beats_it(t
     control[1]["eval_sets"] = acc(0.5, 0.875)
     assert not bench.control_keeps_its_start("long-nm-more-s1")
     assert bench.evaluated_as("long-nm-more-s1") == "long-nm-more-s1" and bench.heldout_eval("long-nm-more-s1") is None
-    logs["long-nm-more-s1"] = None  # not run yet: its start
-    assert bench.control_keeps_its_start("long-nm-more-s1")
+    logs["long-nm-more-s1"] = None  # not run yet: its start, but held out as nothing yet
+    assert bench.control_keeps_its_start("long-nm-more-s1") and bench.evaluated_as("long-nm-more-s1") == "long-nm-more-s1"
     logs["long-nm-more-s1"], logs["long-nm-s1"] = control, rl[1:]
     with pytest.raises(SystemExit, match="no evaluation at step 0"):
         bench.control_keeps_its_start("long-nm-more-s1")
