@@ -391,7 +391,8 @@ def test_a_long_control_keeps_its_start_unless_one_of_its_evaluations_beats_it(t
     assert not bench.control_keeps_its_start("long-nm-more-s1")
     assert bench.evaluated_as("long-nm-more-s1") == "long-nm-more-s1" and bench.heldout_eval("long-nm-more-s1") is None
     logs["long-nm-more-s1"] = None  # not run yet: its start, but held out as nothing yet
-    assert bench.control_keeps_its_start("long-nm-more-s1") and bench.evaluated_as("long-nm-more-s1") == "long-nm-more-s1"
+    assert bench.control_keeps_its_start("long-nm-more-s1")
+    assert bench.evaluated_as("long-nm-more-s1") == "long-nm-more-s1"
     logs["long-nm-more-s1"], logs["long-nm-s1"] = control, rl[1:]
     with pytest.raises(SystemExit, match="no evaluation at step 0"):
         bench.control_keeps_its_start("long-nm-more-s1")
