@@ -275,6 +275,14 @@ ARMS = {
     "long-nm-more-s0": long_nm_more(SFT_START0, "10"),
     "long-nm-s2": long_nm(SFT_START2, "12", "80"),
     "long-nm-more-s2": long_nm_more(SFT_START2, "12"),
+    # The rule's other reading (issue 30, 2026-12-06): the mean of val and val_irr kept long-nm-more-s1's step 40,
+    # which abstains almost everywhere (val_irr 99.2, val 56.7) by 2 of 240 examples over step 80 (73.3 / 80.8).
+    # The choice on val alone (val_best_step) keeps step 80 for the control and step 50, the same policy, for the
+    # RL arm. Its step-80 checkpoint is not kept (--keep_best keeps one): SFT again from the same start, seed and
+    # order, stopped at 80 (the same curve: its evaluations at 40 and 80 repeat the committed ones, prompt by
+    # prompt, or it is a sibling and said so). For seeds 0 and 2, the same: each arm's val_best_step, rebuilt.
+    "long-nm-more-s1-val": long_nm_more(SFT_START, "11") + ["--sft_steps", "80", "--eval_every", "40",
+                                                                     "--keep_best", "false"],
 }
 START_ARM = "lr5e-7"  # its step-0 evaluation is everyone's baseline
 # ... except an arm that starts from a kept policy (--model): the arm whose step-0 evaluation is that start
@@ -285,7 +293,7 @@ START_OF = {"sft-rl-s1": "sft-rl-s1", "sft-more-s1": "sft-rl-s1", "sft-rl-s0": "
             "sft-rl-nm-s1": "sft-rl-s1", "sft-rl-nm-s0": "sft-rl-nm-s0", "sft-rl-nm-s2": "sft-rl-nm-s2",
             "long-nm-s1": "long-nm-s1", "long-nm-more-s1": "long-nm-s1", "sft-rl-nm-gold-s1": "sft-rl-s1",
             "long-nm-s0": "long-nm-s0", "long-nm-more-s0": "long-nm-s0", "long-nm-s2": "long-nm-s2",
-            "long-nm-more-s2": "long-nm-s2"}
+            "long-nm-more-s2": "long-nm-s2", "long-nm-more-s1-val": "long-nm-s1"}
 # an SFT control gets the training seconds of this RL arm (the pilots': finished; the long ones': so far)
 CONTROL_OF = {"sft-control": "lr1e-6", "sft-control-s1": "lr1e-6-s1", "long-sft": "long-rl",
               "sft-more-s1": "sft-rl-s1", "sft-more-s0": "sft-rl-s0", "sft-more-s2": "sft-rl-s2",
@@ -348,7 +356,9 @@ HELDOUT_ARMS = ("sft-control", "lr1e-6-s1", "untrained", "sft-control-s1", "sft-
                 # its equal-seconds SFT control: its best on val + val_irr, or its start if none beat it (evaluated_as)
                 "long-nm-more-s1",
                 # seeds 0 and 2 of both, fixed before they ran (2026-12-05)
-                "long-nm-s0", "long-nm-more-s0", "long-nm-s2", "long-nm-more-s2")
+                "long-nm-s0", "long-nm-more-s0", "long-nm-s2", "long-nm-more-s2",
+                # long-nm-more-s1's best on val alone (step 80): the control that does not abstain everywhere
+                "long-nm-more-s1-val")
 HELDOUT_PAIRS = (("lr1e-6-s1", "sft-control"), ("lr1e-6-s1", "sft-control-s1"),  # (RL, control): RL - control
                  ("sft-rl-s1", "sft-more-s1"), ("sft-rl-s1", "sft-control-s1"), ("sft-more-s1", "sft-control-s1"),
                  ("sft-rl-s0", "sft-more-s0"), ("sft-rl-s0", "sft-start-s0"), ("sft-more-s0", "sft-start-s0"),
@@ -382,7 +392,10 @@ HELDOUT_PAIRS = (("lr1e-6-s1", "sft-control"), ("lr1e-6-s1", "sft-control-s1"), 
                  # issue 30's test: RL against its equal-seconds control over three seeds, (a) +5 and (c) >= 80
                  (LONG3, LONG_MORE3),
                  (LONG3, START3),
-                 (LONG3, NM3))
+                 (LONG3, NM3),
+                 # each arm's best on val alone (val_best_step): long-nm-s1's is its kept step 50
+                 ("long-nm-s1", "long-nm-more-s1-val"), ("long-nm-more-s1-val", "sft-control-s1"),
+                 ("long-nm-more-s1", "long-nm-more-s1-val"))
 # val_irr: BFCL `irrelevance` examples of (c)'s own kind, disjoint from it and never trained on (bench_rl's
 # build_sets). Val's no-call prompts (live_irrelevance, swapped tools) sit at 95% for RL from SFT, while (c) is at
 # ~72%: the irrelevance target cannot be chosen on them. Kept policies evaluated on it, each once; no choice made
@@ -822,6 +835,18 @@ def control_keeps_its_start(name: str) -> bool:
     evaluations beats it (a strictly higher mean; the RL arm's best had to beat the same number)."""
     own = [mean_accuracy(r) for r in load(name) or [] if r.get("phase") == "eval" and "eval_sets" in r]
     return not own or max(own) <= mean_accuracy(start_eval(name))
+
+
+def val_best_step(name: str) -> int:
+    """The other reading of "best on validation": the step of the arm's evaluation with the highest accuracy on
+    val alone (the earliest of equals), or 0, its start, when none beats its start's val (the START_OF arm's
+    step 0; an RL arm's own)."""
+    val = lambda r: r["eval_sets"]["split:val"]["accuracy"]
+    step, best = 0, val(start_eval(name))
+    for r in load(name) or []:
+        if r.get("phase") == "eval" and "eval_sets" in r and val(r) > best:
+            step, best = r["step"], val(r)
+    return step
 
 
 EVAL_OPTIONS = ("--think", "--fmt")  # an arm's options that change how it is prompted and scored, not trained

@@ -396,3 +396,30 @@ def test_a_long_control_keeps_its_start_unless_one_of_its_evaluations_beats_it(t
     logs["long-nm-more-s1"], logs["long-nm-s1"] = control, rl[1:]
     with pytest.raises(SystemExit, match="no evaluation at step 0"):
         bench.control_keeps_its_start("long-nm-more-s1")
+
+
+def test_the_choice_on_val_alone_takes_the_first_best_and_keeps_the_start_when_nothing_beats_it(monkeypatch):
+    acc = lambda val: {"split:val": {"accuracy": val}, "split:val_irr": {"accuracy": 1 - val}}
+    rl = [{"phase": "eval", "step": 0, "eval_sets": acc(0.5)}, {"phase": "rl", "step": 1},
+          {"phase": "eval", "step": 10, "eval_sets": acc(0.75)}, {"phase": "eval", "step": 20, "eval_sets": acc(0.75)}]
+    control = [{"phase": "eval", "step": 20, "eval_sets": acc(0.25)}, {"phase": "eval", "step": 40, "eval_sets": acc(0.5)}]
+    logs = {"long-nm-s1": rl, "long-nm-more-s1": control}
+    monkeypatch.setattr(bench, "load", lambda arm: logs.get(arm))
+    assert bench.val_best_step("long-nm-s1") == 10  # the earliest of two equal
+    assert bench.val_best_step("long-nm-more-s1") == 0  # 0.5 equals its start's (the RL arm's step 0): the start
+    control[1]["eval_sets"] = acc(0.625)
+    assert bench.val_best_step("long-nm-more-s1") == 40
+
+
+def test_the_controls_rebuilt_val_best_stops_where_the_committed_curve_had_it():
+    """long-nm-more-s1-val is long-nm-more-s1 stopped at its best step on val alone (the committed curve says
+    which), from the same start and seed, evaluated on the same sets, with no time budget and its last policy kept."""
+    args = bench.ARMS["long-nm-more-s1-val"]
+    last = lambda key: args[len(args) - 1 - args[::-1].index(key) + 1]
+    assert int(last("--sft_steps")) == bench.val_best_step("long-nm-more-s1") == 80
+    assert bench.val_best_step("long-nm-s1") == 50  # the RL arm's best on val alone is the policy it keeps
+    assert int(last("--sft_steps")) % int(last("--eval_every")) == 0 and last("--keep_best") == "false"
+    control = bench.ARMS["long-nm-more-s1"]
+    for key in ("--model", "--seed", "--sft_lr", "--sft_batch_size", "--eval_data", "--sft_think", "--save_every"):
+        assert last(key) == control[control.index(key) + 1]
+    assert "long-nm-more-s1-val" not in bench.CONTROL_OF and bench.START_OF["long-nm-more-s1-val"] == "long-nm-s1"
