@@ -40,7 +40,10 @@ same training seconds) outlast a session, so they run in pieces: `--piece-s S` i
 after S wall seconds (Ctrl-C: it finishes the step, checkpoints and exits), copies its curve so far to
 RESULTS/<arm>.partial.metrics.jsonl, commits it, and goes on to the next arm; the next `run` resumes each from
 its checkpoint. A control of an unfinished RL arm trains up to the RL arm's training seconds so far and is
-finished only once its RL arm is.
+finished only once its RL arm is. A checkpoint lives under runs/, which a new machine does not have: there `run`
+refuses an arm with a committed curve and no checkpoint unless given `--restart`, which trains it again from
+step 0 (on the same kind of machine it repeats the curve: the evaluations both reached are compared, prompt by
+prompt, in RESULTS/<arm>.runs.jsonl), keeping the committed curve until the new one has gone past it.
 
 The report gives, per arm and evaluation: training seconds (the trainer's summed step times), val accuracy
 overall and on call-needing / no-call prompts, how often the answer is a call, no call or unparsable on each,
@@ -483,12 +486,33 @@ def train(args: list[str], piece_s: float | None) -> int:
         raise
 
 
-def run_arm(arm: str, commit: bool, piece_s: float | None = None, any_machine: bool = False) -> None:
+def eval_agreement(committed: list[dict], new: list[dict]) -> dict:
+    """{step: [same verdicts, prompts]} for each step both curves evaluated: a long arm started again from step 0
+    (its checkpoint lost with the machine) repeats the committed curve or is a sibling of it."""
+    evals = lambda h: {r["step"]: r["verdicts"] for r in h if r.get("phase") == "eval" and "verdicts" in r}
+    a, b = evals(committed), evals(new)
+    return {str(s): [sum(a[s][i] == b[s].get(i) for i in a[s]), len(a[s])] for s in sorted(set(a) & set(b))}
+
+
+def last_step(history: list[dict]) -> int:
+    return max((r["step"] for r in history if "step" in r), default=0)
+
+
+def run_arm(arm: str, commit: bool, piece_s: float | None = None, any_machine: bool = False,
+            restart: bool = False) -> None:
     from fctrain.run import training_seconds  # what --time_budget_s counts
     here = common.device_name("cpu")
     if not any_machine:
         check_machine(arm, here)
     out = WORK / arm
+    # a long arm's committed curve without its checkpoint (a new machine): resuming is impossible, and starting
+    # again from step 0 must be asked for; the committed curve stays until the new one reaches its last step
+    committed = [json.loads(line) for line in open(partial_path(arm))] if partial_path(arm).exists() else None
+    lost = committed is not None and not any(out.glob("ckpt-*"))
+    if lost and not restart:
+        raise SystemExit(f"{arm}: its curve to step {last_step(committed)} is committed but its checkpoint is not "
+                         f"here (a new machine): pass --restart to train it again from step 0 (the repeated "
+                         f"evaluations are compared with the committed ones in {runs_path(arm).name})")
     args = COMMON + ARMS[arm] + ["--out_dir", str(out)]
     rl_done = True
     if arm in CONTROL_OF:
@@ -514,11 +538,21 @@ def run_arm(arm: str, commit: bool, piece_s: float | None = None, any_machine: b
         raise SystemExit(f"{arm}: the trainer failed (exit {rc}); rerun resumes from its last checkpoint")
     RESULTS.mkdir(parents=True, exist_ok=True)
     history = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    run = {"date": common.run_metadata("cpu")["date"], "device": here, "exit": rc, "to_step": last_step(history),
+           "train_s": round(training_seconds(history), 1)}
+    behind = committed is not None and last_step(history) < last_step(committed)  # started again, not there yet
+    if lost or behind:
+        run["restarted"] = {"committed_to_step": last_step(committed),
+                            "same_verdicts": eval_agreement(committed, history)}
     with open(runs_path(arm), "a") as f:
-        f.write(json.dumps({"date": common.run_metadata("cpu")["date"], "device": here, "exit": rc,
-                            "to_step": max((r["step"] for r in history if "step" in r), default=0),
-                            "train_s": round(training_seconds(history), 1)}) + "\n")
+        f.write(json.dumps(run) + "\n")
     if rc == 130 or not rl_done:  # a piece: the curve so far, committed; the checkpoint stays for the next
+        if behind:
+            print(f"[qwen_pilots] {arm}: started again, at step {last_step(history)} of the committed "
+                  f"{last_step(committed)}: the committed curve stays", flush=True)
+            if commit:
+                commit_results(f"qwen pilots: arm {arm}, started again (to step {last_step(history)})")
+            return
         shutil.copy(out / "metrics.jsonl", partial_path(arm))
         steps = max((r["step"] for r in load(arm) if "step" in r), default=0)
         print(f"[qwen_pilots] {arm}: piece ended at step {steps}; resume with the same command", flush=True)
@@ -1033,6 +1067,8 @@ def main(argv=None) -> int:
     r.add_argument("--any-machine", action="store_true",
                    help="run an SFT control (or resume a long arm) on another kind of machine than its RL arm's "
                         "(its training seconds then are not equal work)")
+    r.add_argument("--restart", action="store_true",
+                   help="train a long arm again from step 0 when its committed curve's checkpoint is not here")
     sub.add_parser("report")
     h = sub.add_parser("heldout", help="the untrained model and the arms' kept final policies on the held-out sets")
     h.add_argument("--policies", nargs="+", default=list(HELDOUT_ARMS), choices=HELDOUT_ARMS)
@@ -1067,7 +1103,7 @@ def main(argv=None) -> int:
         if metrics_path(arm).exists():
             print(f"[qwen_pilots] {arm}: finished, skipped", flush=True)
             continue
-        run_arm(arm, args.commit, args.piece_s, args.any_machine)
+        run_arm(arm, args.commit, args.piece_s, args.any_machine, args.restart)
     return 0
 
 

@@ -423,3 +423,46 @@ def test_the_controls_rebuilt_val_best_stops_where_the_committed_curve_had_it():
     for key in ("--model", "--seed", "--sft_lr", "--sft_batch_size", "--eval_data", "--sft_think", "--save_every"):
         assert last(key) == control[control.index(key) + 1]
     assert "long-nm-more-s1-val" not in bench.CONTROL_OF and bench.START_OF["long-nm-more-s1-val"] == "long-nm-s1"
+
+
+def test_a_long_arm_whose_checkpoint_was_lost_starts_again_only_when_asked_and_keeps_the_committed_curve(
+        tmp_path, monkeypatch):
+    """A new machine has a long arm's committed curve but not its checkpoint: `run` refuses to resume from
+    nothing; with --restart it trains from step 0, records how the repeated evaluations agree with the
+    committed ones, and replaces the committed curve only once the new one has gone past it."""
+    monkeypatch.setattr(bench, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(bench, "WORK", tmp_path / "work")
+    monkeypatch.setattr(bench, "report", lambda: "")
+    ev = lambda step, v: {"step": step, "phase": "eval", "verdicts": {"p": v, "q": 1}}
+    rl = lambda step: {"step": step, "phase": "rl", "step_s": 60.0}
+    committed = [ev(0, 1), rl(1), rl(2), ev(2, 1), rl(3), rl(4), ev(4, 0)]
+    bench.RESULTS.mkdir()
+    bench.partial_path("long-nm-s0").write_text("".join(json.dumps(r) + "\n" for r in committed))
+    pieces = [[ev(0, 1), rl(1), rl(2), ev(2, 0)], [ev(0, 1), rl(1), rl(2), ev(2, 0), rl(3), rl(4), ev(4, 0), rl(5)]]
+    calls = []
+
+    def fake_train(args, piece_s):
+        out = Path(args[args.index("--out_dir") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        rows = pieces[len(calls)]
+        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (out / f"ckpt-{last_step(rows)}").mkdir()
+        calls.append(args)
+        return 130
+
+    last_step = bench.last_step
+    monkeypatch.setattr(bench, "train", fake_train)
+    monkeypatch.setattr(bench, "check_machine", lambda arm, here: None)
+    with pytest.raises(SystemExit, match="--restart"):
+        bench.run_arm("long-nm-s0", commit=False, piece_s=60)
+    assert not calls
+    bench.run_arm("long-nm-s0", commit=False, piece_s=60, restart=True)
+    assert "--resume" not in calls[0]
+    assert bench.partial_path("long-nm-s0").read_text().count("\n") == len(committed)  # the committed curve stays
+    run = json.loads(bench.runs_path("long-nm-s0").read_text().splitlines()[-1])
+    assert run["restarted"] == {"committed_to_step": 4, "same_verdicts": {"0": [2, 2], "2": [1, 2]}}
+    bench.run_arm("long-nm-s0", commit=False, piece_s=60)  # its own checkpoint now: resumes, no --restart needed
+    assert "--resume" in calls[1]
+    assert [json.loads(x) for x in bench.partial_path("long-nm-s0").read_text().splitlines()] == pieces[1]
+    run = json.loads(bench.runs_path("long-nm-s0").read_text().splitlines()[-1])
+    assert "restarted" not in run and run["to_step"] == 5
