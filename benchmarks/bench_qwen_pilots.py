@@ -554,7 +554,7 @@ def run_arm(arm: str, commit: bool, piece_s: float | None = None, any_machine: b
                 commit_results(f"qwen pilots: arm {arm}, started again (to step {last_step(history)})")
             return
         shutil.copy(out / "metrics.jsonl", partial_path(arm))
-        steps = max((r["step"] for r in load(arm) if "step" in r), default=0)
+        steps = last_step(load(arm))
         print(f"[qwen_pilots] {arm}: piece ended at step {steps}; resume with the same command", flush=True)
         report()
         if commit:
