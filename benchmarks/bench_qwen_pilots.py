@@ -718,6 +718,24 @@ def train_summary(history: list[dict]) -> dict:
     return out
 
 
+def signal_by_window(history: list[dict], width: int = 10) -> list[dict]:
+    """A long RL curve's learning signal, `width` steps at a time: the mean reward, the groups with mixed rewards
+    (the only ones GRPO learns from) and the tokens trained per step, and the step KL's median and max (a mean
+    over the few trained tokens of a step with one mixed group is where k3's heavy tail shows)."""
+    rl = [r for r in history if r.get("phase") == "rl"]
+    out = []
+    for first in range(1, max((r["step"] for r in rl), default=0) + 1, width):
+        seg = [r for r in rl if first <= r["step"] < first + width]
+        if not seg:
+            continue
+        kl = sorted(r["kl"] for r in seg if r.get("kl") is not None)
+        out.append({"steps": f"{first}-{seg[-1]['step']}", "reward": sum(r["reward"] for r in seg) / len(seg),
+                    "mixed_groups": sum(r["groups"] - r["zero_var_groups"] for r in seg) / len(seg),
+                    "groups": seg[0]["groups"], "trained_tokens": sum(r["trained_tokens"] for r in seg) / len(seg),
+                    "kl_median": kl[(len(kl) - 1) // 2] if kl else None, "kl_max": kl[-1] if kl else None})
+    return out
+
+
 def val_pairs() -> list[dict]:
     """VAL_PAIRS whose arms have finished: the final val verdicts of a minus b, paired by prompt."""
     finals = {arm: last_val_verdicts(arm) for arm in ARMS if metrics_path(arm).exists()}
@@ -781,6 +799,14 @@ def report() -> str:
                          + (f"; the same prompts' log-odds after the step {c['decision_log_odds_after']}"
                             if "decision_log_odds_after" in c else "")
                          + (f"; think entropy {c['think_entropy']}" if "think_entropy" in c else ""))
+    for arm in LONG_ARMS:
+        windows = signal_by_window(load(arm) or [])
+        if windows:
+            kl = lambda x: "-" if x is None else f"{x:.3f}"
+            lines += ["", f"{arm}, ten RL steps at a time | reward | mixed groups | tokens trained per step | "
+                          "KL median / max", "|---|---|---|---|---|"]
+            lines += [f"| {w['steps']} | {w['reward']:.3f} | {w['mixed_groups']:.1f} of {w['groups']} | "
+                      f"{w['trained_tokens']:.0f} | {kl(w['kl_median'])} / {kl(w['kl_max'])} |" for w in windows]
     pairs = val_pairs()
     if pairs:
         lines += ["", "| final val, a - b (a side of several seeds: their mean per prompt) | n | points (95% CI, "

@@ -466,3 +466,17 @@ def test_a_long_arm_whose_checkpoint_was_lost_starts_again_only_when_asked_and_k
     assert [json.loads(x) for x in bench.partial_path("long-nm-s0").read_text().splitlines()] == pieces[1]
     run = json.loads(bench.runs_path("long-nm-s0").read_text().splitlines()[-1])
     assert "restarted" not in run and run["to_step"] == 5
+
+
+def test_the_signal_windows_average_mixed_groups_and_tokens_and_take_the_kl_median_and_max():
+    rl = lambda step, reward, zero, tokens, kl: {"step": step, "phase": "rl", "reward": reward, "groups": 16,
+                                                 "zero_var_groups": zero, "trained_tokens": tokens, "kl": kl}
+    history = [_eval(0, "before", {}, {}), rl(1, 0.5, 10, 600, 0.01), rl(2, 0.7, 12, 400, 0.03),
+               rl(3, 0.9, 16, 0, None), rl(4, 0.8, 15, 50, 9.0), _eval(4, "x", {}, {}), rl(5, 1.0, 16, 0, None)]
+    w = bench.signal_by_window(history, width=4)
+    assert [x["steps"] for x in w] == ["1-4", "5-5"]
+    assert w[0]["reward"] == pytest.approx(0.725) and w[0]["mixed_groups"] == pytest.approx((6 + 4 + 0 + 1) / 4)
+    assert w[0]["trained_tokens"] == pytest.approx(262.5) and w[0]["groups"] == 16
+    assert (w[0]["kl_median"], w[0]["kl_max"]) == (0.03, 9.0)  # a step that trained nothing has no KL
+    assert w[1]["mixed_groups"] == 0 and w[1]["kl_median"] is None and w[1]["kl_max"] is None
+    assert bench.signal_by_window([_eval(0, "before", {}, {})]) == []
