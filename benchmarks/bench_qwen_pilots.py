@@ -286,6 +286,12 @@ ARMS = {
     # prompt, or it is a sibling and said so). For seeds 0 and 2, the same: each arm's val_best_step, rebuilt.
     "long-nm-more-s1-val": long_nm_more(SFT_START, "11") + ["--sft_steps", "80", "--eval_every", "40",
                                                                      "--keep_best", "false"],
+    # long-nm-s0 kept step 80 by the rule (val 81.7, val_irr 82.5); on val alone steps 70 and 80 tie at 81.7 and the
+    # earliest, 70, is its val_best_step (the tie-break fixed before it ran). Step 70's checkpoint went when the arm
+    # finished: the same arm again, stopped at 70 and evaluated there (each step's sampling seed is the step's, so
+    # the evaluations skipped do not move it: its step-70 verdicts repeat the committed ones, or it is a sibling).
+    "long-nm-s0-val": long_nm(SFT_START0, "10", "70") + ["--eval_every", "70", "--eval_at_start", "false",
+                                                         "--keep_best", "false"],
 }
 START_ARM = "lr5e-7"  # its step-0 evaluation is everyone's baseline
 # ... except an arm that starts from a kept policy (--model): the arm whose step-0 evaluation is that start
@@ -296,7 +302,8 @@ START_OF = {"sft-rl-s1": "sft-rl-s1", "sft-more-s1": "sft-rl-s1", "sft-rl-s0": "
             "sft-rl-nm-s1": "sft-rl-s1", "sft-rl-nm-s0": "sft-rl-nm-s0", "sft-rl-nm-s2": "sft-rl-nm-s2",
             "long-nm-s1": "long-nm-s1", "long-nm-more-s1": "long-nm-s1", "sft-rl-nm-gold-s1": "sft-rl-s1",
             "long-nm-s0": "long-nm-s0", "long-nm-more-s0": "long-nm-s0", "long-nm-s2": "long-nm-s2",
-            "long-nm-more-s2": "long-nm-s2", "long-nm-more-s1-val": "long-nm-s1"}
+            "long-nm-more-s2": "long-nm-s2", "long-nm-more-s1-val": "long-nm-s1",
+            "long-nm-s0-val": "long-nm-s0"}
 # an SFT control gets the training seconds of this RL arm (the pilots': finished; the long ones': so far)
 CONTROL_OF = {"sft-control": "lr1e-6", "sft-control-s1": "lr1e-6-s1", "long-sft": "long-rl",
               "sft-more-s1": "sft-rl-s1", "sft-more-s0": "sft-rl-s0", "sft-more-s2": "sft-rl-s2",
@@ -361,7 +368,9 @@ HELDOUT_ARMS = ("sft-control", "lr1e-6-s1", "untrained", "sft-control-s1", "sft-
                 # seeds 0 and 2 of both, fixed before they ran (2026-12-05)
                 "long-nm-s0", "long-nm-more-s0", "long-nm-s2", "long-nm-more-s2",
                 # long-nm-more-s1's best on val alone (step 80): the control that does not abstain everywhere
-                "long-nm-more-s1-val")
+                "long-nm-more-s1-val",
+                # long-nm-s0's best on val alone (step 70; it kept step 80 by the rule)
+                "long-nm-s0-val")
 HELDOUT_PAIRS = (("lr1e-6-s1", "sft-control"), ("lr1e-6-s1", "sft-control-s1"),  # (RL, control): RL - control
                  ("sft-rl-s1", "sft-more-s1"), ("sft-rl-s1", "sft-control-s1"), ("sft-more-s1", "sft-control-s1"),
                  ("sft-rl-s0", "sft-more-s0"), ("sft-rl-s0", "sft-start-s0"), ("sft-more-s0", "sft-start-s0"),
@@ -401,7 +410,7 @@ HELDOUT_PAIRS = (("lr1e-6-s1", "sft-control"), ("lr1e-6-s1", "sft-control-s1"), 
                  # val alone (each seed's val-best policies, rebuilt where not kept), and the target counts as met
                  # only if it is met both ways
                  ("long-nm-s1", "long-nm-more-s1-val"), ("long-nm-more-s1-val", "sft-control-s1"),
-                 ("long-nm-more-s1", "long-nm-more-s1-val"))
+                 ("long-nm-more-s1", "long-nm-more-s1-val"), ("long-nm-s0", "long-nm-s0-val"))
 # val_irr: BFCL `irrelevance` examples of (c)'s own kind, disjoint from it and never trained on (bench_rl's
 # build_sets). Val's no-call prompts (live_irrelevance, swapped tools) sit at 95% for RL from SFT, while (c) is at
 # ~72%: the irrelevance target cannot be chosen on them. Kept policies evaluated on it, each once; no choice made

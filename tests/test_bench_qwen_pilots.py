@@ -425,6 +425,21 @@ def test_the_controls_rebuilt_val_best_stops_where_the_committed_curve_had_it():
     assert "long-nm-more-s1-val" not in bench.CONTROL_OF and bench.START_OF["long-nm-more-s1-val"] == "long-nm-s1"
 
 
+def test_the_rl_arms_rebuilt_val_best_stops_at_the_earliest_of_its_tied_best_steps():
+    """long-nm-s0 kept step 80 by the rule; on val alone 70 and 80 tie and the earliest counts: long-nm-s0-val is
+    the same arm stopped at 70 (the committed curve says so), evaluated there on the same sets, its last policy kept."""
+    args = bench.ARMS["long-nm-s0-val"]
+    last = lambda key: args[len(args) - 1 - args[::-1].index(key) + 1]
+    assert int(last("--steps")) == bench.val_best_step("long-nm-s0") == 70
+    val = {r["step"]: r["eval_sets"]["split:val"]["accuracy"] for r in bench.load("long-nm-s0") if r.get("phase") == "eval"}
+    assert val[70] == val[80] == max(val.values())  # a tie, broken the way fixed in advance
+    assert int(last("--steps")) % int(last("--eval_every")) == 0 and last("--keep_best") == "false"
+    rl = bench.ARMS["long-nm-s0"]
+    for key in ("--model", "--seed", "--lr", "--train_data", "--eval_data", "--save_every"):
+        assert last(key) == rl[rl.index(key) + 1]
+    assert "long-nm-s0-val" not in bench.LONG_ARMS and bench.START_OF["long-nm-s0-val"] == "long-nm-s0"
+
+
 def test_a_long_arm_whose_checkpoint_was_lost_starts_again_only_when_asked_and_keeps_the_committed_curve(
         tmp_path, monkeypatch):
     """A new machine has a long arm's committed curve but not its checkpoint: `run` refuses to resume from
