@@ -495,3 +495,28 @@ def test_the_signal_windows_average_mixed_groups_and_tokens_and_take_the_kl_medi
     assert (w[0]["kl_median"], w[0]["kl_max"]) == (0.03, 9.0)  # a step that trained nothing has no KL
     assert w[1]["mixed_groups"] == 0 and w[1]["kl_median"] is None and w[1]["kl_max"] is None
     assert bench.signal_by_window([_eval(0, "before", {}, {})]) == []
+
+
+def test_committing_results_takes_new_changed_and_gone_files_of_the_folder_and_nothing_else(tmp_path, monkeypatch):
+    """A finished long arm replaces its partial curve: the commit removes it too, and leaves other work alone."""
+    import subprocess
+    git = lambda *a: subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True, text=True).stdout
+    git("init", "-q")
+    git("config", "user.email", "t@t"), git("config", "user.name", "t")
+    results = tmp_path / "results"
+    (results / "heldout").mkdir(parents=True)
+    for name in ("arm.partial.metrics.jsonl", "old.md", "heldout/x.md"):
+        (results / name).write_text("a\n")
+    (tmp_path / "code.py").write_text("a\n")
+    git("add", "-A"), git("commit", "-qm", "start")
+    monkeypatch.setattr(bench, "REPO", tmp_path)
+    monkeypatch.setattr(bench, "RESULTS", results)
+    (results / "arm.partial.metrics.jsonl").unlink()
+    (results / "arm.metrics.jsonl").write_text("b\n")
+    (results / "old.md").write_text("b\n")
+    (results / "heldout" / "x.md").write_text("b\n")
+    (tmp_path / "code.py").write_text("b\n")
+    bench.commit_results("finished")
+    assert sorted(git("show", "--name-status", "--format=", "HEAD").splitlines()) == [
+        "A\tresults/arm.metrics.jsonl", "D\tresults/arm.partial.metrics.jsonl", "M\tresults/old.md"]
+    assert sorted(git("status", "--porcelain").splitlines()) == [" M code.py", " M results/heldout/x.md"]
