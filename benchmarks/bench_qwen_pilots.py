@@ -477,13 +477,9 @@ def check_machine(arm: str, here: str) -> None:
 def commit_results(message: str, folder: Path | None = None) -> None:
     """Commit the folder's files (not its subfolders): new, changed, and gone (a partial curve a finished one
     replaced)."""
-    folder = folder or RESULTS
-    tracked = subprocess.run(["git", "ls-files", "--", str(folder.relative_to(REPO))], cwd=REPO, check=False,
-                             capture_output=True, text=True).stdout.split()
-    paths = sorted({str(p.relative_to(REPO)) for p in folder.iterdir() if p.is_file()}
-                   | {p for p in tracked if (REPO / p).parent == folder})
-    subprocess.run(["git", "add", "--"] + paths, cwd=REPO, check=False)
-    subprocess.run(["git", "commit", "-q", "-m", message, "--"] + paths, cwd=REPO, check=False)
+    files = f":(glob){(folder or RESULTS).relative_to(REPO)}/*"  # glob's * stops at a /
+    subprocess.run(["git", "add", "-A", "--", files], cwd=REPO, check=False)
+    subprocess.run(["git", "commit", "-q", "-m", message, "--", files], cwd=REPO, check=False)
 
 
 def train(args: list[str], piece_s: float | None) -> int:
