@@ -292,6 +292,11 @@ ARMS = {
     # the evaluations skipped do not move it: its step-70 verdicts repeat the committed ones, or it is a sibling).
     "long-nm-s0-val": long_nm(SFT_START0, "10", "70") + ["--eval_every", "70", "--eval_at_start", "false",
                                                          "--keep_best", "false"],
+    # long-nm-more-s0 kept step 20 by the rule (70.8 / 82.5); on val alone its best is step 100 (71.7 / 50.0), whose
+    # checkpoint went on (--keep_best keeps one): SFT again from the same start, seed and order, stopped at 100 and
+    # evaluated there only (its step-100 verdicts repeat the committed ones, or it is a sibling and said so)
+    "long-nm-more-s0-val": long_nm_more(SFT_START0, "10") + ["--sft_steps", "100", "--eval_every", "100",
+                                                             "--keep_best", "false"],
 }
 START_ARM = "lr5e-7"  # its step-0 evaluation is everyone's baseline
 # ... except an arm that starts from a kept policy (--model): the arm whose step-0 evaluation is that start
@@ -303,7 +308,7 @@ START_OF = {"sft-rl-s1": "sft-rl-s1", "sft-more-s1": "sft-rl-s1", "sft-rl-s0": "
             "long-nm-s1": "long-nm-s1", "long-nm-more-s1": "long-nm-s1", "sft-rl-nm-gold-s1": "sft-rl-s1",
             "long-nm-s0": "long-nm-s0", "long-nm-more-s0": "long-nm-s0", "long-nm-s2": "long-nm-s2",
             "long-nm-more-s2": "long-nm-s2", "long-nm-more-s1-val": "long-nm-s1",
-            "long-nm-s0-val": "long-nm-s0"}
+            "long-nm-s0-val": "long-nm-s0", "long-nm-more-s0-val": "long-nm-s0"}
 # an SFT control gets the training seconds of this RL arm (the pilots': finished; the long ones': so far)
 CONTROL_OF = {"sft-control": "lr1e-6", "sft-control-s1": "lr1e-6-s1", "long-sft": "long-rl",
               "sft-more-s1": "sft-rl-s1", "sft-more-s0": "sft-rl-s0", "sft-more-s2": "sft-rl-s2",
@@ -369,8 +374,9 @@ HELDOUT_ARMS = ("sft-control", "lr1e-6-s1", "untrained", "sft-control-s1", "sft-
                 "long-nm-s0", "long-nm-more-s0", "long-nm-s2", "long-nm-more-s2",
                 # long-nm-more-s1's best on val alone (step 80): the control that does not abstain everywhere
                 "long-nm-more-s1-val",
-                # long-nm-s0's best on val alone (step 70; it kept step 80 by the rule)
-                "long-nm-s0-val")
+                # long-nm-s0's best on val alone (step 70; it kept step 80 by the rule), and its control's (step
+                # 100; it kept step 20 by the rule)
+                "long-nm-s0-val", "long-nm-more-s0-val")
 HELDOUT_PAIRS = (("lr1e-6-s1", "sft-control"), ("lr1e-6-s1", "sft-control-s1"),  # (RL, control): RL - control
                  ("sft-rl-s1", "sft-more-s1"), ("sft-rl-s1", "sft-control-s1"), ("sft-more-s1", "sft-control-s1"),
                  ("sft-rl-s0", "sft-more-s0"), ("sft-rl-s0", "sft-start-s0"), ("sft-more-s0", "sft-start-s0"),
@@ -410,7 +416,9 @@ HELDOUT_PAIRS = (("lr1e-6-s1", "sft-control"), ("lr1e-6-s1", "sft-control-s1"), 
                  # val alone (each seed's val-best policies, rebuilt where not kept), and the target counts as met
                  # only if it is met both ways
                  ("long-nm-s1", "long-nm-more-s1-val"), ("long-nm-more-s1-val", "sft-control-s1"),
-                 ("long-nm-more-s1", "long-nm-more-s1-val"), ("long-nm-s0", "long-nm-s0-val"))
+                 ("long-nm-more-s1", "long-nm-more-s1-val"), ("long-nm-s0", "long-nm-s0-val"),
+                 ("long-nm-s0-val", "long-nm-more-s0-val"), ("long-nm-more-s0-val", "sft-start-s0"),
+                 ("long-nm-more-s0", "long-nm-more-s0-val"))
 # val_irr: BFCL `irrelevance` examples of (c)'s own kind, disjoint from it and never trained on (bench_rl's
 # build_sets). Val's no-call prompts (live_irrelevance, swapped tools) sit at 95% for RL from SFT, while (c) is at
 # ~72%: the irrelevance target cannot be chosen on them. Kept policies evaluated on it, each once; no choice made
@@ -941,10 +949,12 @@ def heldout_args(name: str, suite: str = "heldout") -> list[str]:
 
 
 def evaluated_as(name: str) -> str:
-    """The policy whose held-out evaluation stands for `name`: a long control that has run (its curve so far:
-    long arms stay in pieces) and keeps its start is its start's arm (that arm's kept final policy, evaluated
-    once), any other policy itself."""
-    if name in LONG_ARMS and name in CONTROL_OF and load(name) and control_keeps_its_start(name):
+    """The policy whose held-out evaluation stands for `name`: a long control that has judged itself (an
+    evaluation of its own in its curve so far, long arms stay in pieces, or its curve finished) and keeps its start
+    is its start's arm (that arm's kept final policy, evaluated once), any other policy itself (a control running
+    before its first evaluation has kept nothing yet)."""
+    judged = metrics_path(name).exists() or any(r.get("phase") == "eval" for r in load(name) or [])
+    if name in LONG_ARMS and name in CONTROL_OF and judged and control_keeps_its_start(name):
         return Path(kept_policy(name)).parent.name
     return name
 

@@ -393,6 +393,11 @@ def test_a_long_control_keeps_its_start_unless_one_of_its_evaluations_beats_it(t
     logs["long-nm-more-s1"] = None  # not run yet: its start, but held out as nothing yet
     assert bench.control_keeps_its_start("long-nm-more-s1")
     assert bench.evaluated_as("long-nm-more-s1") == "long-nm-more-s1"
+    logs["long-nm-more-s1"] = control[:1]  # running, before its first evaluation: nothing kept, nothing held out
+    assert bench.evaluated_as("long-nm-more-s1") == "long-nm-more-s1" and bench.heldout_eval("long-nm-more-s1") is None
+    bench.metrics_path("long-nm-more-s1").write_text("")  # finished with no evaluation of its own: its start
+    assert bench.evaluated_as("long-nm-more-s1") == "sft-control-s1"
+    bench.metrics_path("long-nm-more-s1").unlink()
     logs["long-nm-more-s1"], logs["long-nm-s1"] = control, rl[1:]
     with pytest.raises(SystemExit, match="no evaluation at step 0"):
         bench.control_keeps_its_start("long-nm-more-s1")
@@ -423,6 +428,21 @@ def test_the_controls_rebuilt_val_best_stops_where_the_committed_curve_had_it():
     for key in ("--model", "--seed", "--sft_lr", "--sft_batch_size", "--eval_data", "--sft_think", "--save_every"):
         assert last(key) == control[control.index(key) + 1]
     assert "long-nm-more-s1-val" not in bench.CONTROL_OF and bench.START_OF["long-nm-more-s1-val"] == "long-nm-s1"
+
+
+def test_seed_0s_control_rebuilt_at_its_val_best_step_is_the_control_stopped_there():
+    """long-nm-more-s0 kept step 20 by the rule (the best mean of val and val_irr) and step 100 on val alone:
+    long-nm-more-s0-val is the control stopped at 100, evaluated there, from the same start, seed and sets."""
+    args = bench.ARMS["long-nm-more-s0-val"]
+    last = lambda key: args[len(args) - 1 - args[::-1].index(key) + 1]
+    assert int(last("--sft_steps")) == bench.val_best_step("long-nm-more-s0") == 100
+    evals = {r["step"]: r for r in bench.load("long-nm-more-s0") if r.get("phase") == "eval"}
+    assert max(evals, key=lambda s: (bench.mean_accuracy(evals[s]), -s)) == 20  # the rule's choice: not the same
+    assert int(last("--sft_steps")) % int(last("--eval_every")) == 0 and last("--keep_best") == "false"
+    control = bench.ARMS["long-nm-more-s0"]
+    for key in ("--model", "--seed", "--sft_lr", "--sft_batch_size", "--eval_data", "--sft_think", "--save_every"):
+        assert last(key) == control[control.index(key) + 1]
+    assert "long-nm-more-s0-val" not in bench.CONTROL_OF and bench.START_OF["long-nm-more-s0-val"] == "long-nm-s0"
 
 
 def test_the_rl_arms_rebuilt_val_best_stops_at_the_earliest_of_its_tied_best_steps():
