@@ -953,8 +953,10 @@ def evaluated_as(name: str) -> str:
     evaluation of its own in its curve so far, long arms stay in pieces, or its curve finished) and keeps its start
     is its start's arm (that arm's kept final policy, evaluated once), any other policy itself (a control running
     before its first evaluation has kept nothing yet)."""
+    if name not in LONG_ARMS or name not in CONTROL_OF:
+        return name
     judged = metrics_path(name).exists() or any(r.get("phase") == "eval" for r in load(name) or [])
-    if name in LONG_ARMS and name in CONTROL_OF and judged and control_keeps_its_start(name):
+    if judged and control_keeps_its_start(name):
         return Path(kept_policy(name)).parent.name
     return name
 
