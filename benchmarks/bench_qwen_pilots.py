@@ -276,8 +276,10 @@ ARMS = {
     # evaluations every 10 kept and held out), each with its equal-seconds SFT control (sft-more-s0 / -s2's seeds)
     "long-nm-s0": long_nm(SFT_START0, "10", "80"),
     "long-nm-more-s0": long_nm_more(SFT_START0, "10"),
-    "long-nm-s2": long_nm(SFT_START2, "12", "80"),
-    "long-nm-more-s2": long_nm_more(SFT_START2, "12"),
+    # seed 2 also keeps its best on val alone (--keep_best_on, 2026-12-06: from the RL arm's step 13 on, the control
+    # from its start): the other reading's policy without a rebuild (VAL_KEPT)
+    "long-nm-s2": long_nm(SFT_START2, "12", "80") + ["--keep_best_on", "split:val"],
+    "long-nm-more-s2": long_nm_more(SFT_START2, "12") + ["--keep_best_on", "split:val"],
     # The rule's other reading (issue 30, 2026-12-06): the mean of val and val_irr kept long-nm-more-s1's step 40,
     # which abstains almost everywhere (val_irr 99.2, val 56.7) by 2 of 240 examples over step 80 (73.3 / 80.8).
     # The choice on val alone (val_best_step) keeps step 80 for the control and step 50, the same policy, for the
@@ -315,6 +317,8 @@ CONTROL_OF = {"sft-control": "lr1e-6", "sft-control-s1": "lr1e-6-s1", "long-sft"
               "long-nm-more-s1": "long-nm-s1", "long-nm-more-s0": "long-nm-s0", "long-nm-more-s2": "long-nm-s2"}
 LONG_ARMS = ("long-rl", "long-sft", "long-nm-s1", "long-nm-more-s1", "long-nm-s0", "long-nm-more-s0", "long-nm-s2",
              "long-nm-more-s2")
+# a long arm's best on val alone (val_best_step), kept by the arm itself (--keep_best_on split:val): policy -> arm
+VAL_KEPT = {"long-nm-s2-val": "long-nm-s2", "long-nm-more-s2-val": "long-nm-more-s2"}
 # Held out: the policies compared (in evaluation order; "untrained" is the raw model) and the comparisons.
 # lr1e-6 itself was finished before arms kept their final policy; lr1e-6-s1 is the same recipe, seed 1.
 # Val comparisons of final policies, paired by prompt (a, b): a - b. A tuple of arms on a side is its mean over
@@ -324,6 +328,9 @@ RL3, MORE3 = ("sft-rl-s0", "sft-rl-s1", "sft-rl-s2"), ("sft-more-s0", "sft-more-
 START3, BAL3 = ("sft-start-s0", "sft-control-s1", "sft-start-s2"), ("sft-rl-bal-s0", "sft-rl-bal-s1", "sft-rl-bal-s2")
 NM3 = ("sft-rl-nm-s0", "sft-rl-nm-s1", "sft-rl-nm-s2")
 LONG3, LONG_MORE3 = ("long-nm-s0", "long-nm-s1", "long-nm-s2"), ("long-nm-more-s0", "long-nm-more-s1", "long-nm-more-s2")
+# the same test read on val alone: each seed's val-best policies (seed 1's RL arm keeps its val-best by the rule too)
+LONG3_VAL = ("long-nm-s0-val", "long-nm-s1", "long-nm-s2-val")
+LONG_MORE3_VAL = ("long-nm-more-s0-val", "long-nm-more-s1-val", "long-nm-more-s2-val")
 VAL_PAIRS = (("lr1e-6", "sft-control"), ("lr1e-6-s1", "sft-control-s1"),
              (("lr1e-6", "lr1e-6-s1"), ("sft-control", "sft-control-s1")),
              ("lr1e-6-dbal-s1", "lr1e-6-s1"), ("lr1e-6-dbal-s1", "sft-control-s1"),
@@ -376,7 +383,9 @@ HELDOUT_ARMS = ("sft-control", "lr1e-6-s1", "untrained", "sft-control-s1", "sft-
                 "long-nm-more-s1-val",
                 # long-nm-s0's best on val alone (step 70; it kept step 80 by the rule), and its control's (step
                 # 100; it kept step 20 by the rule)
-                "long-nm-s0-val", "long-nm-more-s0-val")
+                "long-nm-s0-val", "long-nm-more-s0-val",
+                # seed 2's, kept by the arms (VAL_KEPT; evaluated as the rule's or the start's policy where the same)
+                "long-nm-s2-val", "long-nm-more-s2-val")
 HELDOUT_PAIRS = (("lr1e-6-s1", "sft-control"), ("lr1e-6-s1", "sft-control-s1"),  # (RL, control): RL - control
                  ("sft-rl-s1", "sft-more-s1"), ("sft-rl-s1", "sft-control-s1"), ("sft-more-s1", "sft-control-s1"),
                  ("sft-rl-s0", "sft-more-s0"), ("sft-rl-s0", "sft-start-s0"), ("sft-more-s0", "sft-start-s0"),
@@ -418,7 +427,10 @@ HELDOUT_PAIRS = (("lr1e-6-s1", "sft-control"), ("lr1e-6-s1", "sft-control-s1"), 
                  ("long-nm-s1", "long-nm-more-s1-val"), ("long-nm-more-s1-val", "sft-control-s1"),
                  ("long-nm-more-s1", "long-nm-more-s1-val"), ("long-nm-s0", "long-nm-s0-val"),
                  ("long-nm-s0-val", "long-nm-more-s0-val"), ("long-nm-more-s0-val", "sft-start-s0"),
-                 ("long-nm-more-s0", "long-nm-more-s0-val"))
+                 ("long-nm-more-s0", "long-nm-more-s0-val"),
+                 ("long-nm-s2", "long-nm-s2-val"), ("long-nm-s2-val", "long-nm-more-s2-val"),
+                 ("long-nm-more-s2-val", "sft-start-s2"), ("long-nm-more-s2", "long-nm-more-s2-val"),
+                 (LONG3_VAL, LONG_MORE3_VAL))
 # val_irr: BFCL `irrelevance` examples of (c)'s own kind, disjoint from it and never trained on (bench_rl's
 # build_sets). Val's no-call prompts (live_irrelevance, swapped tools) sit at 95% for RL from SFT, while (c) is at
 # ~72%: the irrelevance target cannot be chosen on them. Kept policies evaluated on it, each once; no choice made
@@ -883,6 +895,8 @@ def kept_policy(name: str) -> str:
     """The model a policy name stands for: "untrained" = the raw Qwen, else the arm's kept final policy."""
     if name == "untrained":
         return "qwen2.5-coder-0.5b"
+    if name in VAL_KEPT:
+        return val_kept_policy(name)
     if name in LONG_ARMS:  # the best on validation (--keep_best), not the last
         best = WORK / name / "best"
         if name in CONTROL_OF and control_keeps_its_start(name):
@@ -931,6 +945,34 @@ def val_best_step(name: str) -> int:
     return step
 
 
+def val_kept_policy(name: str) -> str:
+    """A VAL_KEPT policy's model: its finished arm's start when no evaluation beat the start on val alone, else the
+    arm's best-on-set, which must be the evaluation at val_best_step (a checkpoint kept before --keep_best_on was
+    on cannot be: then rebuild it as an arm, as long-nm-s0-val)."""
+    arm = VAL_KEPT[name]
+    if not metrics_path(arm).exists():
+        raise SystemExit(f"{name}: {arm} has not finished (its best on val is not known yet)")
+    step = val_best_step(arm)
+    if step == 0:
+        return ARMS[arm][len(ARMS[arm]) - 1 - ARMS[arm][::-1].index("--model") + 1]
+    kept = WORK / arm / "best-on-set"
+    found = json.loads((kept / "best.json").read_text())["step"] if (kept / "best.json").exists() else None
+    if found != step or not (kept / "config.json").exists():
+        raise SystemExit(f"{name}: {arm}'s best on val alone is step {step}, {kept} holds "
+                         f"{'nothing' if found is None else f'step {found}'}: rebuild it as an arm stopped at {step}")
+    return str(kept)
+
+
+def rule_step(arm: str) -> int:
+    """The step of the policy a long arm keeps by the rule (--keep_best), read from its curve: the evaluation with
+    the highest mean over the eval sets, the earliest of equals (an RL arm's step 0 is its start), or 0 for a
+    control that keeps its start."""
+    if arm in CONTROL_OF and control_keeps_its_start(arm):
+        return 0
+    evals = [r for r in load(arm) or [] if r.get("phase") == "eval" and "eval_sets" in r]
+    return max(evals, key=lambda r: (mean_accuracy(r), -r["step"]))["step"]
+
+
 EVAL_OPTIONS = ("--think", "--fmt")  # an arm's options that change how it is prompted and scored, not trained
 
 
@@ -953,6 +995,11 @@ def evaluated_as(name: str) -> str:
     evaluation of its own in its curve so far, long arms stay in pieces, or its curve finished) and keeps its start
     is its start's arm (that arm's kept final policy, evaluated once), any other policy itself (a control running
     before its first evaluation has kept nothing yet)."""
+    if name in VAL_KEPT and metrics_path(VAL_KEPT[name]).exists():  # the same weights are evaluated once
+        arm, step = VAL_KEPT[name], val_best_step(VAL_KEPT[name])
+        if step == rule_step(arm):  # both readings keep one policy
+            return evaluated_as(arm)
+        return Path(val_kept_policy(name)).parent.name if step == 0 else name  # 0: its start's arm
     if name not in LONG_ARMS or name not in CONTROL_OF:
         return name
     judged = metrics_path(name).exists() or any(r.get("phase") == "eval" for r in load(name) or [])
@@ -1058,6 +1105,11 @@ def last_val_verdicts(arm: str) -> dict | None:
     """The val verdicts of the policy an arm keeps: its last evaluation, the untrained model's first, a long
     arm's evaluation at the step of its best policy (best.json; None when that is not known here), and a long
     control's start's (the RL arm's step 0) when it keeps its start."""
+    if arm in VAL_KEPT:  # the evaluation at its arm's val_best_step (0: its start's)
+        step = val_best_step(VAL_KEPT[arm])
+        if step == 0:
+            return start_eval(VAL_KEPT[arm])["verdicts"]
+        return next(r for r in load(VAL_KEPT[arm]) if r.get("phase") == "eval" and r["step"] == step)["verdicts"]
     if arm in LONG_ARMS and arm in CONTROL_OF and control_keeps_its_start(arm):
         return start_eval(arm)["verdicts"]  # its kept policy is its start: the RL arm's evaluation at step 0
     history = load(arm if arm != "untrained" else START_ARM) or []

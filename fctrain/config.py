@@ -139,6 +139,8 @@ class Config:
     keep_last: int = 2                     # checkpoints kept
     keep_best: bool = False                # out_dir/best: the evaluated policy with the highest mean accuracy over
                                            # the eval sets so far (weights only; an earlier one wins a tie)
+    keep_best_on: str = ""                 # one of eval_data's "+"-parts (e.g. split:val): also keep out_dir/best-on-set,
+                                           # the evaluated policy with the highest accuracy on that set alone (ties alike)
     tensorboard: bool = False              # also log to <out_dir>/tb
     wandb: bool = False                    # also log to Weights & Biases (project fctrain)
 
@@ -194,6 +196,8 @@ class Config:
              "decision_anchor and decision_project exclude each other (a penalty on the offset, or a constraint)"),
             (not (self.dynamic_sampling and self.contrast_pairs), "dynamic_sampling cannot keep contrast pairs together"),
             (self.lr_schedule in ("cosine", "constant"), f"lr_schedule must be cosine or constant, got {self.lr_schedule!r}"),
+            (not self.keep_best_on or self.keep_best_on in [x.strip() for x in self.eval_data.split("+")],
+             f"keep_best_on must be one of eval_data's \"+\"-parts ({self.eval_data!r}), got {self.keep_best_on!r}"),
             (self.micro_batch_tokens >= self.max_prompt_tokens + self.max_new_tokens,
              "micro_batch_tokens must hold at least one full sequence (max_prompt_tokens + max_new_tokens)"),
         ]
@@ -239,6 +243,7 @@ PRESETS = {
 # What a resumed run may change: its length, evaluation, checkpointing and logging. Anything else (model,
 # data, format, algorithm, batch shape, optimiser, seed...) would make it another run, so it is refused.
 RESUME_OVERRIDES = ("steps", "eval_every", "eval_at_start", "eval_limit", "save_every", "keep_last", "keep_best",
+                    "keep_best_on",
                     "time_budget_s", "tensorboard", "wandb", "max_bad_rows", "engine_memory", "engine_check")
 
 # Fields that are gone, each with why: a checkpoint saved while it existed still resumes (the key is dropped).

@@ -1042,22 +1042,31 @@ def evaluate(tr: Trainer, tag: str) -> dict:
     tr.log.add(record)
     if cfg.keep_best:
         keep_best(tr, record)
+    if cfg.keep_best_on:
+        keep_best(tr, record, cfg.keep_best_on)
     return record
 
 
-def keep_best(tr: Trainer, record: dict):
+def keep_best(tr: Trainer, record: dict, on: str = ""):
     """--keep_best: the policy of an evaluation whose mean accuracy over the eval sets beats every earlier one's
-    (those before a resume included) is saved to out_dir/best, with best.json naming its step."""
-    score = lambda r: float(np.mean([v["accuracy"] for v in r["eval_sets"].values()]))
-    earlier = [score(r) for r in tr.log.history if r.get("phase") == "eval" and "eval_sets" in r and r is not record]
+    (those before a resume included) is saved to out_dir/best, with best.json naming its step. on="<set>"
+    (--keep_best_on): the same, ranked by that set's accuracy alone, in out_dir/best-on-set."""
+    def score(r):
+        sets = r["eval_sets"]
+        return float(sets[on]["accuracy"] if on else np.mean([v["accuracy"] for v in sets.values()]))
+    earlier = [score(r) for r in tr.log.history if r.get("phase") == "eval" and "eval_sets" in r and r is not record
+               and (not on or on in r["eval_sets"])]
     if earlier and score(record) <= max(earlier):
         return
-    save_policy(tr.model, tr.tokenizer, tr.out / "best")
+    folder, ranked = tr.out / ("best-on-set" if on else "best"), (f"accuracy on {on}" if on else "mean accuracy")
+    save_policy(tr.model, tr.tokenizer, folder)
     if fdist.is_main():
-        (tr.out / "best" / "best.json").write_text(json.dumps(
-            {"step": record["step"], "tag": record["tag"], "mean_accuracy": score(record),
+        (folder / "best.json").write_text(json.dumps(
+            {"step": record["step"], "tag": record["tag"], "mean_accuracy": float(np.mean(
+                [v["accuracy"] for v in record["eval_sets"].values()])), **({"on": on, "accuracy": score(record)}
+                                                                         if on else {}),
              "eval_sets": {k: v["accuracy"] for k, v in record["eval_sets"].items()}}, indent=1) + "\n")
-    tr.log.say(f"best so far: step {record['step']} (mean accuracy {score(record):.3f}) -> {tr.out / 'best'}")
+    tr.log.say(f"best so far by {ranked}: step {record['step']} ({score(record):.3f}) -> {folder}")
 
 
 # ------------------------------------------------------------------------------------------------ checkpoint

@@ -460,6 +460,72 @@ def test_the_rl_arms_rebuilt_val_best_stops_at_the_earliest_of_its_tied_best_ste
     assert "long-nm-s0-val" not in bench.LONG_ARMS and bench.START_OF["long-nm-s0-val"] == "long-nm-s0"
 
 
+def test_the_rules_step_read_from_the_committed_curves_is_the_policy_each_long_arm_kept():
+    """rule_step: the best mean of val and val_irr, the earliest of equals, a control's start (0) unless one of its
+    own beats it: the steps the finished arms' --keep_best kept (the notes of 2026-12-05 and -06)."""
+    kept = {"long-nm-s1": 50, "long-nm-more-s1": 40, "long-nm-s0": 80, "long-nm-more-s0": 20}
+    assert {arm: bench.rule_step(arm) for arm in kept} == kept
+
+
+def test_seed_2_keeps_both_readings_policies_and_the_val_alone_test_pairs_seeds_in_order():
+    for arm in ("long-nm-s2", "long-nm-more-s2"):
+        args = bench.ARMS[arm]
+        on = args[args.index("--keep_best_on") + 1]
+        assert on == "split:val" and on in args[args.index("--eval_data") + 1].split("+")
+        assert bench.VAL_KEPT[arm + "-val"] == arm
+    seed = lambda name: name.replace("-val", "").rsplit("-", 1)[1]
+    for side in (bench.LONG3_VAL, bench.LONG_MORE3_VAL, bench.LONG3, bench.LONG_MORE3):
+        assert [seed(n) for n in side] == ["s0", "s1", "s2"]
+    assert (bench.LONG3_VAL, bench.LONG_MORE3_VAL) in bench.HELDOUT_PAIRS
+    assert all(n in bench.HELDOUT_ARMS for n in bench.LONG3_VAL + bench.LONG_MORE3_VAL)
+
+
+def test_a_policy_kept_on_val_alone_is_its_arms_best_on_set_or_the_same_weights_evaluated_once(tmp_path, monkeypatch):
+    """VAL_KEPT: the RL arm's val-best policy is its best-on-set checkpoint, which must hold val_best_step (else
+    a rebuild is asked for); where both readings keep one step it is evaluated as the arm itself, and a control
+    whose evaluations never beat its start on val alone is its start, evaluated as the start's arm."""
+    monkeypatch.setattr(bench, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(bench, "WORK", tmp_path / "work")
+    (tmp_path / "results").mkdir()
+    acc = lambda val, irr: {"split:val": {"accuracy": val}, "split:val_irr": {"accuracy": irr}}
+    rl = [{"phase": "eval", "step": 0, "eval_sets": acc(0.5, 0.875), "verdicts": {"q": 0}},
+          {"phase": "eval", "step": 10, "eval_sets": acc(0.75, 0.5), "verdicts": {"q": 10}},
+          {"phase": "eval", "step": 20, "eval_sets": acc(0.625, 1.0), "verdicts": {"q": 20}}]
+    control = [{"phase": "eval", "step": 20, "eval_sets": acc(0.25, 1.0), "verdicts": {"q": "sft-20"}}]
+    logs = {"long-nm-s2": rl, "long-nm-more-s2": control}
+    monkeypatch.setattr(bench, "load", lambda arm: logs.get(arm))
+    assert bench.evaluated_as("long-nm-s2-val") == "long-nm-s2-val"  # not finished: not known yet
+    with pytest.raises(SystemExit, match="has not finished"):
+        bench.kept_policy("long-nm-s2-val")
+    for arm in logs:
+        bench.metrics_path(arm).write_text("")
+    assert bench.rule_step("long-nm-s2") == 20 and bench.val_best_step("long-nm-s2") == 10
+    assert bench.evaluated_as("long-nm-s2-val") == "long-nm-s2-val"
+    assert bench.last_val_verdicts("long-nm-s2-val") == {"q": 10}
+    with pytest.raises(SystemExit, match="best on val alone is step 10.*holds nothing: rebuild"):
+        bench.kept_policy("long-nm-s2-val")
+    kept = tmp_path / "work" / "long-nm-s2" / "best-on-set"
+    kept.mkdir(parents=True)
+    (kept / "config.json").write_text("{}")
+    (kept / "best.json").write_text(json.dumps({"step": 20}))
+    with pytest.raises(SystemExit, match="holds step 20"):
+        bench.kept_policy("long-nm-s2-val")
+    (kept / "best.json").write_text(json.dumps({"step": 10}))
+    assert bench.kept_policy("long-nm-s2-val") == str(kept)
+    rl[2]["eval_sets"] = acc(0.75, 1.0)  # both readings: step 20 by the mean; val ties 10 and 20, the earliest
+    assert bench.evaluated_as("long-nm-s2-val") == "long-nm-s2-val"
+    rl[1]["eval_sets"] = acc(0.75, 1.0)  # now both keep step 10: the same weights
+    assert bench.rule_step("long-nm-s2") == 10 and bench.evaluated_as("long-nm-s2-val") == "long-nm-s2"
+    # the control: 0.25 on val never beats its start's 0.5, and its mean 0.625 does not beat the start's 0.6875
+    assert bench.val_best_step("long-nm-more-s2") == 0 and bench.rule_step("long-nm-more-s2") == 0
+    assert bench.evaluated_as("long-nm-more-s2-val") == "sft-start-s2"  # the control's own evaluated_as
+    control[0]["eval_sets"] = acc(0.5, 1.0)  # its mean 0.75 beats the start's, its val ties: the rule keeps 20
+    assert bench.rule_step("long-nm-more-s2") == 20 and bench.val_best_step("long-nm-more-s2") == 0
+    assert bench.kept_policy("long-nm-more-s2-val") == bench.SFT_START2
+    assert bench.evaluated_as("long-nm-more-s2-val") == "sft-start-s2"
+    assert bench.last_val_verdicts("long-nm-more-s2-val") == {"q": 0}  # the RL arm's step 0: the start's
+
+
 def test_a_long_arm_whose_checkpoint_was_lost_starts_again_only_when_asked_and_keeps_the_committed_curve(
         tmp_path, monkeypatch):
     """A new machine has a long arm's committed curve but not its checkpoint: `run` refuses to resume from

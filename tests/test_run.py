@@ -906,6 +906,42 @@ def test_keep_best_saves_the_policy_of_each_evaluation_that_beats_every_earlier_
     assert (tmp_path / "best" / "config.json").exists() and not list(tmp_path.glob(".tmp-*"))
 
 
+def test_keep_best_on_one_set_ranks_by_that_set_alone_beside_the_mean(tiny, tmp_path):
+    """--keep_best_on w: out/best-on-set keeps the policy of each evaluation whose accuracy on w alone beats every
+    earlier one's (a tie keeps the earlier; an evaluation without w, from before, does not count), while out/best
+    keeps ranking by the mean: the two readings of "best on validation" each keep their own policy."""
+    from types import SimpleNamespace
+    from safetensors.torch import load_file
+    from fctrain.models import load_tokenizer
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny[1])
+    history, said = [], []
+    tr = SimpleNamespace(model=model, tokenizer=load_tokenizer(tiny[1]), out=tmp_path,
+                         log=SimpleNamespace(history=history, say=said.append))
+    history.append({"step": 0, "phase": "eval", "tag": "other", "eval_sets": {"v": {"accuracy": 0.4}}})
+    first = next(model.named_parameters())[0]
+    kept = {"best": [], "best-on-set": []}
+    for step, (a, b) in enumerate([(0.5, 0.5), (0.9, 0.3), (0.2, 0.8), (0.1, 0.8), (0.9, 0.7)], start=1):
+        with torch.no_grad():
+            next(model.parameters()).fill_(step)
+        record = {"step": step, "phase": "eval", "tag": f"step-{step}",
+                  "eval_sets": {"v": {"accuracy": a}, "w": {"accuracy": b}}}
+        history.append(record)
+        run.keep_best(tr, record)
+        run.keep_best(tr, record, "w")
+        for folder in kept:
+            best = json.loads((tmp_path / folder / "best.json").read_text())
+            assert float(load_file(tmp_path / folder / "model.safetensors")[first].flatten()[0]) == best["step"]
+            kept[folder].append(best["step"])
+    assert kept["best-on-set"] == [1, 1, 3, 3, 3]  # w: 0.5, 0.3, 0.8, 0.8 (tie: the earlier), 0.7
+    assert kept["best"] == [1, 2, 2, 2, 5]  # the mean: 0.4 (step 0's, v only), 0.5, 0.6, 0.5, 0.45, 0.8
+    on_set = json.loads((tmp_path / "best-on-set" / "best.json").read_text())
+    assert on_set["on"] == "w" and on_set["accuracy"] == 0.8 and on_set["mean_accuracy"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="keep_best_on must be one of eval_data"):
+        Config(eval_data="split:val+split:val_irr", keep_best_on="split:test_in")
+    assert Config(eval_data="split:val + split:val_irr", keep_best_on="split:val_irr").keep_best_on == "split:val_irr"
+
+
 def test_keep_best_in_a_run_and_on_resume(tiny):
     root, model_dir = tiny
     out = root / "best_run"
@@ -915,7 +951,12 @@ def test_keep_best_in_a_run_and_on_resume(tiny):
     evals = [r for r in map(json.loads, open(out / "metrics.jsonl")) if r.get("phase") == "eval"]
     scores = [sum(v["accuracy"] for v in r["eval_sets"].values()) / len(r["eval_sets"]) for r in evals]
     assert json.loads((out / "best" / "best.json").read_text())["step"] == evals[scores.index(max(scores))]["step"]
-    assert run.main(["--resume", str(out), "--steps", "2", "--keep_best", "true"]) == 0  # an allowed override
+    # allowed overrides; the evaluations before the resume count for best-on-set too (it is kept only if beaten)
+    on = str(root / "eval.jsonl")
+    assert run.main(["--resume", str(out), "--steps", "2", "--keep_best", "true", "--keep_best_on", on]) == 0
+    evals = [r for r in map(json.loads, open(out / "metrics.jsonl")) if r.get("phase") == "eval"]
+    beaten = evals[-1]["eval_sets"][on]["accuracy"] > max(r["eval_sets"][on]["accuracy"] for r in evals[:-1])
+    assert (out / "best-on-set" / "best.json").exists() == beaten and evals[-1]["step"] == 2
 
 
 @pytest.mark.slow
