@@ -945,6 +945,16 @@ def val_best_step(name: str) -> int:
     return step
 
 
+def start_model(arm: str) -> str:
+    """The model an arm starts from (its last --model)."""
+    return ARMS[arm][len(ARMS[arm]) - 1 - ARMS[arm][::-1].index("--model") + 1]
+
+
+def start_arm(arm: str) -> str:
+    """The arm whose kept final policy is that start (runs/qwen_pilots/<arm>/final)."""
+    return Path(start_model(arm)).parent.name
+
+
 def val_kept_policy(name: str) -> str:
     """A VAL_KEPT policy's model: its finished arm's start when no evaluation beat the start on val alone, else the
     arm's best-on-set, which must be the evaluation at val_best_step (a checkpoint kept before --keep_best_on was
@@ -954,7 +964,7 @@ def val_kept_policy(name: str) -> str:
         raise SystemExit(f"{name}: {arm} has not finished (its best on val is not known yet)")
     step = val_best_step(arm)
     if step == 0:
-        return ARMS[arm][len(ARMS[arm]) - 1 - ARMS[arm][::-1].index("--model") + 1]
+        return start_model(arm)
     kept = WORK / arm / "best-on-set"
     found = json.loads((kept / "best.json").read_text())["step"] if (kept / "best.json").exists() else None
     if found != step or not (kept / "config.json").exists():
@@ -993,13 +1003,16 @@ def heldout_args(name: str, suite: str = "heldout") -> list[str]:
 def evaluated_as(name: str) -> str:
     """The policy whose held-out evaluation stands for `name`: a long control that has judged itself (an
     evaluation of its own in its curve so far, long arms stay in pieces, or its curve finished) and keeps its start
-    is its start's arm (that arm's kept final policy, evaluated once), any other policy itself (a control running
-    before its first evaluation has kept nothing yet)."""
+    is its start's arm (that arm's kept final policy, evaluated once), as is a finished long RL arm whose best was
+    its step 0; a VAL_KEPT policy that is its arm's rule policy or its start is that one's; any other policy itself
+    (a control running before its first evaluation has kept nothing yet)."""
     if name in VAL_KEPT and metrics_path(VAL_KEPT[name]).exists():  # the same weights are evaluated once
         arm, step = VAL_KEPT[name], val_best_step(VAL_KEPT[name])
         if step == rule_step(arm):  # both readings keep one policy
             return evaluated_as(arm)
-        return Path(val_kept_policy(name)).parent.name if step == 0 else name  # 0: its start's arm
+        return start_arm(arm) if step == 0 else name
+    if name in LONG_ARMS and name not in CONTROL_OF and metrics_path(name).exists() and rule_step(name) == 0:
+        return start_arm(name)  # its best/ is a copy of its start
     if name not in LONG_ARMS or name not in CONTROL_OF:
         return name
     judged = metrics_path(name).exists() or any(r.get("phase") == "eval" for r in load(name) or [])
@@ -1011,7 +1024,8 @@ def evaluated_as(name: str) -> str:
 def run_heldout(names, commit: bool, suite: str = "heldout") -> None:
     for name in names:
         if (same := evaluated_as(name)) != name:
-            print(f"[qwen_pilots] {suite} {name}: kept its start, {same}'s policy: evaluated as {same}", flush=True)
+            print(f"[qwen_pilots] {suite} {name}: kept {same}'s policy (its start, or the same step): evaluated as "
+                  f"{same}", flush=True)
             name = same
         if heldout_path(name, suite).exists():
             print(f"[qwen_pilots] {suite} {name}: finished, skipped", flush=True)

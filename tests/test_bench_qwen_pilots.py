@@ -304,7 +304,8 @@ def test_the_tables_name_only_defined_arms_once():
         assert len(set(pairs)) == len(pairs)
         assert {arm for pair in pairs for x in pair for arm in side(x)} <= known
     for _, arms, _ in bench.SUITES.values():
-        assert set(arms) - {"untrained"} <= set(bench.ARMS)
+        assert set(arms) - {"untrained"} <= set(bench.ARMS) | set(bench.VAL_KEPT)  # VAL_KEPT: kept by an arm
+    assert set(bench.VAL_KEPT.values()) <= set(bench.LONG_ARMS) and not set(bench.VAL_KEPT) & set(bench.ARMS)
     assert bench.SUITES["heldout"] == (bench.HELDOUT_SETS, bench.HELDOUT_ARMS, bench.HELDOUT_PAIRS)
     assert set(bench.START_OF) | set(bench.START_OF.values()) | set(bench.CONTROL_OF) <= set(bench.ARMS)
     assert set(bench.CONTROL_OF.values()) <= set(bench.ARMS)
@@ -524,6 +525,10 @@ def test_a_policy_kept_on_val_alone_is_its_arms_best_on_set_or_the_same_weights_
     assert bench.kept_policy("long-nm-more-s2-val") == bench.SFT_START2
     assert bench.evaluated_as("long-nm-more-s2-val") == "sft-start-s2"
     assert bench.last_val_verdicts("long-nm-more-s2-val") == {"q": 0}  # the RL arm's step 0: the start's
+    rl[1]["eval_sets"] = rl[2]["eval_sets"] = acc(0.5, 0.5)  # nothing beats the RL arm's start either way
+    assert bench.rule_step("long-nm-s2") == 0 and bench.evaluated_as("long-nm-s2") == "sft-start-s2"
+    assert bench.evaluated_as("long-nm-s2-val") == "sft-start-s2"
+    assert bench.evaluated_as("long-nm-s1") == "long-nm-s1"  # not finished here: itself
 
 
 def test_a_long_arm_whose_checkpoint_was_lost_starts_again_only_when_asked_and_keeps_the_committed_curve(
