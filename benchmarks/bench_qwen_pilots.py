@@ -900,7 +900,7 @@ def kept_policy(name: str) -> str:
     if name in LONG_ARMS:  # the best on validation (--keep_best), not the last
         best = WORK / name / "best"
         if name in CONTROL_OF and control_keeps_its_start(name):
-            return ARMS[name][ARMS[name].index("--model") + 1]
+            return start_model(name)
         if not (best / "config.json").exists():
             raise SystemExit(f"{best} missing: no evaluation of {name} beat its first (then its start is the best)")
         return str(best)
@@ -946,8 +946,8 @@ def val_best_step(name: str) -> int:
 
 
 def start_model(arm: str) -> str:
-    """The model an arm starts from (its last --model)."""
-    return ARMS[arm][len(ARMS[arm]) - 1 - ARMS[arm][::-1].index("--model") + 1]
+    """The model an arm starts from (its --model)."""
+    return ARMS[arm][ARMS[arm].index("--model") + 1]
 
 
 def start_arm(arm: str) -> str:

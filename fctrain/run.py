@@ -1051,9 +1051,8 @@ def keep_best(tr: Trainer, record: dict, on: str = ""):
     """--keep_best: the policy of an evaluation whose mean accuracy over the eval sets beats every earlier one's
     (those before a resume included) is saved to out_dir/best, with best.json naming its step. on="<set>"
     (--keep_best_on): the same, ranked by that set's accuracy alone, in out_dir/best-on-set."""
-    def score(r):
-        sets = r["eval_sets"]
-        return float(sets[on]["accuracy"] if on else np.mean([v["accuracy"] for v in sets.values()]))
+    mean = lambda r: float(np.mean([v["accuracy"] for v in r["eval_sets"].values()]))
+    score = (lambda r: float(r["eval_sets"][on]["accuracy"])) if on else mean
     earlier = [score(r) for r in tr.log.history if r.get("phase") == "eval" and "eval_sets" in r and r is not record
                and (not on or on in r["eval_sets"])]
     if earlier and score(record) <= max(earlier):
@@ -1062,9 +1061,8 @@ def keep_best(tr: Trainer, record: dict, on: str = ""):
     save_policy(tr.model, tr.tokenizer, folder)
     if fdist.is_main():
         (folder / "best.json").write_text(json.dumps(
-            {"step": record["step"], "tag": record["tag"], "mean_accuracy": float(np.mean(
-                [v["accuracy"] for v in record["eval_sets"].values()])), **({"on": on, "accuracy": score(record)}
-                                                                         if on else {}),
+            {"step": record["step"], "tag": record["tag"], "mean_accuracy": mean(record),
+             **({"on": on, "accuracy": score(record)} if on else {}),
              "eval_sets": {k: v["accuracy"] for k, v in record["eval_sets"].items()}}, indent=1) + "\n")
     tr.log.say(f"best so far by {ranked}: step {record['step']} ({score(record):.3f}) -> {folder}")
 
